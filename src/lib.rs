@@ -1,0 +1,138 @@
+//! edgesight: camera frames -> ONNX ResNet (tract) -> MQTT.
+//!
+//! [`run`] is the daemon. It takes its shutdown trigger as a parameter so tests (and
+//! `main`, which wires it to SIGTERM/SIGINT) decide when it stops. See ARCHITECTURE.md.
+
+pub mod model;
+pub mod mqtt;
+pub mod pipeline;
+pub mod preprocess;
+pub mod settings;
+pub mod source;
+pub mod stats;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::model::Classifier;
+use crate::pipeline::Slots;
+use crate::settings::{ConfigError, Settings};
+use crate::stats::Stats;
+
+/// How long shutdown waits for the broker to take the last messages and `offline`.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Load the configured model, or a configuration error naming `model.path`: a model that
+/// does not load will not load after a restart either.
+pub fn load_model(settings: &Settings) -> Result<Classifier> {
+    Classifier::load(&settings.model)
+        .map_err(|e| anyhow::Error::new(ConfigError::new(format!("model.path: {e:#}"))))
+}
+
+/// Run the daemon until `shutdown` is cancelled or every source has ended (image sources
+/// with `loop = false`). Returns the counters of the run.
+///
+/// Shutdown order: capture stops, the frame in flight is finished and published, the
+/// retained `offline` is published, and the MQTT connection is closed cleanly.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<Arc<Stats>> {
+    let settings = Arc::new(settings);
+    // Load the model first: a bad model must fail start-up before anything is announced.
+    let classifier = Arc::new(load_model(&settings)?);
+    let spec = classifier.input_spec();
+    info!(
+        "model {}: input {}x{} {:?}, {} classes, preprocess {:?}",
+        classifier.file_name(),
+        spec.width,
+        spec.height,
+        spec.layout,
+        classifier.labels().len(),
+        spec.preprocess
+    );
+    if settings.mqtt.embedded_broker {
+        mqtt::start_embedded_broker(&settings.mqtt.host, settings.mqtt.port)?;
+    }
+
+    let stats = Arc::new(Stats::new(settings.camera.iter().map(|c| c.name.clone())));
+    let tracker = TaskTracker::new();
+    let (client, eventloop) = mqtt::client(&settings);
+    let net_stop = CancellationToken::new();
+    tracker.spawn(mqtt::drive(
+        eventloop,
+        settings.clone(),
+        stats.clone(),
+        net_stop.clone(),
+    ));
+    info!(
+        "device {}: publishing to {}:{} under {}/",
+        settings.device.id,
+        settings.mqtt.host,
+        settings.mqtt.port,
+        settings.base_topic()
+    );
+
+    let slots = Arc::new(Slots::new(settings.camera.len()));
+    let capture_stop = shutdown.child_token();
+    let mut captures = Vec::new();
+    for (i, cam) in settings.camera.iter().enumerate() {
+        let h = source::spawn_capture(
+            i,
+            cam.clone(),
+            slots.clone(),
+            stats.clone(),
+            capture_stop.clone(),
+        )
+        .with_context(|| format!("starting capture thread for camera {}", cam.name))?;
+        captures.push(h);
+    }
+
+    let infer = {
+        let (classifier, settings, slots, stats, client, cancel) = (
+            classifier.clone(),
+            settings.clone(),
+            slots.clone(),
+            stats.clone(),
+            client.clone(),
+            shutdown.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            pipeline::inference_loop(&classifier, &settings, &slots, &stats, &client, &cancel)
+        })
+    };
+    if let Err(e) = infer.await {
+        warn!("inference thread ended abnormally: {e}");
+    }
+    // Inference is done (cancelled or out of frames): make sure capture stops too.
+    capture_stop.cancel();
+    for h in captures {
+        let _ = tokio::task::spawn_blocking(move || h.join()).await;
+    }
+
+    // Flush: `offline` queues behind every classification already handed to the client.
+    let offline = client.publish(
+        mqtt::availability_topic(&settings),
+        rumqttc::QoS::AtLeastOnce,
+        true,
+        mqtt::OFFLINE,
+    );
+    match tokio::time::timeout(DRAIN_TIMEOUT, offline).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!("cannot queue offline message: {e}"),
+        Err(_) => warn!("MQTT queue still full after {DRAIN_TIMEOUT:?}; offline not queued"),
+    }
+    let _ = client.try_disconnect();
+    net_stop.cancel();
+    tracker.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("MQTT did not drain within {DRAIN_TIMEOUT:?}");
+    }
+    info!("stopped; {}", stats.summary());
+    Ok(stats)
+}

@@ -1,0 +1,212 @@
+//! Thin entry point: parse the command line, set up logging, call the library, map errors
+//! to exit codes (78 = configuration error) and print the whole error chain.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use edgesight::settings::{
+    ConfigError, EX_CONFIG, ModelSettings, Preprocess, ResizeMode, Settings,
+};
+use tokio_util::sync::CancellationToken;
+
+const DEFAULT_CONFIG: &str = "/etc/edgesight/config.toml";
+
+#[derive(Parser)]
+#[command(
+    name = "edgesight",
+    version,
+    about = "Edge vision daemon: camera -> ResNet (tract) -> MQTT"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon until SIGTERM or SIGINT.
+    Run {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Validate the configuration, load and optimise the model, print the effective config.
+    Check {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Classify image files and print the top predictions.
+    Classify {
+        /// Take model settings from this config (otherwise defaults plus --model/--labels).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        /// One JSON object per image on stdout.
+        #[arg(long)]
+        json: bool,
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
+    /// List V4L2 cameras and their modes.
+    Cameras,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edgesight: {e:#}");
+            if e.chain().any(|c| c.is::<ConfigError>()) {
+                ExitCode::from(EX_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    // Our level for our code; the MQTT crates are chatty at info.
+    let filter = format!("{level},rumqttd=warn,rumqttc=warn,tract=warn");
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run { config } => {
+            let settings = Settings::load(&config)?;
+            init_logging(&settings.log.level);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            rt.block_on(async {
+                let shutdown = CancellationToken::new();
+                spawn_signal_handler(shutdown.clone())?;
+                edgesight::run(settings, shutdown).await.map(|_| ())
+            })
+        }
+        Command::Check { config } => {
+            let settings = Settings::load(&config)?;
+            init_logging("warn");
+            let t0 = std::time::Instant::now();
+            let model = edgesight::load_model(&settings)?;
+            for cam in &settings.camera {
+                if let edgesight::settings::SourceSettings::Images { path, .. } = &cam.source {
+                    let n = edgesight::source::image_files(path).map_err(|e| {
+                        ConfigError::new(format!("camera {:?} path: {e:#}", cam.name))
+                    })?;
+                    println!("# camera {}: {} image(s)", cam.name, n.len());
+                }
+            }
+            let spec = model.input_spec();
+            println!("# configuration {} is valid", config.display());
+            println!(
+                "# model {}: input {:?} ({:?}), output {:?}, {} labels, loaded and optimised in {:.0} ms",
+                settings.model.path.display(),
+                spec.shape(),
+                spec.layout,
+                model.output_shape(),
+                model.labels().len(),
+                t0.elapsed().as_secs_f64() * 1e3
+            );
+            print!("{}", settings.to_redacted_toml());
+            Ok(())
+        }
+        Command::Classify {
+            config,
+            model,
+            labels,
+            json,
+            images,
+        } => classify(config.as_deref(), model, labels, json, &images),
+        Command::Cameras => {
+            init_logging("warn");
+            print!("{}", edgesight::source::list_cameras()?);
+            Ok(())
+        }
+    }
+}
+
+fn classify(
+    config: Option<&Path>,
+    model: Option<PathBuf>,
+    labels: Option<PathBuf>,
+    json: bool,
+    images: &[PathBuf],
+) -> Result<()> {
+    init_logging("warn");
+    let mut ms = match config {
+        Some(c) => Settings::load(c)?.model,
+        None => ModelSettings {
+            path: model
+                .clone()
+                .ok_or_else(|| ConfigError::new("classify needs --model PATH or --config PATH"))?,
+            labels: None,
+            preprocess: Preprocess::Torchvision,
+            resize: ResizeMode::Stretch,
+            top_k: 3,
+            threshold: 0.0,
+        },
+    };
+    if let Some(m) = model {
+        ms.path = m;
+    }
+    if labels.is_some() {
+        ms.labels = labels;
+    }
+    let classifier = edgesight::model::Classifier::load(&ms)
+        .map_err(|e| ConfigError::new(format!("model: {e:#}")))?;
+    let mut failed = 0;
+    for path in images {
+        let img = match image::open(path) {
+            Ok(i) => i.into_rgb8(),
+            Err(e) => {
+                eprintln!("edgesight: {}: cannot decode: {e}", path.display());
+                failed += 1;
+                continue;
+            }
+        };
+        let (top, ms) = classifier.classify(&img)?;
+        if json {
+            let line = serde_json::json!({"file": path.display().to_string(), "top": top});
+            println!("{line}");
+        } else {
+            let best: Vec<String> = top
+                .iter()
+                .map(|p| format!("{} {:.3}", p.label, p.score))
+                .collect();
+            println!("{}: {} ({ms:.1} ms)", path.display(), best.join(", "));
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} image(s) could not be decoded", images.len());
+    }
+    Ok(())
+}
+
+/// SIGTERM (systemd) and SIGINT (a terminal) both start a clean shutdown; a second signal
+/// while draining is ignored on purpose: exiting early would lose queued messages.
+fn spawn_signal_handler(shutdown: CancellationToken) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        shutdown.cancel();
+    });
+    Ok(())
+}

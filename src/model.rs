@@ -1,0 +1,266 @@
+//! The classifier: an ONNX image classifier (fp32 or int8) loaded and optimised once by
+//! tract, its input geometry read from the model itself, and its labels.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use image::RgbImage;
+use serde::Serialize;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
+use tract_onnx::tract_hir::internal::DimLike;
+
+use crate::preprocess::{InputSpec, Layout};
+use crate::settings::ModelSettings;
+
+/// One entry of a classification's `top` list.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Prediction {
+    pub label: String,
+    pub class: usize,
+    pub score: f32,
+}
+
+/// A loaded, optimised, ready-to-run model. Immutable, so one instance serves every camera.
+pub struct Classifier {
+    plan: Arc<TypedSimplePlan>,
+    spec: InputSpec,
+    labels: Vec<String>,
+    /// The graph ends in Softmax: outputs are already probabilities.
+    outputs_probabilities: bool,
+    output_shape: Vec<usize>,
+    top_k: usize,
+    threshold: f32,
+    file_name: String,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Classifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Classifier")
+            .field("path", &self.path)
+            .field("spec", &self.spec)
+            .field("output_shape", &self.output_shape)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Operators in `model` that tract-onnx has no translation for, as "OpType (node name)".
+fn unsupported_ops(model: &InferenceModel) -> Vec<String> {
+    model
+        .nodes()
+        .iter()
+        .filter_map(|n| {
+            let name = n.op.name();
+            let op = name.strip_prefix("Unimplemented(")?.strip_suffix(')')?;
+            Some(format!("{op} (node {:?})", n.name))
+        })
+        .collect()
+}
+
+impl Classifier {
+    /// Load, check and optimise the model named by `settings`.
+    pub fn load(settings: &ModelSettings) -> Result<Classifier> {
+        let path = &settings.path;
+        let meta = std::fs::metadata(path)
+            .with_context(|| format!("model file {}: cannot open", path.display()))?;
+        if !meta.is_file() {
+            bail!("model file {}: not a regular file", path.display());
+        }
+        let mut model = tract_onnx::onnx()
+            .model_for_path(path)
+            .with_context(|| format!("model file {}: not a loadable ONNX model", path.display()))?;
+        let missing = unsupported_ops(&model);
+        if !missing.is_empty() {
+            bail!(
+                "model file {}: unsupported ONNX operator(s): {}",
+                path.display(),
+                missing.join(", ")
+            );
+        }
+        if model.input_outlets()?.len() != 1 {
+            bail!(
+                "model file {}: expected one image input, found {}",
+                path.display(),
+                model.input_outlets()?.len()
+            );
+        }
+        let spec = input_spec(&model, settings)
+            .with_context(|| format!("model file {}: unsupported input", path.display()))?;
+        let outputs_probabilities = model
+            .output_outlets()?
+            .first()
+            .map(|o| model.node(o.node).op.name().contains("Softmax"))
+            .unwrap_or(false);
+        model.set_input_fact(0, f32::fact(spec.shape()).into())?;
+        let typed = model
+            .into_optimized()
+            .with_context(|| format!("model file {}: cannot optimise", path.display()))?;
+        let output_shape: Vec<usize> = typed
+            .output_fact(0)?
+            .shape
+            .as_concrete()
+            .ok_or_else(|| anyhow!("model file {}: output shape is not fixed", path.display()))?
+            .to_vec();
+        let classes: usize = output_shape.iter().product();
+        if classes < 2 || output_shape.iter().filter(|d| **d > 1).count() != 1 {
+            bail!(
+                "model file {}: output shape {output_shape:?} is not a single vector of class scores",
+                path.display()
+            );
+        }
+        let plan = typed.into_runnable()?;
+        let labels = match &settings.labels {
+            Some(p) => read_labels(p, classes)?,
+            None => (0..classes).map(|i| format!("class_{i}")).collect(),
+        };
+        Ok(Classifier {
+            plan,
+            spec,
+            labels,
+            outputs_probabilities,
+            top_k: settings.top_k.min(classes),
+            threshold: settings.threshold,
+            file_name: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            path: path.clone(),
+            output_shape,
+        })
+    }
+
+    pub fn input_spec(&self) -> &InputSpec {
+        &self.spec
+    }
+    pub fn output_shape(&self) -> &[usize] {
+        &self.output_shape
+    }
+    pub fn file_name(&self) -> &str {
+        &self.file_name
+    }
+    pub fn labels(&self) -> &[String] {
+        &self.labels
+    }
+
+    /// Raw model outputs (logits or probabilities, as the model emits them) for a ready tensor.
+    pub fn raw_scores(&self, input: Tensor) -> Result<Vec<f32>> {
+        let out = self.plan.run(tvec!(input.into()))?;
+        let out = out
+            .first()
+            .ok_or_else(|| anyhow!("model produced no output"))?
+            .cast_to::<f32>()?;
+        Ok(out.to_plain_array_view::<f32>()?.iter().copied().collect())
+    }
+
+    /// Class probabilities for a ready input tensor.
+    pub fn probabilities(&self, input: Tensor) -> Result<Vec<f32>> {
+        let mut scores = self.raw_scores(input)?;
+        if !self.outputs_probabilities {
+            softmax(&mut scores);
+        }
+        Ok(scores)
+    }
+
+    /// Preprocess `frame`, run the model and return the top-k predictions above the
+    /// threshold, best first, with the time spent in the model alone.
+    pub fn classify(&self, frame: &RgbImage) -> Result<(Vec<Prediction>, f64)> {
+        let input = self.spec.tensor(frame);
+        let t0 = Instant::now();
+        let probs = self.probabilities(input)?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        Ok((self.top(&probs), ms))
+    }
+
+    /// The top-k of `probs` at or above the threshold, sorted by score.
+    pub fn top(&self, probs: &[f32]) -> Vec<Prediction> {
+        let mut idx: Vec<usize> = (0..probs.len()).collect();
+        idx.sort_by(|a, b| probs[*b].total_cmp(&probs[*a]).then(a.cmp(b)));
+        idx.into_iter()
+            .take(self.top_k)
+            .filter(|i| probs[*i] >= self.threshold)
+            .map(|i| Prediction {
+                label: self.labels[i].clone(),
+                class: i,
+                score: probs[i],
+            })
+            .collect()
+    }
+}
+
+/// Numerically stable in-place softmax.
+pub fn softmax(v: &mut [f32]) {
+    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for x in v.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    if sum > 0.0 {
+        v.iter_mut().for_each(|x| *x /= sum);
+    }
+}
+
+/// Input size and layout from the model's declared input: `[N,3,H,W]` or `[N,H,W,3]`.
+fn input_spec(model: &InferenceModel, settings: &ModelSettings) -> Result<InputSpec> {
+    let fact = model.input_fact(0)?;
+    let dims: Vec<Option<usize>> = fact
+        .shape
+        .dims()
+        .map(|d| d.concretize().and_then(|d| d.to_usize().ok()))
+        .collect();
+    if dims.len() != 4 {
+        bail!(
+            "input rank {} (shape {:?}); expected a 4-D image tensor",
+            dims.len(),
+            fact.shape
+        );
+    }
+    if let Some(n) = dims[0]
+        && n != 1
+    {
+        bail!("batch size {n}; edgesight runs batch 1 (export with batch 1 or a dynamic batch)");
+    }
+    let (layout, h, w) = match (dims[1], dims[3]) {
+        (Some(3), _) => (Layout::Nchw, dims[2], dims[3]),
+        (_, Some(3)) => (Layout::Nhwc, dims[1], dims[2]),
+        _ => bail!(
+            "input shape {:?} has no 3-channel axis at position 1 (NCHW) or 3 (NHWC)",
+            fact.shape
+        ),
+    };
+    let (Some(height), Some(width)) = (h, w) else {
+        bail!(
+            "input shape {:?} has a dynamic height or width; export the model with a fixed input size",
+            fact.shape
+        );
+    };
+    Ok(InputSpec {
+        width: width as u32,
+        height: height as u32,
+        layout,
+        preprocess: settings.preprocess,
+        resize: settings.resize,
+    })
+}
+
+/// One label per line; blank lines at the end are ignored, the count must match the model.
+pub fn read_labels(path: &Path, classes: usize) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("labels file {}: cannot read", path.display()))?;
+    let labels: Vec<String> = text
+        .trim_end()
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect();
+    if labels.len() != classes {
+        bail!(
+            "labels file {}: {} labels, but the model outputs {classes} classes",
+            path.display(),
+            labels.len()
+        );
+    }
+    Ok(labels)
+}

@@ -1,0 +1,190 @@
+//! MQTT side: the rumqttc client options, the event-loop driver (reconnect with capped
+//! exponential back-off, availability), and the optional in-process broker (rumqttd).
+
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet,
+    Publish, QoS, Request,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::settings::{MqttSettings, Settings};
+use crate::stats::Stats;
+
+pub const ONLINE: &str = "online";
+pub const OFFLINE: &str = "offline";
+
+pub fn qos(level: u8) -> QoS {
+    match level {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+pub fn availability_topic(settings: &Settings) -> String {
+    format!("{}/availability", settings.base_topic())
+}
+
+/// Build the client and its event loop. `AsyncClient`'s request channel (capacity
+/// `mqtt.queue`) is the only buffer between inference and the network: when it is full,
+/// publishes are dropped and counted rather than blocking inference.
+pub fn client(settings: &Settings) -> (AsyncClient, EventLoop) {
+    let m = &settings.mqtt;
+    let mut opts = MqttOptions::new(m.client_id.clone(), m.host.clone(), m.port);
+    opts.set_keep_alive(Duration::from_secs(m.keep_alive_secs));
+    opts.set_clean_session(true);
+    opts.set_last_will(LastWill::new(
+        availability_topic(settings),
+        OFFLINE,
+        QoS::AtLeastOnce,
+        true,
+    ));
+    if let Some(user) = &m.username {
+        let pw = m.password.as_ref().map(|p| p.expose().to_string());
+        opts.set_credentials(user.clone(), pw.unwrap_or_default());
+    }
+    AsyncClient::new(opts, m.queue)
+}
+
+/// Drive the event loop until `stop` is cancelled and the final DISCONNECT is written (or
+/// the drain deadline passes). Publishes the retained `online` after every CONNACK.
+pub async fn drive(
+    mut eventloop: EventLoop,
+    settings: Arc<Settings>,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+) {
+    let m: &MqttSettings = &settings.mqtt;
+    let avail = availability_topic(&settings);
+    let mut backoff = m.reconnect_min();
+    let mut connected_once = false;
+    loop {
+        let ev = tokio::select! {
+            ev = eventloop.poll() => ev,
+            // While the broker is away, a shutdown must not wait for it forever.
+            _ = stop.cancelled(), if !connected(&eventloop) => {
+                info!("mqtt: not connected at shutdown; giving up on the broker");
+                return;
+            }
+        };
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff = m.reconnect_min();
+                if connected_once {
+                    stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                connected_once = true;
+                info!(host = %m.host, port = m.port, code = ?ack.code, "mqtt: connected");
+                // Ahead of anything queued while we were away: subscribers see `online` first.
+                let mut online = Publish::new(&avail, QoS::AtLeastOnce, ONLINE);
+                online.retain = true;
+                eventloop.pending.push_front(Request::Publish(online));
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                info!("mqtt: disconnected cleanly");
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                // A clean session loses what was in flight or queued inside rumqttc; count it
+                // here so the loss is visible (the durable outbox is a separate layer).
+                let lost = eventloop
+                    .pending
+                    .drain(..)
+                    .filter(|r| matches!(r, Request::Publish(_)))
+                    .count() as u64;
+                if lost > 0 {
+                    stats.publish_lost.fetch_add(lost, Ordering::Relaxed);
+                }
+                if stop.is_cancelled() {
+                    warn!("mqtt: connection error during shutdown: {}", describe(&e));
+                    return;
+                }
+                warn!(
+                    "mqtt: {} (lost {lost} queued message(s)); retrying in {:?}",
+                    describe(&e),
+                    backoff
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(m.reconnect_max());
+            }
+        }
+    }
+}
+
+fn connected(eventloop: &EventLoop) -> bool {
+    eventloop.network.is_some()
+}
+
+fn describe(e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::Io(io) => format!("connection failed: {io}"),
+        ConnectionError::ConnectionRefused(code) => format!("broker refused connection: {code:?}"),
+        other => format!("connection error: {other}"),
+    }
+}
+
+/// An in-process MQTT broker (rumqttd) listening on `host:port`, for demos and boards
+/// without a gateway. It runs on its own threads for the life of the process.
+pub fn start_embedded_broker(host: &str, port: u16) -> Result<SocketAddr> {
+    let addr = (host, port)
+        .to_socket_addrs()
+        .with_context(|| format!("mqtt.host {host:?}: cannot resolve"))?
+        .next()
+        .with_context(|| format!("mqtt.host {host:?}: no address"))?;
+    // rumqttd logs a failed bind on its own thread and carries on; probe first so a busy
+    // port is a clear start-up error instead.
+    drop(TcpListener::bind(addr).with_context(|| {
+        format!("embedded broker: cannot listen on {addr} (mqtt.host/mqtt.port)")
+    })?);
+    let cfg = format!(
+        r#"
+id = 0
+[router]
+id = 0
+max_connections = 1000
+max_outgoing_packet_count = 200
+max_segment_size = 10485760
+max_segment_count = 10
+
+[v4.1]
+name = "v4-1"
+listen = "{addr}"
+next_connection_delay_ms = 1
+    [v4.1.connections]
+    connection_timeout_ms = 60000
+    max_payload_size = 262144
+    max_inflight_count = 200
+    dynamic_filters = true
+"#
+    );
+    let config: rumqttd::Config = toml::from_str(&cfg).context("embedded broker config")?;
+    std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(config);
+            if let Err(e) = broker.start() {
+                tracing::error!("embedded broker stopped: {e}");
+            }
+        })
+        .context("spawning the embedded broker")?;
+    // Wait until it accepts connections so our own client's first attempt succeeds.
+    for _ in 0..200 {
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(50)).is_ok() {
+            info!("embedded MQTT broker listening on {addr}");
+            return Ok(addr);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    anyhow::bail!("embedded broker did not start listening on {addr}")
+}

@@ -1,0 +1,205 @@
+//! Capture -> inference hand-off and the inference stage.
+//!
+//! Each camera has a one-frame slot. Capture overwrites it (the overwritten frame is counted
+//! as skipped), inference takes from it. So inference always works on the newest frame and
+//! no queue of stale frames can build up, whatever the model's speed.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use rumqttc::{AsyncClient, ClientError};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::model::{Classifier, Prediction};
+use crate::mqtt;
+use crate::settings::Settings;
+use crate::source::Frame;
+use crate::stats::Stats;
+
+#[derive(Debug)]
+struct SlotState {
+    frames: Vec<Option<Frame>>,
+    live_sources: usize,
+    /// Round-robin start, so a fast camera cannot starve a slow one.
+    next: usize,
+}
+
+#[derive(Debug)]
+pub struct Slots {
+    state: Mutex<SlotState>,
+    ready: Condvar,
+}
+
+impl Slots {
+    pub fn new(cameras: usize) -> Self {
+        Self {
+            state: Mutex::new(SlotState {
+                frames: (0..cameras).map(|_| None).collect(),
+                live_sources: cameras,
+                next: 0,
+            }),
+            ready: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        // A panic elsewhere while holding the lock leaves plain data behind; keep going.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Store the newest frame of camera `i`; true when it replaced one never taken.
+    pub fn put(&self, i: usize, frame: Frame) -> bool {
+        let replaced = self.lock().frames[i].replace(frame).is_some();
+        self.ready.notify_one();
+        replaced
+    }
+
+    /// Camera `i` will produce no more frames.
+    pub fn source_finished(&self, _i: usize) {
+        let mut s = self.lock();
+        s.live_sources = s.live_sources.saturating_sub(1);
+        drop(s);
+        self.ready.notify_all();
+    }
+
+    /// Wait for the next frame of any camera. `None` once `cancel` fires, or once every
+    /// source has finished and nothing is left to classify.
+    pub fn take(&self, cancel: &CancellationToken) -> Option<(usize, Frame)> {
+        let mut s = self.lock();
+        loop {
+            if cancel.is_cancelled() {
+                return None;
+            }
+            let n = s.frames.len();
+            for k in 0..n {
+                let i = (s.next + k) % n;
+                if let Some(f) = s.frames[i].take() {
+                    s.next = (i + 1) % n;
+                    return Some((i, f));
+                }
+            }
+            if s.live_sources == 0 {
+                return None;
+            }
+            // The timeout bounds how late a cancellation is noticed.
+            s = self
+                .ready
+                .wait_timeout(s, Duration::from_millis(50))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+}
+
+/// The `.../<camera>/classification` payload.
+#[derive(Debug, Serialize)]
+pub struct ClassificationMsg<'a> {
+    pub v: u32,
+    pub device: &'a str,
+    pub camera: &'a str,
+    pub seq: u64,
+    pub ts: String,
+    pub model: &'a str,
+    pub inference_ms: f64,
+    pub top: Vec<Prediction>,
+    /// Capture counter of the frame; a gap means frames were skipped.
+    pub frame: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<&'a str>,
+}
+
+/// RFC 3339, UTC, millisecond precision: `2026-11-29T22:48:14.123Z`.
+pub fn rfc3339_ms(t: SystemTime) -> String {
+    let t = time::OffsetDateTime::from(t);
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    t.format(&fmt).unwrap_or_default()
+}
+
+/// The inference stage: runs on its own thread until `take` says stop. One classifier
+/// serves every camera; the frame in flight is always finished before returning.
+pub fn inference_loop(
+    classifier: &Classifier,
+    settings: &Settings,
+    slots: &Slots,
+    stats: &Stats,
+    client: &AsyncClient,
+    cancel: &CancellationToken,
+) {
+    let base = settings.base_topic();
+    let topics: Vec<String> = settings
+        .camera
+        .iter()
+        .map(|c| format!("{base}/{}/classification", c.name))
+        .collect();
+    let qos = mqtt::qos(settings.mqtt.qos);
+    let mut seq = vec![0u64; settings.camera.len()];
+    while let Some((i, frame)) = slots.take(cancel) {
+        let camera = &settings.camera[i].name;
+        let (top, ms) = match classifier.classify(&frame.image) {
+            Ok(r) => r,
+            Err(e) => {
+                stats.inference_errors.fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    "camera {camera}: inference failed on frame {}: {e:#}",
+                    frame.number
+                );
+                continue;
+            }
+        };
+        seq[i] += 1;
+        stats.camera(i).classified.fetch_add(1, Ordering::Relaxed);
+        let msg = ClassificationMsg {
+            v: 1,
+            device: &settings.device.id,
+            camera,
+            seq: seq[i],
+            ts: rfc3339_ms(frame.captured_at),
+            model: classifier.file_name(),
+            inference_ms: (ms * 1000.0).round() / 1000.0,
+            top,
+            frame: frame.number,
+            file: frame.file.as_deref(),
+        };
+        let best = msg
+            .top
+            .first()
+            .map(|p| format!("{} {:.3}", p.label, p.score))
+            .unwrap_or_else(|| "(nothing above threshold)".into());
+        info!(
+            "{camera} #{} {best} ({ms:.1} ms){}",
+            msg.seq,
+            frame
+                .file
+                .as_deref()
+                .map(|f| format!(" {f}"))
+                .unwrap_or_default()
+        );
+        let payload = match serde_json::to_vec(&msg) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!("camera {camera}: cannot encode classification: {e}");
+                continue;
+            }
+        };
+        // Never block inference on the network: a full queue drops and counts.
+        if let Err(e) = client.try_publish(&topics[i], qos, false, payload) {
+            let n = stats.publish_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n == 1 || n.is_power_of_two() {
+                let why = match e {
+                    ClientError::TryRequest(_) => "MQTT queue full (broker away?)",
+                    _ => "MQTT client closed",
+                };
+                warn!(
+                    "camera {camera}: classification seq {} dropped: {why}; {n} dropped so far",
+                    msg.seq
+                );
+            }
+        }
+    }
+    info!("inference stopped");
+}

@@ -1,0 +1,75 @@
+//! The command line: `classify --json` and `cameras` through the real binary.
+
+mod common;
+
+use std::process::Command;
+
+fn edgesight(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_edgesight"))
+        .current_dir(common::root())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn classify_json_prints_one_line_per_image() {
+    let files = [
+        "tests/fixtures/samples/circle/01.jpg",
+        "tests/fixtures/samples/checker/00.png",
+        "tests/fixtures/samples/vstripes/03.jpg",
+    ];
+    let mut args = vec!["classify", "--config", "config/edgesight.toml", "--json"];
+    args.extend(files);
+    let out = edgesight(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), files.len(), "{stdout}");
+    for (line, file) in lines.iter().zip(files) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["file"], file);
+        let top = v["top"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        assert_eq!(
+            top[0]["label"],
+            common::class_of(std::path::Path::new(file)).as_str(),
+            "{line}"
+        );
+        assert!(top[0]["class"].is_u64() && top[0]["score"].is_f64());
+    }
+}
+
+#[test]
+fn classify_names_an_undecodable_image_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.jpg");
+    std::fs::write(&bad, b"not a jpeg").unwrap();
+    let out = edgesight(&[
+        "classify",
+        "--model",
+        "tests/fixtures/models/shapes_fp32.onnx",
+        "tests/fixtures/samples/square/00.png",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.jpg"));
+    // The good image is still classified (labels default to class_N without a labels file).
+    assert!(String::from_utf8_lossy(&out.stdout).contains("square/00.png: class_1"));
+}
+
+#[test]
+fn cameras_without_cameras_says_so() {
+    let out = edgesight(&["cameras"]);
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // On a machine with cameras this lists them instead; either way it names what it found.
+    assert!(
+        stdout.contains("no V4L2 cameras found") || stdout.contains("fps"),
+        "{stdout}"
+    );
+}

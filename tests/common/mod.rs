@@ -1,0 +1,107 @@
+//! Shared test helpers: a real MQTT broker and a real MQTT subscriber.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(rel: &str) -> PathBuf {
+    root().join("tests/fixtures").join(rel)
+}
+
+/// A broker for one test: Mosquitto (or any broker) when `EDGESIGHT_TEST_BROKER=host:port`
+/// is set (CI does), else an in-process rumqttd on a free loopback port.
+pub fn broker() -> (String, u16) {
+    if let Ok(addr) = std::env::var("EDGESIGHT_TEST_BROKER") {
+        let (h, p) = addr
+            .rsplit_once(':')
+            .expect("EDGESIGHT_TEST_BROKER=host:port");
+        return (h.to_string(), p.parse().expect("port"));
+    }
+    let port = free_port();
+    edgesight::mqtt::start_embedded_broker("127.0.0.1", port).expect("start rumqttd");
+    ("127.0.0.1".to_string(), port)
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub topic: String,
+    pub payload: String,
+    pub retain: bool,
+}
+
+/// Subscribe to `filter` and forward every message. Returns once the SUBACK arrived.
+pub async fn subscribe(
+    host: &str,
+    port: u16,
+    id: &str,
+    filter: &str,
+) -> mpsc::UnboundedReceiver<Msg> {
+    let mut opts = MqttOptions::new(id, host, port);
+    opts.set_keep_alive(Duration::from_secs(10));
+    let (client, mut el) = AsyncClient::new(opts, 64);
+    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let _client = client; // keep the request channel open
+        let mut ready = Some(ready_tx);
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let m = Msg {
+                        topic: p.topic.clone(),
+                        payload: String::from_utf8_lossy(&p.payload).into_owned(),
+                        retain: p.retain,
+                    };
+                    if tx.send(m).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), ready_rx)
+        .await
+        .expect("SUBACK within 10 s")
+        .unwrap();
+    rx
+}
+
+/// Next message, or a panic naming what we waited for (generous: this is a liveness bound,
+/// not a timing assertion).
+pub async fn next(rx: &mut mpsc::UnboundedReceiver<Msg>, what: &str) -> Msg {
+    tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no MQTT message within 30 s while waiting for {what}"))
+        .expect("subscriber ended")
+}
+
+/// The class a sample belongs to: its parent directory's name.
+pub fn class_of(file: &Path) -> String {
+    file.parent()
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}

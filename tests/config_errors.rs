@@ -1,0 +1,299 @@
+//! Bad configuration, data-driven: each case must exit 78 (EX_CONFIG) with a message that
+//! names the key path and where the value came from.
+
+mod common;
+
+use std::process::Command;
+
+const GOOD: &str = r#"
+[device]
+id = "t"
+[mqtt]
+host = "127.0.0.1"
+port = 1883
+[model]
+path = "MODEL"
+labels = "LABELS"
+[[camera]]
+name = "front"
+path = "SAMPLES"
+"#;
+
+struct Case {
+    name: &'static str,
+    /// (from, to) replacements applied to GOOD; from = "" appends `to`.
+    edit: &'static [(&'static str, &'static str)],
+    env: &'static [(&'static str, &'static str)],
+    /// A drop-in file config.d/50-bad.toml.
+    dropin: Option<&'static str>,
+    /// Every one of these must appear in stderr; "FILE"/"DROPIN" stand for the paths.
+    expect: &'static [&'static str],
+}
+
+const CASES: &[Case] = &[
+    Case {
+        name: "typo in a key",
+        edit: &[("host =", "hots =")],
+        env: &[],
+        dropin: None,
+        expect: &["hots", "FILE"],
+    },
+    Case {
+        name: "unknown section",
+        edit: &[("", "[mqt]\nport = 1\n")],
+        env: &[],
+        dropin: None,
+        expect: &["mqt", "FILE"],
+    },
+    Case {
+        name: "wrong type",
+        edit: &[("port = 1883", "port = \"eighteen\"")],
+        env: &[],
+        dropin: None,
+        expect: &["mqtt.port", "FILE"],
+    },
+    Case {
+        name: "port out of range",
+        edit: &[("port = 1883", "port = 70000")],
+        env: &[],
+        dropin: None,
+        expect: &["mqtt.port", "70000", "FILE"],
+    },
+    Case {
+        name: "qos out of range",
+        edit: &[("", "")],
+        env: &[("EDGESIGHT__MQTT__QOS", "3")],
+        dropin: None,
+        expect: &["mqtt.qos", "environment"],
+    },
+    Case {
+        name: "bad preset",
+        edit: &[("labels =", "preprocess = \"keras\"\nlabels =")],
+        env: &[],
+        dropin: None,
+        expect: &["model.preprocess", "keras", "FILE"],
+    },
+    Case {
+        name: "threshold out of range",
+        edit: &[("labels =", "threshold = 1.5\nlabels =")],
+        env: &[],
+        dropin: None,
+        expect: &["model.threshold", "FILE"],
+    },
+    Case {
+        name: "top_k zero",
+        edit: &[("labels =", "top_k = 0\nlabels =")],
+        env: &[],
+        dropin: None,
+        expect: &["model.top_k", "FILE"],
+    },
+    Case {
+        name: "fps zero",
+        edit: &[("name = \"front\"", "name = \"front\"\nfps = 0")],
+        env: &[],
+        dropin: None,
+        expect: &["camera[0].fps", "FILE"],
+    },
+    Case {
+        name: "camera name with slash",
+        edit: &[("name = \"front\"", "name = \"a/b\"")],
+        env: &[],
+        dropin: None,
+        expect: &["camera[0].name", "FILE"],
+    },
+    Case {
+        name: "bad source",
+        edit: &[("name = \"front\"", "name = \"front\"\nsource = \"rtsp\"")],
+        env: &[],
+        dropin: None,
+        expect: &["camera[0].source", "rtsp"],
+    },
+    Case {
+        name: "bad value in a drop-in",
+        edit: &[],
+        env: &[],
+        dropin: Some("[mqtt]\nqos = 7\n"),
+        expect: &["mqtt.qos", "DROPIN"],
+    },
+    Case {
+        name: "unknown key in a drop-in",
+        edit: &[],
+        env: &[],
+        dropin: Some("[model]\nthreshhold = 0.5\n"),
+        expect: &["threshhold", "DROPIN"],
+    },
+    Case {
+        name: "wrong type in a camera, in a drop-in",
+        edit: &[],
+        env: &[],
+        dropin: Some("[[camera]]\nname = \"a\"\npath = \"x\"\nfps = \"fast\"\n"),
+        expect: &["camera[0].fps", "DROPIN", "fast"],
+    },
+    Case {
+        name: "wrong type from the environment",
+        edit: &[],
+        env: &[("EDGESIGHT__MQTT__PORT", "abc")],
+        dropin: None,
+        expect: &["mqtt.port", "EDGESIGHT__MQTT__PORT"],
+    },
+    Case {
+        name: "unknown key from the environment",
+        edit: &[],
+        env: &[("EDGESIGHT__MODEL__TOPK", "2")],
+        dropin: None,
+        expect: &["model.topk", "EDGESIGHT__MODEL__TOPK"],
+    },
+    Case {
+        name: "syntax error",
+        edit: &[("[mqtt]", "[mqtt")],
+        env: &[],
+        dropin: None,
+        expect: &["FILE", "invalid TOML"],
+    },
+    Case {
+        name: "missing password file",
+        edit: &[(
+            "port = 1883",
+            "port = 1883\nusername = \"u\"\npassword_file = \"/nonexistent/pw\"",
+        )],
+        env: &[],
+        dropin: None,
+        expect: &["mqtt.password_file", "/nonexistent/pw"],
+    },
+    Case {
+        name: "missing model",
+        edit: &[("shapes_int8_qlinear.onnx", "no_such_model.onnx")],
+        env: &[],
+        dropin: None,
+        expect: &["model.path", "no_such_model.onnx"],
+    },
+    Case {
+        name: "unsupported model op",
+        edit: &[("shapes_int8_qlinear", "shapes_int8_qop")],
+        env: &[],
+        dropin: None,
+        expect: &["model.path", "QLinearAdd"],
+    },
+    Case {
+        name: "no images",
+        edit: &[("fixtures/samples", "fixtures/no_such_dir")],
+        env: &[],
+        dropin: None,
+        expect: &["front", "no_such_dir"],
+    },
+];
+
+#[test]
+fn bad_configs_exit_78_naming_the_key() {
+    let root = common::root();
+    let good = GOOD
+        .replace(
+            "MODEL",
+            &root
+                .join("tests/fixtures/models/shapes_int8_qlinear.onnx")
+                .display()
+                .to_string(),
+        )
+        .replace(
+            "LABELS",
+            &root.join("tests/fixtures/labels.txt").display().to_string(),
+        )
+        .replace(
+            "SAMPLES",
+            &root.join("tests/fixtures/samples").display().to_string(),
+        );
+    // The good config itself passes, so each case's failure is its own edit's doing.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("edgesight.toml");
+    std::fs::write(&file, &good).unwrap();
+    let out = check(&file, &[]);
+    assert!(
+        out.status.success(),
+        "good config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    for case in CASES {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("edgesight.toml");
+        let mut text = good.clone();
+        for (from, to) in case.edit {
+            if from.is_empty() {
+                text.push_str(to);
+            } else {
+                assert!(
+                    text.contains(from),
+                    "{}: {from:?} not in the config",
+                    case.name
+                );
+                text = text.replacen(from, to, 1);
+            }
+        }
+        std::fs::write(&file, &text).unwrap();
+        let dropin = dir.path().join("config.d/50-bad.toml");
+        if let Some(d) = case.dropin {
+            std::fs::create_dir_all(dropin.parent().unwrap()).unwrap();
+            std::fs::write(&dropin, d).unwrap();
+        }
+        let out = check(&file, case.env);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(78),
+            "{}: exit {:?}, stderr {err}",
+            case.name,
+            out.status
+        );
+        for want in case.expect {
+            let want = want
+                .replace("DROPIN", &dropin.display().to_string())
+                .replace("FILE", &file.display().to_string());
+            assert!(
+                err.contains(&want),
+                "{}: stderr lacks {want:?}:\n{err}",
+                case.name
+            );
+        }
+    }
+}
+
+#[test]
+fn unreadable_config_file_exits_78() {
+    let out = check(std::path::Path::new("/nonexistent/edgesight.toml"), &[]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/edgesight.toml"));
+}
+
+#[test]
+fn shipped_configs_check_clean() {
+    for cfg in ["config/edgesight.toml", "config/demo.toml"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_edgesight"))
+            .current_dir(common::root())
+            .args(["check", "--config", cfg])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{cfg}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("[1, 3, 64, 64]") && stdout.contains("[1, 7]"),
+            "{stdout}"
+        );
+    }
+}
+
+fn check(file: &std::path::Path, env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgesight"));
+    cmd.args(["check", "--config"]).arg(file);
+    // Only this case's EDGESIGHT__ variables.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("EDGESIGHT__") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(env.iter().copied());
+    cmd.output().unwrap()
+}

@@ -1,0 +1,208 @@
+//! End to end: the library's `run` on the `images` source, publishing to a real broker
+//! (in-process rumqttd, or Mosquitto when EDGESIGHT_TEST_BROKER is set), observed by a real
+//! MQTT subscriber.
+
+mod common;
+
+use std::time::Duration;
+
+use edgesight::settings::Settings;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+fn config(dir: &std::path::Path, host: &str, port: u16, device: &str, looped: bool) -> Settings {
+    let root = common::root();
+    let text = format!(
+        r#"
+[device]
+id = "{device}"
+[log]
+level = "warn"
+[mqtt]
+host = "{host}"
+port = {port}
+qos = 1
+[model]
+path = "{root}/tests/fixtures/models/shapes_int8_qlinear.onnx"
+labels = "{root}/tests/fixtures/labels.txt"
+[[camera]]
+name = "front"
+path = "{root}/tests/fixtures/samples"
+fps = 10
+loop = {looped}
+"#,
+        root = root.display()
+    );
+    let f = dir.join("edgesight.toml");
+    std::fs::write(&f, text).unwrap();
+    Settings::load_with_env(&f, vec![]).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_frame_is_classified_and_published_in_order() {
+    let (host, port) = common::broker();
+    let dir = tempfile::tempdir().unwrap();
+    let device = format!("e2e-{}", std::process::id());
+    let settings = config(dir.path(), &host, port, &device, false);
+    let mut rx = common::subscribe(&host, port, "e2e-sub", &format!("edgesight/{device}/#")).await;
+
+    let files =
+        edgesight::source::image_files(common::fixture("samples").to_str().unwrap()).unwrap();
+    let stats = tokio::spawn(edgesight::run(settings, CancellationToken::new()));
+
+    let m = common::next(&mut rx, "online").await;
+    assert_eq!(
+        (m.topic.as_str(), m.payload.as_str()),
+        (
+            format!("edgesight/{device}/availability").as_str(),
+            "online"
+        )
+    );
+
+    let topic = format!("edgesight/{device}/front/classification");
+    let mut frames = Vec::new();
+    let mut right = 0;
+    loop {
+        let m = common::next(&mut rx, "classification or offline").await;
+        if m.topic.ends_with("/availability") {
+            assert_eq!(m.payload, "offline");
+            break;
+        }
+        assert_eq!(m.topic, topic);
+        let v: Value = serde_json::from_str(&m.payload).unwrap();
+        assert_eq!(v["v"], 1);
+        assert_eq!(v["device"], device.as_str());
+        assert_eq!(v["camera"], "front");
+        assert_eq!(v["model"], "shapes_int8_qlinear.onnx");
+        assert_eq!(
+            v["seq"].as_u64().unwrap(),
+            frames.len() as u64 + 1,
+            "seq consecutive from 1"
+        );
+        let ts = v["ts"].as_str().unwrap();
+        assert!(
+            ts.ends_with('Z') && ts.len() == 24 && &ts[19..20] == ".",
+            "RFC 3339 ms UTC: {ts}"
+        );
+        assert!(v["inference_ms"].as_f64().unwrap() >= 0.0);
+        let top = v["top"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        let scores: Vec<f64> = top.iter().map(|p| p["score"].as_f64().unwrap()).collect();
+        assert!(
+            scores.windows(2).all(|w| w[0] >= w[1]),
+            "sorted: {scores:?}"
+        );
+        let file = std::path::PathBuf::from(v["file"].as_str().unwrap());
+        if top[0]["label"] == common::class_of(&file).as_str() {
+            right += 1;
+        }
+        frames.push(v["frame"].as_u64().unwrap());
+    }
+    let stats = stats.await.unwrap().unwrap();
+    let cam = stats.camera(0);
+    let skipped = cam.skipped.load(std::sync::atomic::Ordering::Relaxed) as usize;
+    // Latest-frame semantics may skip a frame on a stalled machine; every frame is either
+    // classified and published, or counted as skipped - never silently lost.
+    assert_eq!(
+        frames.len() + skipped,
+        files.len(),
+        "published + skipped = frames"
+    );
+    assert!(
+        frames.windows(2).all(|w| w[0] < w[1]),
+        "frames in capture order"
+    );
+    assert!(
+        frames.len() * 10 >= files.len() * 9,
+        "at most 10 % skipped: {skipped}"
+    );
+    assert!(
+        right * 100 >= frames.len() * 95,
+        "{right}/{} labelled right",
+        frames.len()
+    );
+    assert_eq!(
+        stats
+            .publish_dropped
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_trigger_finishes_and_publishes_offline() {
+    let (host, port) = common::broker();
+    let dir = tempfile::tempdir().unwrap();
+    let device = format!("stop-{}", std::process::id());
+    let settings = config(dir.path(), &host, port, &device, true);
+    let mut rx = common::subscribe(&host, port, "stop-sub", &format!("edgesight/{device}/#")).await;
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(edgesight::run(settings, shutdown.clone()));
+    let mut classified = 0;
+    while classified < 3 {
+        let m = common::next(&mut rx, "classification").await;
+        if m.topic.ends_with("/classification") {
+            classified += 1;
+        }
+    }
+    shutdown.cancel();
+    let stats = tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("run returns after the trigger")
+        .unwrap()
+        .unwrap();
+    let published = stats
+        .camera(0)
+        .classified
+        .load(std::sync::atomic::Ordering::Relaxed);
+    // Everything classified before the trigger still arrives, then `offline`.
+    loop {
+        let m = common::next(&mut rx, "offline").await;
+        if m.topic.ends_with("/classification") {
+            classified += 1;
+            continue;
+        }
+        assert_eq!(m.payload, "offline");
+        break;
+    }
+    assert_eq!(classified, published);
+
+    // Retained: a late subscriber still learns the device is offline.
+    let mut late = common::subscribe(
+        &host,
+        port,
+        "late-sub",
+        &format!("edgesight/{device}/availability"),
+    )
+    .await;
+    let m = common::next(&mut late, "retained offline").await;
+    assert!(m.retain);
+    assert_eq!(m.payload, "offline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classification_goes_on_without_a_broker() {
+    // Nothing listens on this port: run must classify, count the drops, and stop cleanly.
+    let port = common::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = config(dir.path(), "127.0.0.1", port, "nobroker", false);
+    settings.mqtt.queue = 4;
+    let stats = tokio::time::timeout(
+        Duration::from_secs(60),
+        edgesight::run(settings, CancellationToken::new()),
+    )
+    .await
+    .expect("run ends when the images end")
+    .unwrap();
+    let c = stats.camera(0);
+    let classified = c.classified.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(classified > 0);
+    let dropped = stats
+        .publish_dropped
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        dropped,
+        classified - 4,
+        "all but the queue's 4 are dropped and counted"
+    );
+}
