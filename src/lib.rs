@@ -12,6 +12,7 @@ pub mod source;
 pub mod stats;
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -113,16 +114,23 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<Arc<
     }
 
     // Flush: `offline` queues behind every classification already handed to the client.
-    let offline = client.publish(
-        mqtt::availability_topic(&settings),
-        rumqttc::QoS::AtLeastOnce,
-        true,
-        mqtt::OFFLINE,
-    );
-    match tokio::time::timeout(DRAIN_TIMEOUT, offline).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => warn!("cannot queue offline message: {e}"),
-        Err(_) => warn!("MQTT queue still full after {DRAIN_TIMEOUT:?}; offline not queued"),
+    // Without a connection there is nobody to tell (the broker never saw our `online`, or
+    // will publish the last will), so do not wait for queue space that will not come.
+    let avail = mqtt::availability_topic(&settings);
+    let qos1 = rumqttc::QoS::AtLeastOnce;
+    if stats.connected.load(Ordering::Relaxed) {
+        match tokio::time::timeout(
+            DRAIN_TIMEOUT,
+            client.publish(avail, qos1, true, mqtt::OFFLINE),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!("cannot queue offline message: {e}"),
+            Err(_) => warn!("MQTT queue still full after {DRAIN_TIMEOUT:?}; offline not queued"),
+        }
+    } else {
+        let _ = client.try_publish(avail, qos1, true, mqtt::OFFLINE);
     }
     let _ = client.try_disconnect();
     net_stop.cancel();

@@ -81,6 +81,7 @@ pub async fn drive(
                     stats.reconnects.fetch_add(1, Ordering::Relaxed);
                 }
                 connected_once = true;
+                stats.connected.store(true, Ordering::Relaxed);
                 info!(host = %m.host, port = m.port, code = ?ack.code, "mqtt: connected");
                 // Ahead of anything queued while we were away: subscribers see `online` first.
                 let mut online = Publish::new(&avail, QoS::AtLeastOnce, ONLINE);
@@ -93,6 +94,7 @@ pub async fn drive(
             }
             Ok(_) => {}
             Err(e) => {
+                stats.connected.store(false, Ordering::Relaxed);
                 // A clean session loses what was in flight or queued inside rumqttc; count it
                 // here so the loss is visible (the durable outbox is a separate layer).
                 let lost = eventloop

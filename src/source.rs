@@ -24,7 +24,8 @@ pub struct Frame {
     /// Per-camera capture counter from 1; gaps at the consumer are skipped frames.
     pub number: u64,
     /// The file it came from (image sources), for logs and the message's `file` field.
-    pub file: Option<String>,
+    /// Shared, so a looping source names its frames without allocating.
+    pub file: Option<Arc<str>>,
 }
 
 /// The images a `path` names: a file, a directory (searched recursively) or a glob;
@@ -126,7 +127,13 @@ fn images_loop(
     stats: &Stats,
     cancel: &CancellationToken,
 ) -> Result<()> {
-    let files = image_files(path)?;
+    let files: Vec<(PathBuf, Arc<str>)> = image_files(path)?
+        .into_iter()
+        .map(|p| {
+            let name: Arc<str> = p.display().to_string().into();
+            (p, name)
+        })
+        .collect();
     info!(
         "camera {name}: {} image(s) from {path:?} at {fps} fps{}",
         files.len(),
@@ -138,7 +145,7 @@ fn images_loop(
     let mut number = 0u64;
     loop {
         let mut decoded_any = false;
-        for f in &files {
+        for (f, name) in &files {
             if !sleep_until(next, cancel) {
                 return Ok(());
             }
@@ -163,7 +170,7 @@ fn images_loop(
                 image,
                 captured_at: SystemTime::now(),
                 number,
-                file: Some(f.display().to_string()),
+                file: Some(name.clone()),
             };
             if slots.put(index, frame) {
                 cam.skipped.fetch_add(1, Ordering::Relaxed);

@@ -1,7 +1,7 @@
 //! Counters shared by the stages. Plain atomics: written on the hot path, read for logs
 //! and the shutdown summary.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 #[derive(Debug, Default)]
 pub struct CameraStats {
@@ -23,6 +23,8 @@ pub struct Stats {
     /// Messages queued inside the MQTT client and lost when the connection broke.
     pub publish_lost: AtomicU64,
     pub reconnects: AtomicU64,
+    /// The MQTT session is up (set by the event-loop driver).
+    pub connected: AtomicBool,
     pub inference_errors: AtomicU64,
 }
 

@@ -5,13 +5,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . tools/deps.sh
-edgesight_deps
+edgesight_deps "${EDGESIGHT_BUILD_DEBS[@]}" "${EDGESIGHT_DEMO_DEBS[@]}"
 cargo build --release --locked
-target/release/edgesight run --config config/demo.toml &
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+port=1883
+if ! port_free $port; then
+    # A broker (e.g. a system Mosquitto) already has 1883: run the demo's own beside it.
+    port=18883
+    echo "demo: 127.0.0.1:1883 is taken; the demo broker uses 127.0.0.1:$port" >&2
+fi
+EDGESIGHT__MQTT__PORT=$port target/release/edgesight run --config config/demo.toml &
 daemon=$!
-trap 'kill -TERM $daemon 2>/dev/null; wait $daemon; kill $sub 2>/dev/null; exit 0' INT TERM
-# Wait for the embedded broker, then watch every topic of the demo device.
-for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null && break; sleep 0.1; done
-mosquitto_sub -h 127.0.0.1 -p 1883 -t 'edgesight/#' -v &
+sub=
+trap 'kill -TERM $daemon 2>/dev/null; wait $daemon; sleep 0.3; [ -n "$sub" ] && kill $sub 2>/dev/null; exit 0' INT TERM
+for _ in $(seq 300); do port_free $port || break; sleep 0.1; done
+mosquitto_sub -h 127.0.0.1 -p $port -t 'edgesight/#' -v &
 sub=$!
 wait $daemon

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Install the Debian packages edgesight needs to build and test, if any is missing.
-# Sourced by tools/demo.sh and tools/test.sh; .ci/run installs the same list.
-EDGESIGHT_DEBS=(libclang-dev mosquitto mosquitto-clients)
+# Install missing Debian packages: `edgesight_deps PKG...`. Sourced by tools/demo.sh and
+# tools/test.sh; .ci/run installs the full list up front.
+EDGESIGHT_BUILD_DEBS=(libclang-dev)              # nokhwa's V4L2 bindings (bindgen)
+EDGESIGHT_DEMO_DEBS=(mosquitto-clients)          # mosquitto_sub, to watch the demo
+EDGESIGHT_TEST_DEBS=(mosquitto)                  # the second broker the MQTT tests run against
 
 edgesight_deps() {
     local missing=()
-    for p in "${EDGESIGHT_DEBS[@]}"; do
+    for p in "$@"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
     done
     [ ${#missing[@]} -eq 0 ] && return 0
