@@ -71,11 +71,15 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(level: &str) {
-    // Our level for our code; the MQTT crates are chatty at info.
-    let filter = format!("{level},rumqttd=warn,rumqttc=warn,tract=warn");
+    use std::io::IsTerminal;
+    // Our level for our code. rumqttd logs ordinary events (a client closing its socket,
+    // a port probe) at ERROR, which would read as faults in the journal: keep it quiet.
+    let filter = format!("{level},rumqttd=off,rumqttc=warn,tract=warn");
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal, not for journald or a log file.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }

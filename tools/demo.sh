@@ -17,8 +17,10 @@ fi
 EDGESIGHT__MQTT__PORT=$port target/release/edgesight run --config config/demo.toml &
 daemon=$!
 sub=
-trap 'kill -TERM $daemon 2>/dev/null; wait $daemon; sleep 0.3; [ -n "$sub" ] && kill $sub 2>/dev/null; exit 0' INT TERM
+trap 'kill -TERM $daemon 2>/dev/null; wait $daemon; sleep 0.5; [ -n "$sub" ] && kill $sub 2>/dev/null; exit 0' INT TERM
 for _ in $(seq 300); do port_free $port || break; sleep 0.1; done
-mosquitto_sub -h 127.0.0.1 -p $port -t 'edgesight/#' -v &
+# Its own session, so Ctrl-C reaches only the daemon and the subscriber still prints the
+# daemon's last messages and its `offline`.
+setsid mosquitto_sub -h 127.0.0.1 -p $port -t 'edgesight/#' -v &
 sub=$!
 wait $daemon
