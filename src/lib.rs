@@ -5,11 +5,13 @@
 
 pub mod model;
 pub mod mqtt;
+pub mod notify;
 pub mod pipeline;
 pub mod preprocess;
 pub mod settings;
 pub mod source;
 pub mod stats;
+pub mod supervise;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -21,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::model::Classifier;
+use crate::notify::Notifier;
 use crate::pipeline::Slots;
 use crate::settings::{ConfigError, Settings};
 use crate::stats::Stats;
@@ -41,7 +44,19 @@ pub fn load_model(settings: &Settings) -> Result<Classifier> {
 /// Shutdown order: capture stops, the frame in flight is finished and published, the
 /// retained `offline` is published, and the MQTT connection is closed cleanly.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<Arc<Stats>> {
+    run_with_notifier(settings, shutdown, Notifier::from_env()).await
+}
+
+/// [`run`], reporting to systemd through `notifier` (READY=1 once the model is loaded and
+/// capture started, STATUS lines, the watchdog while the pipeline makes progress,
+/// STOPPING=1 when the drain begins).
+pub async fn run_with_notifier(
+    settings: Settings,
+    shutdown: CancellationToken,
+    notifier: Notifier,
+) -> Result<Arc<Stats>> {
     let settings = Arc::new(settings);
+    let notifier = Arc::new(notifier);
     // Load the model first: a bad model must fail start-up before anything is announced.
     let classifier = Arc::new(load_model(&settings)?);
     let spec = classifier.input_spec();
@@ -91,6 +106,19 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<Arc<
         captures.push(h);
     }
 
+    notifier.notify(&format!(
+        "READY=1\nSTATUS={} camera(s) starting, model {}",
+        settings.camera.len(),
+        classifier.file_name()
+    ));
+    let supervisor_stop = CancellationToken::new();
+    tracker.spawn(supervise::supervise(
+        notifier.clone(),
+        settings.clone(),
+        stats.clone(),
+        supervisor_stop.clone(),
+    ));
+
     let infer = {
         let (classifier, settings, slots, stats, client, cancel) = (
             classifier.clone(),
@@ -108,6 +136,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<Arc<
         warn!("inference thread ended abnormally: {e}");
     }
     // Inference is done (cancelled or out of frames): make sure capture stops too.
+    notifier.notify("STOPPING=1\nSTATUS=draining");
     capture_stop.cancel();
     for h in captures {
         let _ = tokio::task::spawn_blocking(move || h.join()).await;
@@ -134,6 +163,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<Arc<
     }
     let _ = client.try_disconnect();
     net_stop.cancel();
+    supervisor_stop.cancel();
     tracker.close();
     if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
         .await

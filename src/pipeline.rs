@@ -4,7 +4,7 @@
 //! as skipped), inference takes from it. So inference always works on the newest frame and
 //! no queue of stale frames can build up, whatever the model's speed.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -67,9 +67,14 @@ impl Slots {
 
     /// Wait for the next frame of any camera. `None` once `cancel` fires, or once every
     /// source has finished and nothing is left to classify.
-    pub fn take(&self, cancel: &CancellationToken) -> Option<(usize, Frame)> {
+    pub fn take(
+        &self,
+        cancel: &CancellationToken,
+        heartbeat: &AtomicU64,
+    ) -> Option<(usize, Frame)> {
         let mut s = self.lock();
         loop {
+            heartbeat.fetch_add(1, Ordering::Relaxed);
             if cancel.is_cancelled() {
                 return None;
             }
@@ -138,7 +143,7 @@ pub fn inference_loop(
         .collect();
     let qos = mqtt::qos(settings.mqtt.qos);
     let mut seq = vec![0u64; settings.camera.len()];
-    while let Some((i, frame)) = slots.take(cancel) {
+    while let Some((i, frame)) = slots.take(cancel, &stats.inference_heartbeat) {
         let camera = &settings.camera[i].name;
         let (top, ms) = match classifier.classify(&frame.image) {
             Ok(r) => r,

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::pipeline::Slots;
 use crate::settings::{CameraSettings, PixelFormat, SourceSettings, V4l2Device};
-use crate::stats::Stats;
+use crate::stats::{CameraState, Stats};
 
 /// One captured, decoded frame.
 #[derive(Debug, Clone)]
@@ -99,6 +99,7 @@ pub fn spawn_capture(
             if let Err(e) = result {
                 tracing::error!("camera {}: {e:#}", camera.name);
             }
+            stats.camera(index).set_state(CameraState::Ended);
             slots.source_finished(index);
         })
 }
@@ -165,7 +166,7 @@ fn images_loop(
             };
             decoded_any = true;
             number += 1;
-            cam.captured.fetch_add(1, Ordering::Relaxed);
+            stats.frame_captured(index);
             let frame = Frame {
                 image,
                 captured_at: SystemTime::now(),
@@ -266,6 +267,7 @@ fn v4l2_loop(
         let mut cam = match open_camera(camera) {
             Ok(c) => c,
             Err(e) => {
+                cam_stats.set_state(CameraState::Waiting);
                 cam_stats.errors.fetch_add(1, Ordering::Relaxed);
                 warn!("camera {name}: {e:#}; retrying in {backoff:?}");
                 if !sleep_until(Instant::now() + backoff, cancel) {
@@ -276,12 +278,17 @@ fn v4l2_loop(
             }
         };
         backoff = Duration::from_millis(500);
+        // Open counts as streaming: a camera that opens and then never delivers is stalled.
+        cam_stats
+            .last_frame_ms
+            .store(stats.now_ms(), Ordering::Relaxed);
+        cam_stats.set_state(CameraState::Streaming);
         while !cancel.is_cancelled() {
             let image = cam.frame().and_then(|buf| buf.decode_image::<RgbFormat>());
             match image {
                 Ok(image) => {
                     number += 1;
-                    cam_stats.captured.fetch_add(1, Ordering::Relaxed);
+                    stats.frame_captured(index);
                     let frame = Frame {
                         image,
                         captured_at: SystemTime::now(),
@@ -293,6 +300,7 @@ fn v4l2_loop(
                     }
                 }
                 Err(e) => {
+                    cam_stats.set_state(CameraState::Waiting);
                     cam_stats.errors.fetch_add(1, Ordering::Relaxed);
                     warn!("camera {name}: capture failed: {e}; reopening");
                     break;

@@ -1,7 +1,8 @@
 //! Counters shared by the stages. Plain atomics: written on the hot path, read for logs
 //! and the shutdown summary.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::time::Instant;
 
 #[derive(Debug, Default)]
 pub struct CameraStats {
@@ -13,6 +14,36 @@ pub struct CameraStats {
     pub skipped: AtomicU64,
     /// Source errors: undecodable files, capture failures.
     pub errors: AtomicU64,
+    /// A [`CameraState`] as u8.
+    pub state: AtomicU8,
+    /// Milliseconds since the run started when the last frame arrived.
+    pub last_frame_ms: AtomicU64,
+}
+
+/// What a camera is doing, for the watchdog and STATUS: only a camera that should be
+/// streaming and is not delivering counts as stalled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CameraState {
+    Starting = 0,
+    Streaming = 1,
+    /// No device, or reopening after an error: idle on purpose, retrying.
+    Waiting = 2,
+    Ended = 3,
+}
+
+impl CameraStats {
+    pub fn set_state(&self, s: CameraState) {
+        self.state.store(s as u8, Ordering::Relaxed);
+    }
+    pub fn state(&self) -> CameraState {
+        match self.state.load(Ordering::Relaxed) {
+            1 => CameraState::Streaming,
+            2 => CameraState::Waiting,
+            3 => CameraState::Ended,
+            _ => CameraState::Starting,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -26,6 +57,10 @@ pub struct Stats {
     /// The MQTT session is up (set by the event-loop driver).
     pub connected: AtomicBool,
     pub inference_errors: AtomicU64,
+    /// Bumped every time the inference thread wakes (a frame or a 50 ms tick): proof it
+    /// is not stuck.
+    pub inference_heartbeat: AtomicU64,
+    pub started: Option<Instant>,
 }
 
 impl Stats {
@@ -35,8 +70,24 @@ impl Stats {
                 .into_iter()
                 .map(|n| (n, CameraStats::default()))
                 .collect(),
+            started: Some(Instant::now()),
             ..Default::default()
         }
+    }
+
+    /// Milliseconds since the run started.
+    pub fn now_ms(&self) -> u64 {
+        self.started
+            .map(|t| t.elapsed().as_millis() as u64)
+            .unwrap_or(0)
+    }
+
+    /// Record a captured frame of camera `i`.
+    pub fn frame_captured(&self, i: usize) {
+        let c = self.camera(i);
+        c.captured.fetch_add(1, Ordering::Relaxed);
+        c.last_frame_ms.store(self.now_ms(), Ordering::Relaxed);
+        c.set_state(CameraState::Streaming);
     }
 
     pub fn camera(&self, i: usize) -> &CameraStats {

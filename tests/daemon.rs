@@ -77,3 +77,117 @@ async fn sigterm_and_sigint_drain_and_exit_0() {
         );
     }
 }
+
+fn settings(
+    dir: &std::path::Path,
+    host: &str,
+    port: u16,
+    device: &str,
+    cameras: &str,
+) -> edgesight::settings::Settings {
+    let r = common::root();
+    let f = dir.join("edgesight.toml");
+    std::fs::write(
+        &f,
+        format!(
+            "[device]\nid = \"{device}\"\n[log]\nlevel = \"warn\"\n[mqtt]\nhost = \"{host}\"\nport = {port}\n\
+             [model]\npath = \"{r}/tests/fixtures/models/shapes_int8_qlinear.onnx\"\n{cameras}",
+            r = r.display()
+        ),
+    )
+    .unwrap();
+    edgesight::settings::Settings::load_with_env(&f, vec![]).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_status_watchdog_and_stopping() {
+    let (host, port) = common::broker();
+    let dir = tempfile::tempdir().unwrap();
+    let cams = format!(
+        "[[camera]]\nname = \"front\"\npath = \"{}/tests/fixtures/samples\"\nfps = 20\n",
+        common::root().display()
+    );
+    let s = settings(
+        dir.path(),
+        &host,
+        port,
+        &format!("notify-{}", std::process::id()),
+        &cams,
+    );
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let notifier = edgesight::notify::Notifier::new(
+        Some(sock_path.display().to_string()),
+        Some("400000".into()), // 0.4 s: a ping every 0.2 s while healthy
+        None,
+    );
+    // systemd's side: collect every datagram until STOPPING=1; say when 3 pings arrived.
+    let (pinged_tx, pinged_rx) = tokio::sync::oneshot::channel();
+    let listener = std::thread::spawn(move || {
+        let (mut seen, mut pinged_tx, mut buf) = (Vec::new(), Some(pinged_tx), vec![0u8; 4096]);
+        loop {
+            let n = sock.recv(&mut buf).expect("a notification within 20 s");
+            let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let stop = m.starts_with("STOPPING=1");
+            seen.push(m);
+            if seen.iter().filter(|m| *m == "WATCHDOG=1").count() == 3
+                && let Some(tx) = pinged_tx.take()
+            {
+                let _ = tx.send(());
+            }
+            if stop {
+                return seen;
+            }
+        }
+    });
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(edgesight::run_with_notifier(s, shutdown.clone(), notifier));
+    pinged_rx.await.expect("three watchdog pings");
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+    let seen = listener.join().unwrap();
+    assert!(seen[0].starts_with("READY=1\n"), "READY first: {seen:?}");
+    assert!(
+        seen.iter()
+            .any(|m| m.starts_with("STATUS=1 camera(s), 1 streaming")),
+        "{seen:?}"
+    );
+    assert!(seen.last().unwrap().starts_with("STOPPING=1"));
+}
+
+#[test]
+fn only_a_streaming_camera_that_stops_delivering_is_stalled() {
+    use edgesight::stats::{CameraState, Stats};
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let cams = "[[camera]]\nname = \"a\"\npath = \"x\"\nfps = 5\n\
+                [[camera]]\nname = \"b\"\npath = \"x\"\nfps = 0.1\n\
+                [[camera]]\nname = \"c\"\nsource = \"v4l2\"\n";
+    let s = settings(dir.path(), "127.0.0.1", 1, "stall", cams);
+    let stats = Stats::new(s.camera.iter().map(|c| c.name.clone()));
+    // (state, last frame at ms, now ms) -> stalled?  Limits: a 5 s, b 30 s (3 periods), c 5 s.
+    let cases = [
+        (0, CameraState::Streaming, 1_000, 5_900, false),
+        (0, CameraState::Streaming, 1_000, 6_100, true),
+        (1, CameraState::Streaming, 1_000, 30_000, false),
+        (1, CameraState::Streaming, 1_000, 31_100, true),
+        (2, CameraState::Waiting, 0, 600_000, false),
+        (2, CameraState::Ended, 0, 600_000, false),
+        (2, CameraState::Starting, 0, 600_000, false),
+    ];
+    for (i, state, last, now, want) in cases {
+        for c in 0..3 {
+            stats.camera(c).set_state(CameraState::Ended);
+        }
+        stats.camera(i).set_state(state);
+        stats.camera(i).last_frame_ms.store(last, Ordering::Relaxed);
+        let got = edgesight::supervise::stalled(&s, &stats, now);
+        assert_eq!(
+            got == vec![i],
+            want,
+            "camera {i} {state:?} last {last} now {now}: {got:?}"
+        );
+    }
+}
