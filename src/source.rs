@@ -211,11 +211,47 @@ fn camera_index(device: &V4l2Device) -> Result<nokhwa::utils::CameraIndex> {
     }
 }
 
+/// The camera mode to ask for: among the modes the camera offers in a format we decode
+/// (and the configured one, unless `auto`), the closest resolution, then the closest frame
+/// rate, then (for `auto`) MJPEG before YUYV before the rest: MJPEG needs the least USB
+/// bandwidth, YUYV the least CPU.
+pub fn choose_mode(
+    modes: &[nokhwa::utils::CameraFormat],
+    width: u32,
+    height: u32,
+    fps: u32,
+    format: PixelFormat,
+) -> Option<nokhwa::utils::CameraFormat> {
+    use nokhwa::utils::FrameFormat;
+    let rank = |f: FrameFormat| match f {
+        FrameFormat::MJPEG => 0,
+        FrameFormat::YUYV => 1,
+        FrameFormat::NV12 => 2,
+        FrameFormat::RAWRGB => 3,
+        FrameFormat::GRAY => 4,
+        _ => 9,
+    };
+    let wanted = |f: FrameFormat| match format {
+        PixelFormat::Auto => rank(f) < 9,
+        PixelFormat::Mjpeg => f == FrameFormat::MJPEG,
+        PixelFormat::Yuyv => f == FrameFormat::YUYV,
+    };
+    modes
+        .iter()
+        .filter(|m| wanted(m.format()))
+        .min_by_key(|m| {
+            (
+                m.width().abs_diff(width) + m.height().abs_diff(height),
+                m.frame_rate().abs_diff(fps),
+                rank(m.format()),
+            )
+        })
+        .copied()
+}
+
 fn open_camera(camera: &CameraSettings) -> Result<nokhwa::Camera> {
     use nokhwa::pixel_format::RgbFormat;
-    use nokhwa::utils::{
-        CameraFormat, FrameFormat, RequestedFormat, RequestedFormatType, Resolution,
-    };
+    use nokhwa::utils::{RequestedFormat, RequestedFormatType};
     let SourceSettings::V4l2 {
         device,
         width,
@@ -227,19 +263,33 @@ fn open_camera(camera: &CameraSettings) -> Result<nokhwa::Camera> {
         bail!("not a v4l2 camera");
     };
     let index = camera_index(device)?;
-    let want = |ff| CameraFormat::new(Resolution::new(*width, *height), ff, *fps);
-    let request = match format {
-        PixelFormat::Mjpeg => RequestedFormatType::Closest(want(FrameFormat::MJPEG)),
-        PixelFormat::Yuyv => RequestedFormatType::Closest(want(FrameFormat::YUYV)),
-        PixelFormat::Auto => RequestedFormatType::Closest(want(FrameFormat::MJPEG)),
-    };
-    let mut cam = nokhwa::Camera::new(index.clone(), RequestedFormat::new::<RgbFormat>(request))
+    let none = RequestedFormat::new::<RgbFormat>(RequestedFormatType::None);
+    let mut cam = nokhwa::Camera::new(index.clone(), none)
         .with_context(|| format!("opening V4L2 camera {index}"))?;
+    let modes = cam
+        .compatible_camera_formats()
+        .with_context(|| format!("listing the modes of V4L2 camera {index}"))?;
+    let mode = choose_mode(&modes, *width, *height, *fps, *format).with_context(|| {
+        format!(
+            "V4L2 camera {index} offers no {format:?} mode we can decode (it has: {})",
+            modes
+                .iter()
+                .map(|m| m.format().to_string())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })?;
+    cam.set_camera_requset(RequestedFormat::new::<RgbFormat>(
+        RequestedFormatType::Exact(mode),
+    ))
+    .with_context(|| format!("setting V4L2 camera {index} to {mode}"))?;
     cam.open_stream()
         .with_context(|| format!("starting the stream of V4L2 camera {index}"))?;
     let f = cam.camera_format();
     info!(
-        "camera {}: opened {} ({}) at {}x{} {} fps {:?}",
+        "camera {}: opened {} ({}) at {}x{} {} fps {} (asked for {width}x{height} {fps} fps {format:?})",
         camera.name,
         index,
         cam.info().human_name(),
@@ -358,4 +408,77 @@ pub fn list_cameras() -> Result<String> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nokhwa::utils::{CameraFormat, FrameFormat, Resolution};
+
+    fn m(f: FrameFormat, w: u32, h: u32, fps: u32) -> CameraFormat {
+        CameraFormat::new(Resolution::new(w, h), f, fps)
+    }
+
+    #[test]
+    fn mode_negotiation_picks_the_closest_decodable_mode() {
+        use FrameFormat::*;
+        let usb = [
+            m(MJPEG, 1920, 1080, 30),
+            m(MJPEG, 640, 480, 30),
+            m(YUYV, 640, 480, 30),
+            m(YUYV, 640, 480, 15),
+            m(YUYV, 320, 240, 30),
+        ];
+        // vivid offers no MJPEG at all.
+        let vivid = [
+            m(YUYV, 3840, 2160, 2),
+            m(YUYV, 640, 480, 25),
+            m(NV12, 640, 480, 25),
+        ];
+        let cases: &[(
+            &[CameraFormat],
+            (u32, u32, u32, PixelFormat),
+            Option<CameraFormat>,
+        )] = &[
+            (
+                &usb,
+                (640, 480, 30, PixelFormat::Auto),
+                Some(m(MJPEG, 640, 480, 30)),
+            ),
+            (
+                &usb,
+                (640, 480, 15, PixelFormat::Yuyv),
+                Some(m(YUYV, 640, 480, 15)),
+            ),
+            (
+                &usb,
+                (1280, 720, 30, PixelFormat::Auto),
+                Some(m(MJPEG, 640, 480, 30)),
+            ),
+            (
+                &usb,
+                (1920, 1080, 5, PixelFormat::Yuyv),
+                Some(m(YUYV, 640, 480, 15)),
+            ),
+            (
+                &usb,
+                (300, 200, 30, PixelFormat::Auto),
+                Some(m(YUYV, 320, 240, 30)),
+            ),
+            (
+                &vivid,
+                (640, 480, 30, PixelFormat::Auto),
+                Some(m(YUYV, 640, 480, 25)),
+            ),
+            (&vivid, (640, 480, 30, PixelFormat::Mjpeg), None),
+            (&[], (640, 480, 30, PixelFormat::Auto), None),
+        ];
+        for (modes, (w, h, fps, f), want) in cases {
+            assert_eq!(
+                choose_mode(modes, *w, *h, *fps, *f),
+                *want,
+                "{w}x{h}@{fps} {f:?}"
+            );
+        }
+    }
 }

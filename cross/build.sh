@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Cross-build edgesight for ARM boards with no rustup targets: Debian's rustc-web/cargo-web
+# (bookworm-security) plus the libstd-rust-web-dev of the target architecture, unpacked
+# into that compiler's rustlib, and the gcc cross toolchains. Root (or sudo) for apt.
+#
+#   cross/build.sh setup aarch64|armv7        install the toolchain for a target
+#   cross/build.sh build aarch64|armv7        release binary + .deb (target/cross/...)
+#   cross/build.sh test  aarch64|armv7 [CPU]  lib, model-parity and end-to-end tests under
+#                                             qemu-user (QEMU_CPU=CPU, e.g. cortex-a72)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cmd=${1:?setup|build|test}
+arch=${2:?aarch64|armv7}
+case "$arch" in
+    aarch64) triple=aarch64-unknown-linux-gnu;   deb=arm64; gnu=aarch64-linux-gnu;   qemu=qemu-aarch64-static ;;
+    armv7)   triple=armv7-unknown-linux-gnueabihf; deb=armhf; gnu=arm-linux-gnueabihf; qemu=qemu-arm-static ;;
+    *) echo "unknown arch $arch (aarch64 or armv7)" >&2; exit 2 ;;
+esac
+sudo=(); [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+RUSTC=/usr/bin/rustc   # Debian's rustc-web, not a rustup proxy
+CARGO=/usr/bin/cargo
+
+setup() {
+    export DEBIAN_FRONTEND=noninteractive
+    "${sudo[@]}" dpkg --add-architecture "$deb"
+    # The security index of a foreign architecture may be mid-sync: retry.
+    for i in 1 2 3 4 5; do "${sudo[@]}" apt-get update -q && break; sleep $((i * 5)); done
+    "${sudo[@]}" apt-get install -y -q --no-install-recommends rustc-web cargo-web libclang-dev \
+        "gcc-$gnu" "libc6-dev-$deb-cross" "linux-libc-dev-$deb-cross" qemu-user-static
+    local ver tmp
+    ver=$(dpkg-query -W -f='${Version}' rustc-web)
+    tmp=$(mktemp -d)
+    (cd "$tmp" && apt-get download "libstd-rust-web-dev:$deb=$ver")
+    dpkg -x "$tmp"/libstd-rust-web-dev_*.deb "$tmp/x"
+    local sysroot; sysroot=$($RUSTC --print sysroot)
+    "${sudo[@]}" cp -a "$tmp/x/usr/lib/rustlib/$triple" "$sysroot/lib/rustlib/"
+    rm -rf "$tmp"
+    echo "$($RUSTC --version) can now build $triple"
+}
+
+cross_env() {
+    local up lo
+    up=$(echo "$triple" | tr 'a-z-' 'A-Z_')
+    lo=$(echo "$triple" | tr '-' '_')
+    export PATH="/usr/bin:$PATH" RUSTC CARGO_TARGET_DIR=target/cross
+    export "CARGO_TARGET_${up}_LINKER=$gnu-gcc"
+    export "CC_${lo}=$gnu-gcc" "CXX_${lo}=$gnu-g++" "AR_${lo}=$gnu-ar"
+    # nokhwa's V4L2 bindings: bindgen must read the target's kernel headers.
+    export "BINDGEN_EXTRA_CLANG_ARGS_${lo}=--target=$gnu --sysroot=/usr/$gnu"
+    export "CARGO_TARGET_${up}_RUNNER=$qemu -L /usr/$gnu"
+    export QEMU_LD_PREFIX="/usr/$gnu"
+}
+
+case "$cmd" in
+    setup) setup ;;
+    build)
+        cross_env
+        $CARGO build --release --locked --target "$triple"
+        ls -l "target/cross/$triple/release/edgesight"
+        tools/package.sh --target "$triple" --no-build
+        ;;
+    test)
+        cross_env
+        if [ -n "${3:-}" ]; then export QEMU_CPU="$3"; fi
+        echo "== tests for $triple under $qemu${QEMU_CPU:+ (QEMU_CPU=$QEMU_CPU)}"
+        # Tests that spawn the edgesight binary need binfmt_misc for foreign binaries; the
+        # library, model-parity and end-to-end tests run it in-process.
+        $CARGO test --locked --target "$triple" --lib --test model --test e2e -- --nocapture
+        ;;
+    *) echo "unknown command $cmd" >&2; exit 2 ;;
+esac
