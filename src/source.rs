@@ -435,11 +435,12 @@ mod tests {
             m(YUYV, 640, 480, 25),
             m(NV12, 640, 480, 25),
         ];
-        let cases: &[(
-            &[CameraFormat],
+        type Case<'a> = (
+            &'a [CameraFormat],
             (u32, u32, u32, PixelFormat),
             Option<CameraFormat>,
-        )] = &[
+        );
+        let cases: &[Case] = &[
             (
                 &usb,
                 (640, 480, 30, PixelFormat::Auto),
