@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Build the Debian package with cargo-deb: binary, hardened unit, sysusers file, default
 # config (a conffile, with installed paths), the demo model, samples and labels.
-# Usage: tools/package.sh [--target TRIPLE] [--no-build]   (prints the .deb's path)
+# Usage: tools/package.sh [--target TRIPLE] [--no-build] [--profile dev]
+# (--profile dev packages the test build's binary: CI checks the package's layout without a
+# second, release, build of every dependency.) Prints the .deb's path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 args=()
@@ -9,6 +11,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --target) args+=(--target "$2"); shift 2 ;;
         --no-build) args+=(--no-build); shift ;;
+        --profile) args+=(--profile "$2"); shift 2 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
