@@ -9,22 +9,16 @@ use std::time::Duration;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_and_sigint_drain_and_exit_0() {
     let (host, port) = common::broker();
-    let root = common::root();
     for signal in ["TERM", "INT"] {
         let device = format!("sig{signal}-{}", std::process::id()).to_lowercase();
         let dir = tempfile::tempdir().unwrap();
-        let cfg = dir.path().join("edgesight.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "[device]\nid = \"{device}\"\n[mqtt]\nhost = \"{host}\"\nport = {port}\n\
-                 [model]\npath = \"{r}/tests/fixtures/models/shapes_int8_qlinear.onnx\"\n\
-                 labels = \"{r}/tests/fixtures/labels.txt\"\n\
-                 [[camera]]\nname = \"front\"\npath = \"{r}/tests/fixtures/samples\"\nfps = 20\n",
-                r = root.display()
-            ),
-        )
-        .unwrap();
+        let cfg = common::config_file(
+            dir.path(),
+            &host,
+            port,
+            &device,
+            &common::samples_camera(20, true),
+        );
         let mut rx = common::subscribe(
             &host,
             port,
@@ -35,6 +29,7 @@ async fn sigterm_and_sigint_drain_and_exit_0() {
         let child = Command::new(env!("CARGO_BIN_EXE_edgesight"))
             .args(["run", "--config"])
             .arg(&cfg)
+            .env("EDGESIGHT__LOG__LEVEL", "info") // the signal's log line is at info
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -85,17 +80,7 @@ fn settings(
     device: &str,
     cameras: &str,
 ) -> edgesight::settings::Settings {
-    let r = common::root();
-    let f = dir.join("edgesight.toml");
-    std::fs::write(
-        &f,
-        format!(
-            "[device]\nid = \"{device}\"\n[log]\nlevel = \"warn\"\n[mqtt]\nhost = \"{host}\"\nport = {port}\n\
-             [model]\npath = \"{r}/tests/fixtures/models/shapes_int8_qlinear.onnx\"\n{cameras}",
-            r = r.display()
-        ),
-    )
-    .unwrap();
+    let f = common::config_file(dir, host, port, device, cameras);
     edgesight::settings::Settings::load_with_env(&f, vec![]).unwrap()
 }
 
@@ -103,10 +88,7 @@ fn settings(
 async fn systemd_hears_ready_status_watchdog_and_stopping() {
     let (host, port) = common::broker();
     let dir = tempfile::tempdir().unwrap();
-    let cams = format!(
-        "[[camera]]\nname = \"front\"\npath = \"{}/tests/fixtures/samples\"\nfps = 20\n",
-        common::root().display()
-    );
+    let cams = common::samples_camera(20, true);
     let s = settings(
         dir.path(),
         &host,

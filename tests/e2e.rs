@@ -11,30 +11,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 fn config(dir: &std::path::Path, host: &str, port: u16, device: &str, looped: bool) -> Settings {
-    let root = common::root();
-    let text = format!(
-        r#"
-[device]
-id = "{device}"
-[log]
-level = "warn"
-[mqtt]
-host = "{host}"
-port = {port}
-qos = 1
-[model]
-path = "{root}/tests/fixtures/models/shapes_int8_qlinear.onnx"
-labels = "{root}/tests/fixtures/labels.txt"
-[[camera]]
-name = "front"
-path = "{root}/tests/fixtures/samples"
-fps = 10
-loop = {looped}
-"#,
-        root = root.display()
-    );
-    let f = dir.join("edgesight.toml");
-    std::fs::write(&f, text).unwrap();
+    let f = common::config_file(dir, host, port, device, &common::samples_camera(10, looped));
     Settings::load_with_env(&f, vec![]).unwrap()
 }
 

@@ -98,6 +98,32 @@ pub async fn next(rx: &mut mpsc::UnboundedReceiver<Msg>, what: &str) -> Msg {
         .expect("subscriber ended")
 }
 
+/// Write `dir/edgesight.toml` for a daemon publishing as `device` to `host:port` with the
+/// int8 fixture model, plus `cameras` (TOML `[[camera]]` tables; `{samples}` stands for
+/// the fixture samples' path). Returns the file.
+pub fn config_file(dir: &Path, host: &str, port: u16, device: &str, cameras: &str) -> PathBuf {
+    let r = root();
+    let text = format!(
+        "[device]\nid = \"{device}\"\n[log]\nlevel = \"warn\"\n\
+         [mqtt]\nhost = \"{host}\"\nport = {port}\nqos = 1\n\
+         [model]\npath = \"{r}/tests/fixtures/models/shapes_int8_qlinear.onnx\"\n\
+         labels = \"{r}/tests/fixtures/labels.txt\"\n{}",
+        cameras.replace(
+            "{samples}",
+            &format!("{}/tests/fixtures/samples", r.display())
+        ),
+        r = r.display()
+    );
+    let f = dir.join("edgesight.toml");
+    std::fs::write(&f, text).unwrap();
+    f
+}
+
+/// `[[camera]]` "front" replaying the fixture samples.
+pub fn samples_camera(fps: u32, looped: bool) -> String {
+    format!("[[camera]]\nname = \"front\"\npath = \"{{samples}}\"\nfps = {fps}\nloop = {looped}\n")
+}
+
 /// The class a sample belongs to: its parent directory's name.
 pub fn class_of(file: &Path) -> String {
     file.parent()
