@@ -30,7 +30,20 @@ setup() {
     local ver tmp
     ver=$(dpkg-query -W -f='${Version}' rustc-web)
     tmp=$(mktemp -d)
-    (cd "$tmp" && apt-get download "libstd-rust-web-dev:$deb=$ver")
+    # The target's libstd must be the compiler's exact version. A foreign architecture's
+    # security index can lag the amd64 one by hours: retry, then say so.
+    local try
+    for try in 1 2 3 4 5; do
+        (cd "$tmp" && apt-get download "libstd-rust-web-dev:$deb=$ver" 2>/dev/null) && break
+        if [ "$try" = 5 ]; then
+            echo "libstd-rust-web-dev:$deb $ver is not in the archive yet (have:" \
+                "$(apt-cache policy "libstd-rust-web-dev:$deb" | sed -n 's/ *Candidate: //p'));" \
+                "the $deb security index is probably mid-sync: retry later" >&2
+            exit 1
+        fi
+        sleep $((try * 10))
+        "${sudo[@]}" apt-get update -q >/dev/null || true
+    done
     dpkg -x "$tmp"/libstd-rust-web-dev_*.deb "$tmp/x"
     local sysroot; sysroot=$($RUSTC --print sysroot)
     "${sudo[@]}" cp -a "$tmp/x/usr/lib/rustlib/$triple" "$sysroot/lib/rustlib/"
