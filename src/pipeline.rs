@@ -57,8 +57,8 @@ impl Slots {
         replaced
     }
 
-    /// Camera `i` will produce no more frames.
-    pub fn source_finished(&self, _i: usize) {
+    /// One camera will produce no more frames.
+    pub fn source_finished(&self) {
         let mut s = self.lock();
         s.live_sources = s.live_sources.saturating_sub(1);
         drop(s);

@@ -100,7 +100,7 @@ pub fn spawn_capture(
                 tracing::error!("camera {}: {e:#}", camera.name);
             }
             stats.camera(index).set_state(CameraState::Ended);
-            slots.source_finished(index);
+            slots.source_finished();
         })
 }
 
@@ -329,10 +329,7 @@ fn v4l2_loop(
         };
         backoff = Duration::from_millis(500);
         // Open counts as streaming: a camera that opens and then never delivers is stalled.
-        cam_stats
-            .last_frame_ms
-            .store(stats.now_ms(), Ordering::Relaxed);
-        cam_stats.set_state(CameraState::Streaming);
+        stats.streaming(index);
         while !cancel.is_cancelled() {
             let image = cam.frame().and_then(|buf| buf.decode_image::<RgbFormat>());
             match image {

@@ -46,7 +46,7 @@ impl CameraStats {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Stats {
     pub cameras: Vec<(String, CameraStats)>,
     /// Classifications dropped because the MQTT request queue was full.
@@ -60,7 +60,8 @@ pub struct Stats {
     /// Bumped every time the inference thread wakes (a frame or a 50 ms tick): proof it
     /// is not stuck.
     pub inference_heartbeat: AtomicU64,
-    pub started: Option<Instant>,
+    /// When the run started: the clock `last_frame_ms` is read against.
+    pub started: Instant,
 }
 
 impl Stats {
@@ -70,24 +71,33 @@ impl Stats {
                 .into_iter()
                 .map(|n| (n, CameraStats::default()))
                 .collect(),
-            started: Some(Instant::now()),
-            ..Default::default()
+            publish_dropped: AtomicU64::new(0),
+            publish_lost: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            connected: AtomicBool::new(false),
+            inference_errors: AtomicU64::new(0),
+            inference_heartbeat: AtomicU64::new(0),
+            started: Instant::now(),
         }
     }
 
     /// Milliseconds since the run started.
     pub fn now_ms(&self) -> u64 {
-        self.started
-            .map(|t| t.elapsed().as_millis() as u64)
-            .unwrap_or(0)
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Camera `i` is (or should now be) delivering frames: from now on, a gap longer than
+    /// its stall limit counts as a stall.
+    pub fn streaming(&self, i: usize) {
+        let c = self.camera(i);
+        c.last_frame_ms.store(self.now_ms(), Ordering::Relaxed);
+        c.set_state(CameraState::Streaming);
     }
 
     /// Record a captured frame of camera `i`.
     pub fn frame_captured(&self, i: usize) {
-        let c = self.camera(i);
-        c.captured.fetch_add(1, Ordering::Relaxed);
-        c.last_frame_ms.store(self.now_ms(), Ordering::Relaxed);
-        c.set_state(CameraState::Streaming);
+        self.camera(i).captured.fetch_add(1, Ordering::Relaxed);
+        self.streaming(i);
     }
 
     pub fn camera(&self, i: usize) -> &CameraStats {
