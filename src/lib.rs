@@ -3,6 +3,8 @@
 //! [`run`] is the daemon. It takes its shutdown trigger as a parameter so tests (and
 //! `main`, which wires it to SIGTERM/SIGINT) decide when it stops. See ARCHITECTURE.md.
 
+pub mod capture;
+pub mod frame;
 pub mod model;
 pub mod mqtt;
 pub mod notify;
@@ -77,10 +79,12 @@ pub async fn run_with_notifier(
     let tracker = TaskTracker::new();
     let (client, eventloop) = mqtt::client(&settings);
     let net_stop = CancellationToken::new();
+    let retained = Arc::new(mqtt::Retained::default());
     tracker.spawn(mqtt::drive(
         eventloop,
         settings.clone(),
         stats.clone(),
+        retained.clone(),
         net_stop.clone(),
     ));
     info!(
@@ -93,18 +97,47 @@ pub async fn run_with_notifier(
 
     let slots = Arc::new(Slots::new(settings.camera.len()));
     let capture_stop = shutdown.child_token();
-    let mut captures = Vec::new();
+    let mut image_threads = Vec::new();
+    let cameras = TaskTracker::new();
+    let v4l2 = Arc::new(capture::V4l2Backend);
     for (i, cam) in settings.camera.iter().enumerate() {
-        let h = source::spawn_capture(
-            i,
-            cam.clone(),
-            slots.clone(),
-            stats.clone(),
-            capture_stop.clone(),
-        )
-        .with_context(|| format!("starting capture thread for camera {}", cam.name))?;
-        captures.push(h);
+        let status = mqtt::status_sink(
+            settings.clone(),
+            cam.name.clone(),
+            client.clone(),
+            retained.clone(),
+        );
+        match capture::Request::from_settings(cam) {
+            Some(request) => {
+                let ctx = capture::CameraCtx {
+                    index: i,
+                    settings: cam.clone(),
+                    slots: slots.clone(),
+                    stats: stats.clone(),
+                    status,
+                    cancel: capture_stop.clone(),
+                };
+                let (backend, slots) = (v4l2.clone(), slots.clone());
+                cameras.spawn(async move {
+                    capture::supervise(backend, request, ctx).await;
+                    slots.source_finished();
+                });
+            }
+            None => {
+                let h = source::spawn_images(
+                    i,
+                    cam.clone(),
+                    slots.clone(),
+                    stats.clone(),
+                    status,
+                    capture_stop.clone(),
+                )
+                .with_context(|| format!("starting capture thread for camera {}", cam.name))?;
+                image_threads.push(h);
+            }
+        }
     }
+    cameras.close();
 
     notifier.notify(&format!(
         "READY=1\nSTATUS={} camera(s) starting, model {}",
@@ -138,9 +171,12 @@ pub async fn run_with_notifier(
     // Inference is done (cancelled or out of frames): make sure capture stops too.
     notifier.notify("STOPPING=1\nSTATUS=draining");
     capture_stop.cancel();
-    for h in captures {
+    for h in image_threads {
         let _ = tokio::task::spawn_blocking(move || h.join()).await;
     }
+    // Supervisors return at once on cancel (a reader stuck in the driver is abandoned);
+    // each has queued its camera's final `offline` by then, ahead of the device's.
+    cameras.wait().await;
 
     // Flush: `offline` queues behind every classification already handed to the client.
     // Without a connection there is nobody to tell (the broker never saw our `online`, or

@@ -56,6 +56,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // A panic anywhere is fatal: print it, then abort, so systemd restarts the daemon
+    // whole instead of leaving it with a dead stage. (Not `panic = "abort"`: libjpeg's
+    // errors unwind out of the C decoder and are caught as errors, see src/frame.rs; that
+    // unwinding does not call this hook.)
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
     let cli = Cli::parse();
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -136,7 +145,9 @@ fn dispatch(cli: Cli) -> Result<()> {
         } => classify(config.as_deref(), model, labels, json, &images),
         Command::Cameras => {
             init_logging("warn");
-            print!("{}", edgesight::source::list_cameras()?);
+            use edgesight::capture::Backend;
+            let cams = edgesight::capture::V4l2Backend.list()?;
+            print!("{}", edgesight::capture::describe(&cams));
             Ok(())
         }
     }

@@ -167,7 +167,11 @@ impl Classifier {
     /// Preprocess `frame`, run the model and return the top-k predictions above the
     /// threshold, best first, with the time spent in the model alone.
     pub fn classify(&self, frame: &RgbImage) -> Result<(Vec<Prediction>, f64)> {
-        let input = self.spec.tensor(frame);
+        self.classify_tensor(self.spec.tensor(frame))
+    }
+
+    /// [`Classifier::classify`] for an input already prepared (see `RawFrame::prepare`).
+    pub fn classify_tensor(&self, input: Tensor) -> Result<(Vec<Prediction>, f64)> {
         let t0 = Instant::now();
         let probs = self.probabilities(input)?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;

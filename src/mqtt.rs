@@ -1,9 +1,10 @@
 //! MQTT side: the rumqttc client options, the event-loop driver (reconnect with capped
 //! exponential back-off, availability), and the optional in-process broker (rumqttd).
 
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -14,6 +15,7 @@ use rumqttc::{
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::capture::{CameraStatus, StatusSink};
 use crate::settings::{MqttSettings, Settings};
 use crate::stats::Stats;
 
@@ -35,6 +37,74 @@ pub fn availability_topic(settings: &Settings) -> String {
 /// Build the client and its event loop. `AsyncClient`'s request channel (capacity
 /// `mqtt.queue`) is the only buffer between inference and the network: when it is full,
 /// publishes are dropped and counted rather than blocking inference.
+/// `<prefix>/<device>/<camera>/<leaf>`.
+pub fn camera_topic(settings: &Settings, camera: &str, leaf: &str) -> String {
+    format!("{}/{camera}/{leaf}", settings.base_topic())
+}
+
+/// The retained messages we own (camera availability and status), by topic: re-sent at
+/// the front of the queue after every connect, because a clean session drops whatever was
+/// queued when the connection broke, and the retained state must end up current. Bounded:
+/// two topics per configured camera.
+#[derive(Debug, Default)]
+pub struct Retained {
+    map: Mutex<BTreeMap<String, Vec<u8>>>,
+}
+
+impl Retained {
+    pub fn set(&self, topic: String, payload: Vec<u8>) {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(topic, payload);
+    }
+    pub fn all(&self) -> Vec<(String, Vec<u8>)> {
+        let m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter().map(|(t, p)| (t.clone(), p.clone())).collect()
+    }
+}
+
+/// The `<prefix>/<device>/<camera>/status` payload.
+#[derive(Debug, serde::Serialize)]
+pub struct StatusMsg<'a> {
+    pub v: u32,
+    pub device: &'a str,
+    pub camera: &'a str,
+    pub ts: String,
+    #[serde(flatten)]
+    pub status: &'a CameraStatus,
+}
+
+/// Where camera `camera` reports status changes: retained `availability` (`online` /
+/// `offline`) and `status` (JSON), remembered for re-sending after a reconnect and queued
+/// now without waiting (a full queue means no connection; the reconnect re-sends them).
+pub fn status_sink(
+    settings: Arc<Settings>,
+    camera: String,
+    client: AsyncClient,
+    retained: Arc<Retained>,
+) -> StatusSink {
+    let avail = camera_topic(&settings, &camera, "availability");
+    let topic = camera_topic(&settings, &camera, "status");
+    Arc::new(move |status: &CameraStatus| {
+        let msg = StatusMsg {
+            v: 1,
+            device: &settings.device.id,
+            camera: &camera,
+            ts: crate::pipeline::rfc3339_ms(std::time::SystemTime::now()),
+            status,
+        };
+        let payload = serde_json::to_vec(&msg).unwrap_or_default();
+        let online = if status.online { ONLINE } else { OFFLINE };
+        for (t, p) in [(&avail, online.as_bytes().to_vec()), (&topic, payload)] {
+            retained.set(t.clone(), p.clone());
+            // Not counted as a drop when the queue is full: the latest state is kept
+            // above and re-sent at the next connect, which is all a retained topic needs.
+            let _ = client.try_publish(t, QoS::AtLeastOnce, true, p);
+        }
+    })
+}
+
 pub fn client(settings: &Settings) -> (AsyncClient, EventLoop) {
     let m = &settings.mqtt;
     let mut opts = MqttOptions::new(m.client_id.clone(), m.host.clone(), m.port);
@@ -59,6 +129,7 @@ pub async fn drive(
     mut eventloop: EventLoop,
     settings: Arc<Settings>,
     stats: Arc<Stats>,
+    retained: Arc<Retained>,
     stop: CancellationToken,
 ) {
     let m: &MqttSettings = &settings.mqtt;
@@ -84,6 +155,13 @@ pub async fn drive(
                 stats.connected.store(true, Ordering::Relaxed);
                 info!(host = %m.host, port = m.port, code = ?ack.code, "mqtt: connected");
                 // Ahead of anything queued while we were away: subscribers see `online` first.
+                // Queue order after a connect: device online, then the cameras' retained
+                // state, then whatever was waiting.
+                for (topic, payload) in retained.all().into_iter().rev() {
+                    let mut p = Publish::new(topic, QoS::AtLeastOnce, payload);
+                    p.retain = true;
+                    eventloop.pending.push_front(Request::Publish(p));
+                }
                 let mut online = Publish::new(&avail, QoS::AtLeastOnce, ONLINE);
                 online.retain = true;
                 eventloop.pending.push_front(Request::Publish(online));

@@ -6,13 +6,14 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use rumqttc::{AsyncClient, ClientError};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::frame::Pixels;
 use crate::model::{Classifier, Prediction};
 use crate::mqtt;
 use crate::settings::Settings;
@@ -99,6 +100,57 @@ impl Slots {
     }
 }
 
+/// Change gating for one camera: classify a frame only when its thumbnail differs from
+/// the last classified one by at least `threshold` (mean grey level, 0..255), or when
+/// `heartbeat` has passed since. Comparing with the last *classified* frame, not the
+/// previous one, means a slow drift still adds up to a change.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    threshold: f32,
+    heartbeat: Duration,
+    last: Option<(Vec<f32>, Instant)>,
+}
+
+impl Gate {
+    pub fn new(threshold: f32, heartbeat: Duration) -> Self {
+        Gate {
+            threshold,
+            heartbeat,
+            last: None,
+        }
+    }
+
+    /// Whether to classify `pixels` (captured `at`); remembered when so.
+    pub fn admit(&mut self, pixels: &Pixels, at: Instant) -> bool {
+        if self.threshold <= 0.0 {
+            return true;
+        }
+        let thumb = pixels.thumbnail();
+        let pass = match &self.last {
+            None => true,
+            Some((prev, t)) => {
+                at.saturating_duration_since(*t) >= self.heartbeat
+                    || change_score(prev, &thumb) >= self.threshold
+            }
+        };
+        if pass {
+            self.last = Some((thumb, at));
+        }
+        pass
+    }
+}
+
+/// Mean absolute difference of two thumbnails, in grey levels.
+pub fn change_score(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len().max(1) as f32
+}
+
+/// Log the 1st, 2nd, 4th, 8th... occurrence: a problem that repeats at frame rate must not
+/// flood the journal, and its count is in the stats anyway.
+fn worth_logging(n: u64) -> bool {
+    n == 1 || n.is_power_of_two()
+}
+
 /// The `.../<camera>/classification` payload.
 #[derive(Debug, Serialize)]
 pub struct ClassificationMsg<'a> {
@@ -143,9 +195,51 @@ pub fn inference_loop(
         .collect();
     let qos = mqtt::qos(settings.mqtt.qos);
     let mut seq = vec![0u64; settings.camera.len()];
+    let mut gates: Vec<Gate> = settings
+        .camera
+        .iter()
+        .map(|c| {
+            Gate::new(
+                c.change_threshold,
+                Duration::from_secs_f64(c.heartbeat_secs),
+            )
+        })
+        .collect();
+    let spec = *classifier.input_spec();
     while let Some((i, frame)) = slots.take(cancel, &stats.inference_heartbeat) {
-        let camera = &settings.camera[i].name;
-        let (top, ms) = match classifier.classify(&frame.image) {
+        let cam = &settings.camera[i];
+        let camera = &cam.name;
+        let cs = stats.camera(i);
+        let age = frame.captured.elapsed();
+        if age > Duration::from_millis(cam.max_age_ms) {
+            let n = cs.stale.fetch_add(1, Ordering::Relaxed) + 1;
+            if worth_logging(n) {
+                warn!(
+                    "camera {camera}: frame {} is {age:?} old (max_age_ms {}); not classified, \
+                     {n} stale so far",
+                    frame.number, cam.max_age_ms
+                );
+            }
+            continue;
+        }
+        let pixels = match frame.raw.prepare_pixels(&spec) {
+            Ok(p) => p,
+            Err(e) => {
+                let n = cs.bad_frames.fetch_add(1, Ordering::Relaxed) + 1;
+                if worth_logging(n) {
+                    warn!(
+                        "camera {camera}: frame {} dropped: {e}; {n} bad frame(s) so far",
+                        frame.number
+                    );
+                }
+                continue;
+            }
+        };
+        if !gates[i].admit(&pixels, frame.captured) {
+            cs.gated.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let (top, ms) = match classifier.classify_tensor(pixels.tensor(&spec)) {
             Ok(r) => r,
             Err(e) => {
                 stats.inference_errors.fetch_add(1, Ordering::Relaxed);
@@ -157,7 +251,7 @@ pub fn inference_loop(
             }
         };
         seq[i] += 1;
-        stats.camera(i).classified.fetch_add(1, Ordering::Relaxed);
+        cs.classified.fetch_add(1, Ordering::Relaxed);
         let msg = ClassificationMsg {
             v: 1,
             device: &settings.device.id,
@@ -194,7 +288,7 @@ pub fn inference_loop(
         // Never block inference on the network: a full queue drops and counts.
         if let Err(e) = client.try_publish(&topics[i], qos, false, payload) {
             let n = stats.publish_dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            if n == 1 || n.is_power_of_two() {
+            if worth_logging(n) {
                 let why = match e {
                     ClientError::TryRequest(_) => "MQTT queue full (broker away?)",
                     _ => "MQTT client closed",

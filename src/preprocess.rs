@@ -46,33 +46,35 @@ impl InputSpec {
         self.normalize(&fitted)
     }
 
+    /// The window of a `fw` x `fh` frame that is scaled to the input: all of it for
+    /// `stretch`, the largest centred window with the input's aspect ratio for
+    /// `center-crop`. As (x, y, width, height).
+    pub fn crop_window(&self, fw: u32, fh: u32) -> (u32, u32, u32, u32) {
+        match self.resize {
+            ResizeMode::Stretch => (0, 0, fw, fh),
+            ResizeMode::CenterCrop => {
+                let (w, h) = (self.width as u64, self.height as u64);
+                let (cw, ch) = if fw as u64 * h > fh as u64 * w {
+                    (((fh as u64 * w) / h) as u32, fh)
+                } else {
+                    (fw, ((fw as u64 * h) / w) as u32)
+                };
+                let (cw, ch) = (cw.clamp(1, fw.max(1)), ch.clamp(1, fh.max(1)));
+                ((fw - cw) / 2, (fh - ch) / 2, cw, ch)
+            }
+        }
+    }
+
     /// The frame at the model's input size. Borrowed when it already is.
     pub fn fit<'a>(&self, frame: &'a RgbImage) -> std::borrow::Cow<'a, RgbImage> {
         use std::borrow::Cow;
         if frame.dimensions() == (self.width, self.height) {
             return Cow::Borrowed(frame);
         }
-        let src = match self.resize {
-            ResizeMode::Stretch => None,
-            ResizeMode::CenterCrop => {
-                let (fw, fh) = frame.dimensions();
-                // Largest centred window with the model's aspect ratio.
-                let (cw, ch) =
-                    if (fw as u64) * (self.height as u64) > (fh as u64) * (self.width as u64) {
-                        (
-                            ((fh as u64 * self.width as u64) / self.height as u64) as u32,
-                            fh,
-                        )
-                    } else {
-                        (
-                            fw,
-                            ((fw as u64 * self.height as u64) / self.width as u64) as u32,
-                        )
-                    };
-                let (cw, ch) = (cw.max(1), ch.max(1));
-                Some(imageops::crop_imm(frame, (fw - cw) / 2, (fh - ch) / 2, cw, ch).to_image())
-            }
-        };
+        let (fw, fh) = frame.dimensions();
+        let (x, y, cw, ch) = self.crop_window(fw, fh);
+        let cropped = (cw, ch) != (fw, fh);
+        let src = cropped.then(|| imageops::crop_imm(frame, x, y, cw, ch).to_image());
         // Triangle = bilinear with an antialiasing support when shrinking (as PIL's BILINEAR).
         Cow::Owned(imageops::resize(
             src.as_ref().unwrap_or(frame),
@@ -85,8 +87,12 @@ impl InputSpec {
     /// Normalise an image already at the input size.
     pub fn normalize(&self, img: &RgbImage) -> Tensor {
         debug_assert_eq!(img.dimensions(), (self.width, self.height));
-        let (w, h) = (self.width as usize, self.height as usize);
-        let plane = w * h;
+        self.normalize_pixels(img.pixels().map(|p| p.0.map(f32::from)))
+    }
+
+    /// Normalise `width * height` RGB pixels (0..=255, row-major) into a tensor of `shape()`.
+    pub fn normalize_pixels(&self, pixels: impl Iterator<Item = [f32; 3]>) -> Tensor {
+        let plane = self.width as usize * self.height as usize;
         // Per output channel c: value = (pixel[src_channel[c]] * scale - offset[c]) / div[c]
         let (src_channel, scale, offset, div) = match self.preprocess {
             Preprocess::Torchvision => ([0, 1, 2], 1.0 / 255.0, IMAGENET_MEAN, IMAGENET_STD),
@@ -94,9 +100,9 @@ impl InputSpec {
             Preprocess::Raw => ([0, 1, 2], 1.0, [0.0; 3], [1.0; 3]),
         };
         let mut data = vec![0f32; 3 * plane];
-        for (i, px) in img.pixels().enumerate() {
+        for (i, px) in pixels.take(plane).enumerate() {
             for c in 0..3 {
-                let v = (px.0[src_channel[c]] as f32 * scale - offset[c]) / div[c];
+                let v = (px[src_channel[c]] * scale - offset[c]) / div[c];
                 let at = match self.layout {
                     Layout::Nchw => c * plane + i,
                     Layout::Nhwc => i * 3 + c,

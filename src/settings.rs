@@ -107,6 +107,13 @@ struct RawCamera {
     width: Option<i64>,
     height: Option<i64>,
     format: Option<String>,
+    // pacing, loss, gating
+    max_age_ms: Option<i64>,
+    stall_secs: Option<f64>,
+    reopen_min_ms: Option<i64>,
+    reopen_max_ms: Option<i64>,
+    change_threshold: Option<f64>,
+    heartbeat_secs: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -225,6 +232,24 @@ pub struct CameraSettings {
     pub name: String,
     #[serde(flatten)]
     pub source: SourceSettings,
+    /// A frame older than this when inference reaches it is dropped (counted `stale`).
+    pub max_age_ms: u64,
+    /// A streaming V4L2 camera with no frame for this long is declared lost and reopened.
+    pub stall_secs: f64,
+    /// Back-off between reopen attempts: doubles from min to max.
+    pub reopen_min_ms: u64,
+    pub reopen_max_ms: u64,
+    /// Change gating: skip inference while the scene differs from the last classified
+    /// frame by less than this mean level (0..255 on a 16x16 grey thumbnail); 0 = off.
+    pub change_threshold: f32,
+    /// With gating on, classify at least this often anyway.
+    pub heartbeat_secs: f64,
+}
+
+impl CameraSettings {
+    pub fn stall_after(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.stall_secs)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -258,6 +283,22 @@ pub enum PixelFormat {
     Auto,
     Mjpeg,
     Yuyv,
+    Nv12,
+    Gray,
+    Rgb,
+    Bgr,
+}
+
+impl PixelFormat {
+    pub const NAMES: &[(&str, PixelFormat)] = &[
+        ("auto", PixelFormat::Auto),
+        ("mjpeg", PixelFormat::Mjpeg),
+        ("yuyv", PixelFormat::Yuyv),
+        ("nv12", PixelFormat::Nv12),
+        ("gray", PixelFormat::Gray),
+        ("rgb", PixelFormat::Rgb),
+        ("bgr", PixelFormat::Bgr),
+    ];
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -384,7 +425,21 @@ const KNOWN: &[(&str, &[&str])] = &[
     (
         "camera",
         &[
-            "name", "source", "path", "loop", "fps", "device", "width", "height", "format",
+            "name",
+            "source",
+            "path",
+            "loop",
+            "fps",
+            "device",
+            "width",
+            "height",
+            "format",
+            "max_age_ms",
+            "stall_secs",
+            "reopen_min_ms",
+            "reopen_max_ms",
+            "change_threshold",
+            "heartbeat_secs",
         ],
     ),
 ];
@@ -745,15 +800,20 @@ impl Validator<'_> {
                     width: self.range(&k("width"), c.width.unwrap_or(640), 16, 8192)? as u32,
                     height: self.range(&k("height"), c.height.unwrap_or(480), 16, 8192)? as u32,
                     fps: fps as u32,
-                    format: match c.format.as_deref().unwrap_or("auto") {
-                        "auto" => PixelFormat::Auto,
-                        "mjpeg" => PixelFormat::Mjpeg,
-                        "yuyv" => PixelFormat::Yuyv,
-                        other => {
-                            return Err(self.err(
-                                &k("format"),
-                                format!("{other:?} is not one of \"auto\", \"mjpeg\", \"yuyv\""),
-                            ));
+                    format: {
+                        let f = c.format.as_deref().unwrap_or("auto");
+                        match PixelFormat::NAMES.iter().find(|(n, _)| *n == f) {
+                            Some((_, p)) => *p,
+                            None => {
+                                let names: Vec<String> = PixelFormat::NAMES
+                                    .iter()
+                                    .map(|(n, _)| format!("{n:?}"))
+                                    .collect();
+                                return Err(self.err(
+                                    &k("format"),
+                                    format!("{f:?} is not one of {}", names.join(", ")),
+                                ));
+                            }
                         }
                     },
                 }
@@ -765,7 +825,49 @@ impl Validator<'_> {
                 ));
             }
         };
-        Ok(CameraSettings { name, source })
+        let positive = |key: &str, v: f64, max: f64| {
+            if v > 0.0 && v <= max {
+                Ok(v)
+            } else {
+                Err(self.err(&k(key), format!("{v} is out of range (0, {max}]")))
+            }
+        };
+        let reopen_min_ms = self.range(
+            &k("reopen_min_ms"),
+            c.reopen_min_ms.unwrap_or(500),
+            10,
+            600_000,
+        )? as u64;
+        let reopen_max_ms = self.range(
+            &k("reopen_max_ms"),
+            c.reopen_max_ms.unwrap_or(30_000),
+            10,
+            3_600_000,
+        )? as u64;
+        if reopen_max_ms < reopen_min_ms {
+            return Err(self.err(
+                &k("reopen_max_ms"),
+                format!("must be >= {}", k("reopen_min_ms")),
+            ));
+        }
+        let change_threshold = c.change_threshold.unwrap_or(0.0);
+        if !(0.0..=255.0).contains(&change_threshold) {
+            return Err(self.err(
+                &k("change_threshold"),
+                format!("{change_threshold} is out of range 0..=255"),
+            ));
+        }
+        Ok(CameraSettings {
+            name,
+            source,
+            max_age_ms: self.range(&k("max_age_ms"), c.max_age_ms.unwrap_or(2000), 1, 3_600_000)?
+                as u64,
+            stall_secs: positive("stall_secs", c.stall_secs.unwrap_or(5.0), 3600.0)?,
+            reopen_min_ms,
+            reopen_max_ms,
+            change_threshold: change_threshold as f32,
+            heartbeat_secs: positive("heartbeat_secs", c.heartbeat_secs.unwrap_or(60.0), 86_400.0)?,
+        })
     }
 
     fn v4l2_device(&self, key: &str, v: Value) -> Result<V4l2Device, ConfigError> {

@@ -10,10 +10,19 @@ pub struct CameraStats {
     pub captured: AtomicU64,
     /// Frames the model classified.
     pub classified: AtomicU64,
-    /// Frames replaced in the latest-frame slot before inference took them.
+    /// Frames not classified because a newer one replaced them in the latest-frame slot,
+    /// or because the camera ran faster than the configured fps.
     pub skipped: AtomicU64,
-    /// Source errors: undecodable files, capture failures.
+    /// Frames older than `max_age_ms` when inference reached them.
+    pub stale: AtomicU64,
+    /// Frames not classified because the scene had not changed (change gating).
+    pub gated: AtomicU64,
+    /// Frames that could not be decoded (truncated or garbage MJPEG, short buffers).
+    pub bad_frames: AtomicU64,
+    /// Source errors: undecodable files, failed opens, capture failures.
     pub errors: AtomicU64,
+    /// Times the camera stopped delivering for `stall_secs` and was reopened.
+    pub stalls: AtomicU64,
     /// A [`CameraState`] as u8.
     pub state: AtomicU8,
     /// Milliseconds since the run started when the last frame arrived.
@@ -22,7 +31,8 @@ pub struct CameraStats {
 
 /// What a camera is doing, for the watchdog and STATUS: only a camera that should be
 /// streaming and is not delivering counts as stalled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 #[repr(u8)]
 pub enum CameraState {
     Starting = 0,
@@ -110,11 +120,16 @@ impl Stats {
         let mut s = String::new();
         for (name, c) in &self.cameras {
             s.push_str(&format!(
-                "{name}: captured {} classified {} skipped {} errors {}; ",
+                "{name}: captured {} classified {} skipped {} stale {} gated {} bad {} \
+                 errors {} stalls {}; ",
                 g(&c.captured),
                 g(&c.classified),
                 g(&c.skipped),
-                g(&c.errors)
+                g(&c.stale),
+                g(&c.gated),
+                g(&c.bad_frames),
+                g(&c.errors),
+                g(&c.stalls)
             ));
         }
         s.push_str(&format!(

@@ -58,12 +58,22 @@ async fn sigterm_and_sigint_drain_and_exit_0() {
             stderr.contains(&format!("SIG{signal}: shutting down")),
             "{stderr}"
         );
+        // The camera goes offline first, then the device.
+        let mut camera_offline = false;
         loop {
             let m = common::next(&mut rx, "offline").await;
-            if m.topic.ends_with("/availability") && m.payload == "offline" {
+            if m.topic == format!("edgesight/{device}/front/availability") && m.payload == "offline"
+            {
+                camera_offline = true;
+            }
+            if m.topic == format!("edgesight/{device}/availability") && m.payload == "offline" {
                 break;
             }
         }
+        assert!(
+            camera_offline,
+            "SIG{signal}: no camera offline before the device's"
+        );
         // Nothing after offline: the daemon is gone.
         assert!(
             tokio::time::timeout(Duration::from_millis(300), rx.recv())
