@@ -458,8 +458,9 @@ fn open_blocking(name: &str, request: &Request) -> Result<(nokhwa::Camera, Mode)
         let offered: std::collections::BTreeSet<String> =
             modes.iter().map(|m| m.format.to_string()).collect();
         CaptureError(format!(
-            "{}: no {f:?} mode (it offers: {})",
+            "{}: no mode in format \"{}\" (it offers: {})",
             node.display(),
+            f.name(),
             offered.into_iter().collect::<Vec<_>>().join(", ")
         ))
     })?;
@@ -487,9 +488,10 @@ fn open_blocking(name: &str, request: &Request) -> Result<(nokhwa::Camera, Mode)
         fps: got.frame_rate(),
     };
     info!(
-        "camera {name}: {} ({}) streaming {mode} (asked for {w}x{h} @ {fps} fps, format {f:?})",
+        "camera {name}: {} ({}) streaming {mode} (asked for {w}x{h} @ {fps} fps, format {})",
         node.display(),
         cam.info().human_name(),
+        f.name(),
     );
     Ok((cam, mode))
 }

@@ -299,6 +299,14 @@ impl PixelFormat {
         ("rgb", PixelFormat::Rgb),
         ("bgr", PixelFormat::Bgr),
     ];
+
+    /// The name the configuration uses.
+    pub fn name(self) -> &'static str {
+        Self::NAMES
+            .iter()
+            .find(|(_, f)| *f == self)
+            .map_or("auto", |(n, _)| n)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

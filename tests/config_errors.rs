@@ -95,6 +95,40 @@ const CASES: &[Case] = &[
         expect: &["camera[0].fps", "FILE"],
     },
     Case {
+        name: "unknown pixel format",
+        edit: &[],
+        env: &[],
+        dropin: Some("[[camera]]\nname = \"a\"\nsource = \"v4l2\"\nformat = \"bayer\"\n"),
+        expect: &["camera[0].format", "bayer", "nv12", "gray", "DROPIN"],
+    },
+    Case {
+        name: "stall time zero",
+        edit: &[("name = \"front\"", "name = \"front\"\nstall_secs = 0")],
+        env: &[],
+        dropin: None,
+        expect: &["camera[0].stall_secs", "FILE"],
+    },
+    Case {
+        name: "reopen back-off max below min",
+        edit: &[(
+            "name = \"front\"",
+            "name = \"front\"\nreopen_min_ms = 5000\nreopen_max_ms = 1000",
+        )],
+        env: &[],
+        dropin: None,
+        expect: &["camera[0].reopen_max_ms", "camera[0].reopen_min_ms"],
+    },
+    Case {
+        name: "change threshold out of range",
+        edit: &[(
+            "name = \"front\"",
+            "name = \"front\"\nchange_threshold = 300",
+        )],
+        env: &[],
+        dropin: None,
+        expect: &["camera[0].change_threshold", "300"],
+    },
+    Case {
         name: "camera name with slash",
         edit: &[("name = \"front\"", "name = \"a/b\"")],
         env: &[],

@@ -213,3 +213,69 @@ fn one_pass_preparation_stays_close_to_the_reference_path() {
         );
     }
 }
+
+/// Broken frames on the live path: the inference stage drops and counts them and goes on
+/// with the next frame; nothing panics.
+#[test]
+fn truncated_and_garbage_mjpeg_frames_are_dropped_and_counted() {
+    use edgesight::pipeline::{Slots, inference_loop};
+    use edgesight::source::Frame;
+    use std::sync::atomic::Ordering;
+    use std::time::{Instant, SystemTime};
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::config_file(
+        dir.path(),
+        "127.0.0.1",
+        1,
+        "bad-frames",
+        &common::samples_camera(5, false),
+    );
+    let settings = edgesight::settings::Settings::load(&cfg).unwrap();
+    let c = classifier(ResizeMode::Stretch);
+    let (_, img) = &recorded(640, 480)[0];
+    let good = RawFrame::from_rgb(img, RawFormat::Mjpeg);
+    let mut truncated = good.clone();
+    truncated.data.truncate(good.data.len() / 3);
+    let mut garbage = good.clone();
+    let n = garbage.data.len();
+    garbage.data[2..n - 2].fill(0x5A);
+    let mut short_yuyv = RawFrame::from_rgb(img, RawFormat::Yuyv);
+    short_yuyv.data.truncate(1000);
+
+    let stats = edgesight::stats::Stats::new(["front".to_string()]);
+    let slots = Slots::new(1);
+    // No broker behind the client: publishes queue (and then count as dropped).
+    let (client, _eventloop) = edgesight::mqtt::client(&settings);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    std::thread::scope(|s| {
+        let worker = s.spawn(|| inference_loop(&c, &settings, &slots, &stats, &client, &cancel));
+        for (i, raw) in [good.clone(), truncated, garbage, short_yuyv, good]
+            .into_iter()
+            .enumerate()
+        {
+            slots.put(
+                0,
+                Frame {
+                    raw,
+                    captured_at: SystemTime::now(),
+                    captured: Instant::now(),
+                    number: i as u64 + 1,
+                    file: None,
+                },
+            );
+            // Let inference take each frame before the next replaces it.
+            while stats.camera(0).classified.load(Ordering::Relaxed)
+                + stats.camera(0).bad_frames.load(Ordering::Relaxed)
+                < i as u64 + 1
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+        cancel.cancel();
+        worker.join().unwrap();
+    });
+    let cs = stats.camera(0);
+    assert_eq!(cs.classified.load(Ordering::Relaxed), 2);
+    assert_eq!(cs.bad_frames.load(Ordering::Relaxed), 3);
+}

@@ -1,0 +1,62 @@
+"""Checks for tests/vm/run.sh: what the host received over MQTT from edgesight in the VM
+(`mosquitto_sub -v` lines: topic, space, payload) and what the VM's console printed."""
+
+import json
+import sys
+
+msgs = [line.rstrip("\n").split(" ", 1) for line in open(sys.argv[1]) if " " in line]
+console = open(sys.argv[2], errors="replace").read()
+base = "edgesight/qemu-pi"
+failed = []
+
+
+def check(ok, what):
+    print(("ok   " if ok else "FAIL ") + what)
+    if not ok:
+        failed.append(what)
+
+
+def payloads(topic):
+    return [p for t, p in msgs if t == topic]
+
+
+check(
+    "/dev/video0: vivid (platform:vivid-000)" in console
+    and "/dev/video1: skipped: /dev/video1 (vivid) cannot capture video" in console,
+    "edgesight cameras: vivid's capture nodes with their modes, output/metadata nodes skipped",
+)
+# Each camera asked for a format (and size); mode negotiation must deliver it.
+expect = {
+    "yuyv": "YUYV 320x180",
+    "nv12": "NV12 320x180",
+    "rgb": "RGB3 320x180",
+    "bgr": "BGR3 320x180",
+    "auto": "YUYV 1280x720",  # asked 1000x600, auto: the closest size, YUYV first
+}
+for cam, mode in expect.items():
+    n = len(payloads(f"{base}/{cam}/classification"))
+    status = [json.loads(p) for p in payloads(f"{base}/{cam}/status")]
+    modes = sorted({s.get("mode") for s in status} - {None})
+    check(n > 0, f"{cam}: {n} classification(s)")
+    check(any(m.startswith(mode) for m in modes), f"{cam}: streamed in {mode} (status: {modes})")
+    seq = payloads(f"{base}/{cam}/availability")
+    collapsed = [a for i, a in enumerate(seq) if i == 0 or seq[i - 1] != a]
+    check(collapsed[:3] == ["online", "offline", "online"], f"{cam}: unplug, replug: {collapsed}")
+    reasons = [s.get("reason") for s in status if s["state"] == "waiting"]
+    check(bool(reasons), f"{cam}: offline with a reason: {reasons[:1]}")
+
+gray = [json.loads(p) for p in payloads(f"{base}/gray/status")]
+check(
+    not payloads(f"{base}/gray/classification")
+    and any('no mode in format "gray" (it offers:' in (s.get("reason") or "") for s in gray),
+    f"gray: offline, saying why: {[s.get('reason') for s in gray][-1:]}",
+)
+
+dev = payloads(f"{base}/availability")
+check(dev[:1] == ["online"] and dev[-1:] == ["offline"], f"device availability: {dev}")
+check("edgesight exited with 0" in console, "edgesight exited 0 after SIGTERM")
+for t, p in msgs:
+    if t.endswith("/classification"):
+        print("   e.g. " + t + " " + p[:170])
+        break
+sys.exit(1 if failed else 0)
