@@ -302,3 +302,48 @@ pub fn inference_loop(
     }
     info!("inference stopped");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flat(level: f32) -> Pixels {
+        Pixels {
+            width: 32,
+            height: 32,
+            rgb: vec![level; 32 * 32 * 3],
+        }
+    }
+
+    /// Data-driven: (seconds since start, grey level of the frame, classified?) with a
+    /// threshold of 4 levels and a 10 s heartbeat.
+    #[test]
+    fn gate_passes_changes_and_heartbeats_only() {
+        let steps: &[(u64, f32, bool)] = &[
+            (0, 100.0, true),  // the first frame always
+            (1, 101.0, false), // noise
+            (2, 103.0, false), // drift: 3 levels from the last classified
+            (3, 104.5, true),  // drift adds up past 4
+            (4, 104.5, false),
+            (14, 104.5, true), // heartbeat: 10 s since the last classified
+            (15, 80.0, true),  // a real change
+        ];
+        let t0 = Instant::now();
+        let mut g = Gate::new(4.0, Duration::from_secs(10));
+        for &(t, level, want) in steps {
+            let at = t0 + Duration::from_secs(t);
+            assert_eq!(g.admit(&flat(level), at), want, "t={t} level={level}");
+        }
+        // Threshold 0: gating off, everything passes.
+        let mut off = Gate::new(0.0, Duration::from_secs(10));
+        assert!((0..5).all(|_| off.admit(&flat(1.0), t0)));
+    }
+
+    #[test]
+    fn change_score_is_the_mean_absolute_difference() {
+        assert_eq!(change_score(&[0.0, 10.0], &[4.0, 6.0]), 4.0);
+        let a = flat(10.0).thumbnail();
+        assert_eq!(a.len(), crate::frame::THUMB * crate::frame::THUMB);
+        assert_eq!(change_score(&a, &flat(13.0).thumbnail()), 3.0);
+    }
+}

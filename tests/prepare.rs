@@ -215,7 +215,8 @@ fn one_pass_preparation_stays_close_to_the_reference_path() {
 }
 
 /// Broken frames on the live path: the inference stage drops and counts them and goes on
-/// with the next frame; nothing panics.
+/// with the next frame; nothing panics. A frame past `max_age_ms` (2 s by default) is
+/// never classified, only counted.
 #[test]
 fn truncated_and_garbage_mjpeg_frames_are_dropped_and_counted() {
     use edgesight::pipeline::{Slots, inference_loop};
@@ -250,23 +251,31 @@ fn truncated_and_garbage_mjpeg_frames_are_dropped_and_counted() {
     let cancel = tokio_util::sync::CancellationToken::new();
     std::thread::scope(|s| {
         let worker = s.spawn(|| inference_loop(&c, &settings, &slots, &stats, &client, &cancel));
-        for (i, raw) in [good.clone(), truncated, garbage, short_yuyv, good]
-            .into_iter()
-            .enumerate()
-        {
+        let old = Instant::now() - std::time::Duration::from_secs(3);
+        let frames = [
+            (good.clone(), Instant::now()),
+            (truncated, Instant::now()),
+            (garbage, Instant::now()),
+            (short_yuyv, Instant::now()),
+            (good.clone(), old),
+            (good, Instant::now()),
+        ];
+        for (i, (raw, captured)) in frames.into_iter().enumerate() {
             slots.put(
                 0,
                 Frame {
                     raw,
                     captured_at: SystemTime::now(),
-                    captured: Instant::now(),
+                    captured,
                     number: i as u64 + 1,
                     file: None,
                 },
             );
             // Let inference take each frame before the next replaces it.
-            while stats.camera(0).classified.load(Ordering::Relaxed)
-                + stats.camera(0).bad_frames.load(Ordering::Relaxed)
+            let cs = stats.camera(0);
+            while cs.classified.load(Ordering::Relaxed)
+                + cs.bad_frames.load(Ordering::Relaxed)
+                + cs.stale.load(Ordering::Relaxed)
                 < i as u64 + 1
             {
                 std::thread::sleep(std::time::Duration::from_millis(5));
@@ -278,4 +287,5 @@ fn truncated_and_garbage_mjpeg_frames_are_dropped_and_counted() {
     let cs = stats.camera(0);
     assert_eq!(cs.classified.load(Ordering::Relaxed), 2);
     assert_eq!(cs.bad_frames.load(Ordering::Relaxed), 3);
+    assert_eq!(cs.stale.load(Ordering::Relaxed), 1);
 }
