@@ -311,6 +311,33 @@ impl RawFrame {
         }
     }
 
+    /// Pixels `x0..x0+n` of row `y` of a YUYV or NV12 frame as packed Y, U, V: the
+    /// chroma of each pixel's pair, as [`RawFrame::row_rgb_u8`] uses it, unconverted.
+    fn row_yuv_u8(&self, y: usize, x0: usize, n: usize, out: &mut [u8]) {
+        let w = self.width as usize;
+        let d = &self.data;
+        match self.format {
+            RawFormat::Yuyv => {
+                let row = &d[y * w * 2..(y + 1) * w * 2];
+                for (i, o) in out[..n * 3].chunks_exact_mut(3).enumerate() {
+                    let x = x0 + i;
+                    let p = (x & !1) * 2;
+                    o.copy_from_slice(&[row[x * 2], row[p + 1], row[p + 3]]);
+                }
+            }
+            RawFormat::Nv12 => {
+                let ys = &d[y * w..(y + 1) * w];
+                let uv_row = w * self.height as usize + (y / 2) * w;
+                let uv = &d[uv_row..uv_row + w];
+                for (i, o) in out[..n * 3].chunks_exact_mut(3).enumerate() {
+                    let x = x0 + i;
+                    o.copy_from_slice(&[ys[x], uv[x & !1], uv[(x & !1) + 1]]);
+                }
+            }
+            _ => self.row_rgb_u8(y, x0, n, out),
+        }
+    }
+
     /// `img` re-encoded as a frame of `format` (recorded frames for tests and benchmarks).
     /// YUYV and NV12 average chroma over each pixel pair / 2x2 block, as cameras do.
     pub fn from_rgb(img: &RgbImage, format: RawFormat) -> RawFrame {
@@ -418,6 +445,10 @@ impl RawFrame {
                 uses[vy.start[oy] as usize + k].push((oy as u32, *w));
             }
         }
+        // YUV formats are filtered as Y, U, V and converted once per *output* pixel: the
+        // conversion is affine, so this equals converting first, except where the reference
+        // clamps an out-of-gamut pixel; and it saves converting every source pixel.
+        let yuv = matches!(self.format, RawFormat::Yuyv | RawFormat::Nv12);
         let mut row = vec![0u8; cw * 3];
         let mut hrow = vec![0f32; ow * 3];
         let mut out = vec![0f32; ow * oh * 3];
@@ -425,7 +456,11 @@ impl RawFrame {
             if targets.is_empty() {
                 continue;
             }
-            self.row_rgb_u8(cy + sy, cx, cw, &mut row);
+            if yuv {
+                self.row_yuv_u8(cy + sy, cx, cw, &mut row);
+            } else {
+                self.row_rgb_u8(cy + sy, cx, cw, &mut row);
+            }
             for ox in 0..ow {
                 let s = hx.start[ox] as usize * 3;
                 let (mut r, mut g, mut b) = (0f32, 0f32, 0f32);
@@ -441,6 +476,14 @@ impl RawFrame {
                 for (d, s) in dst.iter_mut().zip(&hrow) {
                     *d += w * s;
                 }
+            }
+        }
+        if yuv {
+            for p in out.chunks_exact_mut(3) {
+                let (c, d, e) = (298.0 * (p[0] - 16.0), p[1] - 128.0, p[2] - 128.0);
+                p[0] = (c + 409.0 * e) / 256.0;
+                p[1] = (c - 100.0 * d - 208.0 * e) / 256.0;
+                p[2] = (c + 516.0 * d) / 256.0;
             }
         }
         // Round and clamp as the reference path's 8-bit resize does.
