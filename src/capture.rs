@@ -398,19 +398,7 @@ pub fn resolve(device: &V4l2Device) -> Result<(PathBuf, u32), CaptureError> {
 /// fix is the `video` group), and nodes that cannot capture video are refused by name.
 fn probe(node: &Path) -> Result<v4l::capability::Capabilities, CaptureError> {
     use v4l::capability::Flags;
-    let dev = v4l::Device::with_path(node).map_err(|e| {
-        CaptureError(match e.kind() {
-            std::io::ErrorKind::PermissionDenied => format!(
-                "{}: permission denied; the user running edgesight needs to be in the \
-                 'video' group (the packaged service has SupplementaryGroups=video)",
-                node.display()
-            ),
-            std::io::ErrorKind::NotFound => {
-                format!("{}: no such device (unplugged?)", node.display())
-            }
-            _ => format!("{}: {e}", node.display()),
-        })
-    })?;
+    let dev = v4l::Device::with_path(node).map_err(|e| open_error(node, &e))?;
     let caps = dev
         .query_caps()
         .map_err(|e| CaptureError(format!("{}: VIDIOC_QUERYCAP: {e}", node.display())))?;
@@ -422,6 +410,19 @@ fn probe(node: &Path) -> Result<v4l::capability::Capabilities, CaptureError> {
         )));
     }
     Ok(caps)
+}
+
+/// Why `node` would not open, with the fix where there is one.
+fn open_error(node: &Path, e: &std::io::Error) -> CaptureError {
+    CaptureError(match e.kind() {
+        std::io::ErrorKind::PermissionDenied => format!(
+            "{}: permission denied; the user running edgesight needs to be in the \
+             'video' group (the packaged service has SupplementaryGroups=video)",
+            node.display()
+        ),
+        std::io::ErrorKind::NotFound => format!("{}: no such device (unplugged?)", node.display()),
+        _ => format!("{}: {e}", node.display()),
+    })
 }
 
 fn nokhwa_modes(cam: &mut nokhwa::Camera) -> Result<Vec<Mode>, nokhwa::NokhwaError> {
@@ -748,6 +749,27 @@ mod tests {
     }
 
     #[test]
+    fn open_errors_name_the_node_and_the_fix() {
+        use std::io::{Error, ErrorKind};
+        let node = Path::new("/dev/video2");
+        let cases = [
+            (
+                ErrorKind::PermissionDenied,
+                "/dev/video2: permission denied; the user running edgesight needs to be in the 'video' group",
+            ),
+            (
+                ErrorKind::NotFound,
+                "/dev/video2: no such device (unplugged?)",
+            ),
+            (ErrorKind::ResourceBusy, "/dev/video2: busy"),
+        ];
+        for (kind, want) in cases {
+            let got = open_error(node, &Error::new(kind, "busy")).0;
+            assert!(got.starts_with(want), "{kind:?}: {got}");
+        }
+    }
+
+    #[test]
     fn by_id_links_resolve_to_their_node_and_index() {
         let dir = tempfile::tempdir().unwrap();
         let link = dir.path().join("usb-Cam_123-video-index0");
@@ -762,5 +784,11 @@ mod tests {
             resolve(&V4l2Device::Index(3)).unwrap(),
             (PathBuf::from("/dev/video3"), 3)
         );
+        // A link to a videoN node resolves to it and its index (udev's by-id links).
+        let node = dir.path().join("video7");
+        std::fs::write(&node, b"").unwrap();
+        let by_id = dir.path().join("usb-Cam_456-video-index0");
+        std::os::unix::fs::symlink(&node, &by_id).unwrap();
+        assert_eq!(resolve(&V4l2Device::Path(by_id)).unwrap(), (node, 7));
     }
 }
