@@ -26,20 +26,22 @@ setup() {
     # The security index of a foreign architecture may be mid-sync: retry.
     for i in 1 2 3 4 5; do "${sudo[@]}" apt-get update -q && break; sleep $((i * 5)); done
     "${sudo[@]}" apt-get install -y -q --no-install-recommends rustc-web cargo-web libclang-dev \
-        "gcc-$gnu" "libc6-dev-$deb-cross" "linux-libc-dev-$deb-cross" qemu-user-static
+        rust-web-src "gcc-$gnu" "libc6-dev-$deb-cross" "linux-libc-dev-$deb-cross" qemu-user-static
     local ver tmp
     ver=$(dpkg-query -W -f='${Version}' rustc-web)
     tmp=$(mktemp -d)
     # The target's libstd must be the compiler's exact version. A foreign architecture's
-    # security index can lag the amd64 one by hours: retry, then say so.
+    # security index can lag the amd64 one (armhf had only 1.85 for days): retry, and if
+    # it is still missing, build std from source instead (rust-web-src, -Zbuild-std).
     local try
-    for try in 1 2 3 4 5; do
+    for try in 1 2 3; do
         (cd "$tmp" && apt-get download "libstd-rust-web-dev:$deb=$ver" 2>/dev/null) && break
-        if [ "$try" = 5 ]; then
-            echo "libstd-rust-web-dev:$deb $ver is not in the archive yet (have:" \
+        if [ "$try" = 3 ]; then
+            echo "libstd-rust-web-dev:$deb $ver is not in the archive (have:" \
                 "$(apt-cache policy "libstd-rust-web-dev:$deb" | sed -n 's/ *Candidate: //p'));" \
-                "the $deb security index is probably mid-sync: retry later" >&2
-            exit 1
+                "builds will compile std from rust-web-src (-Zbuild-std)" >&2
+            rm -rf "$tmp"
+            return 0
         fi
         sleep $((try * 10))
         "${sudo[@]}" apt-get update -q >/dev/null || true
@@ -62,13 +64,22 @@ cross_env() {
     export "BINDGEN_EXTRA_CLANG_ARGS_${lo}=--target=$gnu --sysroot=/usr/$gnu"
     export "CARGO_TARGET_${up}_RUNNER=$qemu -L /usr/$gnu"
     export QEMU_LD_PREFIX="/usr/$gnu"
+    # No prebuilt std for this target (see setup): compile it with the crate graph.
+    # RUSTC_BOOTSTRAP unlocks -Z flags on a stable compiler; std's sources are the
+    # compiler's own (rust-web-src), so the result is the same std, built here.
+    build_std=()
+    if [ ! -d "$($RUSTC --print sysroot)/lib/rustlib/$triple/lib" ]; then
+        export RUSTC_BOOTSTRAP=1
+        build_std=(-Zbuild-std=std,panic_unwind)
+        echo "(building std for $triple from source)"
+    fi
 }
 
 case "$cmd" in
     setup) setup ;;
     build)
         cross_env
-        $CARGO build --release --locked --target "$triple"
+        $CARGO build --release --locked --target "$triple" "${build_std[@]}"
         ls -l "target/cross/$triple/release/edgesight"
         tools/package.sh --target "$triple" --no-build
         ;;
@@ -78,7 +89,8 @@ case "$cmd" in
         echo "== tests for $triple under $qemu${QEMU_CPU:+ (QEMU_CPU=$QEMU_CPU)}"
         # Tests that spawn the edgesight binary need binfmt_misc for foreign binaries; the
         # library, model-parity and end-to-end tests run it in-process.
-        $CARGO test --locked --target "$triple" --lib --test model --test e2e -- --nocapture
+        $CARGO test --locked --target "$triple" "${build_std[@]}" --lib --test model --test e2e \
+            --test prepare -- --nocapture
         ;;
     *) echo "unknown command $cmd" >&2; exit 2 ;;
 esac
