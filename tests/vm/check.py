@@ -45,11 +45,11 @@ for cam, mode in expect.items():
     reasons = [s.get("reason") for s in status if s["state"] == "waiting"]
     check(bool(reasons), f"{cam}: offline with a reason: {reasons[:1]}")
 
-gray = [json.loads(p) for p in payloads(f"{base}/gray/status")]
+gray = [json.loads(p).get("reason") or "" for p in payloads(f"{base}/gray/status")]
+why = [r for r in gray if 'no mode in format "gray" (it offers:' in r]
 check(
-    not payloads(f"{base}/gray/classification")
-    and any('no mode in format "gray" (it offers:' in (s.get("reason") or "") for s in gray),
-    f"gray: offline, saying why: {[s.get('reason') for s in gray][-1:]}",
+    not payloads(f"{base}/gray/classification") and bool(why),
+    f"gray (nokhwa cannot open GREY): offline, saying why: {why[:1]}",
 )
 
 dev = payloads(f"{base}/availability")

@@ -25,6 +25,7 @@
 # arm64 cross libc (libc6-dev-arm64-cross) and `dpkg --add-architecture arm64`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. tests/vm/lib.sh
 arch=${1:?arm64|amd64}
 bin=$(realpath "${2:?edgesight binary}")
 settle=${EDGESIGHT_VM_SETTLE:-25}
@@ -175,7 +176,7 @@ chmod +x "$rd/init"
 (cd "$rd" && find . | cpio -o -H newc --quiet | gzip -1) > "$work/initramfs.cpio.gz"
 
 # --- boot and observe ---------------------------------------------------------------------
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 log=$work/console.log
 msgs=$work/messages.txt
 : > "$msgs"
@@ -185,8 +186,7 @@ msgs=$work/messages.txt
     -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$port-:1883" -device virtio-net-pci,netdev=n0 \
     > "$log" 2>&1 &
 vm=$!
-sub=
-trap 'kill $vm $sub 2>/dev/null || true' EXIT
+trap 'kill $vm 2>/dev/null || true' EXIT
 echo "booting $arch ($kver) with $(basename "$bin"); console: $log; MQTT on 127.0.0.1:$port"
 t0=$(date +%s)
 until grep -q "edgesight-vm: starting" "$log"; do
@@ -194,16 +194,7 @@ until grep -q "edgesight-vm: starting" "$log"; do
     [ $(( $(date +%s) - t0 )) -lt 300 ] || break
     sleep 1
 done
-# Subscribe as soon as the broker answers (until then the hostfwd port closes at once)
-# and stay subscribed until the VM powers off.
-while kill -0 $vm 2>/dev/null && [ $(( $(date +%s) - t0 )) -lt 900 ]; do
-    mosquitto_sub -h 127.0.0.1 -p "$port" -t 'edgesight/#' -v >> "$msgs" 2>/dev/null &
-    sub=$!
-    while kill -0 $sub 2>/dev/null && kill -0 $vm 2>/dev/null; do sleep 1; done
-    kill $sub 2>/dev/null || true
-    wait $sub 2>/dev/null || true
-    sleep 1
-done
+subscribe_while_running $vm "$port" "$msgs" 900
 kill $vm 2>/dev/null || true
 echo "--- console (edgesight cameras, then the run) ---"
 tr -d '\r' < "$log" | sed -n '/edgesight-vm: video nodes/,$p' | grep -v '^\s*$' | cut -c1-200 | tail -70
