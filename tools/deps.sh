@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install missing Debian packages: `edgesight_deps PKG...`. Sourced by tools/demo.sh and
 # tools/test.sh; .ci/run installs the full list up front.
-EDGESIGHT_BUILD_DEBS=(libclang-dev)              # nokhwa's V4L2 bindings (bindgen)
+EDGESIGHT_BUILD_DEBS=(libclang-dev nasm)         # nokhwa's V4L2 bindings (bindgen); libjpeg-turbo SIMD
 EDGESIGHT_DEMO_DEBS=(mosquitto-clients)          # mosquitto_sub, to watch the demo
 EDGESIGHT_TEST_DEBS=(mosquitto)                  # the second broker the MQTT tests run against
 
