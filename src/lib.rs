@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -124,16 +124,23 @@ pub async fn run_with_notifier(
                 });
             }
             None => {
-                let h = source::spawn_images(
+                let spawned = source::spawn_images(
                     i,
                     cam.clone(),
                     slots.clone(),
                     stats.clone(),
                     status,
                     capture_stop.clone(),
-                )
-                .with_context(|| format!("starting capture thread for camera {}", cam.name))?;
-                image_threads.push(h);
+                );
+                match spawned {
+                    Ok(h) => image_threads.push(h),
+                    Err(e) => {
+                        // Stop the cameras already started before giving up.
+                        capture_stop.cancel();
+                        return Err(anyhow::Error::new(e)
+                            .context(format!("starting capture thread for camera {}", cam.name)));
+                    }
+                }
             }
         }
     }
