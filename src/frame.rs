@@ -96,6 +96,12 @@ pub enum FrameError {
         got: usize,
         expected: usize,
     },
+    #[error("{format} frame {width}x{height}: empty")]
+    Empty {
+        format: RawFormat,
+        width: u32,
+        height: u32,
+    },
     #[error("{format} frame {width}x{height}: width and height must be even")]
     OddSize {
         format: RawFormat,
@@ -199,6 +205,13 @@ impl RawFrame {
     /// Size and shape checks for the uncompressed formats; MJPEG is checked when decoded.
     pub fn check(&self) -> Result<(), FrameError> {
         let (format, width, height) = (self.format, self.width, self.height);
+        if width == 0 || height == 0 {
+            return Err(FrameError::Empty {
+                format,
+                width,
+                height,
+            });
+        }
         if matches!(format, RawFormat::Yuyv | RawFormat::Nv12) && (width % 2 != 0)
             || format == RawFormat::Nv12 && height % 2 != 0
         {
@@ -654,5 +667,15 @@ mod tests {
             assert!(msg.contains(want), "{format}: {msg:?} lacks {want:?}");
             assert!(f.to_rgb().is_err(), "{format}: reference path accepted it");
         }
+        let empty = RawFrame {
+            format: RawFormat::Rgb,
+            width: 0,
+            height: 16,
+            data: vec![],
+        };
+        assert_eq!(
+            empty.prepare(&spec).unwrap_err().to_string(),
+            "RGB3 frame 0x16: empty"
+        );
     }
 }
