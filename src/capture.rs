@@ -134,15 +134,7 @@ pub fn choose_mode(
         RawFormat::Rgb | RawFormat::Bgr => 3,
         RawFormat::Gray => 4,
     };
-    let wanted = |f: RawFormat| match format {
-        PixelFormat::Auto => true,
-        PixelFormat::Mjpeg => f == RawFormat::Mjpeg,
-        PixelFormat::Yuyv => f == RawFormat::Yuyv,
-        PixelFormat::Nv12 => f == RawFormat::Nv12,
-        PixelFormat::Gray => f == RawFormat::Gray,
-        PixelFormat::Rgb => f == RawFormat::Rgb,
-        PixelFormat::Bgr => f == RawFormat::Bgr,
-    };
+    let wanted = |f: RawFormat| format.raw().is_none_or(|r| r == f);
     modes
         .iter()
         .filter(|m| wanted(m.format))
@@ -429,13 +421,11 @@ fn nokhwa_modes(cam: &mut nokhwa::Camera) -> Result<Vec<Mode>, nokhwa::NokhwaErr
     Ok(cam
         .compatible_camera_formats()?
         .into_iter()
-        .filter_map(|m| {
-            Some(Mode {
-                format: RawFormat::from_nokhwa(m.format())?,
-                width: m.width(),
-                height: m.height(),
-                fps: m.frame_rate(),
-            })
+        .map(|m| Mode {
+            format: RawFormat::from_nokhwa(m.format()),
+            width: m.width(),
+            height: m.height(),
+            fps: m.frame_rate(),
         })
         .collect())
 }
@@ -444,7 +434,7 @@ fn nokhwa_modes(cam: &mut nokhwa::Camera) -> Result<Vec<Mode>, nokhwa::NokhwaErr
 fn open_blocking(name: &str, request: &Request) -> Result<(nokhwa::Camera, Mode), CaptureError> {
     use nokhwa::pixel_format::RgbFormat;
     use nokhwa::utils::{
-        CameraFormat, CameraIndex, FrameFormat, RequestedFormat, RequestedFormatType, Resolution,
+        CameraFormat, CameraIndex, RequestedFormat, RequestedFormatType, Resolution,
     };
     let (node, n) = resolve(&request.device)?;
     probe(&node)?;
@@ -465,15 +455,11 @@ fn open_blocking(name: &str, request: &Request) -> Result<(nokhwa::Camera, Mode)
             offered.into_iter().collect::<Vec<_>>().join(", ")
         ))
     })?;
-    let ff = match mode.format {
-        RawFormat::Mjpeg => FrameFormat::MJPEG,
-        RawFormat::Yuyv => FrameFormat::YUYV,
-        RawFormat::Nv12 => FrameFormat::NV12,
-        RawFormat::Gray => FrameFormat::GRAY,
-        RawFormat::Rgb => FrameFormat::RAWRGB,
-        RawFormat::Bgr => FrameFormat::RAWBGR,
-    };
-    let exact = CameraFormat::new(Resolution::new(mode.width, mode.height), ff, mode.fps);
+    let exact = CameraFormat::new(
+        Resolution::new(mode.width, mode.height),
+        mode.format.to_nokhwa(),
+        mode.fps,
+    );
     cam.set_camera_requset(RequestedFormat::new::<RgbFormat>(
         RequestedFormatType::Exact(exact),
     ))
@@ -483,7 +469,7 @@ fn open_blocking(name: &str, request: &Request) -> Result<(nokhwa::Camera, Mode)
     // What the driver actually set may differ from what we asked for.
     let got = cam.camera_format();
     let mode = Mode {
-        format: RawFormat::from_nokhwa(got.format()).unwrap_or(mode.format),
+        format: RawFormat::from_nokhwa(got.format()),
         width: got.width(),
         height: got.height(),
         fps: got.frame_rate(),

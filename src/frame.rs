@@ -54,15 +54,28 @@ impl RawFormat {
         }
     }
 
-    pub fn from_nokhwa(f: nokhwa::utils::FrameFormat) -> Option<RawFormat> {
+    /// nokhwa's name for a format, and back: one to one, so both are total.
+    pub fn from_nokhwa(f: nokhwa::utils::FrameFormat) -> RawFormat {
         use nokhwa::utils::FrameFormat as F;
         match f {
-            F::MJPEG => Some(RawFormat::Mjpeg),
-            F::YUYV => Some(RawFormat::Yuyv),
-            F::NV12 => Some(RawFormat::Nv12),
-            F::GRAY => Some(RawFormat::Gray),
-            F::RAWRGB => Some(RawFormat::Rgb),
-            F::RAWBGR => Some(RawFormat::Bgr),
+            F::MJPEG => RawFormat::Mjpeg,
+            F::YUYV => RawFormat::Yuyv,
+            F::NV12 => RawFormat::Nv12,
+            F::GRAY => RawFormat::Gray,
+            F::RAWRGB => RawFormat::Rgb,
+            F::RAWBGR => RawFormat::Bgr,
+        }
+    }
+
+    pub fn to_nokhwa(self) -> nokhwa::utils::FrameFormat {
+        use nokhwa::utils::FrameFormat as F;
+        match self {
+            RawFormat::Mjpeg => F::MJPEG,
+            RawFormat::Yuyv => F::YUYV,
+            RawFormat::Nv12 => F::NV12,
+            RawFormat::Gray => F::GRAY,
+            RawFormat::Rgb => F::RAWRGB,
+            RawFormat::Bgr => F::RAWBGR,
         }
     }
 
@@ -451,11 +464,25 @@ impl RawFrame {
         let (cx, cy, cw, ch) = (cx as usize, cy as usize, cw as usize, ch as usize);
         let hx = Taps::new(cw, ow);
         let vy = Taps::new(ch, oh);
-        // For each source row of the window, the output rows it contributes to.
-        let mut uses: Vec<Vec<(u32, f32)>> = vec![Vec::new(); ch];
+        // For each source row of the window, the output rows it contributes to, flattened:
+        // row sy's (output row, weight) pairs are uses[first[sy]..first[sy + 1]]. Two
+        // allocations per frame, not one per source row.
+        let mut first = vec![0u32; ch + 1];
+        for oy in 0..oh {
+            for k in 0..vy.of(oy).len() {
+                first[vy.start[oy] as usize + k + 1] += 1;
+            }
+        }
+        for sy in 0..ch {
+            first[sy + 1] += first[sy];
+        }
+        let mut uses = vec![(0u32, 0f32); first[ch] as usize];
+        let mut fill = first.clone();
         for oy in 0..oh {
             for (k, w) in vy.of(oy).iter().enumerate() {
-                uses[vy.start[oy] as usize + k].push((oy as u32, *w));
+                let at = &mut fill[vy.start[oy] as usize + k];
+                uses[*at as usize] = (oy as u32, *w);
+                *at += 1;
             }
         }
         // YUV formats are filtered as Y, U, V and converted once per *output* pixel: the
@@ -465,7 +492,8 @@ impl RawFrame {
         let mut row = vec![0u8; cw * 3];
         let mut hrow = vec![0f32; ow * 3];
         let mut out = vec![0f32; ow * oh * 3];
-        for (sy, targets) in uses.iter().enumerate() {
+        for sy in 0..ch {
+            let targets = &uses[first[sy] as usize..first[sy + 1] as usize];
             if targets.is_empty() {
                 continue;
             }

@@ -300,6 +300,20 @@ impl PixelFormat {
         ("bgr", PixelFormat::Bgr),
     ];
 
+    /// The one format asked for; `None` for `auto`.
+    pub fn raw(self) -> Option<crate::frame::RawFormat> {
+        use crate::frame::RawFormat as R;
+        match self {
+            PixelFormat::Auto => None,
+            PixelFormat::Mjpeg => Some(R::Mjpeg),
+            PixelFormat::Yuyv => Some(R::Yuyv),
+            PixelFormat::Nv12 => Some(R::Nv12),
+            PixelFormat::Gray => Some(R::Gray),
+            PixelFormat::Rgb => Some(R::Rgb),
+            PixelFormat::Bgr => Some(R::Bgr),
+        }
+    }
+
     /// The name the configuration uses.
     pub fn name(self) -> &'static str {
         Self::NAMES
