@@ -160,11 +160,17 @@ async fn shutdown_trigger_finishes_and_publishes_offline() {
         .camera(0)
         .classified
         .load(std::sync::atomic::Ordering::Relaxed);
-    // Everything classified before the trigger still arrives, then `offline`.
+    // Everything classified before the trigger still arrives, then `offline`. The camera's
+    // own availability/status messages interleave with classifications in any order (they
+    // take a different path to the client), so only the device topic ends the wait.
+    let device_availability = format!("edgesight/{device}/availability");
     loop {
         let m = common::next(&mut rx, "offline").await;
         if m.topic.ends_with("/classification") {
             classified += 1;
+            continue;
+        }
+        if m.topic != device_availability {
             continue;
         }
         assert_eq!(m.payload, "offline");
