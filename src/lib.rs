@@ -3,11 +3,14 @@
 //! [`run`] is the daemon. It takes its shutdown trigger as a parameter so tests (and
 //! `main`, which wires it to SIGTERM/SIGINT) decide when it stops. See ARCHITECTURE.md.
 
+pub mod bench;
 pub mod capture;
 pub mod frame;
+pub mod int8;
 pub mod model;
 pub mod mqtt;
 pub mod notify;
+pub mod onnx_quant;
 pub mod pipeline;
 pub mod preprocess;
 pub mod settings;

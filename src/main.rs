@@ -6,9 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use edgesight::settings::{
-    ConfigError, EX_CONFIG, ModelSettings, Preprocess, ResizeMode, Settings,
-};
+use edgesight::settings::{ConfigError, EX_CONFIG, ModelSettings, Settings};
 use tokio_util::sync::CancellationToken;
 
 const DEFAULT_CONFIG: &str = "/etc/edgesight/config.toml";
@@ -53,6 +51,31 @@ enum Command {
     },
     /// List V4L2 cameras and their modes.
     Cameras,
+    /// Time a model on this machine; print one JSON object (load, optimise, median and
+    /// minimum inference time, peak RSS).
+    Bench {
+        #[arg(long)]
+        model: PathBuf,
+        /// Threads for the matrix products.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// The input tensor as raw little-endian f32 (default: a synthetic test card).
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Include the model's raw output vector.
+        #[arg(long)]
+        outputs: bool,
+        /// Include time per operator type.
+        #[arg(long)]
+        profile: bool,
+        /// Run the model as tract alone would (no int8 rewrites), for comparison.
+        #[arg(long)]
+        no_int8_rewrites: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -143,6 +166,37 @@ fn dispatch(cli: Cli) -> Result<()> {
             json,
             images,
         } => classify(config.as_deref(), model, labels, json, &images),
+        Command::Bench {
+            model,
+            threads,
+            runs,
+            warmup,
+            input,
+            outputs,
+            profile,
+            no_int8_rewrites,
+        } => {
+            init_logging("warn");
+            if !(1..=64).contains(&threads) {
+                return Err(
+                    ConfigError::new(format!("--threads {threads}: out of range 1..=64")).into(),
+                );
+            }
+            let opts = edgesight::bench::BenchOptions {
+                model,
+                threads,
+                runs,
+                warmup,
+                input,
+                outputs,
+                profile,
+                no_int8_rewrites,
+            };
+            let v =
+                edgesight::bench::bench(&opts).map_err(|e| ConfigError::new(format!("{e:#}")))?;
+            println!("{v}");
+            Ok(())
+        }
         Command::Cameras => {
             init_logging("warn");
             use edgesight::capture::Backend;
@@ -163,16 +217,11 @@ fn classify(
     init_logging("warn");
     let mut ms = match config {
         Some(c) => Settings::load(c)?.model,
-        None => ModelSettings {
-            path: model
+        None => ModelSettings::for_file(
+            model
                 .clone()
                 .ok_or_else(|| ConfigError::new("classify needs --model PATH or --config PATH"))?,
-            labels: None,
-            preprocess: Preprocess::Torchvision,
-            resize: ResizeMode::Stretch,
-            top_k: 3,
-            threshold: 0.0,
-        },
+        ),
     };
     if let Some(m) = model {
         ms.path = m;

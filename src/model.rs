@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, anyhow, bail};
 use image::RgbImage;
 use serde::Serialize;
+use tract_core::internal::tract_linalg::multithread::{self, Executor};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 use tract_onnx::tract_hir::internal::DimLike;
@@ -35,6 +36,68 @@ pub struct Classifier {
     threshold: f32,
     file_name: String,
     path: PathBuf,
+    timing: LoadTiming,
+    int8: Int8Rewrites,
+    /// The thread pool for this model's matrix products (None: the calling thread).
+    executor: Option<Executor>,
+}
+
+/// Start-up cost of a model: parsing the file, then optimising it into a plan.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct LoadTiming {
+    pub load_ms: f64,
+    pub optimize_ms: f64,
+}
+
+/// What [`crate::int8`] changed in the graph to keep it on integer kernels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Int8Rewrites {
+    /// QDQ convolutions and com.microsoft ops rewritten before parsing.
+    #[serde(flatten)]
+    pub proto: crate::onnx_quant::ProtoRewrites,
+    /// Per-channel weight zero points turned into scalars.
+    pub scalar_zero_points: usize,
+    /// Per-channel requantisation chains fused into one op.
+    pub fused_requant: usize,
+}
+
+/// Read the ONNX file, rewrite its quantised forms onto integer convolutions
+/// ([`crate::onnx_quant`]), then let tract parse it.
+fn parse(path: &Path, rewrite: bool) -> Result<(InferenceModel, crate::onnx_quant::ProtoRewrites)> {
+    let onnx = tract_onnx::onnx();
+    let mut proto = onnx.proto_model_for_path(path)?;
+    let rewrites = match proto.graph.as_mut() {
+        Some(g) if rewrite => crate::onnx_quant::rewrite(g)?,
+        Some(_) => Default::default(),
+        None => bail!("no graph in the file"),
+    };
+    // External weights (a .onnx.data beside it) are found relative to the model's folder.
+    let dir = path.parent().and_then(|d| d.to_str());
+    let parsed = onnx.parse(&proto, dir)?;
+    if !parsed.unresolved_inputs.is_empty() {
+        bail!("unresolved inputs: {:?}", parsed.unresolved_inputs);
+    }
+    Ok((parsed.model, rewrites))
+}
+
+/// Declutter, apply the int8 rewrites that must precede codegen, optimise, then fuse
+/// what codegen left unfused.
+fn optimize(model: InferenceModel, rewrite: bool) -> TractResult<(TypedModel, Int8Rewrites)> {
+    if !rewrite {
+        return Ok((model.into_optimized()?, Int8Rewrites::default()));
+    }
+    let mut typed = model.into_typed()?.into_decluttered()?;
+    let scalar_zero_points = crate::int8::scalar_zero_points(&mut typed)?;
+    let mut typed = typed.into_optimized()?;
+    let fused_requant = crate::int8::fuse_requant(&mut typed)?;
+    Ok((
+        typed,
+        Int8Rewrites {
+            scalar_zero_points,
+            fused_requant,
+            ..Default::default()
+        },
+    ))
 }
 
 impl std::fmt::Debug for Classifier {
@@ -63,14 +126,20 @@ fn unsupported_ops(model: &InferenceModel) -> Vec<String> {
 impl Classifier {
     /// Load, check and optimise the model named by `settings`.
     pub fn load(settings: &ModelSettings) -> Result<Classifier> {
+        Classifier::load_with(settings, true)
+    }
+
+    /// [`Classifier::load`], optionally without edgesight's int8 rewrites (tract as is:
+    /// for benchmarks and the tests that prove the rewrites exact).
+    pub fn load_with(settings: &ModelSettings, int8_rewrites: bool) -> Result<Classifier> {
+        let started = Instant::now();
         let path = &settings.path;
         let meta = std::fs::metadata(path)
             .with_context(|| format!("model file {}: cannot open", path.display()))?;
         if !meta.is_file() {
             bail!("model file {}: not a regular file", path.display());
         }
-        let mut model = tract_onnx::onnx()
-            .model_for_path(path)
+        let (mut model, proto_rewrites) = parse(path, int8_rewrites)
             .with_context(|| format!("model file {}: not a loadable ONNX model", path.display()))?;
         let missing = unsupported_ops(&model);
         if !missing.is_empty() {
@@ -95,8 +164,8 @@ impl Classifier {
             .map(|o| model.node(o.node).op.name().contains("Softmax"))
             .unwrap_or(false);
         model.set_input_fact(0, f32::fact(spec.shape()).into())?;
-        let typed = model
-            .into_optimized()
+        let loaded = Instant::now();
+        let (typed, mut int8) = optimize(model, int8_rewrites)
             .with_context(|| format!("model file {}: cannot optimise", path.display()))?;
         let output_shape: Vec<usize> = typed
             .output_fact(0)?
@@ -111,7 +180,12 @@ impl Classifier {
                 path.display()
             );
         }
+        int8.proto = proto_rewrites;
         let plan = typed.into_runnable()?;
+        let timing = LoadTiming {
+            load_ms: (loaded - started).as_secs_f64() * 1e3,
+            optimize_ms: loaded.elapsed().as_secs_f64() * 1e3,
+        };
         let labels = match &settings.labels {
             Some(p) => read_labels(p, classes)?,
             None => (0..classes).map(|i| format!("class_{i}")).collect(),
@@ -129,6 +203,10 @@ impl Classifier {
                 .unwrap_or_default(),
             path: path.clone(),
             output_shape,
+            timing,
+            int8,
+            executor: (settings.threads > 1)
+                .then(|| Executor::multithread_with_name(settings.threads, "edgesight-mm")),
         })
     }
 
@@ -144,15 +222,60 @@ impl Classifier {
     pub fn labels(&self) -> &[String] {
         &self.labels
     }
+    pub fn timing(&self) -> LoadTiming {
+        self.timing
+    }
+    pub fn int8_rewrites(&self) -> Int8Rewrites {
+        self.int8
+    }
 
     /// Raw model outputs (logits or probabilities, as the model emits them) for a ready tensor.
     pub fn raw_scores(&self, input: Tensor) -> Result<Vec<f32>> {
-        let out = self.plan.run(tvec!(input.into()))?;
+        let out = self.run(input)?;
         let out = out
             .first()
             .ok_or_else(|| anyhow!("model produced no output"))?
             .cast_to::<f32>()?;
         Ok(out.to_plain_array_view::<f32>()?.iter().copied().collect())
+    }
+
+    /// One run of the plan, on this model's thread pool if it has one.
+    fn run(&self, input: Tensor) -> TractResult<TVec<TValue>> {
+        match &self.executor {
+            Some(pool) => multithread::multithread_tract_scope(pool.clone(), || {
+                self.plan.run(tvec!(input.into()))
+            }),
+            None => self.plan.run(tvec!(input.into())),
+        }
+    }
+
+    /// Time spent per operator type over `runs` runs of `input`, slowest first, as
+    /// (operator, total ms, node evaluations). For the benchmark's profile.
+    pub fn profile(&self, input: &Tensor, runs: usize) -> Result<Vec<(String, f64, usize)>> {
+        let mut by_op: std::collections::HashMap<String, (f64, usize)> = Default::default();
+        let mut state = TypedSimpleState::new(&self.plan)?;
+        for _ in 0..runs {
+            let mut profile = |state: &mut TypedSimpleState| {
+                state.run_plan_with_eval(tvec!(input.clone().into()), |ctx, st, node, inputs| {
+                    let t0 = Instant::now();
+                    let out = tract_core::plan::eval(ctx, st, node, inputs);
+                    let e = by_op.entry(node.op.name().to_string()).or_default();
+                    e.0 += t0.elapsed().as_secs_f64() * 1e3;
+                    e.1 += 1;
+                    out
+                })
+            };
+            match &self.executor {
+                Some(pool) => {
+                    multithread::multithread_tract_scope(pool.clone(), || profile(&mut state))?
+                }
+                None => profile(&mut state)?,
+            };
+        }
+        let mut v: Vec<(String, f64, usize)> =
+            by_op.into_iter().map(|(k, (ms, n))| (k, ms, n)).collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(v)
     }
 
     /// Class probabilities for a ready input tensor.

@@ -89,6 +89,7 @@ struct RawModel {
     resize: Option<String>,
     top_k: Option<i64>,
     threshold: Option<f64>,
+    threads: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -225,6 +226,23 @@ pub struct ModelSettings {
     pub resize: ResizeMode,
     pub top_k: usize,
     pub threshold: f32,
+    /// Threads for the model's matrix products (tract runs only those in parallel).
+    pub threads: usize,
+}
+
+impl ModelSettings {
+    /// Defaults for a model file given on the command line (no config file).
+    pub fn for_file(path: PathBuf) -> ModelSettings {
+        ModelSettings {
+            path,
+            labels: None,
+            preprocess: Preprocess::Torchvision,
+            resize: ResizeMode::Stretch,
+            top_k: 3,
+            threshold: 0.0,
+            threads: 1,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -442,6 +460,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "resize",
             "top_k",
             "threshold",
+            "threads",
         ],
     ),
     (
@@ -732,6 +751,7 @@ impl Validator<'_> {
                 }
                 t as f32
             },
+            threads: self.range("model.threads", r.threads.unwrap_or(1), 1, 64)? as usize,
         };
 
         if raw.camera.is_empty() {

@@ -203,10 +203,10 @@ const CASES: &[Case] = &[
     },
     Case {
         name: "unsupported model op",
-        edit: &[("shapes_int8_qlinear", "shapes_int8_qop")],
+        edit: &[("shapes_int8_qlinear", "unsupported_op")],
         env: &[],
         dropin: None,
-        expect: &["model.path", "QLinearAdd"],
+        expect: &["model.path", "QLinearSigmoid"],
     },
     Case {
         name: "no images",

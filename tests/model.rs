@@ -3,17 +3,13 @@
 mod common;
 
 use edgesight::model::{Classifier, softmax};
-use edgesight::settings::{ModelSettings, Preprocess, ResizeMode};
+use edgesight::settings::ModelSettings;
 use serde_json::Value;
 
 fn settings(file: &str) -> ModelSettings {
     ModelSettings {
-        path: common::root().join(file),
         labels: Some(common::fixture("labels.txt")),
-        preprocess: Preprocess::Torchvision,
-        resize: ResizeMode::Stretch,
-        top_k: 3,
-        threshold: 0.0,
+        ..ModelSettings::for_file(common::root().join(file))
     }
 }
 
@@ -48,15 +44,21 @@ fn tract_matches_onnxruntime_on_every_loadable_form() {
     let mut checked = 0;
     for (form, f) in r["forms"].as_object().unwrap() {
         let s = settings(f["file"].as_str().unwrap());
-        let c = match Classifier::load(&s) {
-            Ok(c) => c,
-            // Only the onnxruntime-default QOperator form (com.microsoft ops) may refuse.
-            Err(e) if form == "int8_qop" => {
-                assert!(format!("{e:#}").contains("QLinearAdd"), "{e:#}");
-                continue;
-            }
-            Err(e) => panic!("{form}: {e:#}"),
-        };
+        let c = Classifier::load(&s).unwrap_or_else(|e| panic!("{form}: {e:#}"));
+        // Every int8 form must reach tract's integer kernels: the rewrites that get it
+        // there (src/onnx_quant.rs, src/int8.rs) must have fired, each on all 9 convs.
+        let r = c.int8_rewrites();
+        let want = expected_rewrites(form);
+        assert_eq!(
+            (
+                r.proto.qdq_convs,
+                r.proto.contrib_ops,
+                r.scalar_zero_points,
+                r.fused_requant
+            ),
+            want,
+            "{form}: rewrites (qdq convs, contrib ops, scalar zero points, fused requant)"
+        );
         let spec = *c.input_spec();
         let (mut max_diff, mut max_logit) = (0f32, 0f32);
         for (i, want) in f["logits"].as_array().unwrap().iter().enumerate() {
@@ -101,10 +103,41 @@ fn tract_matches_onnxruntime_on_every_loadable_form() {
         );
         checked += 1;
     }
-    assert_eq!(
-        checked, 4,
-        "fp32, fp32_nhwc, int8_qlinear and int8_qdq must all load"
-    );
+    assert_eq!(checked, 7, "every form in reference.json must load");
+}
+
+/// (QDQ convs -> QLinearConv, com.microsoft ops expanded, per-channel weight zero points
+/// made scalar, per-channel requantisations fused) per fixture form. The fixture has 9
+/// convolutions; its QOperator form has 3 QLinearAdd, 1 QLinearGlobalAveragePool and
+/// 1 QGemm.
+fn expected_rewrites(form: &str) -> (usize, usize, usize, usize) {
+    match form {
+        "int8_qdq" => (9, 0, 0, 0),
+        "int8_qdq_pc" => (9, 0, 9, 9),
+        "int8_qlinear_pc" => (0, 0, 9, 9),
+        "int8_qop" => (0, 5, 0, 0),
+        _ => (0, 0, 0, 0),
+    }
+}
+
+/// The graph rewrites that need no approximation must be invisible in the output: the
+/// per-channel model with and without them gives bit-identical logits on every sample.
+#[test]
+fn exact_int8_rewrites_change_no_bit() {
+    let inputs = std::fs::read(common::fixture("reference/inputs.bin")).unwrap();
+    let px = 64 * 64 * 3;
+    let s = settings("tests/fixtures/models/shapes_int8_qlinear_pc.onnx");
+    let fast = Classifier::load(&s).unwrap();
+    let plain = Classifier::load_with(&s, false).unwrap();
+    assert_eq!(plain.int8_rewrites(), Default::default());
+    assert!(fast.int8_rewrites().fused_requant > 0);
+    let spec = *fast.input_spec();
+    for i in 0..inputs.len() / px {
+        let rgb = image::RgbImage::from_raw(64, 64, inputs[i * px..(i + 1) * px].to_vec()).unwrap();
+        let a = fast.raw_scores(spec.normalize(&rgb)).unwrap();
+        let b = plain.raw_scores(spec.normalize(&rgb)).unwrap();
+        assert_eq!(a, b, "sample {i}");
+    }
 }
 
 #[test]
@@ -151,12 +184,11 @@ fn unloadable_models_say_why() {
     std::fs::write(&corrupt, b"this is not a protobuf").unwrap();
     let cases: Vec<(std::path::PathBuf, &[&str])> = vec![
         (
-            common::fixture("models/shapes_int8_qop.onnx"),
+            common::fixture("models/unsupported_op.onnx"),
             &[
+                "unsupported_op.onnx",
                 "unsupported ONNX operator",
-                "QLinearAdd",
-                "QGemm",
-                "QLinearGlobalAveragePool",
+                "QLinearSigmoid (node \"sigmoid\")",
             ],
         ),
         (

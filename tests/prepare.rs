@@ -20,6 +20,7 @@ fn classifier(resize: ResizeMode) -> Classifier {
         resize,
         top_k: 1,
         threshold: 0.0,
+        threads: 1,
     })
     .unwrap()
 }

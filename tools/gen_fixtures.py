@@ -6,6 +6,10 @@ Outputs (all committed; CI never runs this script):
   tests/fixtures/models/shapes_int8_qlinear.onnx  QLinearConv, standard ops only, per-tensor U8S8
   tests/fixtures/models/shapes_int8_qdq.onnx      onnxruntime quantize_static defaults (QDQ)
   tests/fixtures/models/shapes_int8_qop.onnx      onnxruntime QOperator defaults (com.microsoft ops)
+  tests/fixtures/models/shapes_int8_qlinear_pc.onnx  QLinearConv, standard ops, per-channel weights
+  tests/fixtures/models/shapes_int8_qdq_pc.onnx   QDQ with per-channel weights
+  tests/fixtures/models/unsupported_op.onnx       a tiny graph with a contrib op edgesight
+                                                  does not translate (error-message test)
   tests/fixtures/labels.txt                       one label per line, class index = line number
   tests/fixtures/samples/<class>/<n>.{png,jpg}    held-out samples (the demo "camera")
   tests/fixtures/reference/inputs.bin             each sample resized to 64x64 RGB8 by PIL (parity input)
@@ -31,6 +35,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures"
+PER_TENSOR_FORMS = ("qlinear", "qdq", "qop")
+PER_CHANNEL_FORMS = ("qlinear_pc", "qdq_pc")
 CLASSES = ["circle", "square", "triangle", "cross", "hstripes", "vstripes", "checker"]
 RENDER = 128  # samples are rendered at this size, like a small camera frame
 INPUT = 64  # model input side
@@ -234,8 +240,14 @@ def quantize(fp32, out, calib, form):
         quantize_static(str(pre), str(out), Calib(calib), quant_format=QuantFormat.QOperator,
                         per_channel=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=["Conv", "Relu", "MaxPool", "MatMul"])
+    elif form == "qlinear_pc":
+        quantize_static(str(pre), str(out), Calib(calib), quant_format=QuantFormat.QOperator,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["Conv", "Relu", "MaxPool", "MatMul"])
     elif form == "qdq":
         quantize_static(str(pre), str(out), Calib(calib))  # onnxruntime defaults: QDQ
+    elif form == "qdq_pc":
+        quantize_static(str(pre), str(out), Calib(calib), per_channel=True)
     elif form == "qop":
         quantize_static(str(pre), str(out), Calib(calib), quant_format=QuantFormat.QOperator)
     pre.unlink()
@@ -282,9 +294,14 @@ def main():
     ap.add_argument("--samples-per-class", type=int, default=6)
     ap.add_argument("--only-nhwc", action="store_true",
                     help="only (re)derive shapes_fp32_nhwc.onnx and its reference outputs")
+    ap.add_argument("--only-per-channel", action="store_true",
+                    help="only (re)derive the per-channel int8 forms from the committed fp32 model")
     args = ap.parse_args()
     if args.only_nhwc:
         return only_nhwc()
+    if args.only_per_channel:
+        make_unsupported(FIX / "models" / "unsupported_op.onnx")
+        return only_per_channel(args.seed)
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -304,12 +321,13 @@ def main():
     export(model, fp32)
     calib = xtr[torch.randperm(len(xtr))[:256]]
     forms = {"fp32": fp32}
-    for form in ("qlinear", "qdq", "qop"):
+    for form in PER_TENSOR_FORMS + PER_CHANNEL_FORMS:
         p = mdir / f"shapes_int8_{form}.onnx"
         quantize(fp32, p, calib, form)
         forms[f"int8_{form}"] = p
     forms["fp32_nhwc"] = mdir / "shapes_fp32_nhwc.onnx"
     make_nhwc(fp32, forms["fp32_nhwc"])
+    make_unsupported(mdir / "unsupported_op.onnx")
 
     (FIX / "labels.txt").write_text("\n".join(CLASSES) + "\n")
 
@@ -359,6 +377,50 @@ def main():
         (ROOT / "config" / "imagenet_labels.txt").write_text("\n".join(cats) + "\n")
     except Exception as e:  # torchvision is optional; the file is committed
         print(f"imagenet labels not rewritten: {e}")
+
+
+def add_reference(ref, name, path):
+    """onnxruntime's logits for the committed samples (inputs.bin) on `path`, into `ref`."""
+    rgb = np.frombuffer((FIX / "reference" / "inputs.bin").read_bytes(), dtype=np.uint8)
+    x = np.concatenate([normalize(r) for r in rgb.reshape(-1, INPUT, INPUT, 3)])
+    logits = ort_run(path, x)
+    acc = float((logits.argmax(1) == np.array(ref["truth"])).mean())
+    ref["forms"][name] = {"file": str(path.relative_to(ROOT)), "accuracy": acc,
+                          "logits": [[round(float(v), 6) for v in row] for row in logits]}
+    print(f"{name:14s} {path.stat().st_size / 1024:7.1f} KiB  onnxruntime accuracy on samples {acc:.3f}")
+
+
+def only_per_channel(seed):
+    """Per-channel forms of the committed fp32 model, calibrated on freshly rendered images
+    (the training set is not kept; any representative images calibrate)."""
+    rdir = FIX / "reference"
+    ref = json.loads((rdir / "reference.json").read_text())
+    calib, _ = dataset(40, seed + 2000)
+    for form in PER_CHANNEL_FORMS:
+        p = FIX / "models" / f"shapes_int8_{form}.onnx"
+        quantize(FIX / "models" / "shapes_fp32.onnx", p, calib, form)
+        add_reference(ref, f"int8_{form}", p)
+    (rdir / "reference.json").write_text(json.dumps(ref, indent=1) + "\n")
+
+
+def make_unsupported(out):
+    """input -> QuantizeLinear -> com.microsoft QLinearSigmoid -> DequantizeLinear: a real
+    onnxruntime contrib op that neither tract nor edgesight translates."""
+    import onnx
+    from onnx import helper, TensorProto
+
+    inits = [helper.make_tensor("s", TensorProto.FLOAT, [], [0.02]),
+             helper.make_tensor("z", TensorProto.UINT8, [], [128]),
+             helper.make_tensor("so", TensorProto.FLOAT, [], [1 / 256]),
+             helper.make_tensor("zo", TensorProto.UINT8, [], [0])]
+    nodes = [helper.make_node("QuantizeLinear", ["input", "s", "z"], ["xq"], name="q"),
+             helper.make_node("QLinearSigmoid", ["xq", "s", "z", "so", "zo"], ["yq"], name="sigmoid",
+                              domain="com.microsoft"),
+             helper.make_node("DequantizeLinear", ["yq", "so", "zo"], ["logits"], name="dq")]
+    g = helper.make_graph(nodes, "unsupported", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3, 8, 8])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)])
+    onnx.save(m, str(out))
 
 
 def only_nhwc():

@@ -1,0 +1,403 @@
+//! Load-time graph work that keeps quantised models on tract's integer kernels.
+//!
+//! tract 0.23 runs a per-tensor QLinearConv fully fused (int8 matmul, requantisation inside
+//! the kernel), but leaves three common forms on slow paths (measured on ResNet-50 and
+//! written down in BENCHMARKS.md):
+//! - per-channel weights: the weight zero point arrives as a `[1,1,C,1]` tensor of zeros,
+//!   which tract does not recognise as uniform, so every conv also sums its activations and
+//!   subtracts `k0 * sum_x` over the whole output ([`scalar_zero_points`] fixes that,
+//!   exactly); and the per-channel requantisation (`Scale -> Add -> Min -> Max -> Cast`)
+//!   has no fused form, so it runs as five passes over an i32 tensor ([`fuse_requant`]
+//!   replaces the chain with one op of ours, [`Requant`], bit for bit the same arithmetic);
+//! - QDQ models (onnxruntime's default): `DequantizeLinear -> Conv -> QuantizeLinear` runs
+//!   the conv in f32 ([`crate::onnx_quant::qdq_to_qlinear`] rewrites it to QLinearConv);
+//! - onnxruntime's QOperator default uses com.microsoft ops tract has no translation for
+//!   ([`crate::onnx_quant::register`]).
+//!
+//! Everything here goes through tract's public model-patching API; tract is not modified.
+
+use tract_core::internal::*;
+use tract_core::ops::einsum::EinSum;
+
+/// Where a zero point sits among a quantised `Conv`'s or `EinSum`'s nine inputs
+/// (`[x, k, bias, x0, x_scale, k0, k_scale, y0, y_scale]` and the einsum equivalent).
+const ZERO_POINT_INPUTS: [usize; 3] = [3, 5, 7];
+
+/// Replace every zero point of a quantised conv/einsum that holds one value repeated (a
+/// per-channel quantiser's all-zero weight zero point) by a scalar constant. Exact: the
+/// same value, in a shape tract's optimiser recognises as uniform, so it drops the
+/// `k0 * sum_x` compensation instead of computing it for every output. Run on the
+/// decluttered model, before codegen. Returns how many inputs were replaced.
+pub fn scalar_zero_points(model: &mut TypedModel) -> TractResult<usize> {
+    let mut replaced = 0;
+    for id in 0..model.nodes().len() {
+        let node = model.node(id);
+        let name = node.op.name();
+        if node.inputs.len() != 9 || !(name == "Conv" || name == "EinSum") {
+            continue;
+        }
+        let mut patch = TypedModelPatch::default();
+        let mut inputs = tvec![];
+        let mut op = node.op.clone();
+        let mut changed = false;
+        for (ix, outlet) in node.inputs.iter().enumerate() {
+            let fact = model.outlet_fact(*outlet)?;
+            let scalar = match &fact.konst {
+                Some(k) if ZERO_POINT_INPUTS.contains(&ix) && k.len() > 1 => uniform_value(k)?,
+                _ => None,
+            };
+            match scalar {
+                Some(s) => {
+                    changed = true;
+                    inputs.push(patch.add_const(format!("{}.scalar_zp{ix}", node.name), s)?);
+                    // An einsum names every axis of every input: the scalar has none.
+                    if let Some(einsum) = op.downcast_ref::<EinSum>() {
+                        let mut einsum = einsum.clone();
+                        for _ in 0..fact.rank() {
+                            einsum.axes = einsum.axes.remove_axis_occurency(InOut::In(ix), 0)?;
+                        }
+                        op = Box::new(einsum);
+                    }
+                }
+                None => inputs.push(patch.tap_model(model, *outlet)?),
+            }
+        }
+        if !changed {
+            continue;
+        }
+        let out = patch.wire_node(&*node.name, op, &inputs)?;
+        for (slot, o) in out.iter().enumerate() {
+            patch.shunt_outside(model, OutletId::new(id, slot), *o)?;
+        }
+        patch.apply(model)?;
+        replaced += 1;
+    }
+    if replaced > 0 {
+        model.compact()?;
+    }
+    Ok(replaced)
+}
+
+/// `t`'s single repeated value as a rank-0 tensor, if every element is the same.
+fn uniform_value(t: &Tensor) -> TractResult<Option<Tensor>> {
+    let bytes = t.try_as_plain_ram()?.as_bytes().to_vec();
+    let size = t.datum_type().size_of();
+    if size == 0 || bytes.is_empty() || bytes.chunks(size).any(|c| c != &bytes[..size]) {
+        return Ok(None);
+    }
+    Ok(Some(t.nth(0)?))
+}
+
+/// Per-channel requantisation of an i32 accumulator in one pass:
+/// `clamp(round_half_even(acc * scale[c]) + zero_point, lo, hi)` cast to u8 or i8.
+/// The same arithmetic, in the same order and precision, as the chain tract builds
+/// (`Scale` -> `Add` -> `Min` -> `Max` -> `Cast`), so outputs are bit-identical.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Requant {
+    /// One scale per channel along `axis`.
+    pub scales: Vec<f32>,
+    pub axis: usize,
+    pub zero_point: i32,
+    pub lo: i32,
+    pub hi: i32,
+    pub dt: DatumType,
+}
+
+impl Eq for Requant {}
+
+impl Requant {
+    fn run<T: Datum + Copy>(&self, acc: &[i32], inner: usize, out: &mut [T])
+    where
+        i32: tract_core::internal::tract_num_traits::AsPrimitive<T>,
+    {
+        use tract_core::internal::tract_num_traits::AsPrimitive;
+        let channels = self.scales.len();
+        for (row, (a, o)) in acc.chunks(inner).zip(out.chunks_mut(inner)).enumerate() {
+            let s = self.scales[row % channels];
+            for (x, y) in a.iter().zip(o.iter_mut()) {
+                // tract's `scale_by`: the magnitude rounded half to even, then the sign.
+                let v = *x as f32;
+                let scaled = ((v.abs() * s).round_ties_even() * v.signum()) as i32;
+                *y = scaled
+                    .wrapping_add(self.zero_point)
+                    .min(self.hi)
+                    .max(self.lo)
+                    .as_();
+            }
+        }
+    }
+}
+
+impl Op for Requant {
+    fn name(&self) -> StaticName {
+        "EdgesightRequant".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "{} channels on axis {}, zero point {}, clamp [{}, {}] -> {:?}",
+            self.scales.len(),
+            self.axis,
+            self.zero_point,
+            self.lo,
+            self.hi,
+            self.dt
+        )])
+    }
+
+    fn as_typed(&self) -> Option<&dyn TypedOp> {
+        Some(self)
+    }
+}
+
+impl EvalOp for Requant {
+    fn eval_out_of_plan(&self, inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
+        Ok(Some(EvalOp::eval(
+            self,
+            &EvalContext::out_of_plan(),
+            inputs,
+        )?))
+    }
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = &inputs[0];
+        let shape = input.shape();
+        ensure!(
+            shape.get(self.axis) == Some(&self.scales.len()),
+            "requantisation: {} scales for shape {shape:?} on axis {}",
+            self.scales.len(),
+            self.axis
+        );
+        let inner: usize = shape[self.axis + 1..].iter().product();
+        let acc = input.try_as_plain_ram()?;
+        let acc = acc.as_slice::<i32>()?;
+        let mut out = unsafe { Tensor::uninitialized_dt(self.dt, shape)? };
+        if inner > 0 {
+            let mut plain = out.try_as_plain_ram_mut()?;
+            match self.dt {
+                DatumType::U8 => self.run::<u8>(acc, inner, plain.as_slice_mut::<u8>()?),
+                DatumType::I8 => self.run::<i8>(acc, inner, plain.as_slice_mut::<i8>()?),
+                dt => bail!("requantisation to {dt:?} is not supported"),
+            }
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for Requant {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(self.dt.fact(inputs[0].shape.clone())))
+    }
+
+    fn as_op(&self) -> &dyn Op {
+        self
+    }
+
+    fn as_op_mut(&mut self) -> &mut dyn Op {
+        self
+    }
+}
+
+/// The constant operand of a binary node `node` whose other operand is `from`, if it is
+/// one repeated i32 value.
+fn uniform_i32_operand(model: &TypedModel, node: &TypedNode, from: OutletId) -> Option<i32> {
+    if node.inputs.len() != 2 {
+        return None;
+    }
+    let other = if node.inputs[0] == from {
+        node.inputs[1]
+    } else if node.inputs[1] == from {
+        node.inputs[0]
+    } else {
+        return None;
+    };
+    let k = model.outlet_fact(other).ok()?.konst.clone()?;
+    let v = uniform_value(&k).ok()??;
+    v.cast_to_scalar::<i32>().ok()
+}
+
+/// The requantisation chain that starts at the `Scale` node `id`, as the op that replaces
+/// it and the id of the chain's last node (the cast).
+fn requant_chain(model: &TypedModel, id: usize) -> TractResult<Option<(Requant, usize)>> {
+    let scale_node = model.node(id);
+    if scale_node.op.name() != "Scale" || scale_node.inputs.len() != 2 {
+        return Ok(None);
+    }
+    let out_fact = &scale_node.outputs[0].fact;
+    let Some(scales) = model.outlet_fact(scale_node.inputs[0])?.konst.clone() else {
+        return Ok(None);
+    };
+    if out_fact.datum_type != DatumType::I32 || scales.datum_type() != DatumType::F32 {
+        return Ok(None);
+    }
+    // Per-channel: exactly one axis of the scale tensor longer than 1, aligned with the
+    // output's axes (the scale was broadcast to the output's rank).
+    let long: Vec<usize> = (0..scales.rank())
+        .filter(|a| scales.shape()[*a] > 1)
+        .collect();
+    let Some(out_shape) = out_fact.shape.as_concrete() else {
+        return Ok(None);
+    };
+    if long.len() != 1 || scales.rank() != out_shape.len() {
+        return Ok(None);
+    }
+    let axis = long[0];
+    if out_shape[axis] != scales.shape()[axis] {
+        return Ok(None);
+    }
+    let scales: Vec<f32> = scales.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+
+    let is_output = |n: usize| model.outputs.iter().any(|o| o.node == n);
+    let mut current = id;
+    let (mut zero_point, mut lo, mut hi) = (0i32, None, None);
+    loop {
+        if is_output(current) {
+            return Ok(None);
+        }
+        let Some(next) = model.single_succ(current)? else {
+            return Ok(None);
+        };
+        let from = OutletId::new(current, 0);
+        match &*next.op.name() {
+            "Add" if lo.is_none() && hi.is_none() => {
+                let Some(z) = uniform_i32_operand(model, next, from) else {
+                    return Ok(None);
+                };
+                zero_point = zero_point.wrapping_add(z);
+            }
+            "Min" if hi.is_none() => {
+                let Some(h) = uniform_i32_operand(model, next, from) else {
+                    return Ok(None);
+                };
+                hi = Some(h);
+            }
+            "Max" if lo.is_none() => {
+                let Some(l) = uniform_i32_operand(model, next, from) else {
+                    return Ok(None);
+                };
+                lo = Some(l);
+            }
+            "Cast" => {
+                let dt = next.outputs[0].fact.datum_type;
+                let (lo, hi) = match (dt, lo, hi) {
+                    (DatumType::U8 | DatumType::I8, Some(lo), Some(hi)) => (lo, hi),
+                    _ => return Ok(None),
+                };
+                // The cast must not wrap: the clamp has to lie within the target type.
+                let (tmin, tmax) = if dt == DatumType::U8 {
+                    (0, 255)
+                } else {
+                    (-128, 127)
+                };
+                if lo < tmin || hi > tmax {
+                    return Ok(None);
+                }
+                let op = Requant {
+                    scales,
+                    axis,
+                    zero_point,
+                    lo,
+                    hi,
+                    dt,
+                };
+                return Ok(Some((op, next.id)));
+            }
+            _ => return Ok(None),
+        }
+        current = next.id;
+    }
+}
+
+/// Replace every per-channel requantisation chain of the optimised model by one
+/// [`Requant`]. Run after codegen (the chains appear when tract lowers quantised convs).
+/// Returns how many chains were fused.
+pub fn fuse_requant(model: &mut TypedModel) -> TractResult<usize> {
+    let mut fused = 0;
+    for id in 0..model.nodes().len() {
+        let Some((op, last)) = requant_chain(model, id)? else {
+            continue;
+        };
+        let mut patch = TypedModelPatch::default();
+        let acc = patch.tap_model(model, model.node(id).inputs[1])?;
+        let name = model.node(last).name.clone();
+        let out = patch.wire_node(format!("{name}.requant"), op, &[acc])?;
+        patch.shunt_outside(model, OutletId::new(last, 0), out[0])?;
+        patch.apply(model)?;
+        fused += 1;
+    }
+    if fused > 0 {
+        model.compact()?;
+    }
+    Ok(fused)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused op against tract's own chain on the values where rounding and clamping
+    /// decide: ties, negatives, saturation at both ends, i8 and u8.
+    #[test]
+    fn requant_matches_tracts_chain() {
+        let acc: Vec<i32> = vec![0, 1, -1, 3, -3, 5, -5, 7, 1000, -1000, 123456, -123456];
+        let scales = [0.5f32, 0.25, 0.0123];
+        for (dt, zp, lo, hi) in [
+            (DatumType::U8, 120, 0, 255),
+            (DatumType::U8, 0, 0, 255),
+            (DatumType::I8, -3, -128, 127),
+        ] {
+            let op = Requant {
+                scales: scales.to_vec(),
+                axis: 1,
+                zero_point: zp,
+                lo,
+                hi,
+                dt,
+            };
+            let input = tensor1(&acc).into_shape(&[1, 3, 4]).unwrap();
+            let got = op
+                .eval_out_of_plan(tvec!(input.clone().into_tvalue()))
+                .unwrap()
+                .unwrap();
+
+            // tract's chain, built the way tract builds it for a quantised conv.
+            let mut m = TypedModel::default();
+            let x = m.add_source("x", i32::fact([1, 3, 4])).unwrap();
+            let s = m
+                .add_const("s", tensor1(&scales).into_shape(&[1, 3, 1]).unwrap())
+                .unwrap();
+            let w = m
+                .wire_node("scale", tract_core::ops::quant::scale(), &[s, x])
+                .unwrap();
+            let z = m.add_const("z", tensor3(&[[[zp]]])).unwrap();
+            let w = m
+                .wire_node("zp", tract_core::ops::math::add(), &[w[0], z])
+                .unwrap();
+            let h = m.add_const("h", tensor3(&[[[hi]]])).unwrap();
+            let w = m
+                .wire_node("min", tract_core::ops::math::min(), &[w[0], h])
+                .unwrap();
+            let l = m.add_const("l", tensor3(&[[[lo]]])).unwrap();
+            let w = m
+                .wire_node("max", tract_core::ops::math::max(), &[w[0], l])
+                .unwrap();
+            let w = m
+                .wire_node("cast", tract_core::ops::cast::cast(dt), &w)
+                .unwrap();
+            m.select_output_outlets(&w).unwrap();
+            let want = m
+                .into_runnable()
+                .unwrap()
+                .run(tvec!(input.into_tvalue()))
+                .unwrap();
+            assert_eq!(*got[0], *want[0], "{dt:?} zp {zp}");
+        }
+    }
+
+    #[test]
+    fn only_repeated_values_are_uniform() {
+        let zeros = tensor1(&[0i8, 0, 0, 0]);
+        assert_eq!(uniform_value(&zeros).unwrap(), Some(tensor0(0i8)));
+        assert_eq!(uniform_value(&tensor1(&[3u8, 3, 4])).unwrap(), None);
+    }
+}

@@ -1,0 +1,486 @@
+//! Rewrites of quantised ONNX graphs at the protobuf level, before tract parses them, so
+//! that every int8 form users bring lands on tract's integer convolution:
+//! - QDQ (onnxruntime's default format): `DequantizeLinear(x) -> Conv(DQ(w), DQ(b)) ->
+//!   QuantizeLinear` becomes one `QLinearConv` (tract would otherwise run the conv in f32
+//!   between the Q/DQ pairs);
+//! - onnxruntime's QOperator default (also the ONNX Model Zoo int8 ResNets) uses
+//!   com.microsoft contrib ops tract has no translation for: `QLinearAdd`,
+//!   `QLinearGlobalAveragePool` and `QGemm` become their standard-op definitions
+//!   (DequantizeLinear -> Add / GlobalAveragePool / Gemm -> QuantizeLinear), which tract's
+//!   own translations then fuse.
+//!
+//! Rewriting the protobuf keeps both on tract's standard ONNX translations (and their
+//! optimisations) instead of re-implementing type and shape inference for new operators.
+//! Every rewrite checks its preconditions and leaves a node alone when they do not hold.
+
+use std::collections::HashMap;
+
+use anyhow::{Result, bail};
+use serde::Serialize;
+use tract_onnx::pb::{AttributeProto, GraphProto, NodeProto, TensorProto, attribute_proto};
+
+/// What [`rewrite`] changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ProtoRewrites {
+    /// DQ -> Conv -> Q groups turned into QLinearConv.
+    pub qdq_convs: usize,
+    /// com.microsoft QLinearAdd / QLinearGlobalAveragePool / QGemm expanded.
+    pub contrib_ops: usize,
+}
+
+pub fn rewrite(graph: &mut GraphProto) -> Result<ProtoRewrites> {
+    let contrib_ops = expand_contrib_ops(graph)?;
+    let qdq_convs = qdq_to_qlinear_conv(graph);
+    remove_dead_nodes(graph);
+    Ok(ProtoRewrites {
+        qdq_convs,
+        contrib_ops,
+    })
+}
+
+// ---------------------------------------------------------------- helpers
+
+fn node(op: &str, name: String, inputs: &[&str], outputs: &[&str]) -> NodeProto {
+    NodeProto {
+        op_type: op.into(),
+        name,
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn attr_int(name: &str, i: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: attribute_proto::AttributeType::Int as i32,
+        i,
+        ..Default::default()
+    }
+}
+
+fn attr_float(name: &str, f: f32) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: attribute_proto::AttributeType::Float as i32,
+        f,
+        ..Default::default()
+    }
+}
+
+fn get_int(n: &NodeProto, name: &str) -> Option<i64> {
+    n.attribute.iter().find(|a| a.name == name).map(|a| a.i)
+}
+
+fn get_float(n: &NodeProto, name: &str) -> Option<f32> {
+    n.attribute.iter().find(|a| a.name == name).map(|a| a.f)
+}
+
+/// Input `ix` of `n`, or None when absent or given as "" (ONNX's optional input).
+fn input(n: &NodeProto, ix: usize) -> Option<&str> {
+    n.input
+        .get(ix)
+        .map(String::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+const FLOAT: i32 = 1;
+
+/// The values of a float initializer.
+fn floats(t: &TensorProto) -> Option<Vec<f32>> {
+    if t.data_type != FLOAT {
+        return None;
+    }
+    if !t.float_data.is_empty() {
+        return Some(t.float_data.clone());
+    }
+    if !t.raw_data.len().is_multiple_of(4) {
+        return None;
+    }
+    Some(
+        t.raw_data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+    )
+}
+
+fn float_initializer(name: String, dims: Vec<i64>, values: Vec<f32>) -> TensorProto {
+    TensorProto {
+        name,
+        dims,
+        data_type: FLOAT,
+        float_data: values,
+        ..Default::default()
+    }
+}
+
+/// Whether an integer initializer holds only zeros.
+fn all_zero(t: &TensorProto) -> bool {
+    t.raw_data.iter().all(|b| *b == 0)
+        && t.int32_data.iter().all(|v| *v == 0)
+        && t.int64_data.iter().all(|v| *v == 0)
+}
+
+/// A fresh tensor name derived from `base` that no node output or initializer uses.
+fn fresh(graph: &GraphProto, base: &str) -> String {
+    let taken = |n: &str| {
+        graph.initializer.iter().any(|t| t.name == n)
+            || graph.node.iter().any(|x| x.output.iter().any(|o| o == n))
+            || graph.input.iter().any(|i| i.name == n)
+    };
+    let mut name = base.to_string();
+    let mut k = 0;
+    while taken(&name) {
+        k += 1;
+        name = format!("{base}_{k}");
+    }
+    name
+}
+
+// ---------------------------------------------------------------- com.microsoft ops
+
+fn expand_contrib_ops(graph: &mut GraphProto) -> Result<usize> {
+    let mut expanded = 0;
+    let mut out: Vec<NodeProto> = Vec::with_capacity(graph.node.len());
+    let nodes = std::mem::take(&mut graph.node);
+    for n in nodes {
+        let replacement = match n.op_type.as_str() {
+            "QLinearAdd" => Some(qlinear_add(graph, &n)?),
+            "QLinearGlobalAveragePool" => Some(qlinear_global_average_pool(graph, &n)?),
+            "QGemm" => Some(qgemm(graph, &n)?),
+            _ => None,
+        };
+        match replacement {
+            Some(r) => {
+                out.extend(r);
+                expanded += 1;
+            }
+            None => out.push(n),
+        }
+    }
+    graph.node = out;
+    Ok(expanded)
+}
+
+fn need<'a>(n: &'a NodeProto, ix: usize, what: &str) -> Result<&'a str> {
+    match input(n, ix) {
+        Some(s) => Ok(s),
+        None => bail!("{} node {:?}: no {what} (input {ix})", n.op_type, n.name),
+    }
+}
+
+/// `C = Q(DQ(A) + DQ(B))`, the contrib op's definition.
+fn qlinear_add(graph: &GraphProto, n: &NodeProto) -> Result<Vec<NodeProto>> {
+    let (a, a_s, a_z) = (
+        need(n, 0, "A")?,
+        need(n, 1, "A_scale")?,
+        need(n, 2, "A_zero_point")?,
+    );
+    let (b, b_s, b_z) = (
+        need(n, 3, "B")?,
+        need(n, 4, "B_scale")?,
+        need(n, 5, "B_zero_point")?,
+    );
+    let (c_s, c_z) = (need(n, 6, "C_scale")?, need(n, 7, "C_zero_point")?);
+    let c = n.output.first().map(String::as_str).unwrap_or_default();
+    let af = fresh(graph, &format!("{c}.a_f32"));
+    let bf = fresh(graph, &format!("{c}.b_f32"));
+    let cf = fresh(graph, &format!("{c}.c_f32"));
+    Ok(vec![
+        node(
+            "DequantizeLinear",
+            format!("{}.dq_a", n.name),
+            &[a, a_s, a_z],
+            &[&af],
+        ),
+        node(
+            "DequantizeLinear",
+            format!("{}.dq_b", n.name),
+            &[b, b_s, b_z],
+            &[&bf],
+        ),
+        node("Add", format!("{}.add", n.name), &[&af, &bf], &[&cf]),
+        node("QuantizeLinear", n.name.clone(), &[&cf, c_s, c_z], &[c]),
+    ])
+}
+
+/// `Y = Q(GlobalAveragePool(DQ(X)))` (NCHW only: channels_last = 0).
+fn qlinear_global_average_pool(graph: &GraphProto, n: &NodeProto) -> Result<Vec<NodeProto>> {
+    if get_int(n, "channels_last").unwrap_or(0) != 0 {
+        bail!(
+            "QLinearGlobalAveragePool node {:?}: channels_last = 1 is not supported",
+            n.name
+        );
+    }
+    let (x, x_s, x_z) = (
+        need(n, 0, "X")?,
+        need(n, 1, "x_scale")?,
+        need(n, 2, "x_zero_point")?,
+    );
+    let (y_s, y_z) = (need(n, 3, "y_scale")?, need(n, 4, "y_zero_point")?);
+    let y = n.output.first().map(String::as_str).unwrap_or_default();
+    let xf = fresh(graph, &format!("{y}.x_f32"));
+    let yf = fresh(graph, &format!("{y}.y_f32"));
+    Ok(vec![
+        node(
+            "DequantizeLinear",
+            format!("{}.dq", n.name),
+            &[x, x_s, x_z],
+            &[&xf],
+        ),
+        node(
+            "GlobalAveragePool",
+            format!("{}.pool", n.name),
+            &[&xf],
+            &[&yf],
+        ),
+        node("QuantizeLinear", n.name.clone(), &[&yf, y_s, y_z], &[y]),
+    ])
+}
+
+/// `Y = Q(alpha * DQ(A) x DQ(B) + DQ(C))`; C is int32 with scale alpha * a_scale * b_scale
+/// and zero point 0; without y_scale the output stays float.
+fn qgemm(graph: &mut GraphProto, n: &NodeProto) -> Result<Vec<NodeProto>> {
+    let (a, a_s, a_z) = (
+        need(n, 0, "A")?,
+        need(n, 1, "a_scale")?,
+        need(n, 2, "a_zero_point")?,
+    );
+    let (b, b_s, b_z) = (
+        need(n, 3, "B")?,
+        need(n, 4, "b_scale")?,
+        need(n, 5, "b_zero_point")?,
+    );
+    let y = n.output.first().cloned().unwrap_or_default();
+    let alpha = get_float(n, "alpha").unwrap_or(1.0);
+    let trans_a = get_int(n, "transA").unwrap_or(0);
+    let trans_b = get_int(n, "transB").unwrap_or(0);
+    let af = fresh(graph, &format!("{y}.a_f32"));
+    let bf = fresh(graph, &format!("{y}.b_f32"));
+    let mut nodes = vec![node(
+        "DequantizeLinear",
+        format!("{}.dq_a", n.name),
+        &[a, a_s, a_z],
+        &[&af],
+    )];
+    // Per-channel weight scales run along N: axis 0 of B transposed ([N, K]), else 1.
+    let mut dq_b = node(
+        "DequantizeLinear",
+        format!("{}.dq_b", n.name),
+        &[b, b_s, b_z],
+        &[&bf],
+    );
+    dq_b.attribute
+        .push(attr_int("axis", if trans_b == 1 { 0 } else { 1 }));
+    nodes.push(dq_b);
+    let mut gemm_inputs = vec![af.clone(), bf.clone()];
+    if let Some(c) = input(n, 6) {
+        let scale_of = |name: &str| {
+            graph
+                .initializer
+                .iter()
+                .find(|t| t.name == name)
+                .and_then(floats)
+        };
+        let (Some(sa), Some(sb)) = (scale_of(a_s), scale_of(b_s)) else {
+            bail!(
+                "QGemm node {:?}: a_scale and b_scale must be initializers",
+                n.name
+            );
+        };
+        if sa.len() != 1 {
+            bail!("QGemm node {:?}: a_scale must be one value", n.name);
+        }
+        let sc: Vec<f32> = sb.iter().map(|s| alpha * sa[0] * s).collect();
+        let dims = if sc.len() == 1 {
+            vec![]
+        } else {
+            vec![sc.len() as i64]
+        };
+        let sc_name = fresh(graph, &format!("{y}.c_scale"));
+        graph
+            .initializer
+            .push(float_initializer(sc_name.clone(), dims, sc));
+        let cf = fresh(graph, &format!("{y}.c_f32"));
+        let mut dq_c = node(
+            "DequantizeLinear",
+            format!("{}.dq_c", n.name),
+            &[c, &sc_name],
+            &[&cf],
+        );
+        dq_c.attribute.push(attr_int("axis", -1));
+        nodes.push(dq_c);
+        gemm_inputs.push(cf);
+    }
+    let quantized_out = input(n, 7).is_some();
+    let yf = if quantized_out {
+        fresh(graph, &format!("{y}.y_f32"))
+    } else {
+        y.clone()
+    };
+    let gi: Vec<&str> = gemm_inputs.iter().map(String::as_str).collect();
+    let mut gemm = node("Gemm", format!("{}.gemm", n.name), &gi, &[&yf]);
+    gemm.attribute.extend([
+        attr_float("alpha", alpha),
+        attr_float("beta", 1.0),
+        attr_int("transA", trans_a),
+        attr_int("transB", trans_b),
+    ]);
+    nodes.push(gemm);
+    if quantized_out {
+        let y_s = need(n, 7, "y_scale")?;
+        let mut q = vec![yf.as_str(), y_s];
+        if let Some(z) = input(n, 8) {
+            q.push(z);
+        }
+        nodes.push(node("QuantizeLinear", n.name.clone(), &q, &[&y]));
+    }
+    Ok(nodes)
+}
+
+// ---------------------------------------------------------------- QDQ -> QLinearConv
+
+fn qdq_to_qlinear_conv(graph: &mut GraphProto) -> usize {
+    let producer: HashMap<String, usize> = graph
+        .node
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.clone(), i)))
+        .collect();
+    let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, n) in graph.node.iter().enumerate() {
+        for x in n.input.iter().filter(|x| !x.is_empty()) {
+            consumers.entry(x.as_str()).or_default().push(i);
+        }
+    }
+    let graph_outputs: Vec<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    let init: HashMap<&str, &TensorProto> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
+    let scalar = |name: &str| {
+        init.get(name)
+            .is_some_and(|t| t.dims.iter().product::<i64>() == 1)
+    };
+    let dq = |tensor: &str| -> Option<&NodeProto> {
+        let n = &graph.node[*producer.get(tensor)?];
+        (n.op_type == "DequantizeLinear" && n.domain.is_empty()).then_some(n)
+    };
+
+    // (conv index, quantize index, the QLinearConv that replaces both)
+    let mut plans: Vec<(usize, usize, NodeProto)> = vec![];
+    for (ci, conv) in graph.node.iter().enumerate() {
+        if conv.op_type != "Conv" || !conv.domain.is_empty() {
+            continue;
+        }
+        let plan = (|| {
+            let x = dq(input(conv, 0)?)?;
+            let w = dq(input(conv, 1)?)?;
+            let (xq, xs, xz) = (input(x, 0)?, input(x, 1)?, input(x, 2)?);
+            let (wq, ws, wz) = (input(w, 0)?, input(w, 1)?, input(w, 2)?);
+            // QLinearConv: per-tensor activations, weights per tensor or per output channel.
+            if !scalar(xs) || !scalar(xz) || !init.contains_key(wq) {
+                return None;
+            }
+            let w_scales = floats(init.get(ws)?)?;
+            if w_scales.len() > 1 && get_int(w, "axis").unwrap_or(1) != 0 {
+                return None;
+            }
+            let bias = match input(conv, 2) {
+                None => None,
+                Some(b) => {
+                    // An int32 bias quantised with scale x_scale * w_scale, zero point 0.
+                    let bd = dq(b)?;
+                    let (bq, bs) = (input(bd, 0)?, input(bd, 1)?);
+                    if let Some(z) = input(bd, 2)
+                        && !init.get(z).is_some_and(|t| all_zero(t))
+                    {
+                        return None;
+                    }
+                    let bt = init.get(bq)?;
+                    if bt.data_type != 6 {
+                        return None;
+                    }
+                    let sx = floats(init.get(xs)?)?[0];
+                    let sb = floats(init.get(bs)?)?;
+                    let ok = sb.len() == w_scales.len()
+                        && sb.iter().zip(&w_scales).all(|(b, w)| {
+                            let want = sx * w;
+                            (b - want).abs() <= 1e-6 * want.abs().max(f32::MIN_POSITIVE)
+                        });
+                    if !ok {
+                        return None;
+                    }
+                    Some(bq)
+                }
+            };
+            let y = &conv.output[0];
+            if graph_outputs.contains(&y.as_str()) {
+                return None;
+            }
+            let [qi] = consumers.get(y.as_str())?.as_slice() else {
+                return None;
+            };
+            let q = &graph.node[*qi];
+            if q.op_type != "QuantizeLinear" || !q.domain.is_empty() || input(q, 0)? != y {
+                return None;
+            }
+            let (ys, yz) = (input(q, 1)?, input(q, 2)?);
+            if !scalar(ys) || !scalar(yz) {
+                return None;
+            }
+            let mut inputs = vec![xq, xs, xz, wq, ws, wz, ys, yz];
+            inputs.extend(bias);
+            let mut qconv = node("QLinearConv", conv.name.clone(), &inputs, &[&q.output[0]]);
+            qconv.attribute = conv.attribute.clone();
+            Some((ci, *qi, qconv))
+        })();
+        if let Some(p) = plan {
+            plans.push(p);
+        }
+    }
+    let count = plans.len();
+    let mut replace: HashMap<usize, NodeProto> = HashMap::new();
+    let mut drop = std::collections::HashSet::new();
+    for (ci, qi, qconv) in plans {
+        replace.insert(ci, qconv);
+        drop.insert(qi);
+    }
+    let nodes = std::mem::take(&mut graph.node);
+    graph.node = nodes
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !drop.contains(i))
+        .map(|(i, n)| replace.remove(&i).unwrap_or(n))
+        .collect();
+    count
+}
+
+/// Drop nodes none of whose outputs is used (the DequantizeLinear of a weight whose conv
+/// became a QLinearConv), repeatedly.
+fn remove_dead_nodes(graph: &mut GraphProto) {
+    loop {
+        let mut used: std::collections::HashSet<&str> =
+            graph.output.iter().map(|o| o.name.as_str()).collect();
+        for n in &graph.node {
+            used.extend(n.input.iter().map(String::as_str));
+        }
+        let dead: Vec<usize> = graph
+            .node
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| !n.output.iter().any(|o| used.contains(o.as_str())))
+            .map(|(i, _)| i)
+            .collect();
+        if dead.is_empty() {
+            return;
+        }
+        let mut i = 0;
+        graph.node.retain(|_| {
+            i += 1;
+            !dead.contains(&(i - 1))
+        });
+    }
+}
