@@ -111,18 +111,17 @@ impl Requant {
         i32: tract_core::internal::tract_num_traits::AsPrimitive<T>,
     {
         use tract_core::internal::tract_num_traits::AsPrimitive;
+        // (`round_ties_even` below, not `f32::round_ties_even`: that is a libm call per
+        // element on x86-64 without SSE4.1, and made this op slower than the matmul.)
         let channels = self.scales.len();
+        let (zp, lo, hi) = (self.zero_point, self.lo, self.hi);
         for (row, (a, o)) in acc.chunks(inner).zip(out.chunks_mut(inner)).enumerate() {
             let s = self.scales[row % channels];
             for (x, y) in a.iter().zip(o.iter_mut()) {
-                // tract's `scale_by`: the magnitude rounded half to even, then the sign.
-                let v = *x as f32;
-                let scaled = ((v.abs() * s).round_ties_even() * v.signum()) as i32;
-                *y = scaled
-                    .wrapping_add(self.zero_point)
-                    .min(self.hi)
-                    .max(self.lo)
-                    .as_();
+                // tract's `scale_by`: the magnitude scaled and rounded, then the sign.
+                let q = round_ties_even((*x as f32).abs() * s) as i32;
+                let q = if *x < 0 { q.wrapping_neg() } else { q };
+                *y = q.wrapping_add(zp).min(hi).max(lo).as_();
             }
         }
     }
@@ -196,6 +195,219 @@ impl TypedOp for Requant {
     fn as_op_mut(&mut self) -> &mut dyn Op {
         self
     }
+}
+
+/// tract's `round_ties_to_even` (tract-data), inlined so loops over it vectorise: adding
+/// and removing 2^23 rounds an f32 below 2^23 in magnitude to the nearest integer, ties to
+/// even; at or above it every f32 is an integer already.
+#[inline(always)]
+fn round_ties_even(x: f32) -> f32 {
+    const TOINT: f32 = 8_388_608.0;
+    if x.abs() >= TOINT {
+        x
+    } else if x < 0.0 {
+        x - TOINT + TOINT
+    } else {
+        x + TOINT - TOINT
+    }
+}
+
+/// A residual add of two quantised tensors, optionally followed by ReLU, requantised:
+/// `Q(max(DQ(a) + DQ(b), floor))` in one pass over the integers, instead of tract's four
+/// passes (two dequantisations, the add, and a quantisation that calls a rounding function
+/// per element). The same f32 operations in the same order as tract's ops, so the same
+/// bits come out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizedAdd {
+    pub a_scale: f32,
+    pub a_zero_point: i32,
+    pub b_scale: f32,
+    pub b_zero_point: i32,
+    /// The constant of a following `Max` (ReLU: 0.0).
+    pub floor: Option<f32>,
+    /// 1 / output scale, as tract's QuantizeLinear holds it.
+    pub inv_scale: f32,
+    pub zero_point: i32,
+    pub dt: DatumType,
+}
+
+impl Eq for QuantizedAdd {}
+
+impl QuantizedAdd {
+    fn run<A, B, T>(&self, a: &[A], b: &[B], out: &mut [T]) -> TractResult<()>
+    where
+        A: Datum + Copy + tract_core::internal::tract_num_traits::AsPrimitive<i32>,
+        B: Datum + Copy + tract_core::internal::tract_num_traits::AsPrimitive<i32>,
+        T: Datum + Copy + tract_core::internal::tract_num_traits::Bounded,
+        i32: tract_core::internal::tract_num_traits::AsPrimitive<T>,
+        T: tract_core::internal::tract_num_traits::AsPrimitive<i32>,
+    {
+        use tract_core::internal::tract_num_traits::AsPrimitive;
+        let (lo, hi): (i32, i32) = (T::min_value().as_(), T::max_value().as_());
+        let floor = self.floor.unwrap_or(f32::NEG_INFINITY);
+        for ((x, y), o) in a.iter().zip(b).zip(out.iter_mut()) {
+            let fa = (x.as_() - self.a_zero_point) as f32 * self.a_scale;
+            let fb = (y.as_() - self.b_zero_point) as f32 * self.b_scale;
+            let sum = (fa + fb).max(floor);
+            let q = round_ties_even(sum * self.inv_scale) as i32;
+            *o = q.wrapping_add(self.zero_point).clamp(lo, hi).as_();
+        }
+        Ok(())
+    }
+}
+
+impl Op for QuantizedAdd {
+    fn name(&self) -> StaticName {
+        "EdgesightQuantizedAdd".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "a {}/{} + b {}/{}{} -> 1/{} {} {:?}",
+            self.a_scale,
+            self.a_zero_point,
+            self.b_scale,
+            self.b_zero_point,
+            self.floor.map(|f| format!(", max {f}")).unwrap_or_default(),
+            self.inv_scale,
+            self.zero_point,
+            self.dt
+        )])
+    }
+
+    fn as_typed(&self) -> Option<&dyn TypedOp> {
+        Some(self)
+    }
+}
+
+impl EvalOp for QuantizedAdd {
+    fn eval_out_of_plan(&self, inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
+        Ok(Some(EvalOp::eval(
+            self,
+            &EvalContext::out_of_plan(),
+            inputs,
+        )?))
+    }
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (a, b) = (&inputs[0], &inputs[1]);
+        ensure!(
+            a.shape() == b.shape(),
+            "quantised add: shapes {:?} and {:?}",
+            a.shape(),
+            b.shape()
+        );
+        let mut out = unsafe { Tensor::uninitialized_dt(self.dt, a.shape())? };
+        {
+            let (a, b) = (a.try_as_plain_ram()?, b.try_as_plain_ram()?);
+            let mut o = out.try_as_plain_ram_mut()?;
+            macro_rules! go {
+                ($A:ty, $B:ty, $T:ty) => {
+                    self.run::<$A, $B, $T>(a.as_slice()?, b.as_slice()?, o.as_slice_mut()?)?
+                };
+            }
+            use DatumType::{I8, U8};
+            match (inputs[0].datum_type(), inputs[1].datum_type(), self.dt) {
+                (U8, U8, U8) => go!(u8, u8, u8),
+                (U8, U8, I8) => go!(u8, u8, i8),
+                (I8, I8, I8) => go!(i8, i8, i8),
+                (I8, I8, U8) => go!(i8, i8, u8),
+                (U8, I8, U8) => go!(u8, i8, u8),
+                (U8, I8, I8) => go!(u8, i8, i8),
+                (I8, U8, U8) => go!(i8, u8, u8),
+                (I8, U8, I8) => go!(i8, u8, i8),
+                (x, y, z) => bail!("quantised add of {x:?} and {y:?} to {z:?} is not supported"),
+            }
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for QuantizedAdd {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(self.dt.fact(inputs[0].shape.clone())))
+    }
+
+    fn as_op(&self) -> &dyn Op {
+        self
+    }
+
+    fn as_op_mut(&mut self) -> &mut dyn Op {
+        self
+    }
+}
+
+/// Replace every `Q(max?(DQ(a) + DQ(b)))` of the decluttered model (the residual adds of a
+/// quantised ResNet, in every int8 form once it is parsed) by one [`QuantizedAdd`]. Run
+/// before codegen. Returns how many were fused.
+pub fn fuse_quantized_adds(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_core::ops::element_wise::ElementWiseOp;
+    use tract_core::ops::quant::{DequantizeLinearF32, QuantizeLinearI8, QuantizeLinearU8};
+    let mut fused = 0;
+    for id in 0..model.nodes().len() {
+        let q = model.node(id);
+        let Some(ew) = q.op_as::<ElementWiseOp>() else {
+            continue;
+        };
+        let (inv_scale, zero_point, dt) = if let Some(op) = ew.0.downcast_ref::<QuantizeLinearU8>()
+        {
+            (op.scale, op.zero_point as i32, DatumType::U8)
+        } else if let Some(op) = ew.0.downcast_ref::<QuantizeLinearI8>() {
+            (op.scale, op.zero_point as i32, DatumType::I8)
+        } else {
+            continue;
+        };
+        let single = |n: usize| -> bool {
+            model.node(n).outputs[0].successors.len() == 1
+                && !model.outputs.iter().any(|o| o.node == n)
+        };
+        // Optional ReLU: Max with a uniform f32 constant.
+        let mut add = model.node(q.inputs[0].node);
+        let mut floor = None;
+        if add.op.name() == "Max" && add.inputs.len() == 2 && single(add.id) {
+            let k = model.outlet_fact(add.inputs[1])?.konst.clone();
+            let Some(v) = k.map(|k| uniform_value(&k)).transpose()?.flatten() else {
+                continue;
+            };
+            floor = Some(v.cast_to_scalar::<f32>()?);
+            add = model.node(add.inputs[0].node);
+        }
+        if add.op.name() != "Add" || add.inputs.len() != 2 || !single(add.id) {
+            continue;
+        }
+        let dq = |outlet: OutletId| -> Option<(&DequantizeLinearF32, OutletId)> {
+            let n = model.node(outlet.node);
+            let op = n.op_as::<DequantizeLinearF32>()?;
+            single(n.id).then_some((op, n.inputs[0]))
+        };
+        let (Some((da, a)), Some((db, b))) = (dq(add.inputs[0]), dq(add.inputs[1])) else {
+            continue;
+        };
+        let (fa, fb) = (model.outlet_fact(a)?, model.outlet_fact(b)?);
+        if fa.shape != fb.shape || fa.shape != q.outputs[0].fact.shape {
+            continue;
+        }
+        let op = QuantizedAdd {
+            a_scale: da.scale,
+            a_zero_point: da.zero_point,
+            b_scale: db.scale,
+            b_zero_point: db.zero_point,
+            floor,
+            inv_scale,
+            zero_point,
+            dt,
+        };
+        let mut patch = TypedModelPatch::default();
+        let inputs = [patch.tap_model(model, a)?, patch.tap_model(model, b)?];
+        let out = patch.wire_node(format!("{}.qadd", q.name), op, &inputs)?;
+        patch.shunt_outside(model, OutletId::new(id, 0), out[0])?;
+        patch.apply(model)?;
+        fused += 1;
+    }
+    if fused > 0 {
+        model.compact()?;
+    }
+    Ok(fused)
 }
 
 /// The constant operand of a binary node `node` whose other operand is `from`, if it is

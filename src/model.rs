@@ -59,6 +59,8 @@ pub struct Int8Rewrites {
     pub scalar_zero_points: usize,
     /// Per-channel requantisation chains fused into one op.
     pub fused_requant: usize,
+    /// Residual adds (dequantise, add, ReLU, quantise) fused into one integer pass.
+    pub fused_adds: usize,
 }
 
 /// Read the ONNX file, rewrite its quantised forms onto integer convolutions
@@ -88,6 +90,7 @@ fn optimize(model: InferenceModel, rewrite: bool) -> TractResult<(TypedModel, In
     }
     let mut typed = model.into_typed()?.into_decluttered()?;
     let scalar_zero_points = crate::int8::scalar_zero_points(&mut typed)?;
+    let fused_adds = crate::int8::fuse_quantized_adds(&mut typed)?;
     let mut typed = typed.into_optimized()?;
     let fused_requant = crate::int8::fuse_requant(&mut typed)?;
     Ok((
@@ -95,6 +98,7 @@ fn optimize(model: InferenceModel, rewrite: bool) -> TractResult<(TypedModel, In
         Int8Rewrites {
             scalar_zero_points,
             fused_requant,
+            fused_adds,
             ..Default::default()
         },
     ))

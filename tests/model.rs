@@ -46,7 +46,7 @@ fn tract_matches_onnxruntime_on_every_loadable_form() {
         let s = settings(f["file"].as_str().unwrap());
         let c = Classifier::load(&s).unwrap_or_else(|e| panic!("{form}: {e:#}"));
         // Every int8 form must reach tract's integer kernels: the rewrites that get it
-        // there (src/onnx_quant.rs, src/int8.rs) must have fired, each on all 9 convs.
+        // there (src/onnx_quant.rs, src/int8.rs) must have fired, on every conv and add.
         let r = c.int8_rewrites();
         let want = expected_rewrites(form);
         assert_eq!(
@@ -54,10 +54,11 @@ fn tract_matches_onnxruntime_on_every_loadable_form() {
                 r.proto.qdq_convs,
                 r.proto.contrib_ops,
                 r.scalar_zero_points,
-                r.fused_requant
+                r.fused_requant,
+                r.fused_adds,
             ),
             want,
-            "{form}: rewrites (qdq convs, contrib ops, scalar zero points, fused requant)"
+            "{form}: rewrites (qdq convs, contrib ops, scalar zero points, fused requant, fused adds)"
         );
         let spec = *c.input_spec();
         let (mut max_diff, mut max_logit) = (0f32, 0f32);
@@ -107,36 +108,42 @@ fn tract_matches_onnxruntime_on_every_loadable_form() {
 }
 
 /// (QDQ convs -> QLinearConv, com.microsoft ops expanded, per-channel weight zero points
-/// made scalar, per-channel requantisations fused) per fixture form. The fixture has 9
-/// convolutions; its QOperator form has 3 QLinearAdd, 1 QLinearGlobalAveragePool and
-/// 1 QGemm.
-fn expected_rewrites(form: &str) -> (usize, usize, usize, usize) {
+/// made scalar, per-channel requantisations fused, residual adds fused) per fixture form.
+/// The fixture has 9 convolutions and 3 residual adds; its QOperator form has 3
+/// QLinearAdd, 1 QLinearGlobalAveragePool and 1 QGemm. The QLinearConv forms leave the
+/// last add in float (it feeds the float pooling), so 2 of their adds are quantised.
+fn expected_rewrites(form: &str) -> (usize, usize, usize, usize, usize) {
     match form {
-        "int8_qdq" => (9, 0, 0, 0),
-        "int8_qdq_pc" => (9, 0, 9, 9),
-        "int8_qlinear_pc" => (0, 0, 9, 9),
-        "int8_qop" => (0, 5, 0, 0),
-        _ => (0, 0, 0, 0),
+        "int8_qlinear" => (0, 0, 0, 0, 2),
+        "int8_qdq" => (9, 0, 0, 0, 3),
+        "int8_qdq_pc" => (9, 0, 9, 9, 3),
+        "int8_qlinear_pc" => (0, 0, 9, 9, 2),
+        "int8_qop" => (0, 5, 0, 0, 3),
+        _ => (0, 0, 0, 0, 0),
     }
 }
 
-/// The graph rewrites that need no approximation must be invisible in the output: the
-/// per-channel model with and without them gives bit-identical logits on every sample.
+/// The typed-graph rewrites (scalar zero points, fused requantisation, fused residual
+/// adds) need no approximation and must be invisible in the output: each QLinearConv form
+/// with and without them gives bit-identical logits on every sample.
 #[test]
 fn exact_int8_rewrites_change_no_bit() {
     let inputs = std::fs::read(common::fixture("reference/inputs.bin")).unwrap();
     let px = 64 * 64 * 3;
-    let s = settings("tests/fixtures/models/shapes_int8_qlinear_pc.onnx");
-    let fast = Classifier::load(&s).unwrap();
-    let plain = Classifier::load_with(&s, false).unwrap();
-    assert_eq!(plain.int8_rewrites(), Default::default());
-    assert!(fast.int8_rewrites().fused_requant > 0);
-    let spec = *fast.input_spec();
-    for i in 0..inputs.len() / px {
-        let rgb = image::RgbImage::from_raw(64, 64, inputs[i * px..(i + 1) * px].to_vec()).unwrap();
-        let a = fast.raw_scores(spec.normalize(&rgb)).unwrap();
-        let b = plain.raw_scores(spec.normalize(&rgb)).unwrap();
-        assert_eq!(a, b, "sample {i}");
+    for form in ["int8_qlinear", "int8_qlinear_pc"] {
+        let s = settings(&format!("tests/fixtures/models/shapes_{form}.onnx"));
+        let fast = Classifier::load(&s).unwrap();
+        let plain = Classifier::load_with(&s, false).unwrap();
+        assert_eq!(plain.int8_rewrites(), Default::default());
+        assert!(fast.int8_rewrites().fused_adds > 0, "{form}");
+        let spec = *fast.input_spec();
+        for i in 0..inputs.len() / px {
+            let rgb =
+                image::RgbImage::from_raw(64, 64, inputs[i * px..(i + 1) * px].to_vec()).unwrap();
+            let a = fast.raw_scores(spec.normalize(&rgb)).unwrap();
+            let b = plain.raw_scores(spec.normalize(&rgb)).unwrap();
+            assert_eq!(a, b, "{form}: sample {i}");
+        }
     }
 }
 
