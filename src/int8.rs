@@ -108,20 +108,17 @@ impl Eq for Requant {}
 impl Requant {
     fn run<T: Datum + Copy>(&self, acc: &[i32], inner: usize, out: &mut [T])
     where
-        i32: tract_core::internal::tract_num_traits::AsPrimitive<T>,
+        f32: tract_core::internal::tract_num_traits::AsPrimitive<T>,
     {
         use tract_core::internal::tract_num_traits::AsPrimitive;
-        // (`round_ties_even` below, not `f32::round_ties_even`: that is a libm call per
-        // element on x86-64 without SSE4.1, and made this op slower than the matmul.)
         let channels = self.scales.len();
-        let (zp, lo, hi) = (self.zero_point, self.lo, self.hi);
+        let (zp, lo, hi) = (self.zero_point as f32, self.lo as f32, self.hi as f32);
         for (row, (a, o)) in acc.chunks(inner).zip(out.chunks_mut(inner)).enumerate() {
             let s = self.scales[row % channels];
             for (x, y) in a.iter().zip(o.iter_mut()) {
-                // tract's `scale_by`: the magnitude scaled and rounded, then the sign.
-                let q = round_ties_even((*x as f32).abs() * s) as i32;
-                let q = if *x < 0 { q.wrapping_neg() } else { q };
-                *y = q.wrapping_add(zp).min(hi).max(lo).as_();
+                // tract's `scale_by` (magnitude scaled and rounded, then the sign) and
+                // requant chain (+ zero point, clamp, cast) in one step.
+                *y = quantize(*x as f32 * s, zp, lo, hi).as_();
             }
         }
     }
@@ -197,19 +194,22 @@ impl TypedOp for Requant {
     }
 }
 
-/// tract's `round_ties_to_even` (tract-data), inlined so loops over it vectorise: adding
-/// and removing 2^23 rounds an f32 below 2^23 in magnitude to the nearest integer, ties to
-/// even; at or above it every f32 is an integer already.
+/// 2^23: adding and removing it rounds a non-negative f32 below it to the nearest integer,
+/// ties to even (the default rounding mode); at or above it every f32 is an integer.
+const TOINT: f32 = 8_388_608.0;
+
+/// `clamp(round_half_even(x) + zero_point, lo, hi)`, exactly as tract computes it
+/// (`round_ties_to_even`, a cast to i32, an i32 add, an i32 clamp), but in f32 only so
+/// loops over it vectorise: the magnitude is capped at 2^23 before rounding (anything
+/// larger saturates the clamp either way), and every intermediate is an integer below
+/// 2^24, exact in f32. (`f32::round_ties_even` would be a libm call per element on
+/// baseline x86-64; tract's own rounding is a function call per element too.)
 #[inline(always)]
-fn round_ties_even(x: f32) -> f32 {
-    const TOINT: f32 = 8_388_608.0;
-    if x.abs() >= TOINT {
-        x
-    } else if x < 0.0 {
-        x - TOINT + TOINT
-    } else {
-        x + TOINT - TOINT
-    }
+fn quantize(x: f32, zero_point: f32, lo: f32, hi: f32) -> f32 {
+    let m = x.abs().min(TOINT);
+    let r = (m + TOINT) - TOINT;
+    let r = if x < 0.0 { -r } else { r };
+    (r + zero_point).max(lo).min(hi)
 }
 
 /// A residual add of two quantised tensors, optionally followed by ReLU, requantised:
@@ -239,18 +239,18 @@ impl QuantizedAdd {
         A: Datum + Copy + tract_core::internal::tract_num_traits::AsPrimitive<i32>,
         B: Datum + Copy + tract_core::internal::tract_num_traits::AsPrimitive<i32>,
         T: Datum + Copy + tract_core::internal::tract_num_traits::Bounded,
-        i32: tract_core::internal::tract_num_traits::AsPrimitive<T>,
-        T: tract_core::internal::tract_num_traits::AsPrimitive<i32>,
+        f32: tract_core::internal::tract_num_traits::AsPrimitive<T>,
+        T: tract_core::internal::tract_num_traits::AsPrimitive<f32>,
     {
         use tract_core::internal::tract_num_traits::AsPrimitive;
-        let (lo, hi): (i32, i32) = (T::min_value().as_(), T::max_value().as_());
+        let (lo, hi): (f32, f32) = (T::min_value().as_(), T::max_value().as_());
         let floor = self.floor.unwrap_or(f32::NEG_INFINITY);
+        let zp = self.zero_point as f32;
         for ((x, y), o) in a.iter().zip(b).zip(out.iter_mut()) {
+            // tract's DequantizeLinearF32 twice, Add, Max, QuantizeLinear.
             let fa = (x.as_() - self.a_zero_point) as f32 * self.a_scale;
             let fb = (y.as_() - self.b_zero_point) as f32 * self.b_scale;
-            let sum = (fa + fb).max(floor);
-            let q = round_ties_even(sum * self.inv_scale) as i32;
-            *o = q.wrapping_add(self.zero_point).clamp(lo, hi).as_();
+            *o = quantize((fa + fb).max(floor) * self.inv_scale, zp, lo, hi).as_();
         }
         Ok(())
     }
@@ -408,6 +408,124 @@ pub fn fuse_quantized_adds(model: &mut TypedModel) -> TractResult<usize> {
         model.compact()?;
     }
     Ok(fused)
+}
+
+/// tract's QuantizeLinear (f32 -> u8/i8 with `1/scale` and a zero point), vectorised; see
+/// [`quantize`]. Same results bit for bit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quantize {
+    pub inv_scale: f32,
+    pub zero_point: i32,
+    pub dt: DatumType,
+}
+
+impl Eq for Quantize {}
+
+impl Op for Quantize {
+    fn name(&self) -> StaticName {
+        "EdgesightQuantize".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "1/scale {} zero point {} -> {:?}",
+            self.inv_scale, self.zero_point, self.dt
+        )])
+    }
+
+    fn as_typed(&self) -> Option<&dyn TypedOp> {
+        Some(self)
+    }
+}
+
+impl EvalOp for Quantize {
+    fn eval_out_of_plan(&self, inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
+        Ok(Some(EvalOp::eval(
+            self,
+            &EvalContext::out_of_plan(),
+            inputs,
+        )?))
+    }
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = inputs[0].try_as_plain_ram()?;
+        let x = x.as_slice::<f32>()?;
+        let mut out = unsafe { Tensor::uninitialized_dt(self.dt, inputs[0].shape())? };
+        let zp = self.zero_point as f32;
+        {
+            let mut o = out.try_as_plain_ram_mut()?;
+            match self.dt {
+                DatumType::U8 => {
+                    for (x, y) in x.iter().zip(o.as_slice_mut::<u8>()?) {
+                        *y = quantize(x * self.inv_scale, zp, 0.0, 255.0) as u8;
+                    }
+                }
+                DatumType::I8 => {
+                    for (x, y) in x.iter().zip(o.as_slice_mut::<i8>()?) {
+                        *y = quantize(x * self.inv_scale, zp, -128.0, 127.0) as i8;
+                    }
+                }
+                dt => bail!("quantisation to {dt:?} is not supported"),
+            }
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for Quantize {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(self.dt.fact(inputs[0].shape.clone())))
+    }
+
+    fn as_op(&self) -> &dyn Op {
+        self
+    }
+
+    fn as_op_mut(&mut self) -> &mut dyn Op {
+        self
+    }
+}
+
+/// Replace tract's f32 QuantizeLinear nodes of the optimised model by [`Quantize`].
+/// Returns how many.
+pub fn fast_quantize(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_core::ops::element_wise::ElementWiseOp;
+    use tract_core::ops::quant::{QuantizeLinearI8, QuantizeLinearU8};
+    let mut replaced = 0;
+    for id in 0..model.nodes().len() {
+        let node = model.node(id);
+        let Some(ew) = node.op_as::<ElementWiseOp>() else {
+            continue;
+        };
+        let op = if let Some(q) = ew.0.downcast_ref::<QuantizeLinearU8>() {
+            Quantize {
+                inv_scale: q.scale,
+                zero_point: q.zero_point as i32,
+                dt: DatumType::U8,
+            }
+        } else if let Some(q) = ew.0.downcast_ref::<QuantizeLinearI8>() {
+            Quantize {
+                inv_scale: q.scale,
+                zero_point: q.zero_point as i32,
+                dt: DatumType::I8,
+            }
+        } else {
+            continue;
+        };
+        if node.inputs.len() != 1
+            || model.outlet_fact(node.inputs[0])?.datum_type != DatumType::F32
+            || node.outputs[0].fact.datum_type != op.dt
+        {
+            continue;
+        }
+        let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs, op)?;
+        patch.apply(model)?;
+        replaced += 1;
+    }
+    if replaced > 0 {
+        model.compact()?;
+    }
+    Ok(replaced)
 }
 
 /// The constant operand of a binary node `node` whose other operand is `from`, if it is
@@ -603,6 +721,56 @@ mod tests {
                 .run(tvec!(input.into_tvalue()))
                 .unwrap();
             assert_eq!(*got[0], *want[0], "{dt:?} zp {zp}");
+        }
+    }
+
+    /// Ties, negatives, saturation and values past 2^23 against tract's own quantiser.
+    /// (Not past 2^31: tract's i32 add of the zero point overflows there, wrapping in
+    /// release; ours saturates. Activations never come near.)
+    #[test]
+    fn quantize_matches_tracts() {
+        use tract_core::ops::quant::{quantize_linear_f32_i8, quantize_linear_f32_u8};
+        let xs = [
+            0.0f32, -0.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 127.5, 128.5, -128.5, 300.0, -300.0,
+            2e9, -2e9, 8388609.0, -8388609.0, 0.49999997,
+        ];
+        for zp in [0, 3, 128, 255] {
+            let op = Quantize {
+                inv_scale: 1.0,
+                zero_point: zp,
+                dt: DatumType::U8,
+            };
+            let out = op
+                .eval_out_of_plan(tvec!(tensor1(&xs).into_tvalue()))
+                .unwrap()
+                .unwrap();
+            let want: Vec<u8> = xs
+                .iter()
+                .map(|x| quantize_linear_f32_u8(*x, 1.0, zp))
+                .collect();
+            assert_eq!(
+                out[0].try_as_plain_ram().unwrap().as_slice::<u8>().unwrap(),
+                &want[..]
+            );
+        }
+        for zp in [-128, -3, 0, 127] {
+            let op = Quantize {
+                inv_scale: 1.0,
+                zero_point: zp,
+                dt: DatumType::I8,
+            };
+            let out = op
+                .eval_out_of_plan(tvec!(tensor1(&xs).into_tvalue()))
+                .unwrap()
+                .unwrap();
+            let want: Vec<i8> = xs
+                .iter()
+                .map(|x| quantize_linear_f32_i8(*x, 1.0, zp))
+                .collect();
+            assert_eq!(
+                out[0].try_as_plain_ram().unwrap().as_slice::<i8>().unwrap(),
+                &want[..]
+            );
         }
     }
 

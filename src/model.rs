@@ -61,6 +61,8 @@ pub struct Int8Rewrites {
     pub fused_requant: usize,
     /// Residual adds (dequantise, add, ReLU, quantise) fused into one integer pass.
     pub fused_adds: usize,
+    /// f32 -> int8 quantisations replaced by a vectorised equivalent.
+    pub fast_quantize: usize,
 }
 
 /// Read the ONNX file, rewrite its quantised forms onto integer convolutions
@@ -93,12 +95,14 @@ fn optimize(model: InferenceModel, rewrite: bool) -> TractResult<(TypedModel, In
     let fused_adds = crate::int8::fuse_quantized_adds(&mut typed)?;
     let mut typed = typed.into_optimized()?;
     let fused_requant = crate::int8::fuse_requant(&mut typed)?;
+    let fast_quantize = crate::int8::fast_quantize(&mut typed)?;
     Ok((
         typed,
         Int8Rewrites {
             scalar_zero_points,
             fused_requant,
             fused_adds,
+            fast_quantize,
             ..Default::default()
         },
     ))
