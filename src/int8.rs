@@ -108,7 +108,7 @@ impl Eq for Requant {}
 impl Requant {
     fn run<T: Datum + Copy>(&self, acc: &[i32], inner: usize, out: &mut [T])
     where
-        f32: tract_core::internal::tract_num_traits::AsPrimitive<T>,
+        i32: tract_core::internal::tract_num_traits::AsPrimitive<T>,
     {
         use tract_core::internal::tract_num_traits::AsPrimitive;
         let channels = self.scales.len();
@@ -205,11 +205,15 @@ const TOINT: f32 = 8_388_608.0;
 /// 2^24, exact in f32. (`f32::round_ties_even` would be a libm call per element on
 /// baseline x86-64; tract's own rounding is a function call per element too.)
 #[inline(always)]
-fn quantize(x: f32, zero_point: f32, lo: f32, hi: f32) -> f32 {
+fn quantize(x: f32, zero_point: f32, lo: f32, hi: f32) -> i32 {
     let m = x.abs().min(TOINT);
-    let r = (m + TOINT) - TOINT;
-    let r = if x < 0.0 { -r } else { r };
-    (r + zero_point).max(lo).min(hi)
+    let r = ((m + TOINT) - TOINT).copysign(x);
+    // `max` then `min` return the non-NaN operand, so even a NaN `x` lands in [lo, hi].
+    let q = (r + zero_point).max(lo).min(hi);
+    // SAFETY: `q` is finite and within [lo, hi], a sub-range of i8/u8, so it fits an i32.
+    // (`as i32` would be the saturating cast, which compiles to a branchy scalar sequence
+    // per lane; this is one vector conversion.)
+    unsafe { q.to_int_unchecked::<i32>() }
 }
 
 /// A residual add of two quantised tensors, optionally followed by ReLU, requantised:
@@ -239,7 +243,7 @@ impl QuantizedAdd {
         A: Datum + Copy + tract_core::internal::tract_num_traits::AsPrimitive<i32>,
         B: Datum + Copy + tract_core::internal::tract_num_traits::AsPrimitive<i32>,
         T: Datum + Copy + tract_core::internal::tract_num_traits::Bounded,
-        f32: tract_core::internal::tract_num_traits::AsPrimitive<T>,
+        i32: tract_core::internal::tract_num_traits::AsPrimitive<T>,
         T: tract_core::internal::tract_num_traits::AsPrimitive<f32>,
     {
         use tract_core::internal::tract_num_traits::AsPrimitive;
