@@ -1,20 +1,24 @@
-//! Load-time graph work that keeps quantised models on tract's integer kernels.
+//! Load-time graph work that keeps quantised models on tract's integer kernels and takes
+//! the slow element-wise passes out of the way.
 //!
-//! tract 0.23 runs a per-tensor QLinearConv fully fused (int8 matmul, requantisation inside
-//! the kernel), but leaves three common forms on slow paths (measured on ResNet-50 and
-//! written down in BENCHMARKS.md):
+//! tract 0.23 runs a per-tensor QLinearConv fused (int8 matmul, requantisation inside the
+//! kernel), but leaves common forms on slow paths (measured on ResNet-50, BENCHMARKS.md):
 //! - per-channel weights: the weight zero point arrives as a `[1,1,C,1]` tensor of zeros,
 //!   which tract does not recognise as uniform, so every conv also sums its activations and
 //!   subtracts `k0 * sum_x` over the whole output ([`scalar_zero_points`] fixes that,
 //!   exactly); and the per-channel requantisation (`Scale -> Add -> Min -> Max -> Cast`)
 //!   has no fused form, so it runs as five passes over an i32 tensor ([`fuse_requant`]
-//!   replaces the chain with one op of ours, [`Requant`], bit for bit the same arithmetic);
-//! - QDQ models (onnxruntime's default): `DequantizeLinear -> Conv -> QuantizeLinear` runs
-//!   the conv in f32 ([`crate::onnx_quant::qdq_to_qlinear`] rewrites it to QLinearConv);
-//! - onnxruntime's QOperator default uses com.microsoft ops tract has no translation for
-//!   ([`crate::onnx_quant::register`]).
+//!   replaces the chain with one op of ours, [`Requant`]);
+//! - residual adds between quantised tensors run as dequantise, dequantise, add, ReLU and
+//!   quantise ([`fuse_quantized_adds`]: one pass, [`QuantizedAdd`]), and tract's f32 ->
+//!   int8 quantiser rounds through a function call per element ([`fast_quantize`]:
+//!   [`Quantize`], vectorised).
 //!
-//! Everything here goes through tract's public model-patching API; tract is not modified.
+//! Every op here computes the same f32 operations in the same order as the tract ops it
+//! replaces, so outputs are bit-identical (tests/model.rs checks whole models; the unit
+//! tests check ties and saturation). The protobuf-level rewrites for QDQ and com.microsoft
+//! forms are in [`crate::onnx_quant`]. Everything goes through tract's public
+//! model-patching API; tract itself is not modified.
 
 use tract_core::internal::*;
 use tract_core::ops::einsum::EinSum;
