@@ -65,14 +65,18 @@ pub async fn run_with_notifier(
     // Load the model first: a bad model must fail start-up before anything is announced.
     let classifier = Arc::new(load_model(&settings)?);
     let spec = classifier.input_spec();
+    let t = classifier.timing();
     info!(
-        "model {}: input {}x{} {:?}, {} classes, preprocess {:?}",
+        "model {}: input {}x{} {:?}, {} classes, preprocess {:?}, loaded in {:.0} ms + optimised in {:.0} ms ({})",
         classifier.file_name(),
         spec.width,
         spec.height,
         spec.layout,
         classifier.labels().len(),
-        spec.preprocess
+        spec.preprocess,
+        t.load_ms,
+        t.optimize_ms,
+        classifier.int8_rewrites()
     );
     if settings.mqtt.embedded_broker {
         mqtt::start_embedded_broker(&settings.mqtt.host, settings.mqtt.port)?;

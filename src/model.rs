@@ -65,6 +65,30 @@ pub struct Int8Rewrites {
     pub fast_quantize: usize,
 }
 
+impl std::fmt::Display for Int8Rewrites {
+    /// What fired, for the start-up log line: "int8 rewrites: 53 QDQ convs, ..." or
+    /// "no int8 rewrites".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = [
+            (self.proto.qdq_convs, "QDQ convs -> QLinearConv"),
+            (self.proto.contrib_ops, "com.microsoft ops expanded"),
+            (self.scalar_zero_points, "zero points made scalar"),
+            (self.fused_requant, "requantisations fused"),
+            (self.fused_adds, "residual adds fused"),
+            (self.fast_quantize, "quantisers vectorised"),
+        ]
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect();
+        if parts.is_empty() {
+            write!(f, "no int8 rewrites")
+        } else {
+            write!(f, "int8 rewrites: {}", parts.join(", "))
+        }
+    }
+}
+
 /// Read the ONNX file, rewrite its quantised forms onto integer convolutions
 /// ([`crate::onnx_quant`]), then let tract parse it.
 fn parse(path: &Path, rewrite: bool) -> Result<(InferenceModel, crate::onnx_quant::ProtoRewrites)> {
