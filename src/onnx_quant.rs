@@ -5,7 +5,7 @@
 //!   between the Q/DQ pairs);
 //! - onnxruntime's QOperator default (also the ONNX Model Zoo int8 ResNets) uses
 //!   com.microsoft contrib ops tract has no translation for: `QLinearAdd`,
-//!   `QLinearGlobalAveragePool` and `QGemm` become their standard-op definitions
+//!   `QLinearMul`, `QLinearGlobalAveragePool` and `QGemm` become their standard-op definitions
 //!   (DequantizeLinear -> Add / GlobalAveragePool / Gemm -> QuantizeLinear), which tract's
 //!   own translations then fuse.
 //!
@@ -24,7 +24,7 @@ use tract_onnx::pb::{AttributeProto, GraphProto, NodeProto, TensorProto, attribu
 pub struct ProtoRewrites {
     /// DQ -> Conv -> Q groups turned into QLinearConv.
     pub qdq_convs: usize,
-    /// com.microsoft QLinearAdd / QLinearGlobalAveragePool / QGemm expanded.
+    /// com.microsoft QLinearAdd / QLinearMul / QLinearGlobalAveragePool / QGemm expanded.
     pub contrib_ops: usize,
 }
 
@@ -146,7 +146,9 @@ fn expand_contrib_ops(graph: &mut GraphProto) -> Result<usize> {
     let nodes = std::mem::take(&mut graph.node);
     for n in nodes {
         let replacement = match n.op_type.as_str() {
-            "QLinearAdd" => Some(qlinear_add(graph, &n)?),
+            "QLinearAdd" => Some(qlinear_binary(graph, &n, "Add")?),
+            // Keras exports BatchNorm as Sub/Mul/Add; quantised, the Mul becomes QLinearMul.
+            "QLinearMul" => Some(qlinear_binary(graph, &n, "Mul")?),
             "QLinearGlobalAveragePool" => Some(qlinear_global_average_pool(graph, &n)?),
             "QGemm" => Some(qgemm(graph, &n)?),
             _ => None,
@@ -170,8 +172,8 @@ fn need<'a>(n: &'a NodeProto, ix: usize, what: &str) -> Result<&'a str> {
     }
 }
 
-/// `C = Q(DQ(A) + DQ(B))`, the contrib op's definition.
-fn qlinear_add(graph: &GraphProto, n: &NodeProto) -> Result<Vec<NodeProto>> {
+/// `C = Q(DQ(A) op DQ(B))`, the definition of the contrib ops QLinearAdd and QLinearMul.
+fn qlinear_binary(graph: &GraphProto, n: &NodeProto, op: &str) -> Result<Vec<NodeProto>> {
     let (a, a_s, a_z) = (
         need(n, 0, "A")?,
         need(n, 1, "A_scale")?,
@@ -200,7 +202,7 @@ fn qlinear_add(graph: &GraphProto, n: &NodeProto) -> Result<Vec<NodeProto>> {
             &[b, b_s, b_z],
             &[&bf],
         ),
-        node("Add", format!("{}.add", n.name), &[&af, &bf], &[&cf]),
+        node(op, format!("{}.op", n.name), &[&af, &bf], &[&cf]),
         node("QuantizeLinear", n.name.clone(), &[&cf, c_s, c_z], &[c]),
     ])
 }
