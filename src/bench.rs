@@ -12,25 +12,39 @@ use tract_onnx::prelude::*;
 use crate::model::Classifier;
 use crate::settings::ModelSettings;
 
+/// `edgesight bench`'s options (parsed by clap in main.rs).
+#[derive(Debug, clap::Args)]
 pub struct BenchOptions {
+    #[arg(long)]
     pub model: PathBuf,
+    /// Threads for the matrix products.
+    #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    #[arg(long, default_value_t = 20)]
     pub runs: usize,
+    #[arg(long, default_value_t = 2)]
     pub warmup: usize,
-    /// The model's input as raw little-endian f32 in the model's input layout; without it,
-    /// a synthetic test card (colour gradients) prepared like a camera frame.
+    /// The model's input as raw little-endian f32 in the model's input layout (default: a
+    /// synthetic test card, colour gradients, prepared like a camera frame).
+    #[arg(long)]
     pub input: Option<PathBuf>,
-    /// Include the raw output vector (for comparison with another runtime).
+    /// Include the model's raw output vector (for comparison with another runtime).
+    #[arg(long)]
     pub outputs: bool,
     /// Include time per operator type.
+    #[arg(long)]
     pub profile: bool,
-    /// Skip edgesight's int8 rewrites (measure tract as is).
+    /// Run the model as tract alone would (no int8 rewrites), for comparison.
+    #[arg(long)]
     pub no_int8_rewrites: bool,
 }
 
 pub fn bench(opts: &BenchOptions) -> Result<Value> {
     if opts.runs == 0 {
         bail!("--runs must be at least 1");
+    }
+    if !(1..=64).contains(&opts.threads) {
+        bail!("--threads {}: out of range 1..=64", opts.threads);
     }
     let settings = ModelSettings {
         threads: opts.threads,

@@ -145,19 +145,11 @@ impl Op for Requant {
         )])
     }
 
-    fn as_typed(&self) -> Option<&dyn TypedOp> {
-        Some(self)
-    }
+    tract_core::op_as_typed_op!();
 }
 
 impl EvalOp for Requant {
-    fn eval_out_of_plan(&self, inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
-        Ok(Some(EvalOp::eval(
-            self,
-            &EvalContext::out_of_plan(),
-            inputs,
-        )?))
-    }
+    tract_core::op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = &inputs[0];
@@ -189,13 +181,7 @@ impl TypedOp for Requant {
         Ok(tvec!(self.dt.fact(inputs[0].shape.clone())))
     }
 
-    fn as_op(&self) -> &dyn Op {
-        self
-    }
-
-    fn as_op_mut(&mut self) -> &mut dyn Op {
-        self
-    }
+    tract_core::as_op!();
 }
 
 /// 2^23: adding and removing it rounds a non-negative f32 below it to the nearest integer,
@@ -283,19 +269,11 @@ impl Op for QuantizedAdd {
         )])
     }
 
-    fn as_typed(&self) -> Option<&dyn TypedOp> {
-        Some(self)
-    }
+    tract_core::op_as_typed_op!();
 }
 
 impl EvalOp for QuantizedAdd {
-    fn eval_out_of_plan(&self, inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
-        Ok(Some(EvalOp::eval(
-            self,
-            &EvalContext::out_of_plan(),
-            inputs,
-        )?))
-    }
+    tract_core::op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let (a, b) = (&inputs[0], &inputs[1]);
@@ -336,12 +314,19 @@ impl TypedOp for QuantizedAdd {
         Ok(tvec!(self.dt.fact(inputs[0].shape.clone())))
     }
 
-    fn as_op(&self) -> &dyn Op {
-        self
-    }
+    tract_core::as_op!();
+}
 
-    fn as_op_mut(&mut self) -> &mut dyn Op {
-        self
+/// tract's f32 -> int8 QuantizeLinear, if `node` is one: (1/scale, zero point, output type).
+fn quantizer(node: &TypedNode) -> Option<(f32, i32, DatumType)> {
+    use tract_core::ops::element_wise::ElementWiseOp;
+    use tract_core::ops::quant::{QuantizeLinearI8, QuantizeLinearU8};
+    let ew = node.op_as::<ElementWiseOp>()?;
+    if let Some(q) = ew.0.downcast_ref::<QuantizeLinearU8>() {
+        Some((q.scale, q.zero_point as i32, DatumType::U8))
+    } else {
+        let q = ew.0.downcast_ref::<QuantizeLinearI8>()?;
+        Some((q.scale, q.zero_point as i32, DatumType::I8))
     }
 }
 
@@ -349,20 +334,11 @@ impl TypedOp for QuantizedAdd {
 /// quantised ResNet, in every int8 form once it is parsed) by one [`QuantizedAdd`]. Run
 /// before codegen. Returns how many were fused.
 pub fn fuse_quantized_adds(model: &mut TypedModel) -> TractResult<usize> {
-    use tract_core::ops::element_wise::ElementWiseOp;
-    use tract_core::ops::quant::{DequantizeLinearF32, QuantizeLinearI8, QuantizeLinearU8};
+    use tract_core::ops::quant::DequantizeLinearF32;
     let mut fused = 0;
     for id in 0..model.nodes().len() {
         let q = model.node(id);
-        let Some(ew) = q.op_as::<ElementWiseOp>() else {
-            continue;
-        };
-        let (inv_scale, zero_point, dt) = if let Some(op) = ew.0.downcast_ref::<QuantizeLinearU8>()
-        {
-            (op.scale, op.zero_point as i32, DatumType::U8)
-        } else if let Some(op) = ew.0.downcast_ref::<QuantizeLinearI8>() {
-            (op.scale, op.zero_point as i32, DatumType::I8)
-        } else {
+        let Some((inv_scale, zero_point, dt)) = quantizer(q) else {
             continue;
         };
         let single = |n: usize| -> bool {
@@ -441,19 +417,11 @@ impl Op for Quantize {
         )])
     }
 
-    fn as_typed(&self) -> Option<&dyn TypedOp> {
-        Some(self)
-    }
+    tract_core::op_as_typed_op!();
 }
 
 impl EvalOp for Quantize {
-    fn eval_out_of_plan(&self, inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
-        Ok(Some(EvalOp::eval(
-            self,
-            &EvalContext::out_of_plan(),
-            inputs,
-        )?))
-    }
+    tract_core::op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let x = inputs[0].try_as_plain_ram()?;
@@ -485,40 +453,22 @@ impl TypedOp for Quantize {
         Ok(tvec!(self.dt.fact(inputs[0].shape.clone())))
     }
 
-    fn as_op(&self) -> &dyn Op {
-        self
-    }
-
-    fn as_op_mut(&mut self) -> &mut dyn Op {
-        self
-    }
+    tract_core::as_op!();
 }
 
 /// Replace tract's f32 QuantizeLinear nodes of the optimised model by [`Quantize`].
 /// Returns how many.
 pub fn fast_quantize(model: &mut TypedModel) -> TractResult<usize> {
-    use tract_core::ops::element_wise::ElementWiseOp;
-    use tract_core::ops::quant::{QuantizeLinearI8, QuantizeLinearU8};
     let mut replaced = 0;
     for id in 0..model.nodes().len() {
         let node = model.node(id);
-        let Some(ew) = node.op_as::<ElementWiseOp>() else {
+        let Some((inv_scale, zero_point, dt)) = quantizer(node) else {
             continue;
         };
-        let op = if let Some(q) = ew.0.downcast_ref::<QuantizeLinearU8>() {
-            Quantize {
-                inv_scale: q.scale,
-                zero_point: q.zero_point as i32,
-                dt: DatumType::U8,
-            }
-        } else if let Some(q) = ew.0.downcast_ref::<QuantizeLinearI8>() {
-            Quantize {
-                inv_scale: q.scale,
-                zero_point: q.zero_point as i32,
-                dt: DatumType::I8,
-            }
-        } else {
-            continue;
+        let op = Quantize {
+            inv_scale,
+            zero_point,
+            dt,
         };
         if node.inputs.len() != 1
             || model.outlet_fact(node.inputs[0])?.datum_type != DatumType::F32

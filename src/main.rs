@@ -53,29 +53,7 @@ enum Command {
     Cameras,
     /// Time a model on this machine; print one JSON object (load, optimise, median and
     /// minimum inference time, peak RSS).
-    Bench {
-        #[arg(long)]
-        model: PathBuf,
-        /// Threads for the matrix products.
-        #[arg(long, default_value_t = 1)]
-        threads: usize,
-        #[arg(long, default_value_t = 20)]
-        runs: usize,
-        #[arg(long, default_value_t = 2)]
-        warmup: usize,
-        /// The input tensor as raw little-endian f32 (default: a synthetic test card).
-        #[arg(long)]
-        input: Option<PathBuf>,
-        /// Include the model's raw output vector.
-        #[arg(long)]
-        outputs: bool,
-        /// Include time per operator type.
-        #[arg(long)]
-        profile: bool,
-        /// Run the model as tract alone would (no int8 rewrites), for comparison.
-        #[arg(long)]
-        no_int8_rewrites: bool,
-    },
+    Bench(edgesight::bench::BenchOptions),
 }
 
 fn main() -> ExitCode {
@@ -166,32 +144,8 @@ fn dispatch(cli: Cli) -> Result<()> {
             json,
             images,
         } => classify(config.as_deref(), model, labels, json, &images),
-        Command::Bench {
-            model,
-            threads,
-            runs,
-            warmup,
-            input,
-            outputs,
-            profile,
-            no_int8_rewrites,
-        } => {
+        Command::Bench(opts) => {
             init_logging("warn");
-            if !(1..=64).contains(&threads) {
-                return Err(
-                    ConfigError::new(format!("--threads {threads}: out of range 1..=64")).into(),
-                );
-            }
-            let opts = edgesight::bench::BenchOptions {
-                model,
-                threads,
-                runs,
-                warmup,
-                input,
-                outputs,
-                profile,
-                no_int8_rewrites,
-            };
             let v =
                 edgesight::bench::bench(&opts).map_err(|e| ConfigError::new(format!("{e:#}")))?;
             println!("{v}");

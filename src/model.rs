@@ -271,14 +271,18 @@ impl Classifier {
         Ok(out.to_plain_array_view::<f32>()?.iter().copied().collect())
     }
 
-    /// One run of the plan, on this model's thread pool if it has one.
-    fn run(&self, input: Tensor) -> TractResult<TVec<TValue>> {
+    /// `f` on this model's thread pool if it has one (tract picks the executor up from the
+    /// calling thread's scope), else on the calling thread.
+    fn on_pool<R>(&self, f: impl FnOnce() -> R) -> R {
         match &self.executor {
-            Some(pool) => multithread::multithread_tract_scope(pool.clone(), || {
-                self.plan.run(tvec!(input.into()))
-            }),
-            None => self.plan.run(tvec!(input.into())),
+            Some(pool) => multithread::multithread_tract_scope(pool.clone(), f),
+            None => f(),
         }
+    }
+
+    /// One run of the plan.
+    fn run(&self, input: Tensor) -> TractResult<TVec<TValue>> {
+        self.on_pool(|| self.plan.run(tvec!(input.into())))
     }
 
     /// Time spent per operator type over `runs` runs of `input`, slowest first, as
@@ -287,7 +291,7 @@ impl Classifier {
         let mut by_op: std::collections::HashMap<String, (f64, usize)> = Default::default();
         let mut state = TypedSimpleState::new(&self.plan)?;
         for _ in 0..runs {
-            let mut profile = |state: &mut TypedSimpleState| {
+            self.on_pool(|| {
                 state.run_plan_with_eval(tvec!(input.clone().into()), |ctx, st, node, inputs| {
                     let t0 = Instant::now();
                     let out = tract_core::plan::eval(ctx, st, node, inputs);
@@ -296,13 +300,7 @@ impl Classifier {
                     e.1 += 1;
                     out
                 })
-            };
-            match &self.executor {
-                Some(pool) => {
-                    multithread::multithread_tract_scope(pool.clone(), || profile(&mut state))?
-                }
-                None => profile(&mut state)?,
-            };
+            })?;
         }
         let mut v: Vec<(String, f64, usize)> =
             by_op.into_iter().map(|(k, (ms, n))| (k, ms, n)).collect();
