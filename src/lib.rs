@@ -5,12 +5,14 @@
 
 pub mod bench;
 pub mod capture;
+pub mod detect;
 pub mod frame;
 pub mod int8;
 pub mod model;
 pub mod mqtt;
 pub mod notify;
 pub mod onnx_quant;
+pub mod outbox;
 pub mod pipeline;
 pub mod preprocess;
 pub mod settings;
@@ -78,6 +80,17 @@ pub async fn run_with_notifier(
         t.optimize_ms,
         classifier.int8_rewrites()
     );
+    // Label names in [detection] are checked against the model: a typo is a config error.
+    let rules = if settings.detection.enabled {
+        Some(
+            settings
+                .detection
+                .rules(classifier.labels())
+                .map_err(anyhow::Error::new)?,
+        )
+    } else {
+        None
+    };
     if settings.mqtt.embedded_broker {
         mqtt::start_embedded_broker(&settings.mqtt.host, settings.mqtt.port)?;
     }
@@ -101,6 +114,25 @@ pub async fn run_with_notifier(
         settings.mqtt.port,
         settings.base_topic()
     );
+
+    // Detection events: written to the outbox before they are sent, on a connection of
+    // their own (see outbox.rs).
+    let outbox_stop = CancellationToken::new();
+    if rules.is_some() {
+        let outbox = Arc::new(outbox::Outbox::open(&settings.outbox));
+        info!(
+            "detection events: outbox {}, {} waiting",
+            outbox.describe(),
+            outbox.depth()
+        );
+        let _ = stats.outbox.set(outbox.clone());
+        tracker.spawn(outbox::drive(
+            outbox,
+            settings.clone(),
+            outbox_stop.clone(),
+            DRAIN_TIMEOUT,
+        ));
+    }
 
     let slots = Arc::new(Slots::new(settings.camera.len()));
     let capture_stop = shutdown.child_token();
@@ -176,7 +208,23 @@ pub async fn run_with_notifier(
             shutdown.clone(),
         );
         tokio::task::spawn_blocking(move || {
-            pipeline::inference_loop(&classifier, &settings, &slots, &stats, &client, &cancel)
+            let detections = match (rules, stats.outbox.get()) {
+                (Some(rules), Some(outbox)) => Some(pipeline::Detections {
+                    trackers: vec![detect::Tracker::new(rules); settings.camera.len()],
+                    outbox,
+                    labels: classifier.labels(),
+                }),
+                _ => None,
+            };
+            pipeline::inference_loop(
+                &classifier,
+                &settings,
+                &slots,
+                &stats,
+                &client,
+                detections,
+                &cancel,
+            )
         })
     };
     if let Err(e) = infer.await {
@@ -213,9 +261,12 @@ pub async fn run_with_notifier(
     }
     let _ = client.try_disconnect();
     net_stop.cancel();
+    // Every detection event, including the ends of open detections, is in the outbox by
+    // now: deliver what the broker will take within the drain time; the rest stays on disk.
+    outbox_stop.cancel();
     supervisor_stop.cancel();
     tracker.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
+    if tokio::time::timeout(DRAIN_TIMEOUT + Duration::from_secs(1), tracker.wait())
         .await
         .is_err()
     {

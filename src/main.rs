@@ -115,6 +115,9 @@ fn dispatch(cli: Cli) -> Result<()> {
             init_logging("warn");
             let t0 = std::time::Instant::now();
             let model = edgesight::load_model(&settings)?;
+            if settings.detection.enabled {
+                settings.detection.rules(model.labels())?;
+            }
             for cam in &settings.camera {
                 if let edgesight::settings::SourceSettings::Images { path, .. } = &cam.source {
                     let n = edgesight::source::image_files(path).map_err(|e| {

@@ -34,9 +34,6 @@ pub fn availability_topic(settings: &Settings) -> String {
     format!("{}/availability", settings.base_topic())
 }
 
-/// Build the client and its event loop. `AsyncClient`'s request channel (capacity
-/// `mqtt.queue`) is the only buffer between inference and the network: when it is full,
-/// publishes are dropped and counted rather than blocking inference.
 /// `<prefix>/<device>/<camera>/<leaf>`.
 pub fn camera_topic(settings: &Settings, camera: &str, leaf: &str) -> String {
     format!("{}/{camera}/{leaf}", settings.base_topic())
@@ -105,21 +102,31 @@ pub fn status_sink(
     })
 }
 
-pub fn client(settings: &Settings) -> (AsyncClient, EventLoop) {
+/// Connection options shared by the daemon's connections: broker, keep-alive, credentials.
+pub fn options(settings: &Settings, client_id: String) -> MqttOptions {
     let m = &settings.mqtt;
-    let mut opts = MqttOptions::new(m.client_id.clone(), m.host.clone(), m.port);
+    let mut opts = MqttOptions::new(client_id, m.host.clone(), m.port);
     opts.set_keep_alive(Duration::from_secs(m.keep_alive_secs));
     opts.set_clean_session(true);
+    if let Some(user) = &m.username {
+        let pw = m.password.as_ref().map(|p| p.expose().to_string());
+        opts.set_credentials(user.clone(), pw.unwrap_or_default());
+    }
+    opts
+}
+
+/// Build the client and its event loop. `AsyncClient`'s request channel (capacity
+/// `mqtt.queue`) is the only buffer for telemetry between inference and the network: when it is full,
+/// publishes are dropped and counted rather than blocking inference.
+pub fn client(settings: &Settings) -> (AsyncClient, EventLoop) {
+    let m = &settings.mqtt;
+    let mut opts = options(settings, m.client_id.clone());
     opts.set_last_will(LastWill::new(
         availability_topic(settings),
         OFFLINE,
         QoS::AtLeastOnce,
         true,
     ));
-    if let Some(user) = &m.username {
-        let pw = m.password.as_ref().map(|p| p.expose().to_string());
-        opts.set_credentials(user.clone(), pw.unwrap_or_default());
-    }
     AsyncClient::new(opts, m.queue)
 }
 

@@ -13,9 +13,11 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::detect::{self, Tracker};
 use crate::frame::Pixels;
 use crate::model::{Classifier, Prediction};
 use crate::mqtt;
+use crate::outbox::Outbox;
 use crate::settings::Settings;
 use crate::source::Frame;
 use crate::stats::Stats;
@@ -168,6 +170,88 @@ pub struct ClassificationMsg<'a> {
     pub file: Option<&'a str>,
 }
 
+/// The `.../<camera>/detection` payload: one event of a detection's life.
+#[derive(Debug, Serialize)]
+pub struct DetectionMsg<'a> {
+    pub v: u32,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: detect::Kind,
+    pub device: &'a str,
+    pub camera: &'a str,
+    pub label: &'a str,
+    pub class: usize,
+    pub score: f32,
+    pub max_score: f32,
+    pub started_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<String>,
+    pub frames: u64,
+}
+
+/// Detection events of one camera, made into messages and handed to the durable outbox.
+pub struct Detections<'a> {
+    pub trackers: Vec<Tracker>,
+    pub outbox: &'a Outbox,
+    pub labels: &'a [String],
+}
+
+impl Detections<'_> {
+    fn publish(&self, settings: &Settings, camera: usize, events: Vec<detect::Event>) {
+        let cam = &settings.camera[camera].name;
+        let device = &settings.device.id;
+        for e in events {
+            let label = self.labels.get(e.class).map_or("", String::as_str);
+            let msg = DetectionMsg {
+                v: 1,
+                id: detect::event_id(device, cam, e.class, e.started_at),
+                kind: e.kind,
+                device,
+                camera: cam,
+                label,
+                class: e.class,
+                score: round3(e.score),
+                max_score: round3(e.max_score),
+                started_at: rfc3339_ms(e.started_at),
+                ended_at: e.ended_at.map(rfc3339_ms),
+                frames: e.frames,
+            };
+            if e.kind != detect::Kind::Update {
+                info!(
+                    "{cam}: detection {} {label} (score {:.3}, max {:.3}, {} frames)",
+                    if e.kind == detect::Kind::Start {
+                        "start"
+                    } else {
+                        "end"
+                    },
+                    e.score,
+                    e.max_score,
+                    e.frames
+                );
+            }
+            match serde_json::to_vec(&msg) {
+                Ok(p) => {
+                    self.outbox
+                        .push(mqtt::camera_topic(settings, cam, "detection"), p);
+                }
+                Err(e) => warn!("camera {cam}: cannot encode detection: {e}"),
+            }
+        }
+    }
+
+    /// Close every open detection (the run is ending).
+    fn end_all(&mut self, settings: &Settings) {
+        for i in 0..self.trackers.len() {
+            let events = self.trackers[i].end_all();
+            self.publish(settings, i, events);
+        }
+    }
+}
+
+fn round3(x: f32) -> f32 {
+    (x * 1000.0).round() / 1000.0
+}
+
 /// RFC 3339, UTC, millisecond precision: `2026-11-29T22:48:14.123Z`.
 pub fn rfc3339_ms(t: SystemTime) -> String {
     let t = time::OffsetDateTime::from(t);
@@ -185,6 +269,7 @@ pub fn inference_loop(
     slots: &Slots,
     stats: &Stats,
     client: &AsyncClient,
+    mut detections: Option<Detections>,
     cancel: &CancellationToken,
 ) {
     let base = settings.base_topic();
@@ -239,8 +324,9 @@ pub fn inference_loop(
             cs.gated.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        let (top, ms) = match classifier.classify_tensor(pixels.tensor(&spec)) {
-            Ok(r) => r,
+        let t0 = Instant::now();
+        let probs = match classifier.probabilities(pixels.tensor(&spec)) {
+            Ok(p) => p,
             Err(e) => {
                 stats.inference_errors.fetch_add(1, Ordering::Relaxed);
                 warn!(
@@ -250,8 +336,14 @@ pub fn inference_loop(
                 continue;
             }
         };
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        let top = classifier.top(&probs);
         seq[i] += 1;
         cs.classified.fetch_add(1, Ordering::Relaxed);
+        if let Some(d) = &mut detections {
+            let events = d.trackers[i].observe(&probs, frame.captured_at);
+            d.publish(settings, i, events);
+        }
         let msg = ClassificationMsg {
             v: 1,
             device: &settings.device.id,
@@ -299,6 +391,9 @@ pub fn inference_loop(
                 );
             }
         }
+    }
+    if let Some(d) = &mut detections {
+        d.end_all(settings);
     }
     info!("inference stopped");
 }

@@ -55,6 +55,34 @@ struct RawConfig {
     camera: Vec<RawCamera>,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    detection: RawDetection,
+    #[serde(default)]
+    outbox: RawOutbox,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDetection {
+    enabled: Option<bool>,
+    threshold: Option<f64>,
+    hysteresis: Option<f64>,
+    min_frames: Option<i64>,
+    end_frames: Option<i64>,
+    update_interval_secs: Option<f64>,
+    labels: Option<Vec<String>>,
+    thresholds: Option<std::collections::BTreeMap<String, f64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutbox {
+    dir: Option<PathBuf>,
+    fsync: Option<String>,
+    fsync_interval_ms: Option<i64>,
+    max_events: Option<i64>,
+    max_bytes: Option<i64>,
+    window: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -136,6 +164,131 @@ pub struct Settings {
     pub model: ModelSettings,
     pub camera: Vec<CameraSettings>,
     pub log: LogSettings,
+    pub detection: DetectionSettings,
+    pub outbox: OutboxSettings,
+}
+
+/// `[detection]`: when a label's score makes a detection event (see `detect.rs`). Label
+/// names are checked against the model's labels once the model is loaded
+/// ([`DetectionSettings::rules`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct DetectionSettings {
+    pub enabled: bool,
+    pub threshold: f32,
+    pub hysteresis: f32,
+    pub min_frames: u32,
+    pub end_frames: u32,
+    pub update_interval_secs: f64,
+    /// Labels to watch; empty: every label.
+    pub labels: Vec<String>,
+    /// Per-label thresholds overriding `threshold`.
+    pub thresholds: std::collections::BTreeMap<String, f32>,
+}
+
+impl DetectionSettings {
+    /// The rules for a model with `labels`, or a configuration error naming a label the
+    /// model does not have.
+    pub fn rules(&self, labels: &[String]) -> Result<crate::detect::Rules, ConfigError> {
+        let known = |key: &str, l: &str| {
+            if labels.iter().any(|m| m == l) {
+                Ok(())
+            } else {
+                let some: Vec<&str> = labels.iter().take(8).map(String::as_str).collect();
+                Err(ConfigError::new(format!(
+                    "{key}: {l:?} is not a label of the model (labels: {}{})",
+                    some.join(", "),
+                    if labels.len() > 8 { ", ..." } else { "" }
+                )))
+            }
+        };
+        for l in &self.labels {
+            known("detection.labels", l)?;
+        }
+        for l in self.thresholds.keys() {
+            known(&format!("detection.thresholds.{l}"), l)?;
+        }
+        let thresholds = labels
+            .iter()
+            .map(|l| {
+                let watched = self.labels.is_empty() || self.labels.contains(l);
+                watched.then(|| *self.thresholds.get(l).unwrap_or(&self.threshold))
+            })
+            .collect();
+        Ok(crate::detect::Rules {
+            thresholds,
+            hysteresis: self.hysteresis,
+            min_frames: self.min_frames,
+            end_frames: self.end_frames,
+            update_interval: Duration::from_secs_f64(self.update_interval_secs),
+        })
+    }
+}
+
+/// When the outbox's writes reach the disk: `always` (before `push` returns, the safe
+/// default), every interval (fewer flash writes on SD cards, up to one interval of events
+/// at risk on power loss), or `never` (the kernel decides).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    Always,
+    Interval(Duration),
+    Never,
+}
+
+impl fmt::Display for Fsync {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Fsync::Always => f.write_str("always"),
+            Fsync::Interval(d) => write!(f, "every {} ms", d.as_millis()),
+            Fsync::Never => f.write_str("never"),
+        }
+    }
+}
+
+impl Serialize for Fsync {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match self {
+            Fsync::Always => "always",
+            Fsync::Interval(_) => "interval",
+            Fsync::Never => "never",
+        })
+    }
+}
+
+/// `[outbox]`: the durable queue of detection events (`outbox.rs`).
+#[derive(Debug, Clone, Serialize)]
+pub struct OutboxSettings {
+    pub dir: PathBuf,
+    pub fsync: Fsync,
+    pub max_events: usize,
+    pub max_bytes: usize,
+    /// Records in flight (published, PUBACK not yet received) at once.
+    pub window: usize,
+}
+
+impl Default for OutboxSettings {
+    fn default() -> Self {
+        OutboxSettings {
+            dir: default_outbox_dir(),
+            fsync: Fsync::Always,
+            max_events: 10_000,
+            max_bytes: 16 << 20,
+            window: 16,
+        }
+    }
+}
+
+/// `$STATE_DIRECTORY/outbox` under systemd (`StateDirectory=edgesight`), else the same
+/// place by hand.
+fn default_outbox_dir() -> PathBuf {
+    let state = std::env::var_os("STATE_DIRECTORY")
+        .map(|s| {
+            // systemd may list several directories, colon-separated; ours is the first.
+            let s = s.to_string_lossy().into_owned();
+            PathBuf::from(s.split(':').next().unwrap_or("").to_string())
+        })
+        .filter(|p| p.is_absolute())
+        .unwrap_or_else(|| PathBuf::from("/var/lib/edgesight"));
+    state.join("outbox")
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -434,6 +587,30 @@ fn dropins(file: &Path) -> Result<Vec<PathBuf>, ConfigError> {
 const KNOWN: &[(&str, &[&str])] = &[
     ("device", &["id"]),
     ("log", &["level"]),
+    (
+        "detection",
+        &[
+            "enabled",
+            "threshold",
+            "hysteresis",
+            "min_frames",
+            "end_frames",
+            "update_interval_secs",
+            "labels",
+            "thresholds",
+        ],
+    ),
+    (
+        "outbox",
+        &[
+            "dir",
+            "fsync",
+            "fsync_interval_ms",
+            "max_events",
+            "max_bytes",
+            "window",
+        ],
+    ),
     (
         "mqtt",
         &[
@@ -788,6 +965,100 @@ impl Validator<'_> {
             model,
             camera: cameras,
             log: LogSettings { level },
+            detection: self.detection(raw.detection)?,
+            outbox: self.outbox(raw.outbox)?,
+        })
+    }
+
+    fn unit(&self, key: &str, v: f64) -> Result<f32, ConfigError> {
+        if !(0.0..=1.0).contains(&v) {
+            return Err(self.err(key, format!("{v} is out of range 0..=1")));
+        }
+        Ok(v as f32)
+    }
+
+    fn detection(&self, d: RawDetection) -> Result<DetectionSettings, ConfigError> {
+        let threshold = self.unit("detection.threshold", d.threshold.unwrap_or(0.6))?;
+        let hysteresis = self.unit("detection.hysteresis", d.hysteresis.unwrap_or(0.1))?;
+        let mut thresholds = std::collections::BTreeMap::new();
+        for (label, t) in d.thresholds.unwrap_or_default() {
+            let t = self.unit(&format!("detection.thresholds.{label}"), t)?;
+            thresholds.insert(label, t);
+        }
+        let update = d.update_interval_secs.unwrap_or(10.0);
+        if !(update > 0.0 && update <= 86_400.0) {
+            return Err(self.err(
+                "detection.update_interval_secs",
+                format!("{update} is out of range (0, 86400]"),
+            ));
+        }
+        Ok(DetectionSettings {
+            enabled: d.enabled.unwrap_or(true),
+            threshold,
+            hysteresis,
+            min_frames: self.range("detection.min_frames", d.min_frames.unwrap_or(3), 1, 10_000)?
+                as u32,
+            end_frames: self.range("detection.end_frames", d.end_frames.unwrap_or(3), 1, 10_000)?
+                as u32,
+            update_interval_secs: update,
+            labels: d.labels.unwrap_or_default(),
+            thresholds,
+        })
+    }
+
+    fn outbox(&self, o: RawOutbox) -> Result<OutboxSettings, ConfigError> {
+        let interval = Duration::from_millis(self.range(
+            "outbox.fsync_interval_ms",
+            o.fsync_interval_ms.unwrap_or(1000),
+            10,
+            3_600_000,
+        )? as u64);
+        let fsync = match o.fsync.as_deref().unwrap_or("always") {
+            "always" => Fsync::Always,
+            "interval" => Fsync::Interval(interval),
+            "never" => Fsync::Never,
+            other => {
+                return Err(self.err(
+                    "outbox.fsync",
+                    format!("{other:?} is not one of \"always\", \"interval\", \"never\""),
+                ));
+            }
+        };
+        if o.fsync_interval_ms.is_some() && !matches!(fsync, Fsync::Interval(_)) {
+            return Err(self.err(
+                "outbox.fsync_interval_ms",
+                "only applies to fsync = \"interval\"",
+            ));
+        }
+        let d = OutboxSettings::default();
+        Ok(OutboxSettings {
+            dir: match o.dir {
+                Some(p) if p.as_os_str().is_empty() => {
+                    return Err(self.err("outbox.dir", "is empty"));
+                }
+                Some(p) => p,
+                None => d.dir,
+            },
+            fsync,
+            max_events: self.range(
+                "outbox.max_events",
+                o.max_events.unwrap_or(d.max_events as i64),
+                1,
+                10_000_000,
+            )? as usize,
+            // At least one full-size record must fit.
+            max_bytes: self.range(
+                "outbox.max_bytes",
+                o.max_bytes.unwrap_or(d.max_bytes as i64),
+                64 << 10,
+                1 << 34,
+            )? as usize,
+            window: self.range(
+                "outbox.window",
+                o.window.unwrap_or(d.window as i64),
+                1,
+                1000,
+            )? as usize,
         })
     }
 

@@ -2,7 +2,10 @@
 //! and the shutdown summary.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
+
+use crate::outbox::Outbox;
 
 #[derive(Debug, Default)]
 pub struct CameraStats {
@@ -72,6 +75,8 @@ pub struct Stats {
     pub inference_heartbeat: AtomicU64,
     /// When the run started: the clock `last_frame_ms` is read against.
     pub started: Instant,
+    /// The durable outbox, once opened (detection on).
+    pub outbox: OnceLock<Arc<Outbox>>,
 }
 
 impl Stats {
@@ -88,6 +93,7 @@ impl Stats {
             inference_errors: AtomicU64::new(0),
             inference_heartbeat: AtomicU64::new(0),
             started: Instant::now(),
+            outbox: OnceLock::new(),
         }
     }
 
@@ -139,6 +145,19 @@ impl Stats {
             g(&self.reconnects),
             g(&self.inference_errors)
         ));
+        if let Some(o) = self.outbox.get() {
+            let c = &o.counters;
+            s.push_str(&format!(
+                "; outbox: accepted {} delivered {} waiting {} dropped {} quarantined {} \
+                 memory-only {}",
+                g(&c.accepted),
+                g(&c.delivered),
+                o.depth(),
+                g(&c.dropped),
+                g(&c.quarantined),
+                g(&c.memory_fallback)
+            ));
+        }
         s
     }
 }

@@ -72,7 +72,7 @@ pub async fn supervise(
             .count();
         let fps = (now_total - last_total) as f64 / tick.as_secs_f64();
         notifier.notify(&format!(
-            "STATUS={} camera(s), {streaming} streaming, {fps:.1} fps, mqtt {}, {} dropped",
+            "STATUS={} camera(s), {streaming} streaming, {fps:.1} fps, mqtt {}, {} dropped, outbox {}",
             settings.camera.len(),
             if stats.connected.load(Ordering::Relaxed) {
                 "connected"
@@ -80,6 +80,7 @@ pub async fn supervise(
                 "disconnected"
             },
             stats.publish_dropped.load(Ordering::Relaxed),
+            stats.outbox.get().map_or(0, |o| o.depth()),
         ));
         if notifier.watchdog().is_some() {
             if beat != last_beat && stalled.is_empty() {

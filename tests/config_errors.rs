@@ -215,6 +215,34 @@ const CASES: &[Case] = &[
         dropin: None,
         expect: &["front", "no_such_dir"],
     },
+    Case {
+        name: "fsync policy typo",
+        edit: &[("", "[outbox]\nfsync = \"sometimes\"\n")],
+        env: &[],
+        dropin: None,
+        expect: &["outbox.fsync", "sometimes", "FILE"],
+    },
+    Case {
+        name: "fsync interval without the interval policy",
+        edit: &[("", "")],
+        env: &[("EDGESIGHT__OUTBOX__FSYNC_INTERVAL_MS", "500")],
+        dropin: None,
+        expect: &["outbox.fsync_interval_ms", "environment"],
+    },
+    Case {
+        name: "per-label threshold out of range",
+        edit: &[("", "")],
+        env: &[],
+        dropin: Some("[detection.thresholds]\ncircle = 2.0\n"),
+        expect: &["detection.thresholds.circle", "2", "DROPIN"],
+    },
+    Case {
+        name: "detection label the model does not have",
+        edit: &[("", "[detection]\nlabels = [\"dog\"]\n")],
+        env: &[],
+        dropin: None,
+        expect: &["detection.labels", "dog", "circle"],
+    },
 ];
 
 #[test]

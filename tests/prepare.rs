@@ -192,7 +192,8 @@ fn truncated_and_garbage_mjpeg_frames_are_dropped_and_counted() {
     let (client, _eventloop) = edgesight::mqtt::client(&settings);
     let cancel = tokio_util::sync::CancellationToken::new();
     std::thread::scope(|s| {
-        let worker = s.spawn(|| inference_loop(&c, &settings, &slots, &stats, &client, &cancel));
+        let worker =
+            s.spawn(|| inference_loop(&c, &settings, &slots, &stats, &client, None, &cancel));
         let old = Instant::now() - std::time::Duration::from_secs(3);
         let frames = [
             (good.clone(), Instant::now()),

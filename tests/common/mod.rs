@@ -107,12 +107,14 @@ pub fn config_file(dir: &Path, host: &str, port: u16, device: &str, cameras: &st
         "[device]\nid = \"{device}\"\n[log]\nlevel = \"warn\"\n\
          [mqtt]\nhost = \"{host}\"\nport = {port}\nqos = 1\n\
          [model]\npath = \"{r}/tests/fixtures/models/shapes_int8_qlinear.onnx\"\n\
-         labels = \"{r}/tests/fixtures/labels.txt\"\n{}",
+         labels = \"{r}/tests/fixtures/labels.txt\"\n\
+         [outbox]\ndir = \"{d}/outbox\"\n{}",
         cameras.replace(
             "{samples}",
             &format!("{}/tests/fixtures/samples", r.display())
         ),
-        r = r.display()
+        r = r.display(),
+        d = dir.display()
     );
     let f = dir.join("edgesight.toml");
     std::fs::write(&f, text).unwrap();
@@ -130,4 +132,62 @@ pub fn class_of(file: &Path) -> String {
         .and_then(|p| p.file_name())
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
+}
+
+/// A TCP relay in front of the broker that the test can cut and restore: while it is down
+/// its port refuses connections and every relayed connection is closed, which is what the
+/// daemon sees when its broker goes away. The broker behind it keeps running, so a
+/// subscriber connected to it directly misses nothing.
+pub struct Proxy {
+    pub port: u16,
+    upstream: (String, u16),
+    tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Proxy {
+    /// A proxy to `host:port` on a free loopback port, initially down.
+    pub fn new(host: &str, port: u16) -> Proxy {
+        Proxy {
+            port: free_port(),
+            upstream: (host.to_string(), port),
+            tasks: Default::default(),
+        }
+    }
+
+    pub async fn up(&self) {
+        // An aborted accept task drops its listener soon, not at once: retry the bind.
+        let mut tries = 0;
+        let listener = loop {
+            match tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
+                Ok(l) => break l,
+                Err(e) if tries < 100 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("proxy: cannot bind 127.0.0.1:{} again: {e}", self.port),
+            }
+        };
+        let upstream = self.upstream.clone();
+        let tasks = self.tasks.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                let relay = tokio::spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+                tasks.lock().unwrap().push(relay.abort_handle());
+            }
+        });
+        self.tasks.lock().unwrap().push(accept.abort_handle());
+    }
+
+    /// Stop listening and close every relayed connection.
+    pub fn down(&self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
 }
