@@ -15,6 +15,7 @@ pub mod onnx_quant;
 pub mod outbox;
 pub mod pipeline;
 pub mod preprocess;
+pub mod report;
 pub mod settings;
 pub mod source;
 pub mod stats;
@@ -118,7 +119,7 @@ pub async fn run_with_notifier(
     // Detection events: written to the outbox before they are sent, on a connection of
     // their own (see outbox.rs).
     let outbox_stop = CancellationToken::new();
-    if rules.is_some() {
+    if rules.is_some() || settings.classification.durable {
         let outbox = Arc::new(outbox::Outbox::open(&settings.outbox));
         info!(
             "detection events: outbox {}, {} waiting",
@@ -191,6 +192,12 @@ pub async fn run_with_notifier(
         classifier.file_name()
     ));
     let supervisor_stop = CancellationToken::new();
+    tracker.spawn(report::publish_stats(
+        settings.clone(),
+        stats.clone(),
+        client.clone(),
+        supervisor_stop.clone(),
+    ));
     tracker.spawn(supervise::supervise(
         notifier.clone(),
         settings.clone(),
@@ -208,21 +215,21 @@ pub async fn run_with_notifier(
             shutdown.clone(),
         );
         tokio::task::spawn_blocking(move || {
-            let detections = match (rules, stats.outbox.get()) {
-                (Some(rules), Some(outbox)) => Some(pipeline::Detections {
-                    trackers: vec![detect::Tracker::new(rules); settings.camera.len()],
-                    outbox,
-                    labels: classifier.labels(),
-                }),
-                _ => None,
-            };
+            let durable = stats.outbox.get().map(|outbox| pipeline::Durable {
+                trackers: match rules {
+                    Some(r) => vec![detect::Tracker::new(r); settings.camera.len()],
+                    None => vec![],
+                },
+                outbox,
+                labels: classifier.labels(),
+            });
             pipeline::inference_loop(
                 &classifier,
                 &settings,
                 &slots,
                 &stats,
                 &client,
-                detections,
+                durable,
                 &cancel,
             )
         })

@@ -18,7 +18,7 @@ use crate::frame::Pixels;
 use crate::model::{Classifier, Prediction};
 use crate::mqtt;
 use crate::outbox::Outbox;
-use crate::settings::Settings;
+use crate::settings::{PublishMode, Settings};
 use crate::source::Frame;
 use crate::stats::Stats;
 
@@ -189,14 +189,15 @@ pub struct DetectionMsg<'a> {
     pub frames: u64,
 }
 
-/// Detection events of one camera, made into messages and handed to the durable outbox.
-pub struct Detections<'a> {
+/// The durable path: detection events (one tracker per camera; none when detection is
+/// off) and durable classifications, made into messages and handed to the outbox.
+pub struct Durable<'a> {
     pub trackers: Vec<Tracker>,
     pub outbox: &'a Outbox,
     pub labels: &'a [String],
 }
 
-impl Detections<'_> {
+impl Durable<'_> {
     fn publish(&self, settings: &Settings, camera: usize, events: Vec<detect::Event>) {
         let cam = &settings.camera[camera].name;
         let device = &settings.device.id;
@@ -269,7 +270,7 @@ pub fn inference_loop(
     slots: &Slots,
     stats: &Stats,
     client: &AsyncClient,
-    mut detections: Option<Detections>,
+    mut durable: Option<Durable>,
     cancel: &CancellationToken,
 ) {
     let base = settings.base_topic();
@@ -280,6 +281,9 @@ pub fn inference_loop(
         .collect();
     let qos = mqtt::qos(settings.mqtt.qos);
     let mut seq = vec![0u64; settings.camera.len()];
+    // Per camera: the top class and capture time of the last classification published.
+    let mut last_published: Vec<Option<(Option<usize>, Instant)>> =
+        vec![None; settings.camera.len()];
     let mut gates: Vec<Gate> = settings
         .camera
         .iter()
@@ -340,8 +344,14 @@ pub fn inference_loop(
         let top = classifier.top(&probs);
         seq[i] += 1;
         cs.classified.fetch_add(1, Ordering::Relaxed);
-        if let Some(d) = &mut detections {
-            let events = d.trackers[i].observe(&probs, frame.captured_at);
+        cs.inference_ms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(ms as f32);
+        if let Some(d) = &mut durable
+            && let Some(t) = d.trackers.get_mut(i)
+        {
+            let events = t.observe(&probs, frame.captured_at);
             d.publish(settings, i, events);
         }
         let msg = ClassificationMsg {
@@ -370,6 +380,17 @@ pub fn inference_loop(
                 .map(|f| format!(" {f}"))
                 .unwrap_or_default()
         );
+        let top_class = msg.top.first().map(|p| p.class);
+        let due = match settings.classification.publish {
+            PublishMode::Every => true,
+            PublishMode::OnChange => last_published[i].is_none_or(|(c, _)| c != top_class),
+            PublishMode::Interval(d) => last_published[i]
+                .is_none_or(|(_, t)| frame.captured.saturating_duration_since(t) >= d),
+        };
+        if !due {
+            continue;
+        }
+        last_published[i] = Some((top_class, frame.captured));
         let payload = match serde_json::to_vec(&msg) {
             Ok(p) => p,
             Err(e) => {
@@ -377,6 +398,12 @@ pub fn inference_loop(
                 continue;
             }
         };
+        if settings.classification.durable
+            && let Some(d) = &durable
+        {
+            d.outbox.push(topics[i].clone(), payload);
+            continue;
+        }
         // Never block inference on the network: a full queue drops and counts.
         if let Err(e) = client.try_publish(&topics[i], qos, false, payload) {
             let n = stats.publish_dropped.fetch_add(1, Ordering::Relaxed) + 1;
@@ -392,7 +419,7 @@ pub fn inference_loop(
             }
         }
     }
-    if let Some(d) = &mut detections {
+    if let Some(d) = &mut durable {
         d.end_all(settings);
     }
     info!("inference stopped");

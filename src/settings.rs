@@ -59,6 +59,8 @@ struct RawConfig {
     detection: RawDetection,
     #[serde(default)]
     outbox: RawOutbox,
+    #[serde(default)]
+    classification: RawClassification,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -106,6 +108,14 @@ struct RawMqtt {
     reconnect_min_ms: Option<i64>,
     reconnect_max_ms: Option<i64>,
     queue: Option<i64>,
+    stats_interval_secs: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClassification {
+    publish: Option<String>,
+    durable: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -166,6 +176,52 @@ pub struct Settings {
     pub log: LogSettings,
     pub detection: DetectionSettings,
     pub outbox: OutboxSettings,
+    pub classification: ClassificationSettings,
+}
+
+/// `[classification]`: which classification messages go out. They are telemetry: QoS
+/// `mqtt.qos`, not persisted unless `durable`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassificationSettings {
+    pub publish: PublishMode,
+    /// Through the durable outbox, like detection events.
+    pub durable: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishMode {
+    /// Every classified frame.
+    Every,
+    /// When the top label changes (and the first frame).
+    OnChange,
+    /// At most one per interval per camera (the first frame after it has passed).
+    Interval(Duration),
+}
+
+impl Serialize for PublishMode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            PublishMode::Every => s.serialize_str("every"),
+            PublishMode::OnChange => s.serialize_str("on_change"),
+            PublishMode::Interval(d) => s.serialize_str(&format!("{}ms", d.as_millis())),
+        }
+    }
+}
+
+/// "500ms", "10s", "2m" (a bare number is seconds).
+pub fn parse_interval(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    let (num, scale) = if let Some(n) = v.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (v, 1.0)
+    };
+    let secs = num.trim().parse::<f64>().ok()? * scale;
+    (secs > 0.0 && secs <= 86_400.0).then(|| Duration::from_secs_f64(secs))
 }
 
 /// `[detection]`: when a label's score makes a detection event (see `detect.rs`). Label
@@ -314,6 +370,8 @@ pub struct MqttSettings {
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
     pub queue: usize,
+    /// Seconds between `<prefix>/<device>/stats` messages; 0: none.
+    pub stats_interval_secs: u64,
 }
 
 impl MqttSettings {
@@ -600,6 +658,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "thresholds",
         ],
     ),
+    ("classification", &["publish", "durable"]),
     (
         "outbox",
         &[
@@ -626,6 +685,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "reconnect_min_ms",
             "reconnect_max_ms",
             "queue",
+            "stats_interval_secs",
         ],
     ),
     (
@@ -884,6 +944,12 @@ impl Validator<'_> {
             reconnect_min_ms,
             reconnect_max_ms,
             queue: self.range("mqtt.queue", m.queue.unwrap_or(256), 1, 1_000_000)? as usize,
+            stats_interval_secs: self.range(
+                "mqtt.stats_interval_secs",
+                m.stats_interval_secs.unwrap_or(30),
+                0,
+                86_400,
+            )? as u64,
         };
         if mqtt.client_id.is_empty() {
             return Err(self.err("mqtt.client_id", "is empty"));
@@ -967,6 +1033,25 @@ impl Validator<'_> {
             log: LogSettings { level },
             detection: self.detection(raw.detection)?,
             outbox: self.outbox(raw.outbox)?,
+            classification: ClassificationSettings {
+                publish: match raw.classification.publish.as_deref().unwrap_or("every") {
+                    "every" => PublishMode::Every,
+                    "on_change" => PublishMode::OnChange,
+                    other => match parse_interval(other) {
+                        Some(d) => PublishMode::Interval(d),
+                        None => {
+                            return Err(self.err(
+                                "classification.publish",
+                                format!(
+                                    "{other:?} is not \"every\", \"on_change\" or an interval \
+                                     such as \"5s\" or \"500ms\" (at most a day)"
+                                ),
+                            ));
+                        }
+                    },
+                },
+                durable: raw.classification.durable.unwrap_or(false),
+            },
         })
     }
 

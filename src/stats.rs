@@ -2,7 +2,7 @@
 //! and the shutdown summary.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use crate::outbox::Outbox;
@@ -30,6 +30,39 @@ pub struct CameraStats {
     pub state: AtomicU8,
     /// Milliseconds since the run started when the last frame arrived.
     pub last_frame_ms: AtomicU64,
+    /// The latest inference times, for the stats topic's percentiles.
+    pub inference_ms: Mutex<Window>,
+}
+
+/// The last [`Window::LEN`] samples: percentiles over recent behaviour in fixed memory.
+#[derive(Debug, Default)]
+pub struct Window {
+    samples: Vec<f32>,
+    next: usize,
+}
+
+impl Window {
+    pub const LEN: usize = 256;
+
+    pub fn push(&mut self, v: f32) {
+        if self.samples.len() < Self::LEN {
+            self.samples.push(v);
+        } else {
+            self.samples[self.next] = v;
+        }
+        self.next = (self.next + 1) % Self::LEN;
+    }
+
+    /// The `p` quantile (0..=1, nearest rank) of the samples; None when empty.
+    pub fn quantile(&self, p: f64) -> Option<f32> {
+        if self.samples.is_empty() {
+            return None;
+        }
+        let mut v = self.samples.clone();
+        v.sort_by(f32::total_cmp);
+        let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
+        Some(v[rank - 1])
+    }
 }
 
 /// What a camera is doing, for the watchdog and STATUS: only a camera that should be
@@ -159,5 +192,29 @@ impl Stats {
             ));
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_quantiles_over_the_last_samples_only() {
+        let mut w = Window::default();
+        assert_eq!(w.quantile(0.5), None);
+        for v in 1..=100 {
+            w.push(v as f32);
+        }
+        assert_eq!(
+            (w.quantile(0.5), w.quantile(0.95)),
+            (Some(50.0), Some(95.0))
+        );
+        // 300 more: only the last 256 (145..=400) count.
+        for v in 101..=400 {
+            w.push(v as f32);
+        }
+        assert_eq!(w.quantile(0.0), Some(145.0));
+        assert_eq!(w.quantile(1.0), Some(400.0));
     }
 }

@@ -221,3 +221,68 @@ async fn classification_goes_on_without_a_broker() {
         "all but the 2 that fit the queue are dropped and counted"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_messages_and_on_change_classifications() {
+    let (host, port) = common::broker();
+    let dir = tempfile::tempdir().unwrap();
+    let device = format!("stats-{}", std::process::id());
+    let f = common::config_file(
+        dir.path(),
+        &host,
+        port,
+        &device,
+        &common::samples_camera(10, false),
+    );
+    let text = std::fs::read_to_string(&f)
+        .unwrap()
+        .replace("qos = 1\n", "qos = 1\nstats_interval_secs = 1\n")
+        + "[classification]\npublish = \"on_change\"\n";
+    std::fs::write(&f, text).unwrap();
+    let settings = Settings::load_with_env(&f, vec![]).unwrap();
+    let mut rx =
+        common::subscribe(&host, port, "stats-sub", &format!("edgesight/{device}/#")).await;
+    let run = tokio::spawn(edgesight::run(settings, CancellationToken::new()));
+    let (mut labels, mut stats_msgs) = (Vec::new(), Vec::new());
+    loop {
+        let m = common::next(&mut rx, "classification, stats or offline").await;
+        if m.topic == format!("edgesight/{device}/availability") && m.payload == "offline" {
+            break;
+        }
+        if m.topic.ends_with("/classification") {
+            let v: Value = serde_json::from_str(&m.payload).unwrap();
+            labels.push(v["top"][0]["label"].as_str().unwrap().to_string());
+        } else if m.topic == format!("edgesight/{device}/stats") {
+            stats_msgs.push(serde_json::from_str::<Value>(&m.payload).unwrap());
+        }
+    }
+    let stats = run.await.unwrap().unwrap();
+    let classified = stats
+        .camera(0)
+        .classified
+        .load(std::sync::atomic::Ordering::Relaxed);
+    // on_change: a message only when the top label changes, so never the same label twice
+    // in a row, and far fewer messages than frames (the samples come 6 per class).
+    assert!(labels.windows(2).all(|w| w[0] != w[1]), "{labels:?}");
+    assert!(
+        labels.len() >= 7 && (labels.len() as u64) < classified,
+        "{labels:?}"
+    );
+    // Stats every second while it ran (about 4 s).
+    assert!(!stats_msgs.is_empty());
+    let s = stats_msgs.last().unwrap();
+    assert_eq!(s["v"], 1);
+    assert_eq!(s["device"], device.as_str());
+    assert_eq!(s["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(s["mqtt"]["connected"], true);
+    let front = &s["cameras"]["front"];
+    assert!(front["classified"].as_u64().unwrap() > 0, "{s}");
+    assert!(front["fps"].as_f64().unwrap() > 0.0, "{s}");
+    let (p50, p95) = (
+        front["inference_ms_p50"].as_f64().unwrap(),
+        front["inference_ms_p95"].as_f64().unwrap(),
+    );
+    assert!(p50 > 0.0 && p95 >= p50, "{s}");
+    assert!(s["rss_mb"].as_f64().unwrap() > 1.0);
+    assert_eq!(s["outbox"]["dropped"], 0);
+}
