@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet,
-    Publish, QoS, Request,
+    Publish, QoS, Request, TlsConfiguration, Transport,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -112,8 +112,23 @@ pub fn options(settings: &Settings, client_id: String) -> MqttOptions {
         let pw = m.password.as_ref().map(|p| p.expose().to_string());
         opts.set_credentials(user.clone(), pw.unwrap_or_default());
     }
+    if let Some(t) = &m.tls {
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+            ca: t.ca.clone(),
+            alpn: None,
+            client_auth: t
+                .client_auth
+                .as_ref()
+                .map(|(c, k)| (c.clone(), k.expose().as_bytes().to_vec())),
+        }));
+    }
+    // rumqttc's default is 10 KiB; room for snapshots and large discovery payloads.
+    opts.set_max_packet_size(MAX_PACKET, MAX_PACKET);
     opts
 }
+
+/// Largest MQTT packet sent or accepted.
+pub const MAX_PACKET: usize = 1 << 20;
 
 /// Build the client and its event loop. `AsyncClient`'s request channel (capacity
 /// `mqtt.queue`) is the only buffer for telemetry between inference and the network: when it is full,
@@ -213,11 +228,24 @@ fn connected(eventloop: &EventLoop) -> bool {
     eventloop.network.is_some()
 }
 
-fn describe(e: &ConnectionError) -> String {
+const TLS_HINT: &str = "check mqtt.ca_file, mqtt.client_cert_file and mqtt.client_key_file, \
+     and that mqtt.host is a name or address in the broker's certificate";
+
+pub fn describe(e: &ConnectionError) -> String {
     match e {
         ConnectionError::Io(io) => format!("connection failed: {io}"),
         ConnectionError::ConnectionRefused(code) => format!("broker refused connection: {code:?}"),
-        other => format!("connection error: {other}"),
+        ConnectionError::Tls(t) => format!("TLS failed: {t} ({TLS_HINT})"),
+        other => {
+            // A broker that rejects our certificate (or wants one) answers with a TLS alert
+            // after the handshake, which rumqttc reports as a read error.
+            let s = other.to_string();
+            if s.contains("fatal alert") {
+                format!("TLS failed: {s} ({TLS_HINT})")
+            } else {
+                format!("connection error: {s}")
+            }
+        }
     }
 }
 

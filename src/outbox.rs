@@ -591,7 +591,11 @@ pub async fn drive(
                 Ok(_) => {}
                 Err(e) => {
                     if connected || last_report.elapsed() > Duration::from_secs(60) {
-                        warn!("outbox: {e}; {} record(s) waiting, retrying in {backoff:?}", outbox.depth());
+                        warn!(
+                            "outbox: {}; {} record(s) waiting, retrying in {backoff:?}",
+                            crate::mqtt::describe(&e),
+                            outbox.depth()
+                        );
                         last_report = Instant::now();
                     }
                     connected = false;

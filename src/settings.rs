@@ -109,6 +109,10 @@ struct RawMqtt {
     reconnect_max_ms: Option<i64>,
     queue: Option<i64>,
     stats_interval_secs: Option<i64>,
+    tls: Option<bool>,
+    ca_file: Option<PathBuf>,
+    client_cert_file: Option<PathBuf>,
+    client_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -372,7 +376,29 @@ pub struct MqttSettings {
     pub queue: usize,
     /// Seconds between `<prefix>/<device>/stats` messages; 0: none.
     pub stats_interval_secs: u64,
+    /// TLS to the broker (default: on for port 8883), with the files already read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSettings>,
 }
+
+/// Validated TLS material: PEM bytes read at start-up, so a missing or unreadable file is a
+/// configuration error, not a reconnect loop.
+#[derive(Debug, Clone, Serialize)]
+pub struct TlsSettings {
+    pub ca_file: PathBuf,
+    #[serde(skip)]
+    pub ca: Vec<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_key_file: Option<PathBuf>,
+    /// Client certificate and private key (the key never prints).
+    #[serde(skip)]
+    pub client_auth: Option<(Vec<u8>, Secret)>,
+}
+
+/// Debian's (and Raspberry Pi OS's) CA bundle: public brokers work without `ca_file`.
+pub const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 impl MqttSettings {
     /// `<prefix>/<device id>`: every topic we publish lives under it.
@@ -686,6 +712,10 @@ const KNOWN: &[(&str, &[&str])] = &[
             "reconnect_max_ms",
             "queue",
             "stats_interval_secs",
+            "tls",
+            "ca_file",
+            "client_cert_file",
+            "client_key_file",
         ],
     ),
     (
@@ -919,13 +949,21 @@ impl Validator<'_> {
         if reconnect_max_ms < reconnect_min_ms {
             return Err(self.err("mqtt.reconnect_max_ms", "must be >= mqtt.reconnect_min_ms"));
         }
+        let port = self.range("mqtt.port", m.port.unwrap_or(1883), 1, 65535)? as u16;
+        let tls = self.tls(
+            m.tls.unwrap_or(port == 8883),
+            m.ca_file,
+            m.client_cert_file,
+            m.client_key_file,
+        )?;
         let mqtt = MqttSettings {
             host: match m.host {
                 Some(h) if h.trim().is_empty() => return Err(self.err("mqtt.host", "is empty")),
                 Some(h) => h,
                 None => "127.0.0.1".into(),
             },
-            port: self.range("mqtt.port", m.port.unwrap_or(1883), 1, 65535)? as u16,
+            port,
+            tls,
             qos: self.range("mqtt.qos", m.qos.unwrap_or(1), 0, 2)? as u8,
             client_id: m
                 .client_id
@@ -1053,6 +1091,65 @@ impl Validator<'_> {
                 durable: raw.classification.durable.unwrap_or(false),
             },
         })
+    }
+
+    fn pem(&self, key: &str, path: &Path, what: &str) -> Result<Vec<u8>, ConfigError> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| self.err(key, format!("cannot read {}: {e}", path.display())))?;
+        let marker = format!("-----BEGIN {what}");
+        if !String::from_utf8_lossy(&bytes).contains(&marker) {
+            return Err(self.err(key, format!("{} holds no PEM {what} block", path.display())));
+        }
+        Ok(bytes)
+    }
+
+    fn tls(
+        &self,
+        on: bool,
+        ca_file: Option<PathBuf>,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+    ) -> Result<Option<TlsSettings>, ConfigError> {
+        if !on {
+            for (k, set) in [
+                ("mqtt.ca_file", ca_file.is_some()),
+                ("mqtt.client_cert_file", cert.is_some()),
+                ("mqtt.client_key_file", key.is_some()),
+            ] {
+                if set {
+                    return Err(self.err(k, "is set but TLS is off (mqtt.tls = false, or a port other than 8883 without mqtt.tls = true)"));
+                }
+            }
+            return Ok(None);
+        }
+        match (&cert, &key) {
+            (Some(_), None) => {
+                return Err(self.err("mqtt.client_cert_file", "needs mqtt.client_key_file too"));
+            }
+            (None, Some(_)) => {
+                return Err(self.err("mqtt.client_key_file", "needs mqtt.client_cert_file too"));
+            }
+            _ => {}
+        }
+        let ca_file = ca_file.unwrap_or_else(|| PathBuf::from(SYSTEM_CA_FILE));
+        let ca = self.pem("mqtt.ca_file", &ca_file, "CERTIFICATE")?;
+        let client_auth = match (&cert, &key) {
+            (Some(c), Some(k)) => Some((
+                self.pem("mqtt.client_cert_file", c, "CERTIFICATE")?,
+                Secret(
+                    String::from_utf8(self.pem("mqtt.client_key_file", k, "")?)
+                        .map_err(|_| self.err("mqtt.client_key_file", "is not PEM text"))?,
+                ),
+            )),
+            _ => None,
+        };
+        Ok(Some(TlsSettings {
+            ca_file,
+            ca,
+            client_cert_file: cert,
+            client_key_file: key,
+            client_auth,
+        }))
     }
 
     fn unit(&self, key: &str, v: f64) -> Result<f32, ConfigError> {

@@ -216,6 +216,37 @@ const CASES: &[Case] = &[
         expect: &["front", "no_such_dir"],
     },
     Case {
+        name: "port 8883 means TLS: its CA file must exist",
+        edit: &[(
+            "port = 1883",
+            "port = 8883\nca_file = \"/nonexistent/ca.pem\"",
+        )],
+        env: &[],
+        dropin: None,
+        expect: &["mqtt.ca_file", "/nonexistent/ca.pem", "FILE"],
+    },
+    Case {
+        name: "client certificate without its key",
+        edit: &[(
+            "port = 1883",
+            "port = 1883\ntls = true\nclient_cert_file = \"/x.pem\"",
+        )],
+        env: &[],
+        dropin: None,
+        expect: &[
+            "mqtt.client_cert_file",
+            "needs mqtt.client_key_file",
+            "FILE",
+        ],
+    },
+    Case {
+        name: "TLS files with TLS off",
+        edit: &[("port = 1883", "port = 1883\nca_file = \"/x.pem\"")],
+        env: &[],
+        dropin: None,
+        expect: &["mqtt.ca_file", "TLS is off"],
+    },
+    Case {
         name: "fsync policy typo",
         edit: &[("", "[outbox]\nfsync = \"sometimes\"\n")],
         env: &[],

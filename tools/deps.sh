@@ -3,7 +3,7 @@
 # tools/test.sh; .ci/run installs the full list up front.
 EDGESIGHT_BUILD_DEBS=(libclang-dev nasm)         # nokhwa's V4L2 bindings (bindgen); libjpeg-turbo SIMD
 EDGESIGHT_DEMO_DEBS=(mosquitto-clients)          # mosquitto_sub, to watch the demo
-EDGESIGHT_TEST_DEBS=(mosquitto)                  # the second broker the MQTT tests run against
+EDGESIGHT_TEST_DEBS=(mosquitto openssl)          # the second broker the MQTT tests run against; test certificates
 
 edgesight_deps() {
     local missing=()
