@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod capture;
 pub mod detect;
+pub mod discovery;
 pub mod frame;
 pub mod int8;
 pub mod model;
@@ -101,6 +102,13 @@ pub async fn run_with_notifier(
     let (client, eventloop) = mqtt::client(&settings);
     let net_stop = CancellationToken::new();
     let retained = Arc::new(mqtt::Retained::default());
+    if settings.homeassistant.discovery {
+        // Retained and re-sent after every connect, like the cameras' state.
+        retained.set(
+            discovery::config_topic(&settings),
+            discovery::payload(&settings).to_string().into_bytes(),
+        );
+    }
     tracker.spawn(mqtt::drive(
         eventloop,
         settings.clone(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet,
-    Publish, QoS, Request, TlsConfiguration, Transport,
+    Publish, QoS, Request, Subscribe, TlsConfiguration, Transport,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -156,6 +156,13 @@ pub async fn drive(
 ) {
     let m: &MqttSettings = &settings.mqtt;
     let avail = availability_topic(&settings);
+    let discovery = settings.homeassistant.discovery.then(|| Discovery {
+        status_topic: crate::discovery::status_topic(&settings),
+        config_topic: crate::discovery::config_topic(&settings),
+        payload: crate::discovery::payload(&settings)
+            .to_string()
+            .into_bytes(),
+    });
     let mut backoff = m.reconnect_min();
     let mut connected_once = false;
     loop {
@@ -187,6 +194,28 @@ pub async fn drive(
                 let mut online = Publish::new(&avail, QoS::AtLeastOnce, ONLINE);
                 online.retain = true;
                 eventloop.pending.push_front(Request::Publish(online));
+                if let Some(d) = &discovery {
+                    // Home Assistant re-announces itself after a restart; answer with the
+                    // discovery message again.
+                    eventloop
+                        .pending
+                        .push_back(Request::Subscribe(Subscribe::new(
+                            &d.status_topic,
+                            QoS::AtLeastOnce,
+                        )));
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p)))
+                if discovery
+                    .as_ref()
+                    .is_some_and(|d| p.topic == d.status_topic && &p.payload[..] == b"online") =>
+            {
+                if let Some(d) = &discovery {
+                    info!("mqtt: Home Assistant is online; discovery published again");
+                    let mut m = Publish::new(&d.config_topic, QoS::AtLeastOnce, d.payload.clone());
+                    m.retain = true;
+                    eventloop.pending.push_back(Request::Publish(m));
+                }
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                 info!("mqtt: disconnected cleanly");
@@ -222,6 +251,12 @@ pub async fn drive(
             }
         }
     }
+}
+
+struct Discovery {
+    status_topic: String,
+    config_topic: String,
+    payload: Vec<u8>,
 }
 
 fn connected(eventloop: &EventLoop) -> bool {

@@ -61,6 +61,8 @@ struct RawConfig {
     outbox: RawOutbox,
     #[serde(default)]
     classification: RawClassification,
+    #[serde(default)]
+    homeassistant: RawHomeAssistant,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -113,6 +115,13 @@ struct RawMqtt {
     ca_file: Option<PathBuf>,
     client_cert_file: Option<PathBuf>,
     client_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHomeAssistant {
+    discovery: Option<bool>,
+    prefix: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -181,6 +190,15 @@ pub struct Settings {
     pub detection: DetectionSettings,
     pub outbox: OutboxSettings,
     pub classification: ClassificationSettings,
+    pub homeassistant: HomeAssistantSettings,
+}
+
+/// `[homeassistant]`: MQTT discovery (`discovery.rs`).
+#[derive(Debug, Clone, Serialize)]
+pub struct HomeAssistantSettings {
+    pub discovery: bool,
+    /// Home Assistant's discovery prefix.
+    pub prefix: String,
 }
 
 /// `[classification]`: which classification messages go out. They are telemetry: QoS
@@ -685,6 +703,7 @@ const KNOWN: &[(&str, &[&str])] = &[
         ],
     ),
     ("classification", &["publish", "durable"]),
+    ("homeassistant", &["discovery", "prefix"]),
     (
         "outbox",
         &[
@@ -1089,6 +1108,24 @@ impl Validator<'_> {
                     },
                 },
                 durable: raw.classification.durable.unwrap_or(false),
+            },
+            homeassistant: HomeAssistantSettings {
+                discovery: raw.homeassistant.discovery.unwrap_or(false),
+                prefix: {
+                    let p = raw
+                        .homeassistant
+                        .prefix
+                        .unwrap_or_else(|| "homeassistant".into());
+                    if p.is_empty() || p.contains(['+', '#', '\0']) || p.ends_with('/') {
+                        return Err(self.err(
+                            "homeassistant.prefix",
+                            format!(
+                                "{p:?} must be a non-empty topic without wildcards or trailing '/'"
+                            ),
+                        ));
+                    }
+                    p
+                },
             },
         })
     }

@@ -286,3 +286,53 @@ async fn stats_messages_and_on_change_classifications() {
     assert!(s["rss_mb"].as_f64().unwrap() > 1.0);
     assert_eq!(s["outbox"]["dropped"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn home_assistant_discovery_is_published_and_answers_ha_birth() {
+    let (host, port) = common::broker();
+    let dir = tempfile::tempdir().unwrap();
+    let device = format!("ha-{}", std::process::id());
+    let f = common::config_file(
+        dir.path(),
+        &host,
+        port,
+        &device,
+        &common::samples_camera(2, true),
+    );
+    let text = std::fs::read_to_string(&f).unwrap() + "[homeassistant]\ndiscovery = true\n";
+    std::fs::write(&f, text).unwrap();
+    let settings = Settings::load_with_env(&f, vec![]).unwrap();
+    let topic = format!("homeassistant/device/edgesight_{device}/config");
+    let mut rx = common::subscribe(&host, port, &format!("{device}-sub"), &topic).await;
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(edgesight::run(settings, shutdown.clone()));
+    let m = common::next(&mut rx, "discovery").await;
+    let v: Value = serde_json::from_str(&m.payload).unwrap();
+    assert_eq!(v["dev"]["ids"][0], format!("edgesight_{device}"));
+    let cmps = v["cmps"].as_object().unwrap();
+    let label = &cmps[&format!("edgesight_{device}_front_label")];
+    assert_eq!(
+        label["state_topic"],
+        format!("edgesight/{device}/front/classification")
+    );
+    assert_eq!(
+        label["availability"][1]["topic"],
+        format!("edgesight/{device}/front/availability")
+    );
+    // Home Assistant restarted: its birth message brings the discovery message again.
+    common::publish(
+        &host,
+        port,
+        &format!("{device}-ha"),
+        "homeassistant/status",
+        b"online",
+    )
+    .await;
+    let again = common::next(&mut rx, "discovery after HA's birth message").await;
+    assert_eq!(again.payload, m.payload);
+    // Retained: a late subscriber gets it too.
+    let mut late = common::subscribe(&host, port, &format!("{device}-late"), &topic).await;
+    assert!(common::next(&mut late, "retained discovery").await.retain);
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+}

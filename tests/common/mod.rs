@@ -191,3 +191,26 @@ impl Proxy {
         }
     }
 }
+
+/// Publish one QoS 1 message and wait for its PUBACK.
+pub async fn publish(host: &str, port: u16, id: &str, topic: &str, payload: &[u8]) {
+    let mut opts = MqttOptions::new(id, host, port);
+    opts.set_keep_alive(Duration::from_secs(10));
+    let (client, mut el) = AsyncClient::new(opts, 4);
+    client
+        .publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return,
+                Ok(_) => {}
+                Err(e) => panic!("publishing to {topic}: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("PUBACK within 10 s");
+    let _ = client.disconnect().await;
+}
