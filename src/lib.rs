@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod capture;
+pub mod commands;
 pub mod detect;
 pub mod discovery;
 pub mod frame;
@@ -64,10 +65,55 @@ pub async fn run_with_notifier(
     shutdown: CancellationToken,
     notifier: Notifier,
 ) -> Result<Arc<Stats>> {
-    let settings = Arc::new(settings);
     let notifier = Arc::new(notifier);
     // Load the model first: a bad model must fail start-up before anything is announced.
-    let classifier = Arc::new(load_model(&settings)?);
+    let classifier = load_model(&settings)?;
+    let mut next = (settings, classifier);
+    let mut broker = None;
+    let mut first = true;
+    loop {
+        let (settings, classifier) = next;
+        match run_pipeline(
+            settings,
+            classifier,
+            &shutdown,
+            &notifier,
+            &mut broker,
+            first,
+        )
+        .await?
+        {
+            Outcome::Stopped(stats) => return Ok(stats),
+            Outcome::Reload(r) => {
+                notifier.notify("RELOADING=1\nSTATUS=reloading");
+                info!("reloading: configuration and model validated; restarting the pipeline");
+                next = (r.0, r.1);
+                first = false;
+            }
+        }
+    }
+}
+
+enum Outcome {
+    Stopped(Arc<Stats>),
+    /// A `reload` command brought a validated configuration and its model.
+    Reload(commands::Reload),
+}
+
+/// One life of the pipeline: from a loaded model to a drained shutdown, which `shutdown`
+/// or a `reload` command starts.
+async fn run_pipeline(
+    settings: Settings,
+    classifier: Classifier,
+    outer: &CancellationToken,
+    notifier: &Arc<Notifier>,
+    broker: &mut Option<(String, u16)>,
+    first: bool,
+) -> Result<Outcome> {
+    let settings = Arc::new(settings);
+    let classifier = Arc::new(classifier);
+    // A reload ends this pipeline without ending the process.
+    let shutdown = &outer.child_token();
     let spec = classifier.input_spec();
     let t = classifier.timing();
     info!(
@@ -93,8 +139,11 @@ pub async fn run_with_notifier(
     } else {
         None
     };
-    if settings.mqtt.embedded_broker {
-        mqtt::start_embedded_broker(&settings.mqtt.host, settings.mqtt.port)?;
+    let here = (settings.mqtt.host.clone(), settings.mqtt.port);
+    if settings.mqtt.embedded_broker && broker.as_ref() != Some(&here) {
+        // rumqttd cannot be stopped: after a reload it keeps serving where it was started.
+        mqtt::start_embedded_broker(&here.0, here.1)?;
+        *broker = Some(here);
     }
 
     let stats = Arc::new(Stats::new(settings.camera.iter().map(|c| c.name.clone())));
@@ -109,13 +158,38 @@ pub async fn run_with_notifier(
             discovery::payload(&settings).to_string().into_bytes(),
         );
     }
+    let (cmd_tx, cmd_rx) = tokio::sync::mpsc::channel(8);
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<commands::Reload>(1);
     tracker.spawn(mqtt::drive(
         eventloop,
         settings.clone(),
         stats.clone(),
         retained.clone(),
+        settings.commands.enabled.then_some(cmd_tx),
         net_stop.clone(),
     ));
+    if settings.commands.enabled {
+        tracker.spawn(commands::serve(
+            settings.clone(),
+            stats.clone(),
+            client.clone(),
+            cmd_rx,
+            reload_tx,
+        ));
+    }
+    let reload = {
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let r = tokio::select! {
+                r = reload_rx.recv() => r,
+                _ = stop.cancelled() => None,
+            };
+            if r.is_some() {
+                stop.cancel();
+            }
+            r
+        })
+    };
     info!(
         "device {}: publishing to {}:{} under {}/",
         settings.device.id,
@@ -195,8 +269,9 @@ pub async fn run_with_notifier(
     cameras.close();
 
     notifier.notify(&format!(
-        "READY=1\nSTATUS={} camera(s) starting, model {}",
+        "READY=1\nSTATUS={} camera(s) {}, model {}",
         settings.camera.len(),
+        if first { "starting" } else { "reloaded" },
         classifier.file_name()
     ));
     let supervisor_stop = CancellationToken::new();
@@ -288,5 +363,11 @@ pub async fn run_with_notifier(
         warn!("MQTT did not drain within {DRAIN_TIMEOUT:?}");
     }
     info!("stopped; {}", stats.summary());
-    Ok(stats)
+    // Ends the reload watcher if nothing else did (the images ran out).
+    let outer_stop = outer.is_cancelled();
+    shutdown.cancel();
+    match reload.await {
+        Ok(Some(r)) if !outer_stop => Ok(Outcome::Reload(r)),
+        _ => Ok(Outcome::Stopped(stats)),
+    }
 }

@@ -152,9 +152,11 @@ pub async fn drive(
     settings: Arc<Settings>,
     stats: Arc<Stats>,
     retained: Arc<Retained>,
+    commands: Option<tokio::sync::mpsc::Sender<(String, Vec<u8>)>>,
     stop: CancellationToken,
 ) {
     let m: &MqttSettings = &settings.mqtt;
+    let cmd_prefix = crate::commands::cmd_prefix(&settings);
     let avail = availability_topic(&settings);
     let discovery = settings.homeassistant.discovery.then(|| Discovery {
         status_topic: crate::discovery::status_topic(&settings),
@@ -194,6 +196,14 @@ pub async fn drive(
                 let mut online = Publish::new(&avail, QoS::AtLeastOnce, ONLINE);
                 online.retain = true;
                 eventloop.pending.push_front(Request::Publish(online));
+                if commands.is_some() {
+                    eventloop
+                        .pending
+                        .push_back(Request::Subscribe(Subscribe::new(
+                            format!("{cmd_prefix}+"),
+                            QoS::AtLeastOnce,
+                        )));
+                }
                 if let Some(d) = &discovery {
                     // Home Assistant re-announces itself after a restart; answer with the
                     // discovery message again.
@@ -215,6 +225,16 @@ pub async fn drive(
                     let mut m = Publish::new(&d.config_topic, QoS::AtLeastOnce, d.payload.clone());
                     m.retain = true;
                     eventloop.pending.push_back(Request::Publish(m));
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) if p.topic.starts_with(&cmd_prefix) => {
+                let verb = &p.topic[cmd_prefix.len()..];
+                // Our own replies come back on cmd/result: not a command.
+                if verb != "result"
+                    && let Some(tx) = &commands
+                    && tx.try_send((verb.to_string(), p.payload.to_vec())).is_err()
+                {
+                    warn!("mqtt: command {verb} dropped: too many commands waiting");
                 }
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {

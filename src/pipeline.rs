@@ -13,6 +13,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::commands;
 use crate::detect::{self, Tracker};
 use crate::frame::Pixels;
 use crate::model::{Classifier, Prediction};
@@ -262,6 +263,39 @@ pub fn rfc3339_ms(t: SystemTime) -> String {
     t.format(&fmt).unwrap_or_default()
 }
 
+/// Answer a `snapshot` command with camera `camera`'s current frame as JPEG (full
+/// resolution, shrunk only to fit `commands.snapshot_max_bytes`), then the reply.
+fn publish_snapshot(
+    settings: &Settings,
+    camera: &str,
+    frame: &Frame,
+    id: Option<serde_json::Value>,
+    client: &AsyncClient,
+) {
+    let topic = mqtt::camera_topic(settings, camera, "snapshot");
+    let result = frame
+        .raw
+        .to_rgb()
+        .map_err(|e| format!("frame {}: {e}", frame.number))
+        .and_then(|img| commands::snapshot_jpeg(&img, settings.commands.snapshot_max_bytes))
+        .and_then(|jpeg| {
+            let n = jpeg.len();
+            client
+                .try_publish(&topic, rumqttc::QoS::AtLeastOnce, false, jpeg)
+                .map(|()| serde_json::json!({"camera": camera, "topic": topic, "bytes": n}))
+                .map_err(|_| "MQTT queue full (broker away?)".to_string())
+        });
+    if let Err(e) = &result {
+        warn!("camera {camera}: snapshot failed: {e}");
+    }
+    let _ = client.try_publish(
+        commands::result_topic(settings),
+        rumqttc::QoS::AtLeastOnce,
+        false,
+        commands::reply("snapshot", &id, result),
+    );
+}
+
 /// The inference stage: runs on its own thread until `take` says stop. One classifier
 /// serves every camera; the frame in flight is always finished before returning.
 pub fn inference_loop(
@@ -299,6 +333,14 @@ pub fn inference_loop(
         let cam = &settings.camera[i];
         let camera = &cam.name;
         let cs = stats.camera(i);
+        let snapshot = cs.snapshot.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(id) = snapshot {
+            publish_snapshot(settings, camera, &frame, id, client);
+        }
+        if cs.paused.load(Ordering::Relaxed) {
+            cs.paused_frames.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
         let age = frame.captured.elapsed();
         if age > Duration::from_millis(cam.max_age_ms) {
             let n = cs.stale.fetch_add(1, Ordering::Relaxed) + 1;

@@ -55,6 +55,9 @@ pub struct OutboxStats {
 #[derive(Debug, Serialize)]
 pub struct CameraReport {
     pub state: CameraState,
+    /// Paused by command.
+    pub paused: bool,
+    pub paused_frames: u64,
     /// Frames classified per second since the previous message.
     pub fps: f64,
     pub captured: u64,
@@ -107,6 +110,8 @@ pub fn stats_message(settings: &Settings, stats: &Stats, prev: &mut Previous) ->
             let delta = now.classified[i].saturating_sub(*prev.classified.get(i).unwrap_or(&0));
             let report = CameraReport {
                 state: c.state(),
+                paused: c.paused.load(Ordering::Relaxed),
+                paused_frames: g(&c.paused_frames),
                 fps: round1(delta as f64 / secs),
                 captured: g(&c.captured),
                 classified: now.classified[i],

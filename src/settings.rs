@@ -63,6 +63,8 @@ struct RawConfig {
     classification: RawClassification,
     #[serde(default)]
     homeassistant: RawHomeAssistant,
+    #[serde(default)]
+    commands: RawCommands,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -115,6 +117,14 @@ struct RawMqtt {
     ca_file: Option<PathBuf>,
     client_cert_file: Option<PathBuf>,
     client_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCommands {
+    enabled: Option<bool>,
+    max_payload_bytes: Option<i64>,
+    snapshot_max_bytes: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -191,6 +201,17 @@ pub struct Settings {
     pub outbox: OutboxSettings,
     pub classification: ClassificationSettings,
     pub homeassistant: HomeAssistantSettings,
+    pub commands: CommandSettings,
+}
+
+/// `[commands]`: remote commands (`commands.rs`), off by default.
+#[derive(Debug, Clone, Serialize)]
+pub struct CommandSettings {
+    pub enabled: bool,
+    /// Larger command payloads are rejected unread.
+    pub max_payload_bytes: usize,
+    /// Snapshots are re-encoded smaller until they fit.
+    pub snapshot_max_bytes: usize,
 }
 
 /// `[homeassistant]`: MQTT discovery (`discovery.rs`).
@@ -705,6 +726,10 @@ const KNOWN: &[(&str, &[&str])] = &[
     ("classification", &["publish", "durable"]),
     ("homeassistant", &["discovery", "prefix"]),
     (
+        "commands",
+        &["enabled", "max_payload_bytes", "snapshot_max_bytes"],
+    ),
+    (
         "outbox",
         &[
             "dir",
@@ -1108,6 +1133,22 @@ impl Validator<'_> {
                     },
                 },
                 durable: raw.classification.durable.unwrap_or(false),
+            },
+            commands: CommandSettings {
+                enabled: raw.commands.enabled.unwrap_or(false),
+                max_payload_bytes: self.range(
+                    "commands.max_payload_bytes",
+                    raw.commands.max_payload_bytes.unwrap_or(4096),
+                    16,
+                    65_536,
+                )? as usize,
+                // Below the MQTT packet limit, with room for the topic and header.
+                snapshot_max_bytes: self.range(
+                    "commands.snapshot_max_bytes",
+                    raw.commands.snapshot_max_bytes.unwrap_or(256 << 10),
+                    4096,
+                    (crate::mqtt::MAX_PACKET - 4096) as i64,
+                )? as usize,
             },
             homeassistant: HomeAssistantSettings {
                 discovery: raw.homeassistant.discovery.unwrap_or(false),

@@ -32,6 +32,11 @@ pub struct CameraStats {
     pub last_frame_ms: AtomicU64,
     /// The latest inference times, for the stats topic's percentiles.
     pub inference_ms: Mutex<Window>,
+    /// Paused by command: frames are taken and dropped (counted in `paused_frames`).
+    pub paused: AtomicBool,
+    pub paused_frames: AtomicU64,
+    /// A snapshot was asked for: `Some(request id)`; the inference thread takes it.
+    pub snapshot: Mutex<Option<Option<serde_json::Value>>>,
 }
 
 /// The last [`Window::LEN`] samples: percentiles over recent behaviour in fixed memory.

@@ -336,3 +336,138 @@ async fn home_assistant_discovery_is_published_and_answers_ha_birth() {
     shutdown.cancel();
     run.await.unwrap().unwrap();
 }
+
+/// Next message on `topic` (others are skipped), parsed.
+async fn next_on(rx: &mut tokio::sync::mpsc::UnboundedReceiver<common::Msg>, topic: &str) -> Value {
+    loop {
+        let m = common::next(rx, topic).await;
+        if m.topic == topic {
+            return serde_json::from_str(&m.payload).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_pause_snapshot_resume_reload_and_reject_bad_input() {
+    let (host, port) = common::broker();
+    let dir = tempfile::tempdir().unwrap();
+    let device = format!("cmd-{}", std::process::id());
+    let f = common::config_file(
+        dir.path(),
+        &host,
+        port,
+        &device,
+        &common::samples_camera(10, true),
+    );
+    let good = std::fs::read_to_string(&f).unwrap() + "[commands]\nenabled = true\n";
+    std::fs::write(&f, &good).unwrap();
+    let settings = Settings::load_with_env(&f, vec![]).unwrap();
+    let base = format!("edgesight/{device}");
+    let result = format!("{base}/cmd/result");
+    let mut rx =
+        common::subscribe(&host, port, &format!("{device}-sub"), &format!("{base}/#")).await;
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(edgesight::run(settings, shutdown.clone()));
+    let cmd = |verb: &str, payload: &str| {
+        let (host, topic, payload) = (
+            host.clone(),
+            format!("{base}/cmd/{verb}"),
+            payload.to_string(),
+        );
+        let id = format!("{device}-cmd-{verb}");
+        async move { common::publish(&host, port, &id, &topic, payload.as_bytes()).await }
+    };
+    next_on(&mut rx, &format!("{base}/front/classification")).await;
+
+    // Bad input: an error reply each, and nothing changes.
+    for (verb, payload, error) in [
+        ("reboot", "", "unknown command"),
+        ("pause", "{bad", "malformed JSON"),
+        ("pause", "{\"camera\":\"side\"}", "unknown camera"),
+        (
+            "pause",
+            &format!("{{\"id\":\"{}\"}}", "x".repeat(5000)),
+            "exceeds",
+        ),
+    ] {
+        cmd(verb, payload).await;
+        let r = next_on(&mut rx, &result).await;
+        assert_eq!(
+            (r["verb"].as_str(), r["ok"].as_bool()),
+            (Some(verb), Some(false)),
+            "{r}"
+        );
+        assert!(r["error"].as_str().unwrap().contains(error), "{r}");
+    }
+
+    // Pause: at most the frame in flight is still classified; the snapshot (taken by the
+    // inference thread after the pause) proves it has moved on; then nothing until resume.
+    cmd("pause", "{\"camera\":\"front\",\"id\":1}").await;
+    let mut between = 0;
+    let mut snapshot = None;
+    let mut asked = false;
+    loop {
+        let m = common::next(&mut rx, "pause, snapshot and their replies").await;
+        if m.topic.ends_with("/classification") {
+            between += 1;
+            assert!(snapshot.is_none(), "classified while paused");
+        } else if m.topic == result {
+            let r: Value = serde_json::from_str(&m.payload).unwrap();
+            assert_eq!(r["ok"], true, "{r}");
+            if r["verb"] == "pause" {
+                assert_eq!(
+                    (r["id"].clone(), r["cameras"][0].clone()),
+                    (1.into(), "front".into())
+                );
+                cmd("snapshot", "{\"id\":\"s\"}").await;
+                asked = true;
+            } else if r["verb"] == "snapshot" {
+                assert!(asked);
+                assert!(r["bytes"].as_u64().unwrap() > 100, "{r}");
+                break;
+            }
+        } else if m.topic == format!("{base}/front/snapshot") {
+            snapshot = Some(m);
+        }
+    }
+    assert!(between <= 1, "{between} classified after the pause");
+    assert!(snapshot.is_some(), "the JPEG comes before its reply");
+    cmd("resume", "").await;
+    loop {
+        let m = common::next(&mut rx, "resume reply, then classifications").await;
+        if m.topic.ends_with("/classification") {
+            break;
+        }
+        if m.topic == result {
+            assert_eq!(
+                serde_json::from_str::<Value>(&m.payload).unwrap()["verb"],
+                "resume"
+            );
+        }
+    }
+
+    // Reload with a bad file: rejected, the old configuration keeps running.
+    std::fs::write(&f, good.replace("port = ", "port = \"x\"\n#")).unwrap();
+    cmd("reload", "").await;
+    let r = next_on(&mut rx, &result).await;
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("mqtt.port"), "{r}");
+    next_on(&mut rx, &format!("{base}/front/classification")).await;
+    // A good change: top_k 3 -> 1, applied without a restart.
+    std::fs::write(&f, good.replace("[model]\n", "[model]\ntop_k = 1\n")).unwrap();
+    cmd("reload", "").await;
+    let r = next_on(&mut rx, &result).await;
+    assert_eq!(
+        (r["verb"].clone(), r["ok"].clone()),
+        ("reload".into(), true.into()),
+        "{r}"
+    );
+    loop {
+        let v = next_on(&mut rx, &format!("{base}/front/classification")).await;
+        if v["top"].as_array().unwrap().len() == 1 {
+            break;
+        }
+    }
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+}
