@@ -53,6 +53,7 @@ async fn every_frame_is_classified_and_published_in_order() {
             continue;
         }
         assert_eq!(m.topic, topic);
+        common::check_schema("classification", &m.payload);
         let v: Value = serde_json::from_str(&m.payload).unwrap();
         assert_eq!(v["v"], 1);
         assert_eq!(v["device"], device.as_str());
@@ -94,7 +95,10 @@ async fn every_frame_is_classified_and_published_in_order() {
     let status: Vec<Value> = camera
         .iter()
         .filter(|(t, _)| t == "status")
-        .map(|(_, p)| serde_json::from_str(p).unwrap())
+        .map(|(_, p)| {
+            common::check_schema("status", p);
+            serde_json::from_str(p).unwrap()
+        })
         .collect();
     assert_eq!(status[0]["state"], "streaming");
     assert_eq!(status[0]["online"], true);
@@ -142,6 +146,9 @@ async fn shutdown_trigger_finishes_and_publishes_offline() {
     let settings = config(dir.path(), &host, port, &device, true);
     let mut rx = common::subscribe(&host, port, "stop-sub", &format!("edgesight/{device}/#")).await;
     let shutdown = CancellationToken::new();
+    // A failed assertion must end the daemon too, or the runtime's drop waits forever for
+    // the inference thread.
+    let _stop_on_panic = shutdown.clone().drop_guard();
     let run = tokio::spawn(edgesight::run(settings, shutdown.clone()));
     let mut classified = 0;
     while classified < 3 {
@@ -253,6 +260,7 @@ async fn stats_messages_and_on_change_classifications() {
             let v: Value = serde_json::from_str(&m.payload).unwrap();
             labels.push(v["top"][0]["label"].as_str().unwrap().to_string());
         } else if m.topic == format!("edgesight/{device}/stats") {
+            common::check_schema("stats", &m.payload);
             stats_msgs.push(serde_json::from_str::<Value>(&m.payload).unwrap());
         }
     }
@@ -305,6 +313,9 @@ async fn home_assistant_discovery_is_published_and_answers_ha_birth() {
     let topic = format!("homeassistant/device/edgesight_{device}/config");
     let mut rx = common::subscribe(&host, port, &format!("{device}-sub"), &topic).await;
     let shutdown = CancellationToken::new();
+    // A failed assertion must end the daemon too, or the runtime's drop waits forever for
+    // the inference thread.
+    let _stop_on_panic = shutdown.clone().drop_guard();
     let run = tokio::spawn(edgesight::run(settings, shutdown.clone()));
     let m = common::next(&mut rx, "discovery").await;
     let v: Value = serde_json::from_str(&m.payload).unwrap();
@@ -342,6 +353,9 @@ async fn next_on(rx: &mut tokio::sync::mpsc::UnboundedReceiver<common::Msg>, top
     loop {
         let m = common::next(rx, topic).await;
         if m.topic == topic {
+            if topic.ends_with("/cmd/result") {
+                common::check_schema("cmd-result", &m.payload);
+            }
             return serde_json::from_str(&m.payload).unwrap();
         }
     }
@@ -367,6 +381,9 @@ async fn commands_pause_snapshot_resume_reload_and_reject_bad_input() {
     let mut rx =
         common::subscribe(&host, port, &format!("{device}-sub"), &format!("{base}/#")).await;
     let shutdown = CancellationToken::new();
+    // A failed assertion must end the daemon too, or the runtime's drop waits forever for
+    // the inference thread.
+    let _stop_on_panic = shutdown.clone().drop_guard();
     let run = tokio::spawn(edgesight::run(settings, shutdown.clone()));
     let cmd = |verb: &str, payload: &str| {
         let (host, topic, payload) = (
@@ -412,6 +429,7 @@ async fn commands_pause_snapshot_resume_reload_and_reject_bad_input() {
             between += 1;
             assert!(snapshot.is_none(), "classified while paused");
         } else if m.topic == result {
+            common::check_schema("cmd-result", &m.payload);
             let r: Value = serde_json::from_str(&m.payload).unwrap();
             assert_eq!(r["ok"], true, "{r}");
             if r["verb"] == "pause" {
@@ -470,4 +488,17 @@ async fn commands_pause_snapshot_resume_reload_and_reject_bad_input() {
     }
     shutdown.cancel();
     run.await.unwrap().unwrap();
+}
+
+/// The schemas are strict enough to catch a broken payload (so the checks above mean
+/// something): each of these must be rejected.
+#[test]
+#[should_panic(expected = "violates")]
+fn schemas_reject_an_end_without_ended_at() {
+    common::check_schema(
+        "detection",
+        r#"{"v":1,"id":"pi:front:3:1700000000000","type":"end","device":"pi","camera":"front",
+            "label":"cat","class":3,"score":0.2,"max_score":0.9,
+            "started_at":"2026-11-30T08:00:00.000Z","frames":9}"#,
+    );
 }

@@ -218,6 +218,14 @@ impl Daemon {
     }
 }
 
+impl Drop for Daemon {
+    /// After `stop` this finds the process gone; after a failed assertion it ends it.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn tls_keys(dir: &Path, ca: &str, client: bool) -> String {
     let p = |f: &str| -> PathBuf { dir.join(f) };
     let mut s = format!("tls = true\nca_file = \"{}\"\n", p(ca).display());

@@ -53,6 +53,9 @@ pub async fn subscribe(
 ) -> mpsc::UnboundedReceiver<Msg> {
     let mut opts = MqttOptions::new(id, host, port);
     opts.set_keep_alive(Duration::from_secs(10));
+    // rumqttc's default 10 KiB limit would drop the connection (and with it the
+    // subscription) on the first larger snapshot.
+    opts.set_max_packet_size(2 << 20, 2 << 20);
     let (client, mut el) = AsyncClient::new(opts, 64);
     client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
@@ -213,4 +216,25 @@ pub async fn publish(host: &str, port: u16, id: &str, topic: &str, payload: &[u8
     .await
     .expect("PUBACK within 10 s");
     let _ = client.disconnect().await;
+}
+
+/// Check `payload` against docs/schemas/`name`.schema.json (the schemas docs/mqtt.md
+/// documents); panics listing every violation.
+pub fn check_schema(name: &str, payload: &str) {
+    let path = root().join(format!("docs/schemas/{name}.schema.json"));
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let validator = jsonschema::validator_for(&schema)
+        .unwrap_or_else(|e| panic!("{}: not a valid schema: {e}", path.display()));
+    let instance: serde_json::Value = serde_json::from_str(payload)
+        .unwrap_or_else(|e| panic!("{name} payload is not JSON ({e}): {payload}"));
+    let errors: Vec<String> = validator
+        .iter_errors(&instance)
+        .map(|e| format!("{} at {}", e, e.instance_path))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{name} payload violates {}: {errors:?}\n{payload}",
+        path.display()
+    );
 }
