@@ -20,7 +20,7 @@ use edgesight::outbox::{DiskStore, Outbox};
 use edgesight::settings::{Fsync, Settings};
 use tokio_util::sync::CancellationToken;
 
-/// A realistic detection event: ~330 bytes of JSON.
+/// A realistic detection event: 214 bytes of JSON.
 fn payload(i: usize) -> Vec<u8> {
     format!(
         r#"{{"v":1,"id":"pi-kitchen:front:281:{}","type":"start","device":"pi-kitchen","camera":"front","label":"tabby","class":281,"score":0.812,"max_score":0.834,"started_at":"2026-11-30T08:00:01.250Z","frames":3}}"#,

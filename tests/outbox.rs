@@ -140,6 +140,17 @@ async fn broker_outages_lose_no_detection_event() {
         .expect("run returns after the trigger")
         .unwrap()
         .unwrap();
+    assert_every_event_arrived(&stats, &mut rx, &device).await;
+}
+
+/// After a run with outages: every event the outbox accepted arrived at the subscriber at
+/// least once, in order, or is still in the outbox (and on disk) for the next run; none
+/// dropped; every detection that started ended (the shutdown closes open ones).
+async fn assert_every_event_arrived(
+    stats: &edgesight::stats::Stats,
+    rx: &mut UnboundedReceiver<common::Msg>,
+    device: &str,
+) {
     let ob = stats.outbox.get().expect("detection is on by default");
     let accepted = ob.counters.accepted.load(Ordering::Relaxed);
     assert!(accepted >= 10, "steady events: {accepted}");
@@ -157,15 +168,16 @@ async fn broker_outages_lose_no_detection_event() {
         })
         .collect();
     assert!(stats.reconnects.load(Ordering::Relaxed) >= 10);
+    assert_eq!(ob.counters.quarantined.load(Ordering::Relaxed), 0);
     // Every accepted event arrives at least once, except any still waiting in the outbox.
     let delivered = ob.counters.delivered.load(Ordering::Relaxed);
     assert_eq!(delivered + left.len() as u64, accepted);
     let mut want = HashSet::new();
     let mut got = Vec::new();
     while (want.difference(&left).count() as u64) < delivered {
-        let m = common::next(&mut rx, "detection event").await;
+        let m = common::next(rx, "detection event").await;
         if m.topic.ends_with("/detection") {
-            let e = event(&m, &device);
+            let e = event(&m, device);
             want.insert(e.clone());
             got.push(e);
         }
@@ -191,6 +203,82 @@ async fn broker_outages_lose_no_detection_event() {
         got.len() - want.len(),
         left.len()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mosquitto_killed_and_restarted_ten_times_loses_no_detection_event() {
+    // A broker of our own to kill: Debian's Mosquitto (the README's test command installs
+    // it), persistence on, so a persistent session outlives its restarts.
+    let mosquitto = "/usr/sbin/mosquitto";
+    assert!(
+        Path::new(mosquitto).exists(),
+        "{mosquitto} is needed (Debian package mosquitto; tools/test.sh installs it)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\n\
+             persistence true\npersistence_location {}/\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let start = || {
+        let child = Command::new(mosquitto)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let up = (0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(25));
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        assert!(up, "mosquitto listening on {port}");
+        child
+    };
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut broker = Killed(start());
+    let device = format!("killed-{}", std::process::id());
+    let mut rx = common::subscribe_with(
+        "127.0.0.1",
+        port,
+        &format!("{device}-sub"),
+        &format!("edgesight/{device}/+/detection"),
+        true,
+    )
+    .await;
+    let f = config(dir.path(), port, &device);
+    let settings = Settings::load_with_env(&f, vec![]).unwrap();
+    let shutdown = CancellationToken::new();
+    let _stop_on_panic = shutdown.clone().drop_guard();
+    let run = tokio::spawn(edgesight::run(settings, shutdown.clone()));
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        // SIGTERM: Mosquitto saves its sessions (and their queued messages) and exits.
+        let _ = Command::new("kill").arg(broker.0.id().to_string()).status();
+        let _ = broker.0.wait();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        broker = Killed(start());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    shutdown.cancel();
+    let stats = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("run returns after the trigger")
+        .unwrap()
+        .unwrap();
+    assert_every_event_arrived(&stats, &mut rx, &device).await;
 }
 
 /// The records an outbox directory holds, as (id, type).

@@ -51,20 +51,38 @@ pub async fn subscribe(
     id: &str,
     filter: &str,
 ) -> mpsc::UnboundedReceiver<Msg> {
+    subscribe_with(host, port, id, filter, false).await
+}
+
+/// [`subscribe`]; with `persistent`, a persistent session (clean session false): the
+/// broker keeps the subscription and queues QoS 1 messages while we are away, and the
+/// client reconnects to it (subscribing again if the broker lost the session).
+pub async fn subscribe_with(
+    host: &str,
+    port: u16,
+    id: &str,
+    filter: &str,
+    persistent: bool,
+) -> mpsc::UnboundedReceiver<Msg> {
     let mut opts = MqttOptions::new(id, host, port);
     opts.set_keep_alive(Duration::from_secs(10));
+    opts.set_clean_session(!persistent);
     // rumqttc's default 10 KiB limit would drop the connection (and with it the
     // subscription) on the first larger snapshot.
     opts.set_max_packet_size(2 << 20, 2 << 20);
     let (client, mut el) = AsyncClient::new(opts, 64);
-    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let filter = filter.to_string();
     tokio::spawn(async move {
-        let _client = client; // keep the request channel open
         let mut ready = Some(ready_tx);
         loop {
             match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    if !ack.session_present {
+                        let _ = client.subscribe(&filter, QoS::AtLeastOnce).await;
+                    }
+                }
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
                     if let Some(r) = ready.take() {
                         let _ = r.send(());
