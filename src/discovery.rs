@@ -65,7 +65,12 @@ pub fn payload(settings: &Settings) -> Value {
             if let (Value::Object(o), Value::Object(a)) = (&mut v, &avail) {
                 o.extend(a.clone());
                 o.insert("unique_id".into(), uid(what).into());
-                o.insert("object_id".into(), uid(what).into());
+                // Home Assistant 2025.10 replaced `object_id` with this.
+                let platform = o.get("p").and_then(Value::as_str).unwrap_or("sensor");
+                o.insert(
+                    "default_entity_id".into(),
+                    format!("{platform}.{}", uid(what)).into(),
+                );
             }
             cmps.insert(uid(what), v);
         };
@@ -179,7 +184,9 @@ mod tests {
         for (key, c) in cmps {
             let platform = c["p"].as_str().unwrap();
             assert!(["sensor", "event"].contains(&platform), "{key}");
-            assert!(ids.insert(c["unique_id"].as_str().unwrap().to_string()));
+            let uid = c["unique_id"].as_str().unwrap();
+            assert!(ids.insert(uid.to_string()));
+            assert_eq!(c["default_entity_id"], format!("{platform}.{uid}"));
             assert!(
                 c["state_topic"]
                     .as_str()
