@@ -247,20 +247,7 @@ async fn apply(
             Ok(Value::Null)
         }
         Verb::Reload => {
-            let file = settings.file.clone();
-            let loaded = tokio::task::spawn_blocking(move || -> Result<Reload, String> {
-                let new = Settings::load(&file).map_err(|e| e.to_string())?;
-                let model = crate::load_model(&new).map_err(|e| format!("{e:#}"))?;
-                if new.detection.enabled {
-                    new.detection
-                        .rules(model.labels())
-                        .map_err(|e| e.to_string())?;
-                }
-                Ok(Box::new((new, model)))
-            })
-            .await
-            .map_err(|e| format!("reload task failed: {e}"))?
-            .map_err(|e| format!("{e}; the running configuration is kept"))?;
+            let loaded = prepare_reload(settings.file.clone()).await?;
             let model = loaded.1.file_name().to_string();
             reload
                 .send(loaded)
@@ -269,6 +256,24 @@ async fn apply(
             Ok(json!({"config": settings.file.display().to_string(), "model": model}))
         }
     }
+}
+
+/// Read the configuration `file` again (with its drop-ins and the environment) and load
+/// its model, checking everything start-up checks; the error says why it was rejected.
+pub async fn prepare_reload(file: std::path::PathBuf) -> Result<Reload, String> {
+    tokio::task::spawn_blocking(move || -> Result<Reload, String> {
+        let new = Settings::load(&file).map_err(|e| e.to_string())?;
+        let model = crate::load_model(&new).map_err(|e| format!("{e:#}"))?;
+        if new.detection.enabled {
+            new.detection
+                .rules(model.labels())
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(Box::new((new, model)))
+    })
+    .await
+    .map_err(|e| format!("reload task failed: {e}"))?
+    .map_err(|e| format!("{e}; the running configuration is kept"))
 }
 
 /// JPEG of `img`, re-encoded smaller (lower quality, then half size) until it fits `max`

@@ -28,6 +28,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Result;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -65,6 +66,18 @@ pub async fn run_with_notifier(
     shutdown: CancellationToken,
     notifier: Notifier,
 ) -> Result<Arc<Stats>> {
+    run_with(settings, shutdown, notifier, Arc::new(Notify::new())).await
+}
+
+/// [`run_with_notifier`], reloading the configuration and model whenever `reload` is
+/// notified (`main` wires it to SIGHUP, systemd's `ExecReload`). A configuration or model
+/// that does not load is logged and the running one kept.
+pub async fn run_with(
+    settings: Settings,
+    shutdown: CancellationToken,
+    notifier: Notifier,
+    reload: Arc<Notify>,
+) -> Result<Arc<Stats>> {
     let notifier = Arc::new(notifier);
     // Load the model first: a bad model must fail start-up before anything is announced.
     let classifier = load_model(&settings)?;
@@ -78,6 +91,7 @@ pub async fn run_with_notifier(
             classifier,
             &shutdown,
             &notifier,
+            &reload,
             &mut broker,
             first,
         )
@@ -107,6 +121,7 @@ async fn run_pipeline(
     classifier: Classifier,
     outer: &CancellationToken,
     notifier: &Arc<Notifier>,
+    hup: &Arc<Notify>,
     broker: &mut Option<(String, u16)>,
     first: bool,
 ) -> Result<Outcome> {
@@ -174,8 +189,27 @@ async fn run_pipeline(
             stats.clone(),
             client.clone(),
             cmd_rx,
-            reload_tx,
+            reload_tx.clone(),
         ));
+    }
+    // SIGHUP: the same reload as the command, rejected the same way.
+    {
+        let (hup, file, stop) = (hup.clone(), settings.file.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = hup.notified() => {}
+                    _ = stop.cancelled() => return,
+                }
+                match commands::prepare_reload(file.clone()).await {
+                    Ok(r) => {
+                        let _ = reload_tx.send(r).await;
+                        return;
+                    }
+                    Err(e) => warn!("reload rejected: {e}"),
+                }
+            }
+        });
     }
     let reload = {
         let stop = shutdown.clone();

@@ -3,10 +3,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use edgesight::settings::{ConfigError, EX_CONFIG, ModelSettings, Settings};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 const DEFAULT_CONFIG: &str = "/etc/edgesight/config.toml";
@@ -106,8 +108,12 @@ fn dispatch(cli: Cli) -> Result<()> {
                 .context("starting the async runtime")?;
             rt.block_on(async {
                 let shutdown = CancellationToken::new();
-                spawn_signal_handler(shutdown.clone())?;
-                edgesight::run(settings, shutdown).await.map(|_| ())
+                let reload = Arc::new(Notify::new());
+                spawn_signal_handler(shutdown.clone(), reload.clone())?;
+                let notifier = edgesight::notify::Notifier::from_env();
+                edgesight::run_with(settings, shutdown, notifier, reload)
+                    .await
+                    .map(|_| ())
             })
         }
         Command::Check { config } => {
@@ -218,16 +224,25 @@ fn classify(
 
 /// SIGTERM (systemd) and SIGINT (a terminal) both start a clean shutdown; a second signal
 /// while draining is ignored on purpose: exiting early would lose queued messages.
-fn spawn_signal_handler(shutdown: CancellationToken) -> Result<()> {
+fn spawn_signal_handler(shutdown: CancellationToken, reload: Arc<Notify>) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        loop {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the configuration and the model");
+                    reload.notify_one();
+                    continue;
+                }
+            }
+            shutdown.cancel();
+            return;
         }
-        shutdown.cancel();
     });
     Ok(())
 }

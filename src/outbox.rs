@@ -734,6 +734,23 @@ mod tests {
     }
 
     #[test]
+    fn a_disk_failing_later_keeps_records_in_memory_counted_and_deliverable() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("outbox");
+        let (st, _) = DiskStore::open(&dir, Fsync::Always).unwrap();
+        let ob = Outbox::new(Box::new(st), vec![], 100, 1 << 20);
+        let a = ob.push("t/a".into(), vec![1]);
+        fs::remove_dir_all(&dir).unwrap(); // the card is gone
+        let b = ob.push("t/b".into(), vec![2]);
+        assert_eq!(ob.counters.memory_fallback.load(Ordering::Relaxed), 1);
+        assert_eq!(ob.depth(), 2, "accepted either way");
+        ob.ack(a);
+        ob.ack(b);
+        assert_eq!(ob.counters.delivered.load(Ordering::Relaxed), 2);
+        assert_eq!(ob.depth(), 0);
+    }
+
+    #[test]
     fn an_unwritable_directory_falls_back_to_memory() {
         let d = tempfile::tempdir().unwrap();
         let file = d.path().join("not-a-dir");

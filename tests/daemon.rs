@@ -183,3 +183,40 @@ fn only_a_streaming_camera_that_stops_delivering_is_stalled() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_a_good_config_and_keeps_running_on_a_bad_one() {
+    let (host, port) = common::broker();
+    let dir = tempfile::tempdir().unwrap();
+    let device = format!("hup-{}", std::process::id());
+    let cfg = common::config_file(
+        dir.path(),
+        &host,
+        port,
+        &device,
+        &common::samples_camera(10, true),
+    );
+    let good = std::fs::read_to_string(&cfg).unwrap();
+    let topic = format!("edgesight/{device}/front/classification");
+    let mut rx = common::subscribe(&host, port, &format!("{device}-sub"), &topic).await;
+    let top_len = |m: common::Msg| {
+        let v: serde_json::Value = serde_json::from_str(&m.payload).unwrap();
+        v["top"].as_array().unwrap().len()
+    };
+    let d = common::Daemon::start(&cfg);
+    assert_eq!(top_len(common::next(&mut rx, "classification").await), 3);
+
+    // A broken file: rejected with the reason, the daemon goes on as it was.
+    std::fs::write(&cfg, good.replace("[model]\n", "[model]\ntop_k = 0\n")).unwrap();
+    d.signal("HUP");
+    let log = d.wait_for_log("reload rejected");
+    assert!(log.contains("model.top_k"), "{log}");
+    while rx.try_recv().is_ok() {}
+    assert_eq!(top_len(common::next(&mut rx, "classification").await), 3);
+
+    // A good change (top_k 3 -> 1): applied in place.
+    std::fs::write(&cfg, good.replace("[model]\n", "[model]\ntop_k = 1\n")).unwrap();
+    d.signal("HUP");
+    while top_len(common::next(&mut rx, "classification after the reload").await) != 1 {}
+    d.stop();
+}

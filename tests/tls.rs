@@ -4,10 +4,8 @@
 
 mod common;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const MOSQUITTO: &str = "/usr/sbin/mosquitto";
@@ -151,79 +149,22 @@ fn mosquitto(dir: &Path) -> Broker {
 }
 
 /// The daemon binary on the samples, publishing to 127.0.0.1:`port` with `mqtt_extra`
-/// (TLS keys) added to [mqtt]; its stderr is collected.
-struct Daemon {
-    child: Child,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Daemon {
-    fn start(dir: &Path, name: &str, port: u16, mqtt_extra: &str) -> Daemon {
-        let sub = dir.join(name);
-        std::fs::create_dir_all(&sub).unwrap();
-        let f = common::config_file(
-            &sub,
-            "127.0.0.1",
-            port,
-            name,
-            &common::samples_camera(10, true),
-        );
-        let text = std::fs::read_to_string(&f)
-            .unwrap()
-            .replace("qos = 1\n", &format!("qos = 1\n{mqtt_extra}"));
-        std::fs::write(&f, text).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_edgesight"))
-            .args(["run", "--config"])
-            .arg(&f)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (mut pipe, sink) = (child.stderr.take().unwrap(), stderr.clone());
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        Daemon { child, stderr }
-    }
-
-    /// Wait (a liveness bound, not a timing claim) until stderr contains `what`.
-    fn wait_for_log(&self, what: &str) -> String {
-        for _ in 0..300 {
-            let s = self.stderr.lock().unwrap().clone();
-            if s.contains(what) {
-                return s;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!(
-            "no {what:?} in the daemon's log: {}",
-            self.stderr.lock().unwrap()
-        );
-    }
-
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        assert!(self.child.wait().unwrap().success(), "SIGTERM exits 0");
-    }
-}
-
-impl Drop for Daemon {
-    /// After `stop` this finds the process gone; after a failed assertion it ends it.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// (TLS keys) added to [mqtt].
+fn daemon(dir: &Path, name: &str, port: u16, mqtt_extra: &str) -> common::Daemon {
+    let sub = dir.join(name);
+    std::fs::create_dir_all(&sub).unwrap();
+    let f = common::config_file(
+        &sub,
+        "127.0.0.1",
+        port,
+        name,
+        &common::samples_camera(10, true),
+    );
+    let text = std::fs::read_to_string(&f)
+        .unwrap()
+        .replace("qos = 1\n", &format!("qos = 1\n{mqtt_extra}"));
+    std::fs::write(&f, text).unwrap();
+    common::Daemon::start(&f)
 }
 
 fn tls_keys(dir: &Path, ca: &str, client: bool) -> String {
@@ -257,7 +198,7 @@ async fn tls_and_mutual_tls_connect_and_a_wrong_ca_is_refused_clearly() {
     let b = mosquitto(dir.path());
 
     // TLS with our CA.
-    let d = Daemon::start(
+    let d = daemon(
         dir.path(),
         "tls",
         b.tls,
@@ -268,7 +209,7 @@ async fn tls_and_mutual_tls_connect_and_a_wrong_ca_is_refused_clearly() {
     d.stop();
 
     // Mutual TLS: the listener requires a client certificate signed by our CA.
-    let d = Daemon::start(
+    let d = daemon(
         dir.path(),
         "mtls",
         b.mtls,
@@ -278,7 +219,7 @@ async fn tls_and_mutual_tls_connect_and_a_wrong_ca_is_refused_clearly() {
     d.stop();
 
     // The same listener without a client certificate: refused, and the log says TLS.
-    let d = Daemon::start(
+    let d = daemon(
         dir.path(),
         "nocert",
         b.mtls,
@@ -288,7 +229,7 @@ async fn tls_and_mutual_tls_connect_and_a_wrong_ca_is_refused_clearly() {
     d.stop();
 
     // A CA that did not sign the broker's certificate: refused with a clear error.
-    let d = Daemon::start(
+    let d = daemon(
         dir.path(),
         "wrongca",
         b.tls,

@@ -256,3 +256,75 @@ pub fn check_schema(name: &str, payload: &str) {
         path.display()
     );
 }
+
+/// The daemon binary, `edgesight run --config <file>`, with its stderr collected; ended
+/// (SIGKILL) when dropped, so a failed assertion leaves no process behind.
+pub struct Daemon {
+    pub child: std::process::Child,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Daemon {
+    pub fn start(config: &Path) -> Daemon {
+        use std::io::Read;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edgesight"))
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (mut pipe, sink) = (child.stderr.take().unwrap(), stderr.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Daemon { child, stderr }
+    }
+
+    /// Wait (a liveness bound, not a timing claim) until stderr contains `what`.
+    pub fn wait_for_log(&self, what: &str) -> String {
+        for _ in 0..300 {
+            let s = self.stderr.lock().unwrap().clone();
+            if s.contains(what) {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "no {what:?} in the daemon's log: {}",
+            self.stderr.lock().unwrap()
+        );
+    }
+
+    /// Send `signal` (e.g. "HUP", "TERM").
+    pub fn signal(&self, signal: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -{signal}");
+    }
+
+    /// SIGTERM, and the exit code must be 0.
+    pub fn stop(mut self) {
+        self.signal("TERM");
+        assert!(self.child.wait().unwrap().success(), "SIGTERM exits 0");
+    }
+}
+
+impl Drop for Daemon {
+    /// After `stop` this finds the process gone; after a failed assertion it ends it.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
