@@ -1313,11 +1313,12 @@ impl Validator<'_> {
                 64 << 10,
                 1 << 34,
             )? as usize,
+            // At most rumqttc's in-flight limit (100): past it the client queues them itself.
             window: self.range(
                 "outbox.window",
                 o.window.unwrap_or(d.window as i64),
                 1,
-                1000,
+                100,
             )? as usize,
         })
     }
