@@ -1314,12 +1314,8 @@ impl Validator<'_> {
                 1 << 34,
             )? as usize,
             // At most rumqttc's in-flight limit (100): past it the client queues them itself.
-            window: self.range(
-                "outbox.window",
-                o.window.unwrap_or(d.window as i64),
-                1,
-                100,
-            )? as usize,
+            window: self.range("outbox.window", o.window.unwrap_or(d.window as i64), 1, 100)?
+                as usize,
         })
     }
 
