@@ -354,9 +354,10 @@ async fn run_pipeline(
     if let Err(e) = infer.await {
         warn!("inference thread ended abnormally: {e}");
     }
-    // Inference is done (cancelled or out of frames): make sure capture stops too.
+    // Inference is done (cancelled or out of frames): end everything tied to this pipeline
+    // (capture, the reload watchers) so the drain below waits only for the network.
     notifier.notify("STOPPING=1\nSTATUS=draining");
-    capture_stop.cancel();
+    shutdown.cancel();
     for h in image_threads {
         let _ = tokio::task::spawn_blocking(move || h.join()).await;
     }
@@ -397,9 +398,7 @@ async fn run_pipeline(
         warn!("MQTT did not drain within {DRAIN_TIMEOUT:?}");
     }
     info!("stopped; {}", stats.summary());
-    // Ends the reload watcher if nothing else did (the images ran out).
     let outer_stop = outer.is_cancelled();
-    shutdown.cancel();
     match reload.await {
         Ok(Some(r)) if !outer_stop => Ok(Outcome::Reload(r)),
         _ => Ok(Outcome::Stopped(stats)),
