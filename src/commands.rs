@@ -307,16 +307,11 @@ mod tests {
     use super::*;
 
     fn settings() -> Settings {
-        let d = tempfile::tempdir().unwrap();
-        let f = d.path().join("c.toml");
-        std::fs::write(
-            &f,
+        crate::settings::from_toml(
             "[device]\nid = \"pi\"\n[model]\npath = \"m.onnx\"\n[commands]\nenabled = true\n\
              max_payload_bytes = 64\n\
              [[camera]]\nname = \"front\"\npath = \"x\"\n[[camera]]\nname = \"back\"\npath = \"x\"\n",
         )
-        .unwrap();
-        Settings::load_with_env(&f, vec![]).unwrap()
     }
 
     /// (verb, payload, Ok(cameras) or Err(part of the error)).

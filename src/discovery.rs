@@ -153,16 +153,11 @@ mod tests {
     use super::*;
 
     fn settings() -> Settings {
-        let d = tempfile::tempdir().unwrap();
-        let f = d.path().join("c.toml");
-        std::fs::write(
-            &f,
+        crate::settings::from_toml(
             "[device]\nid = \"pi.kitchen\"\n[model]\npath = \"m.onnx\"\n\
              [homeassistant]\ndiscovery = true\n\
              [[camera]]\nname = \"front\"\npath = \"x\"\n[[camera]]\nname = \"back\"\npath = \"x\"\n",
         )
-        .unwrap();
-        Settings::load_with_env(&f, vec![]).unwrap()
     }
 
     /// What Home Assistant requires of device-based discovery: a device with identifiers,

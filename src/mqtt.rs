@@ -55,6 +55,10 @@ impl Retained {
             .unwrap_or_else(|p| p.into_inner())
             .insert(topic, payload);
     }
+    pub fn get(&self, topic: &str) -> Option<Vec<u8>> {
+        let m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(topic).cloned()
+    }
     pub fn all(&self) -> Vec<(String, Vec<u8>)> {
         let m = self.map.lock().unwrap_or_else(|p| p.into_inner());
         m.iter().map(|(t, p)| (t.clone(), p.clone())).collect()
@@ -158,12 +162,10 @@ pub async fn drive(
     let m: &MqttSettings = &settings.mqtt;
     let cmd_prefix = crate::commands::cmd_prefix(&settings);
     let avail = availability_topic(&settings);
+    // The discovery message itself is one of the retained messages (`run` puts it there).
     let discovery = settings.homeassistant.discovery.then(|| Discovery {
         status_topic: crate::discovery::status_topic(&settings),
         config_topic: crate::discovery::config_topic(&settings),
-        payload: crate::discovery::payload(&settings)
-            .to_string()
-            .into_bytes(),
     });
     let mut backoff = m.reconnect_min();
     let mut connected_once = false;
@@ -220,9 +222,11 @@ pub async fn drive(
                     .as_ref()
                     .is_some_and(|d| p.topic == d.status_topic && &p.payload[..] == b"online") =>
             {
-                if let Some(d) = &discovery {
+                if let Some(d) = &discovery
+                    && let Some(payload) = retained.get(&d.config_topic)
+                {
                     info!("mqtt: Home Assistant is online; discovery published again");
-                    let mut m = Publish::new(&d.config_topic, QoS::AtLeastOnce, d.payload.clone());
+                    let mut m = Publish::new(&d.config_topic, QoS::AtLeastOnce, payload);
                     m.retain = true;
                     eventloop.pending.push_back(Request::Publish(m));
                 }
@@ -276,7 +280,6 @@ pub async fn drive(
 struct Discovery {
     status_topic: String,
     config_topic: String,
-    payload: Vec<u8>,
 }
 
 fn connected(eventloop: &EventLoop) -> bool {

@@ -27,6 +27,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::pipeline::worth_logging;
 use crate::settings::{Fsync, OutboxSettings, Settings};
 
 /// One message waiting for its PUBACK.
@@ -304,11 +305,6 @@ impl std::fmt::Debug for Outbox {
             .field("depth", &self.depth())
             .finish()
     }
-}
-
-/// Log the 1st, 2nd, 4th, 8th... occurrence of a repeating problem.
-fn worth_logging(n: u64) -> bool {
-    n.is_power_of_two()
 }
 
 impl Outbox {

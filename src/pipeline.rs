@@ -150,8 +150,8 @@ pub fn change_score(a: &[f32], b: &[f32]) -> f32 {
 
 /// Log the 1st, 2nd, 4th, 8th... occurrence: a problem that repeats at frame rate must not
 /// flood the journal, and its count is in the stats anyway.
-fn worth_logging(n: u64) -> bool {
-    n == 1 || n.is_power_of_two()
+pub(crate) fn worth_logging(n: u64) -> bool {
+    n.is_power_of_two()
 }
 
 /// The `.../<camera>/classification` payload.

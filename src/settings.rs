@@ -1477,6 +1477,15 @@ fn default_device_id() -> String {
     }
 }
 
+/// Settings from TOML text (unit tests of other modules).
+#[cfg(test)]
+pub(crate) fn from_toml(text: &str) -> Settings {
+    let d = tempfile::tempdir().expect("tempdir");
+    let f = d.path().join("c.toml");
+    std::fs::write(&f, text).expect("write the test config");
+    Settings::load_with_env(&f, vec![]).expect("valid test config")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

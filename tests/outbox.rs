@@ -120,27 +120,39 @@ async fn broker_outages_lose_no_detection_event() {
         &format!("edgesight/{device}/+/detection"),
     )
     .await;
+    // The link to the broker is cut (every connection closed, the port refusing) and
+    // restored.
+    let outage = async || {
+        proxy.down();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        proxy.up().await;
+    };
+    let stats = run_through_ten_outages(settings, outage).await;
+    assert_every_event_arrived(&stats, &mut rx, &device).await;
+}
+
+/// Run the daemon while detections keep coming, with `outage` ten times, 0.7 s apart;
+/// then stop it and return its counters.
+async fn run_through_ten_outages(
+    settings: Settings,
+    mut outage: impl AsyncFnMut(),
+) -> std::sync::Arc<edgesight::stats::Stats> {
     let shutdown = CancellationToken::new();
     // A failed assertion must end the daemon too, or the runtime's drop waits forever for
     // the inference thread.
     let _stop_on_panic = shutdown.clone().drop_guard();
     let run = tokio::spawn(edgesight::run(settings, shutdown.clone()));
-    // Ten outages while detections keep coming: the link to the broker is cut (every
-    // connection closed, the port refusing) and restored.
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(700)).await;
-        proxy.down();
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        proxy.up().await;
+        outage().await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     shutdown.cancel();
-    let stats = tokio::time::timeout(Duration::from_secs(30), run)
+    tokio::time::timeout(Duration::from_secs(30), run)
         .await
         .expect("run returns after the trigger")
         .unwrap()
-        .unwrap();
-    assert_every_event_arrived(&stats, &mut rx, &device).await;
+        .unwrap()
 }
 
 /// After a run with outages: every event the outbox accepted arrived at the subscriber at
@@ -260,24 +272,14 @@ async fn mosquitto_killed_and_restarted_ten_times_loses_no_detection_event() {
     .await;
     let f = config(dir.path(), port, &device);
     let settings = Settings::load_with_env(&f, vec![]).unwrap();
-    let shutdown = CancellationToken::new();
-    let _stop_on_panic = shutdown.clone().drop_guard();
-    let run = tokio::spawn(edgesight::run(settings, shutdown.clone()));
-    for _ in 0..10 {
-        tokio::time::sleep(Duration::from_millis(700)).await;
+    let outage = async || {
         // SIGTERM: Mosquitto saves its sessions (and their queued messages) and exits.
         let _ = Command::new("kill").arg(broker.0.id().to_string()).status();
         let _ = broker.0.wait();
         tokio::time::sleep(Duration::from_millis(300)).await;
         broker = Killed(start());
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    shutdown.cancel();
-    let stats = tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .expect("run returns after the trigger")
-        .unwrap()
-        .unwrap();
+    };
+    let stats = run_through_ten_outages(settings, outage).await;
     assert_every_event_arrived(&stats, &mut rx, &device).await;
 }
 
@@ -305,15 +307,8 @@ async fn sigkill_while_the_broker_is_down_then_restart_delivers_the_buffered_eve
     let device = format!("kill-{}", std::process::id());
     let proxy = common::Proxy::new(&host, port); // down: the daemon's broker is away
     let f = config(dir.path(), proxy.port, &device);
-    let exe = env!("CARGO_BIN_EXE_edgesight");
     let outbox = dir.path().join("outbox");
-    let mut daemon = Command::new(exe)
-        .args(["run", "--config"])
-        .arg(&f)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut daemon = common::Daemon::start(&f);
     let mut buffered = HashSet::new();
     for _ in 0..600 {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -324,8 +319,8 @@ async fn sigkill_while_the_broker_is_down_then_restart_delivers_the_buffered_eve
             }
         }
     }
-    daemon.kill().unwrap(); // SIGKILL: no drain, no goodbye
-    daemon.wait().unwrap();
+    daemon.child.kill().unwrap(); // SIGKILL: no drain, no goodbye
+    daemon.child.wait().unwrap();
     // What the disk holds after the kill (events accepted after our last look count too).
     let buffered = records_in(&outbox)
         .union(&buffered)
@@ -341,16 +336,9 @@ async fn sigkill_while_the_broker_is_down_then_restart_delivers_the_buffered_eve
         &format!("edgesight/{device}/+/detection"),
     )
     .await;
-    let mut daemon = Command::new(exe)
-        .args(["run", "--config"])
-        .arg(&f)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let daemon = common::Daemon::start(&f);
     let got = receive_all(&mut rx, &device, &buffered).await;
-    let _ = Command::new("kill").arg(daemon.id().to_string()).status();
-    assert!(daemon.wait().unwrap().success(), "SIGTERM exits 0");
+    daemon.stop(); // SIGTERM, exit 0
     assert_in_order(&got);
 }
 
