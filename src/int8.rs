@@ -195,7 +195,7 @@ const TOINT: f32 = 8_388_608.0;
 /// 2^24, exact in f32. (`f32::round_ties_even` would be a libm call per element on
 /// baseline x86-64; tract's own rounding is a function call per element too.)
 #[inline(always)]
-fn quantize(x: f32, zero_point: f32, lo: f32, hi: f32) -> i32 {
+pub(crate) fn quantize(x: f32, zero_point: f32, lo: f32, hi: f32) -> i32 {
     let m = x.abs().min(TOINT);
     let r = ((m + TOINT) - TOINT).copysign(x);
     // `max` then `min` return the non-NaN operand, so even a NaN `x` lands in [lo, hi].

@@ -17,6 +17,7 @@ pub mod onnx_quant;
 pub mod outbox;
 pub mod pipeline;
 pub mod preprocess;
+pub mod qconv;
 pub mod report;
 pub mod settings;
 pub mod source;

@@ -55,6 +55,8 @@ pub struct Int8Rewrites {
     /// QDQ convolutions and com.microsoft ops rewritten before parsing.
     #[serde(flatten)]
     pub proto: crate::onnx_quant::ProtoRewrites,
+    /// Quantised convolutions run by edgesight's own int8 kernel ([`crate::qconv`]).
+    pub int8_convs: usize,
     /// Per-channel weight zero points turned into scalars.
     pub scalar_zero_points: usize,
     /// Per-channel requantisation chains fused into one op.
@@ -72,6 +74,7 @@ impl std::fmt::Display for Int8Rewrites {
         let parts: Vec<String> = [
             (self.proto.qdq_convs, "QDQ convs -> QLinearConv"),
             (self.proto.contrib_ops, "com.microsoft ops expanded"),
+            (self.int8_convs, "convs on edgesight's int8 kernel"),
             (self.scalar_zero_points, "zero points made scalar"),
             (self.fused_requant, "requantisations fused"),
             (self.fused_adds, "residual adds fused"),
@@ -114,7 +117,12 @@ fn optimize(model: InferenceModel, rewrite: bool) -> TractResult<(TypedModel, In
     if !rewrite {
         return Ok((model.into_optimized()?, Int8Rewrites::default()));
     }
-    let mut typed = model.into_typed()?.into_decluttered()?;
+    let mut typed = model.into_typed()?;
+    // Our conv op needs its parameters as constants, and must see the convs before
+    // declutter turns the 1x1 ones into einsums.
+    tract_core::optim::Optimizer::prop_consts().optimize(&mut typed)?;
+    let int8_convs = crate::qconv::replace_convs(&mut typed, crate::qconv::Kernel::best())?;
+    let mut typed = typed.into_decluttered()?;
     let scalar_zero_points = crate::int8::scalar_zero_points(&mut typed)?;
     let fused_adds = crate::int8::fuse_quantized_adds(&mut typed)?;
     let mut typed = typed.into_optimized()?;
@@ -123,6 +131,7 @@ fn optimize(model: InferenceModel, rewrite: bool) -> TractResult<(TypedModel, In
     Ok((
         typed,
         Int8Rewrites {
+            int8_convs,
             scalar_zero_points,
             fused_requant,
             fused_adds,
