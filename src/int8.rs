@@ -394,11 +394,14 @@ pub fn fuse_quantized_adds(model: &mut TypedModel) -> TractResult<usize> {
     Ok(fused)
 }
 
-/// tract's QuantizeLinear (f32 -> u8/i8 with `1/scale` and a zero point), vectorised; see
-/// [`quantize`]. Same results bit for bit.
+/// An f32 -> u8/i8 quantiser, vectorised (see [`quantize`]): `x / scale` as ONNX and
+/// onnxruntime define it where the model's scale is known, else tract's `x * (1/scale)`,
+/// bit for bit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Quantize {
     pub inv_scale: f32,
+    /// The model's own scale, divided by.
+    pub scale: Option<f32>,
     pub zero_point: i32,
     pub dt: DatumType,
 }
@@ -411,9 +414,13 @@ impl Op for Quantize {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
+        let scale = match self.scale {
+            Some(s) => format!("/ {s}"),
+            None => format!("* {}", self.inv_scale),
+        };
         Ok(vec![format!(
-            "1/scale {} zero point {} -> {:?}",
-            self.inv_scale, self.zero_point, self.dt
+            "x {scale}, zero point {} -> {:?}",
+            self.zero_point, self.dt
         )])
     }
 
@@ -430,21 +437,38 @@ impl EvalOp for Quantize {
         let zp = self.zero_point as f32;
         {
             let mut o = out.try_as_plain_ram_mut()?;
-            match self.dt {
-                DatumType::U8 => {
-                    for (x, y) in x.iter().zip(o.as_slice_mut::<u8>()?) {
-                        *y = quantize(x * self.inv_scale, zp, 0.0, 255.0) as u8;
-                    }
-                }
-                DatumType::I8 => {
-                    for (x, y) in x.iter().zip(o.as_slice_mut::<i8>()?) {
-                        *y = quantize(x * self.inv_scale, zp, -128.0, 127.0) as i8;
-                    }
-                }
+            let o = o.as_bytes_mut();
+            let (lo, hi) = match self.dt {
+                DatumType::U8 => (0.0, 255.0),
+                DatumType::I8 => (-128.0, 127.0),
                 dt => bail!("quantisation to {dt:?} is not supported"),
+            };
+            match self.scale {
+                Some(s) => quantize_all(x, o, zp, lo, hi, |x| x / s),
+                None => quantize_all(x, o, zp, lo, hi, |x| x * self.inv_scale),
             }
         }
         Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+/// `o[i] = quantize(f(x[i]))`, stored as the output type's byte (i8: two's complement).
+/// Generic over `f` so that each caller's loop is compiled, and vectorised, on its own.
+/// Works in blocks of 16 so the compiler vectorises even the division (as a plain loop it
+/// kept `x / s` scalar: 2.2 ms more on ResNet-50).
+#[inline(always)]
+fn quantize_all(x: &[f32], o: &mut [u8], zp: f32, lo: f32, hi: f32, f: impl Fn(f32) -> f32) {
+    const B: usize = 16;
+    let mut xs = x.chunks_exact(B);
+    let mut os = o.chunks_exact_mut(B);
+    for (x, o) in (&mut xs).zip(&mut os) {
+        let v: [f32; B] = std::array::from_fn(|i| f(x[i]));
+        for (y, v) in o.iter_mut().zip(v) {
+            *y = quantize(v, zp, lo, hi) as u8;
+        }
+    }
+    for (x, y) in xs.remainder().iter().zip(os.into_remainder()) {
+        *y = quantize(f(*x), zp, lo, hi) as u8;
     }
 }
 
@@ -456,9 +480,13 @@ impl TypedOp for Quantize {
     tract_core::as_op!();
 }
 
-/// Replace tract's f32 QuantizeLinear nodes of the optimised model by [`Quantize`].
-/// Returns how many.
-pub fn fast_quantize(model: &mut TypedModel) -> TractResult<usize> {
+/// Replace tract's f32 QuantizeLinear nodes of the optimised model by [`Quantize`],
+/// dividing by the model's scale where `scales` (from
+/// [`crate::onnx_quant::quantize_scales`]) knows it. Returns how many.
+pub fn fast_quantize(
+    model: &mut TypedModel,
+    scales: &std::collections::HashMap<u32, Option<f32>>,
+) -> TractResult<usize> {
     let mut replaced = 0;
     for id in 0..model.nodes().len() {
         let node = model.node(id);
@@ -467,6 +495,7 @@ pub fn fast_quantize(model: &mut TypedModel) -> TractResult<usize> {
         };
         let op = Quantize {
             inv_scale,
+            scale: scales.get(&inv_scale.to_bits()).copied().flatten(),
             zero_point,
             dt,
         };
@@ -695,6 +724,7 @@ mod tests {
         for zp in [0, 3, 128, 255] {
             let op = Quantize {
                 inv_scale: 1.0,
+                scale: None,
                 zero_point: zp,
                 dt: DatumType::U8,
             };
@@ -714,6 +744,7 @@ mod tests {
         for zp in [-128, -3, 0, 127] {
             let op = Quantize {
                 inv_scale: 1.0,
+                scale: None,
                 zero_point: zp,
                 dt: DatumType::I8,
             };

@@ -92,13 +92,26 @@ impl std::fmt::Display for Int8Rewrites {
     }
 }
 
+/// What [`parse`] found and changed in the ONNX file before tract parsed it.
+struct Parsed {
+    model: InferenceModel,
+    rewrites: crate::onnx_quant::ProtoRewrites,
+    /// The model's quantiser scales, for [`crate::int8::fast_quantize`].
+    quantize_scales: QuantizeScales,
+}
+
+type QuantizeScales = std::collections::HashMap<u32, Option<f32>>;
+
 /// Read the ONNX file, rewrite its quantised forms onto integer convolutions
 /// ([`crate::onnx_quant`]), then let tract parse it.
-fn parse(path: &Path, rewrite: bool) -> Result<(InferenceModel, crate::onnx_quant::ProtoRewrites)> {
+fn parse(path: &Path, rewrite: bool) -> Result<Parsed> {
     let onnx = tract_onnx::onnx();
     let mut proto = onnx.proto_model_for_path(path)?;
-    let rewrites = match proto.graph.as_mut() {
-        Some(g) if rewrite => crate::onnx_quant::rewrite(g)?,
+    let (rewrites, quantize_scales) = match proto.graph.as_mut() {
+        Some(g) if rewrite => {
+            let rewrites = crate::onnx_quant::rewrite(g)?;
+            (rewrites, crate::onnx_quant::quantize_scales(g))
+        }
         Some(_) => Default::default(),
         None => bail!("no graph in the file"),
     };
@@ -108,12 +121,20 @@ fn parse(path: &Path, rewrite: bool) -> Result<(InferenceModel, crate::onnx_quan
     if !parsed.unresolved_inputs.is_empty() {
         bail!("unresolved inputs: {:?}", parsed.unresolved_inputs);
     }
-    Ok((parsed.model, rewrites))
+    Ok(Parsed {
+        model: parsed.model,
+        rewrites,
+        quantize_scales,
+    })
 }
 
 /// Declutter, apply the int8 rewrites that must precede codegen, optimise, then fuse
 /// what codegen left unfused.
-fn optimize(model: InferenceModel, rewrite: bool) -> TractResult<(TypedModel, Int8Rewrites)> {
+fn optimize(
+    model: InferenceModel,
+    rewrite: bool,
+    quantize_scales: &QuantizeScales,
+) -> TractResult<(TypedModel, Int8Rewrites)> {
     if !rewrite {
         return Ok((model.into_optimized()?, Int8Rewrites::default()));
     }
@@ -127,7 +148,7 @@ fn optimize(model: InferenceModel, rewrite: bool) -> TractResult<(TypedModel, In
     let fused_adds = crate::int8::fuse_quantized_adds(&mut typed)?;
     let mut typed = typed.into_optimized()?;
     let fused_requant = crate::int8::fuse_requant(&mut typed)?;
-    let fast_quantize = crate::int8::fast_quantize(&mut typed)?;
+    let fast_quantize = crate::int8::fast_quantize(&mut typed, quantize_scales)?;
     Ok((
         typed,
         Int8Rewrites {
@@ -180,7 +201,11 @@ impl Classifier {
         if !meta.is_file() {
             bail!("model file {}: not a regular file", path.display());
         }
-        let (mut model, proto_rewrites) = parse(path, int8_rewrites)
+        let Parsed {
+            mut model,
+            rewrites: proto_rewrites,
+            quantize_scales,
+        } = parse(path, int8_rewrites)
             .with_context(|| format!("model file {}: not a loadable ONNX model", path.display()))?;
         let missing = unsupported_ops(&model);
         if !missing.is_empty() {
@@ -206,7 +231,7 @@ impl Classifier {
             .unwrap_or(false);
         model.set_input_fact(0, f32::fact(spec.shape()).into())?;
         let loaded = Instant::now();
-        let (typed, mut int8) = optimize(model, int8_rewrites)
+        let (typed, mut int8) = optimize(model, int8_rewrites, &quantize_scales)
             .with_context(|| format!("model file {}: cannot optimise", path.display()))?;
         let output_shape: Vec<usize> = typed
             .output_fact(0)?

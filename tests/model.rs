@@ -18,20 +18,19 @@ fn reference() -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-/// Largest |logit_tract - logit_onnxruntime| we accept, per form (logits span about
+/// Largest |logit_edgesight - logit_onnxruntime| we accept, per form (logits span about
 /// [-15, 15] here; probabilities are compared too, and saturate, so logits are the
 /// sharper test).
 /// fp32: the same float graph; only summation order differs: ~1e-6 relative, measured
-/// 4e-6 absolute. Bound 1e-4.
-/// int8: every conv accumulates exactly in i32, so the only room for difference is the
-/// rounding of requantisation; on x86 tract and onnxruntime agree bit for bit on these 42
-/// samples (measured 3e-6: the float Gemm at the end). Other CPUs (ARM kernels with and
-/// without dot product) may round differently. One activation LSB off in the last
-/// conv would move a logit by about (output scale x fc weight norm) ~ 0.05; bound 0.25
-/// allows a few such flips without hiding a real mismatch (a wrong zero point or scale
-/// moves logits by whole units).
-fn bound(form: &str) -> f32 {
-    if form.starts_with("fp32") { 1e-4 } else { 0.25 }
+/// 6e-6 absolute. Bound 1e-4.
+/// int8: the convolutions are exact in i32 and requantised with onnxruntime's f32
+/// arithmetic (src/qconv.rs), and the quantisers divide by the scale as onnxruntime does,
+/// so every int8 tensor matches onnxruntime's bit for bit, on x86 and ARM alike (the
+/// kernels differ, the integers do not). What is left is the float tail (pooling, Gemm):
+/// measured 3e-6. The same bound as fp32; one activation LSB off anywhere would move a
+/// logit by ~0.05.
+fn bound(_form: &str) -> f32 {
+    1e-4
 }
 
 #[test]
@@ -126,11 +125,12 @@ fn expected_rewrites(form: &str) -> (usize, usize, usize, usize, usize, usize) {
     }
 }
 
-/// The typed-graph rewrites (scalar zero points, fused requantisation, fused residual
-/// adds) need no approximation and must be invisible in the output: each QLinearConv form
-/// with and without them gives bit-identical logits on every sample.
+/// `--no-int8-rewrites` (tract alone, for benchmarks) still loads and classifies every
+/// sample like onnxruntime; with it nothing of edgesight's runs. (Its logits may differ
+/// from onnxruntime's by an LSB here and there: tract multiplies by 1/scale where ONNX
+/// divides. On these samples they happen not to.)
 #[test]
-fn exact_int8_rewrites_change_no_bit() {
+fn tract_alone_still_runs_the_int8_forms() {
     let inputs = std::fs::read(common::fixture("reference/inputs.bin")).unwrap();
     let px = 64 * 64 * 3;
     for form in ["int8_qlinear", "int8_qlinear_pc"] {
@@ -138,14 +138,15 @@ fn exact_int8_rewrites_change_no_bit() {
         let fast = Classifier::load(&s).unwrap();
         let plain = Classifier::load_with(&s, false).unwrap();
         assert_eq!(plain.int8_rewrites(), Default::default());
-        assert!(fast.int8_rewrites().fused_adds > 0, "{form}");
+        assert_eq!(fast.int8_rewrites().int8_convs, 9, "{form}");
         let spec = *fast.input_spec();
         for i in 0..inputs.len() / px {
             let rgb =
                 image::RgbImage::from_raw(64, 64, inputs[i * px..(i + 1) * px].to_vec()).unwrap();
             let a = fast.raw_scores(spec.normalize(&rgb)).unwrap();
             let b = plain.raw_scores(spec.normalize(&rgb)).unwrap();
-            assert_eq!(a, b, "{form}: sample {i}");
+            let top = |v: &[f32]| (0..v.len()).max_by(|x, y| v[*x].total_cmp(&v[*y])).unwrap();
+            assert_eq!(top(&a), top(&b), "{form}: sample {i}");
         }
     }
 }
