@@ -305,37 +305,50 @@ impl Classifier {
         Ok(out.to_plain_array_view::<f32>()?.iter().copied().collect())
     }
 
-    /// `f` on this model's thread pool if it has one (tract picks the executor up from the
-    /// calling thread's scope), else on the calling thread.
-    fn on_pool<R>(&self, f: impl FnOnce() -> R) -> R {
+    /// `f` on one of this model's pool threads if it has a pool (tract picks the executor
+    /// up from the thread's scope), else on the calling thread. On a pool thread, not
+    /// beside the pool: with `threads = n` exactly n threads work. (Run from the calling
+    /// thread, the element-wise ops between two parallel convs competed with the pool's
+    /// threads, which spin a while for more work: 2 threads were slower than 1 on 2 cores.)
+    fn on_pool<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         match &self.executor {
-            Some(pool) => multithread::multithread_tract_scope(pool.clone(), f),
+            Some(exec @ Executor::MultiThread(pool)) => {
+                pool.install(|| multithread::multithread_tract_scope(exec.clone(), f))
+            }
+            Some(exec) => multithread::multithread_tract_scope(exec.clone(), f),
             None => f(),
         }
     }
 
     /// One run of the plan.
-    fn run(&self, input: Tensor) -> TractResult<TVec<TValue>> {
-        self.on_pool(|| self.plan.run(tvec!(input.into())))
+    fn run(&self, input: Tensor) -> TractResult<TVec<Tensor>> {
+        self.on_pool(|| {
+            let out = self.plan.run(tvec!(input.into()))?;
+            Ok(out.into_iter().map(|v| v.into_tensor()).collect())
+        })
     }
 
     /// Time spent per operator type over `runs` runs of `input`, slowest first, as
     /// (operator, total ms, node evaluations). For the benchmark's profile.
     pub fn profile(&self, input: &Tensor, runs: usize) -> Result<Vec<(String, f64, usize)>> {
-        let mut by_op: std::collections::HashMap<String, (f64, usize)> = Default::default();
-        let mut state = TypedSimpleState::new(&self.plan)?;
-        for _ in 0..runs {
-            self.on_pool(|| {
-                state.run_plan_with_eval(tvec!(input.clone().into()), |ctx, st, node, inputs| {
-                    let t0 = Instant::now();
-                    let out = tract_core::plan::eval(ctx, st, node, inputs);
-                    let e = by_op.entry(node.op.name().to_string()).or_default();
-                    e.0 += t0.elapsed().as_secs_f64() * 1e3;
-                    e.1 += 1;
-                    out
-                })
-            })?;
-        }
+        let by_op = self.on_pool(|| -> TractResult<_> {
+            let mut by_op: std::collections::HashMap<String, (f64, usize)> = Default::default();
+            let mut state = TypedSimpleState::new(&self.plan)?;
+            for _ in 0..runs {
+                state.run_plan_with_eval(
+                    tvec!(input.clone().into()),
+                    |ctx, st, node, inputs| {
+                        let t0 = Instant::now();
+                        let out = tract_core::plan::eval(ctx, st, node, inputs);
+                        let e = by_op.entry(node.op.name().to_string()).or_default();
+                        e.0 += t0.elapsed().as_secs_f64() * 1e3;
+                        e.1 += 1;
+                        out
+                    },
+                )?;
+            }
+            Ok(by_op)
+        })?;
         let mut v: Vec<(String, f64, usize)> =
             by_op.into_iter().map(|(k, (ms, n))| (k, ms, n)).collect();
         v.sort_by(|a, b| b.1.total_cmp(&a.1));

@@ -231,49 +231,65 @@ impl QConv {
         })
     }
 
-    /// Every output block: `vout[co][q]` for q < g.q.
+    /// Every output block: `vout[co][q]` for q < g.q. Blocks of output channels are
+    /// independent, so with a multi-threaded model (`threads` > 1) they are shared out
+    /// over tract's thread pool; the packed input is read by all.
     fn compute(&self, packed: &[u8], offsets: &[usize], g: &Geo, vout: &mut [u8]) {
+        use rayon::prelude::*;
+        use tract_core::internal::tract_linalg::multithread::{Executor, current_tract_executor};
+        let rows = MR * g.q;
+        let vout = &mut vout[..self.blocks() * rows];
+        let work = |(b, out): (usize, &mut [u8])| self.compute_block(b, packed, offsets, g, out);
+        match current_tract_executor() {
+            Executor::MultiThread(pool) if self.blocks() > 1 => {
+                pool.install(|| vout.par_chunks_mut(rows).enumerate().for_each(work))
+            }
+            Executor::RayonGlobal if self.blocks() > 1 => {
+                vout.par_chunks_mut(rows).enumerate().for_each(work)
+            }
+            _ => vout.chunks_mut(rows).enumerate().for_each(work),
+        }
+    }
+
+    /// Output channels `b * MR ..` into `out` (MR virtual rows of g.q pixels).
+    fn compute_block(&self, b: usize, packed: &[u8], offsets: &[usize], g: &Geo, out: &mut [u8]) {
         let wblock = self.taps() * self.groups() * MR * 4;
         let cb_stride = g.plane * 4;
         let vecs = g.q / LANES;
-        for b in 0..self.blocks() {
-            let w = &self.weights[b * wblock..(b + 1) * wblock];
-            let epi = Epilogue {
-                bias: &self.bias[b * MR..(b + 1) * MR],
-                scales: &self.scales[b * MR..(b + 1) * MR],
-                y0: self.y0,
-                lo: self.lo,
-                hi: self.hi,
+        let w = &self.weights[b * wblock..(b + 1) * wblock];
+        let epi = Epilogue {
+            bias: &self.bias[b * MR..(b + 1) * MR],
+            scales: &self.scales[b * MR..(b + 1) * MR],
+            y0: self.y0,
+            lo: self.lo,
+            hi: self.hi,
+        };
+        let mut v = 0;
+        while v < vecs {
+            let n = (vecs - v).min(PX);
+            let tile = Tile {
+                packed,
+                offsets,
+                cb_stride,
+                groups: self.groups(),
+                q0: v * LANES,
+                w,
             };
-            let out = &mut vout[b * MR * g.q..(b + 1) * MR * g.q];
-            let mut v = 0;
-            while v < vecs {
-                let n = (vecs - v).min(PX);
-                let q0 = v * LANES;
-                let tile = Tile {
-                    packed,
-                    offsets,
-                    cb_stride,
-                    groups: self.groups(),
-                    q0,
-                    w,
-                };
-                match self.which {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: chosen only when the CPU has these features (Kernel::best),
-                    // and `Tile::check` bounds every read.
-                    Kernel::Avx512Vnni => unsafe {
-                        tile.check(n);
-                        match n {
-                            3 => vnni::block::<3>(&tile, &epi, out, g.q),
-                            2 => vnni::block::<2>(&tile, &epi, out, g.q),
-                            _ => vnni::block::<1>(&tile, &epi, out, g.q),
-                        }
-                    },
-                    Kernel::Portable => portable_block(&tile, n, &epi, out, g.q),
-                }
-                v += n;
+            match self.which {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: chosen only when the CPU has these features (Kernel::best), and
+                // `Tile::check` bounds every read.
+                Kernel::Avx512Vnni => unsafe {
+                    tile.check(n);
+                    match n {
+                        3 => vnni::block::<3>(&tile, &epi, out, g.q),
+                        2 => vnni::block::<2>(&tile, &epi, out, g.q),
+                        _ => vnni::block::<1>(&tile, &epi, out, g.q),
+                    }
+                },
+                Kernel::Portable => portable_block(&tile, n, &epi, out, g.q),
             }
+            v += n;
         }
     }
 }
