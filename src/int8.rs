@@ -394,6 +394,165 @@ pub fn fuse_quantized_adds(model: &mut TypedModel) -> TractResult<usize> {
     Ok(fused)
 }
 
+/// The float residual add of a QLinearConv-form ResNet, where the skip connection stays in
+/// f32 between blocks: `y = max?(DQ(a) + b)`, and `Q(y)` for the next block's convs, in
+/// one pass with two outputs (f32 `y`, quantised `y`). tract runs it as three passes
+/// (dequantise, add + ReLU, quantise) over f32 tensors. The same f32 operations in the
+/// same order, so the same bits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResidualAdd {
+    pub a_scale: f32,
+    pub a_zero_point: i32,
+    pub floor: Option<f32>,
+    pub quantize: Quantize,
+}
+
+impl Eq for ResidualAdd {}
+
+impl ResidualAdd {
+    fn run<A>(&self, a: &[A], b: &[f32], y: &mut [f32], q: &mut [u8])
+    where
+        A: Datum + Copy + tract_core::internal::tract_num_traits::AsPrimitive<i32>,
+    {
+        let floor = self.floor.unwrap_or(f32::NEG_INFINITY);
+        for ((y, a), b) in y.iter_mut().zip(a).zip(b) {
+            // tract's DequantizeLinearF32, Add, Max.
+            *y = ((a.as_() - self.a_zero_point) as f32 * self.a_scale + b).max(floor);
+        }
+        self.quantize.run(y, q);
+    }
+}
+
+impl Op for ResidualAdd {
+    fn name(&self) -> StaticName {
+        "EdgesightResidualAdd".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let mut info = vec![format!(
+            "DQ(a) {}/{} + b{}",
+            self.a_scale,
+            self.a_zero_point,
+            self.floor.map(|f| format!(", max {f}")).unwrap_or_default(),
+        )];
+        info.extend(self.quantize.info()?);
+        Ok(info)
+    }
+
+    tract_core::op_as_typed_op!();
+}
+
+impl EvalOp for ResidualAdd {
+    tract_core::op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (a, b) = (&inputs[0], &inputs[1]);
+        ensure!(
+            a.shape() == b.shape(),
+            "residual add: shapes {:?} and {:?}",
+            a.shape(),
+            b.shape()
+        );
+        let mut y = unsafe { Tensor::uninitialized::<f32>(a.shape())? };
+        let mut q = unsafe { Tensor::uninitialized_dt(self.quantize.dt, a.shape())? };
+        {
+            let (av, bv) = (a.try_as_plain_ram()?, b.try_as_plain_ram()?);
+            let b = bv.as_slice::<f32>()?;
+            let mut yv = y.try_as_plain_ram_mut()?;
+            let mut qv = q.try_as_plain_ram_mut()?;
+            let (yv, qv) = (yv.as_slice_mut::<f32>()?, qv.as_bytes_mut());
+            match a.datum_type() {
+                DatumType::U8 => self.run(av.as_slice::<u8>()?, b, yv, qv),
+                DatumType::I8 => self.run(av.as_slice::<i8>()?, b, yv, qv),
+                dt => bail!("residual add of {dt:?} is not supported"),
+            }
+        }
+        Ok(tvec!(y.into_tvalue(), q.into_tvalue()))
+    }
+}
+
+impl TypedOp for ResidualAdd {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let shape = inputs[0].shape.clone();
+        Ok(tvec!(
+            f32::fact(shape.clone()),
+            self.quantize.dt.fact(shape)
+        ))
+    }
+
+    tract_core::as_op!();
+}
+
+/// Replace every `Q(max?(DQ(a) + b))` whose sum is also used in f32 (the residual adds of
+/// the QLinearConv forms) by one [`ResidualAdd`]. Run on the decluttered model, after
+/// [`fuse_quantized_adds`]. Returns how many.
+pub fn fuse_residual_adds(
+    model: &mut TypedModel,
+    scales: &std::collections::HashMap<u32, Option<f32>>,
+) -> TractResult<usize> {
+    use tract_core::ops::quant::DequantizeLinearF32;
+    let mut fused = 0;
+    for id in 0..model.nodes().len() {
+        let q = model.node(id);
+        let Some((inv_scale, zero_point, dt)) = quantizer(q) else {
+            continue;
+        };
+        let quantize = Quantize {
+            inv_scale,
+            scale: scales.get(&inv_scale.to_bits()).copied().flatten(),
+            zero_point,
+            dt,
+        };
+        let sum = q.inputs[0];
+        let mut add = model.node(sum.node);
+        let mut floor = None;
+        if add.op.name() == "Max" && add.inputs.len() == 2 {
+            let k = model.outlet_fact(add.inputs[1])?.konst.clone();
+            let Some(v) = k.map(|k| uniform_value(&k)).transpose()?.flatten() else {
+                continue;
+            };
+            floor = Some(v.cast_to_scalar::<f32>()?);
+            add = model.node(add.inputs[0].node);
+        }
+        if add.op.name() != "Add" || add.inputs.len() != 2 {
+            continue;
+        }
+        // One operand a dequantised tensor used only here, the other any f32 tensor of the
+        // same shape (the skip connection).
+        let dq = |o: OutletId| {
+            let n = model.node(o.node);
+            let op = n.op_as::<DequantizeLinearF32>()?;
+            (n.outputs[0].successors.len() == 1).then_some((op.clone(), n.inputs[0]))
+        };
+        let (dq_op, a, b) = match (dq(add.inputs[0]), dq(add.inputs[1])) {
+            (Some((op, a)), _) => (op, a, add.inputs[1]),
+            (None, Some((op, a))) => (op, a, add.inputs[0]),
+            _ => continue,
+        };
+        let (fa, fb) = (model.outlet_fact(a)?, model.outlet_fact(b)?);
+        if fa.shape != fb.shape || fb.datum_type != DatumType::F32 {
+            continue;
+        }
+        let op = ResidualAdd {
+            a_scale: dq_op.scale,
+            a_zero_point: dq_op.zero_point,
+            floor,
+            quantize,
+        };
+        let mut patch = TypedModelPatch::default();
+        let inputs = [patch.tap_model(model, a)?, patch.tap_model(model, b)?];
+        let out = patch.wire_node(format!("{}.residual", q.name), op, &inputs)?;
+        patch.shunt_outside(model, sum, out[0])?;
+        patch.shunt_outside(model, OutletId::new(id, 0), out[1])?;
+        patch.apply(model)?;
+        fused += 1;
+    }
+    if fused > 0 {
+        model.compact()?;
+    }
+    Ok(fused)
+}
+
 /// An f32 -> u8/i8 quantiser, vectorised (see [`quantize`]): `x / scale` as ONNX and
 /// onnxruntime define it where the model's scale is known, else tract's `x * (1/scale)`,
 /// bit for bit.
@@ -407,6 +566,22 @@ pub struct Quantize {
 }
 
 impl Eq for Quantize {}
+
+impl Quantize {
+    /// `x` quantised into `o`, as bytes of the output type (i8: two's complement).
+    fn run(&self, x: &[f32], o: &mut [u8]) {
+        let zp = self.zero_point as f32;
+        let (lo, hi) = if self.dt == DatumType::I8 {
+            (-128.0, 127.0)
+        } else {
+            (0.0, 255.0)
+        };
+        match self.scale {
+            Some(s) => quantize_all(x, o, zp, lo, hi, |x| x / s),
+            None => quantize_all(x, o, zp, lo, hi, |x| x * self.inv_scale),
+        }
+    }
+}
 
 impl Op for Quantize {
     fn name(&self) -> StaticName {
@@ -434,19 +609,9 @@ impl EvalOp for Quantize {
         let x = inputs[0].try_as_plain_ram()?;
         let x = x.as_slice::<f32>()?;
         let mut out = unsafe { Tensor::uninitialized_dt(self.dt, inputs[0].shape())? };
-        let zp = self.zero_point as f32;
         {
             let mut o = out.try_as_plain_ram_mut()?;
-            let o = o.as_bytes_mut();
-            let (lo, hi) = match self.dt {
-                DatumType::U8 => (0.0, 255.0),
-                DatumType::I8 => (-128.0, 127.0),
-                dt => bail!("quantisation to {dt:?} is not supported"),
-            };
-            match self.scale {
-                Some(s) => quantize_all(x, o, zp, lo, hi, |x| x / s),
-                None => quantize_all(x, o, zp, lo, hi, |x| x * self.inv_scale),
-            }
+            self.run(x, o.as_bytes_mut());
         }
         Ok(tvec!(out.into_tvalue()))
     }
@@ -761,6 +926,74 @@ mod tests {
                 &want[..]
             );
         }
+    }
+
+    /// The float residual add of a QLinearConv-form ResNet (DQ, add the f32 skip, ReLU,
+    /// quantise; the f32 sum used again) against tract's own ops: bit for bit when the
+    /// scale is unknown (tract's `x * (1/s)`), and `round(x / s)` when it is known.
+    #[test]
+    fn residual_add_matches_tracts_ops() {
+        use tract_core::ops::quant::{DequantizeLinearF32, quantize_linear_u8};
+        let shape = [1, 3, 7, 5];
+        let n: usize = shape.iter().product();
+        let a: Vec<u8> = (0..n).map(|i| (i * 37 % 256) as u8).collect();
+        // Includes sums that land on .5 ties after division (b = -DQ(a) + k/2 steps).
+        let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.731).sin() * 3.0).collect();
+        let (a_scale, a_zp, y_scale, y_zp) = (0.05f32, 128, 0.03f32, 3);
+        let mut m = TypedModel::default();
+        let xa = m.add_source("a", u8::fact(shape)).unwrap();
+        let xb = m.add_source("b", f32::fact(shape)).unwrap();
+        let dq = DequantizeLinearF32 {
+            scale: a_scale,
+            zero_point: a_zp,
+        };
+        let w = m.wire_node("dq", dq, &[xa]).unwrap();
+        let w = m
+            .wire_node("add", tract_core::ops::math::add(), &[w[0], xb])
+            .unwrap();
+        let zero = m.add_const("zero", tensor4(&[[[[0f32]]]])).unwrap();
+        let relu = m
+            .wire_node("relu", tract_core::ops::math::max(), &[w[0], zero])
+            .unwrap();
+        let q = m
+            .wire_node("q", quantize_linear_u8(y_scale.recip(), y_zp as u8), &relu)
+            .unwrap();
+        m.select_output_outlets(&[q[0], relu[0]]).unwrap();
+        let inputs = || {
+            tvec!(
+                tensor1(&a).into_shape(&shape).unwrap().into_tvalue(),
+                tensor1(&b).into_shape(&shape).unwrap().into_tvalue()
+            )
+        };
+        let run = |m: &TypedModel| m.clone().into_runnable().unwrap().run(inputs()).unwrap();
+        let want = run(&m);
+
+        let mut fused = m.clone();
+        assert_eq!(
+            fuse_residual_adds(&mut fused, &Default::default()).unwrap(),
+            1
+        );
+        assert_eq!(fused.nodes().len(), 3, "two sources and the fused op");
+        let got = run(&fused);
+        assert_eq!(*got[0], *want[0]);
+        assert_eq!(*got[1], *want[1]);
+
+        let scales = [(y_scale.recip().to_bits(), Some(y_scale))].into();
+        let mut divided = m.clone();
+        assert_eq!(fuse_residual_adds(&mut divided, &scales).unwrap(), 1);
+        let got = run(&divided);
+        assert_eq!(*got[1], *want[1], "the f32 sum is the same");
+        let sums = want[1].try_as_plain_ram().unwrap();
+        let onnx: Vec<u8> = sums
+            .as_slice::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| ((x / y_scale).round_ties_even() + y_zp as f32).clamp(0.0, 255.0) as u8)
+            .collect();
+        assert_eq!(
+            got[0].try_as_plain_ram().unwrap().as_slice::<u8>().unwrap(),
+            &onnx[..]
+        );
     }
 
     #[test]

@@ -63,6 +63,9 @@ pub struct Int8Rewrites {
     pub fused_requant: usize,
     /// Residual adds (dequantise, add, ReLU, quantise) fused into one integer pass.
     pub fused_adds: usize,
+    /// Float residual adds (dequantise, add to the f32 skip, ReLU; quantise for the next
+    /// block) fused into one pass with two outputs.
+    pub residual_adds: usize,
     /// f32 -> int8 quantisations replaced by a vectorised equivalent.
     pub fast_quantize: usize,
 }
@@ -78,6 +81,7 @@ impl std::fmt::Display for Int8Rewrites {
             (self.scalar_zero_points, "zero points made scalar"),
             (self.fused_requant, "requantisations fused"),
             (self.fused_adds, "residual adds fused"),
+            (self.residual_adds, "float residual adds fused"),
             (self.fast_quantize, "quantisers vectorised"),
         ]
         .iter()
@@ -146,6 +150,7 @@ fn optimize(
     let mut typed = typed.into_decluttered()?;
     let scalar_zero_points = crate::int8::scalar_zero_points(&mut typed)?;
     let fused_adds = crate::int8::fuse_quantized_adds(&mut typed)?;
+    let residual_adds = crate::int8::fuse_residual_adds(&mut typed, quantize_scales)?;
     let mut typed = typed.into_optimized()?;
     let fused_requant = crate::int8::fuse_requant(&mut typed)?;
     let fast_quantize = crate::int8::fast_quantize(&mut typed, quantize_scales)?;
@@ -156,6 +161,7 @@ fn optimize(
             scalar_zero_points,
             fused_requant,
             fused_adds,
+            residual_adds,
             fast_quantize,
             ..Default::default()
         },

@@ -43,21 +43,51 @@ const PX: usize = 3;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
     Portable,
+    /// `vpdpbusd`: u8 activations x i8 weights.
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
+    /// ARMv8.0 NEON (Pi 4's Cortex-A72): `smull` + `sadalp`, i8 x i8.
+    #[cfg(target_arch = "aarch64")]
+    Neon,
+    /// ARMv8.2 dot product (Pi 5's Cortex-A76): `sdot`, i8 x i8.
+    #[cfg(target_arch = "aarch64")]
+    NeonDot,
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU runs.
-    pub fn best() -> Kernel {
+    /// Every kernel this CPU runs, the fastest last.
+    pub fn available() -> Vec<Kernel> {
+        let mut k = vec![Kernel::Portable];
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512vnni")
         {
-            return Kernel::Avx512Vnni;
+            k.push(Kernel::Avx512Vnni);
         }
-        Kernel::Portable
+        #[cfg(target_arch = "aarch64")]
+        {
+            k.push(Kernel::Neon);
+            if std::arch::is_aarch64_feature_detected!("dotprod") {
+                k.push(Kernel::NeonDot);
+            }
+        }
+        k
+    }
+
+    /// The fastest kernel this CPU runs.
+    pub fn best() -> Kernel {
+        Kernel::available().pop().unwrap_or(Kernel::Portable)
+    }
+
+    /// Whether the kernel multiplies signed activations (ARM's instructions are i8 x i8;
+    /// x86's `vpdpbusd` is u8 x i8). Activations are packed in the kernel's domain.
+    fn signed(self) -> bool {
+        #[cfg(target_arch = "aarch64")]
+        if matches!(self, Kernel::Neon | Kernel::NeonDot) {
+            return true;
+        }
+        false
     }
 }
 
@@ -71,9 +101,10 @@ pub struct QConv {
     pub stride: (usize, usize),
     /// (top, left, bottom, right).
     pub pad: (usize, usize, usize, usize),
-    /// XOR applied to every input byte: 0x80 maps i8 activations onto u8 (x + 128).
+    /// XOR applied to every input byte to bring it into the kernel's domain: 0x80 maps i8
+    /// onto u8 (x + 128) and u8 onto i8 (x - 128).
     pub flip: u8,
-    /// The input zero point in the u8 domain: the padding value.
+    /// The input zero point in the kernel's domain, as a byte: the padding value.
     pub x0: u8,
     /// Weights in [co block][tap][c4 group][MR][4] order, zero beyond `cout` and `cin`.
     pub weights: Arc<Vec<i8>>,
@@ -288,6 +319,18 @@ impl QConv {
                     }
                 },
                 Kernel::Portable => portable_block(&tile, n, &epi, out, g.q),
+                #[cfg(target_arch = "aarch64")]
+                // SAFETY: NEON is part of aarch64; `Tile::check` bounds every read.
+                Kernel::Neon => unsafe {
+                    tile.check(n);
+                    neon::block_mull(&tile, n, &epi, out, g.q)
+                },
+                #[cfg(target_arch = "aarch64")]
+                // SAFETY: chosen only when the CPU has dotprod (Kernel::available).
+                Kernel::NeonDot => unsafe {
+                    tile.check(n);
+                    neon::block_dot(&tile, n, &epi, out, g.q)
+                },
             }
             v += n;
         }
@@ -381,14 +424,134 @@ fn portable_block(t: &Tile, n: usize, e: &Epilogue, out: &mut [u8], stride: usiz
             }
         }
     }
+    epilogue(&acc, lanes, e, &mut out[t.q0..], stride);
+}
+
+/// Bias, requantisation and store for `lanes` pixels of MR accumulator rows.
+fn epilogue(
+    acc: &[[i32; LANES * PX]; MR],
+    lanes: usize,
+    e: &Epilogue,
+    out: &mut [u8],
+    stride: usize,
+) {
     let (zp, lo, hi) = (e.y0 as f32, e.lo as f32, e.hi as f32);
     for (m, acc) in acc.iter().enumerate() {
-        let row = &mut out[m * stride + t.q0..m * stride + t.q0 + lanes];
+        let row = &mut out[m * stride..m * stride + lanes];
         for (o, a) in row.iter_mut().zip(&acc[..lanes]) {
             let v = a.wrapping_add(e.bias[m]);
             // Stored as the output type's byte: u8 0..255 or i8's two's complement.
             *o = crate::int8::quantize(v as f32 * e.scales[m], zp, lo, hi) as u8;
         }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::{Epilogue, LANES, MR, PX, Tile, epilogue};
+    use std::arch::aarch64::*;
+    use std::arch::asm;
+
+    /// `acc[p] += x · w[j]` per pixel: the four bytes of pixel p times the four weights in
+    /// lane j of `w` (one `sdot` by element).
+    macro_rules! sdot {
+        ($acc:expr, $x:expr, $w:expr, $j:literal) => {
+            asm!(
+                concat!("sdot {a:v}.4s, {x:v}.16b, {w:v}.4b[", $j, "]"),
+                a = inout(vreg) $acc,
+                x = in(vreg) $x,
+                w = in(vreg) $w,
+                options(pure, nomem, nostack)
+            )
+        };
+    }
+
+    /// MR channels x `n` vectors of 16 pixels, 8 pixels (two registers) at a time:
+    /// 16 accumulators, two activation and two weight registers.
+    ///
+    /// # Safety
+    /// The CPU must have the dot product extension, and `t.check(n)` must hold.
+    #[target_feature(enable = "neon,dotprod")]
+    pub unsafe fn block_dot(t: &Tile, n: usize, e: &Epilogue, out: &mut [u8], stride: usize) {
+        let mut sums = [[0i32; LANES * PX]; MR];
+        for px0 in (0..n * LANES).step_by(8) {
+            let mut a = [[vdupq_n_s32(0); 2]; MR];
+            let mut wp = t.w.as_ptr();
+            for &off in t.offsets {
+                // SAFETY (all pointer arithmetic): bounded by Tile::check.
+                let mut xp = unsafe { t.packed.as_ptr().add(off + (t.q0 + px0) * 4) } as *const i8;
+                for _ in 0..t.groups {
+                    unsafe {
+                        let x0 = vld1q_s8(xp);
+                        let x1 = vld1q_s8(xp.add(16));
+                        let w0 = vld1q_s8(wp);
+                        let w1 = vld1q_s8(wp.add(16));
+                        sdot!(a[0][0], x0, w0, 0);
+                        sdot!(a[0][1], x1, w0, 0);
+                        sdot!(a[1][0], x0, w0, 1);
+                        sdot!(a[1][1], x1, w0, 1);
+                        sdot!(a[2][0], x0, w0, 2);
+                        sdot!(a[2][1], x1, w0, 2);
+                        sdot!(a[3][0], x0, w0, 3);
+                        sdot!(a[3][1], x1, w0, 3);
+                        sdot!(a[4][0], x0, w1, 0);
+                        sdot!(a[4][1], x1, w1, 0);
+                        sdot!(a[5][0], x0, w1, 1);
+                        sdot!(a[5][1], x1, w1, 1);
+                        sdot!(a[6][0], x0, w1, 2);
+                        sdot!(a[6][1], x1, w1, 2);
+                        sdot!(a[7][0], x0, w1, 3);
+                        sdot!(a[7][1], x1, w1, 3);
+                        wp = wp.add(MR * 4);
+                        xp = xp.add(t.cb_stride);
+                    }
+                }
+            }
+            for (m, a) in a.iter().enumerate() {
+                unsafe {
+                    vst1q_s32(sums[m][px0..].as_mut_ptr(), a[0]);
+                    vst1q_s32(sums[m][px0 + 4..].as_mut_ptr(), a[1]);
+                }
+            }
+        }
+        epilogue(&sums, n * LANES, e, &mut out[t.q0..], stride);
+    }
+
+    /// The same without the dot product (ARMv8.0): per channel, `smull` the pixels' bytes
+    /// by the channel's four weights (i16 products, exact: |-128 x -128| < 2^15) and
+    /// `sadalp` adjacent pairs into i32, which leaves two partial sums per pixel, added
+    /// at the end. 4 pixels at a time: 16 accumulators.
+    ///
+    /// # Safety
+    /// `t.check(n)` must hold.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn block_mull(t: &Tile, n: usize, e: &Epilogue, out: &mut [u8], stride: usize) {
+        let mut sums = [[0i32; LANES * PX]; MR];
+        for px0 in (0..n * LANES).step_by(4) {
+            let mut lo = [vdupq_n_s32(0); MR];
+            let mut hi = [vdupq_n_s32(0); MR];
+            let mut wp = t.w.as_ptr() as *const i32;
+            for &off in t.offsets {
+                let mut xp = unsafe { t.packed.as_ptr().add(off + (t.q0 + px0) * 4) } as *const i8;
+                for _ in 0..t.groups {
+                    unsafe {
+                        let x = vld1q_s8(xp);
+                        let xl = vget_low_s8(x);
+                        for m in 0..MR {
+                            let w = vreinterpretq_s8_s32(vld1q_dup_s32(wp.add(m)));
+                            lo[m] = vpadalq_s16(lo[m], vmull_s8(xl, vget_low_s8(w)));
+                            hi[m] = vpadalq_s16(hi[m], vmull_high_s8(x, w));
+                        }
+                        wp = wp.add(MR);
+                        xp = xp.add(t.cb_stride);
+                    }
+                }
+            }
+            for m in 0..MR {
+                unsafe { vst1q_s32(sums[m][px0..].as_mut_ptr(), vpaddq_s32(lo[m], hi[m])) };
+            }
+        }
+        epilogue(&sums, n * LANES, e, &mut out[t.q0..], stride);
     }
 }
 
@@ -623,8 +786,16 @@ fn qconv_for(model: &TypedModel, node: &TypedNode, which: Kernel) -> TractResult
     {
         return Ok(None);
     }
-    let x0 = x0[0] + if flip == 0 { 0 } else { 128 };
-    if !(0..=255).contains(&x0) {
+    // The zero point in the kernel's domain (see `flip`), and the flip that gets there.
+    let signed_x = flip != 0;
+    let (flip, x0) = match (which.signed(), signed_x) {
+        (false, false) => (0, x0[0]),
+        (false, true) => (0x80, x0[0] + 128),
+        (true, false) => (0x80, x0[0] - 128),
+        (true, true) => (0, x0[0]),
+    };
+    let domain = if which.signed() { -128..=127 } else { 0..=255 };
+    if !domain.contains(&x0) {
         return Ok(None);
     }
     let pads = ps.computed_padding(&hw);
@@ -672,7 +843,7 @@ fn qconv_for(model: &TypedModel, node: &TypedNode, which: Kernel) -> TractResult
         stride: (strides[0], strides[1]),
         pad,
         flip,
-        x0: x0 as u8,
+        x0: x0 as u8, // the byte: i8's two's complement in the signed domain
         weights: Arc::new(weights),
         bias: Arc::new(folded),
         scales: Arc::new(scales),
@@ -857,11 +1028,7 @@ mod tests {
     }
 
     fn kernels() -> Vec<Kernel> {
-        let mut k = vec![Kernel::Portable];
-        if Kernel::best() != Kernel::Portable {
-            k.push(Kernel::best());
-        }
-        k
+        Kernel::available()
     }
 
     /// Our op against tract's own lowering of the same conv, bit for bit, with every
@@ -893,16 +1060,25 @@ mod tests {
                 .unwrap()
                 .run(tvec!(x.clone().into_tvalue()))
                 .unwrap();
-            for which in kernels() {
+            // Every kernel on one thread, and the best one with its channel blocks shared
+            // out over a 2-thread pool.
+            let runs = kernels()
+                .into_iter()
+                .map(|k| (k, 1))
+                .chain([(Kernel::best(), 2)]);
+            for (which, threads) in runs {
                 let mut ours = model.clone();
                 assert_eq!(replace_convs(&mut ours, which).unwrap(), 1, "case {i}");
-                let got = ours
-                    .into_runnable()
-                    .unwrap()
-                    .run(tvec!(x.clone().into_tvalue()))
-                    .unwrap();
+                let plan = ours.into_runnable().unwrap();
+                let run = || plan.run(tvec!(x.clone().into_tvalue())).unwrap();
+                let got = if threads > 1 {
+                    use tract_core::internal::tract_linalg::multithread::*;
+                    multithread_tract_scope(Executor::multithread(threads), run)
+                } else {
+                    run()
+                };
                 assert_eq!(got[0].shape(), want[0].shape(), "case {i} {which:?}");
-                assert_eq!(*got[0], *want[0], "case {i} {which:?}");
+                assert_eq!(*got[0], *want[0], "case {i} {which:?} {threads} threads");
             }
         }
     }
