@@ -1036,6 +1036,7 @@ mod tests {
     #[test]
     fn matches_tracts_conv_bit_for_bit() {
         let mut rng = Rng(0x5eed_1234_abcd_0001);
+        println!("int8 conv kernels on this CPU: {:?}", kernels());
         for (i, c) in cases().iter().enumerate() {
             let model = conv_model(c, &mut rng);
             let input = rng.bytes(c.cin * c.hw.0 * c.hw.1);

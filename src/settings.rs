@@ -502,7 +502,8 @@ pub struct ModelSettings {
     pub resize: ResizeMode,
     pub top_k: usize,
     pub threshold: f32,
-    /// Threads for the model's matrix products (tract runs only those in parallel).
+    /// Threads the model runs on: our int8 convs share their channel blocks out, tract
+    /// runs its matrix products in parallel; everything else runs on one of them.
     pub threads: usize,
 }
 
