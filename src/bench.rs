@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use tract_onnx::prelude::*;
 
 use crate::model::Classifier;
+use crate::qconv::Kernel;
 use crate::settings::ModelSettings;
 
 /// `edgesight bench`'s options (parsed by clap in main.rs).
@@ -37,6 +38,11 @@ pub struct BenchOptions {
     /// Run the model as tract alone would (no int8 rewrites), for comparison.
     #[arg(long)]
     pub no_int8_rewrites: bool,
+    /// Which int8 conv kernel runs: "best" (what the daemon uses), "tract" (tract's own
+    /// convolutions), or one this CPU has (portable, the slow reference; avx512vnni, neon,
+    /// neondot).
+    #[arg(long, default_value = "best")]
+    pub int8_kernel: String,
 }
 
 pub fn bench(opts: &BenchOptions) -> Result<Value> {
@@ -50,7 +56,26 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
         threads: opts.threads,
         ..ModelSettings::for_file(opts.model.clone())
     };
-    let classifier = Classifier::load_with(&settings, !opts.no_int8_rewrites)?;
+    let kernel = match opts.int8_kernel.as_str() {
+        _ if opts.no_int8_rewrites => None,
+        "best" => Kernel::best(),
+        "tract" => None,
+        name => {
+            let available = Kernel::available();
+            let names: Vec<String> = available
+                .iter()
+                .map(|k| format!("{k:?}").to_lowercase())
+                .collect();
+            let Some(i) = names.iter().position(|n| n == name) else {
+                bail!(
+                    "--int8-kernel {name}: this CPU has best, tract, {}",
+                    names.join(", ")
+                );
+            };
+            Some(available[i])
+        }
+    };
+    let classifier = Classifier::load_with_kernel(&settings, !opts.no_int8_rewrites, kernel)?;
     let spec = *classifier.input_spec();
     let input = match &opts.input {
         Some(path) => {
@@ -98,6 +123,7 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
         "mean_ms": round3(times.iter().sum::<f64>() / times.len() as f64),
         "rss_mb": peak_rss_mb(),
         "int8_rewrites": classifier.int8_rewrites(),
+        "int8_kernel": kernel.map(|k| format!("{k:?}").to_lowercase()).unwrap_or("tract".into()),
         "top1": top1,
     });
     if opts.outputs {

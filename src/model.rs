@@ -137,6 +137,7 @@ fn parse(path: &Path, rewrite: bool) -> Result<Parsed> {
 fn optimize(
     model: InferenceModel,
     rewrite: bool,
+    kernel: Option<crate::qconv::Kernel>,
     quantize_scales: &QuantizeScales,
 ) -> TractResult<(TypedModel, Int8Rewrites)> {
     if !rewrite {
@@ -146,7 +147,10 @@ fn optimize(
     // Our conv op needs its parameters as constants, and must see the convs before
     // declutter turns the 1x1 ones into einsums.
     tract_core::optim::Optimizer::prop_consts().optimize(&mut typed)?;
-    let int8_convs = crate::qconv::replace_convs(&mut typed, crate::qconv::Kernel::best())?;
+    let int8_convs = match kernel {
+        Some(k) => crate::qconv::replace_convs(&mut typed, k)?,
+        None => 0,
+    };
     let mut typed = typed.into_decluttered()?;
     let scalar_zero_points = crate::int8::scalar_zero_points(&mut typed)?;
     let fused_adds = crate::int8::fuse_quantized_adds(&mut typed)?;
@@ -198,8 +202,19 @@ impl Classifier {
     }
 
     /// [`Classifier::load`], optionally without edgesight's int8 rewrites (tract as is:
-    /// for benchmarks and the tests that prove the rewrites exact).
+    /// for benchmarks and the tests that compare the two).
     pub fn load_with(settings: &ModelSettings, int8_rewrites: bool) -> Result<Classifier> {
+        let kernel = int8_rewrites.then(crate::qconv::Kernel::best).flatten();
+        Classifier::load_with_kernel(settings, int8_rewrites, kernel)
+    }
+
+    /// [`Classifier::load_with`] with the int8 conv kernel chosen (`None`: tract's own
+    /// convolutions, the other rewrites still on). For benchmarks.
+    pub fn load_with_kernel(
+        settings: &ModelSettings,
+        int8_rewrites: bool,
+        kernel: Option<crate::qconv::Kernel>,
+    ) -> Result<Classifier> {
         let started = Instant::now();
         let path = &settings.path;
         let meta = std::fs::metadata(path)
@@ -237,7 +252,7 @@ impl Classifier {
             .unwrap_or(false);
         model.set_input_fact(0, f32::fact(spec.shape()).into())?;
         let loaded = Instant::now();
-        let (typed, mut int8) = optimize(model, int8_rewrites, &quantize_scales)
+        let (typed, mut int8) = optimize(model, int8_rewrites, kernel, &quantize_scales)
             .with_context(|| format!("model file {}: cannot optimise", path.display()))?;
         let output_shape: Vec<usize> = typed
             .output_fact(0)?
