@@ -11,20 +11,22 @@
 //! reads input pixel `q + offset(tap)`; the few outputs that wrap around a row edge are
 //! computed and thrown away), and strided convs are split into stride x stride phase
 //! images, each of which is then read like a stride-1 image. The accumulators stay in
-//! registers over every tap and channel and are requantised in the same registers.
+//! registers over every tap and channel; only then do they go out (through a small
+//! buffer: see `vnni::block`) to be requantised.
 //!
 //! Arithmetic: `acc = bias + sum (x - x0) * w`, exact in i32, then
 //! `clamp(round_half_even(acc as f32 * scale[c]) + y0, lo, hi)` with
 //! `scale[c] = (w_scale[c] * x_scale) / y_scale`: the same f32 operations as tract's
 //! per-channel lowering and as onnxruntime's requantisation, so outputs are bit-identical
-//! to tract's (tested on random convs of every shape class in this file, and on whole
-//! models in tests/model.rs).
+//! to both (tract's: random convs of every shape class, in this file; onnxruntime's:
+//! whole models, tests/model.rs).
 //!
 //! Kernels, chosen at load from what the CPU has: AVX-512 VNNI (`vpdpbusd`, u8 x i8 ->
 //! i32, no saturation), NEON `sdot` (ARMv8.2), NEON `smull` + `sadalp` (ARMv8.0); where
 //! none applies tract keeps the conv. A portable kernel, the plain definition, is the
-//! reference all of them are tested against. All use the same packed layouts. The input zero point is folded into the bias
-//! (`bias - x0 * sum w`) and the padding holds `x0`, so padding adds nothing.
+//! reference all of them are tested against. All use the same packed layouts. The input
+//! zero point is folded into the bias (`bias - x0 * sum w`) and the padding holds `x0`, so
+//! padding adds nothing.
 
 use std::cell::RefCell;
 use std::sync::Arc;
