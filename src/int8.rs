@@ -23,6 +23,8 @@
 use tract_core::internal::*;
 use tract_core::ops::einsum::EinSum;
 
+use crate::onnx_quant::QuantizeScales;
+
 /// Where a zero point sits among a quantised `Conv`'s or `EinSum`'s nine inputs
 /// (`[x, k, bias, x0, x_scale, k0, k_scale, y0, y_scale]` and the einsum equivalent).
 const ZERO_POINT_INPUTS: [usize; 3] = [3, 5, 7];
@@ -330,6 +332,35 @@ fn quantizer(node: &TypedNode) -> Option<(f32, i32, DatumType)> {
     }
 }
 
+/// An `Add`, optionally followed by a ReLU (`Max` with one repeated constant).
+struct AddMax<'a> {
+    add: &'a TypedNode,
+    /// The Max's constant.
+    floor: Option<f32>,
+    /// The Max node.
+    max: Option<usize>,
+}
+
+/// The `Add` whose sum reaches `sum`, looking through an optional ReLU. None if there is
+/// no such Add.
+fn add_under_max(model: &TypedModel, sum: OutletId) -> TractResult<Option<AddMax<'_>>> {
+    let mut add = model.node(sum.node);
+    let (mut floor, mut max) = (None, None);
+    if add.op.name() == "Max" && add.inputs.len() == 2 {
+        let k = model.outlet_fact(add.inputs[1])?.konst.clone();
+        let Some(v) = k.map(|k| uniform_value(&k)).transpose()?.flatten() else {
+            return Ok(None);
+        };
+        floor = Some(v.cast_to_scalar::<f32>()?);
+        max = Some(add.id);
+        add = model.node(add.inputs[0].node);
+    }
+    if add.op.name() != "Add" || add.inputs.len() != 2 {
+        return Ok(None);
+    }
+    Ok(Some(AddMax { add, floor, max }))
+}
+
 /// Replace every `Q(max?(DQ(a) + DQ(b)))` of the decluttered model (the residual adds of a
 /// quantised ResNet, in every int8 form once it is parsed) by one [`QuantizedAdd`]. Run
 /// before codegen. Returns how many were fused.
@@ -345,18 +376,11 @@ pub fn fuse_quantized_adds(model: &mut TypedModel) -> TractResult<usize> {
             model.node(n).outputs[0].successors.len() == 1
                 && !model.outputs.iter().any(|o| o.node == n)
         };
-        // Optional ReLU: Max with a uniform f32 constant.
-        let mut add = model.node(q.inputs[0].node);
-        let mut floor = None;
-        if add.op.name() == "Max" && add.inputs.len() == 2 && single(add.id) {
-            let k = model.outlet_fact(add.inputs[1])?.konst.clone();
-            let Some(v) = k.map(|k| uniform_value(&k)).transpose()?.flatten() else {
-                continue;
-            };
-            floor = Some(v.cast_to_scalar::<f32>()?);
-            add = model.node(add.inputs[0].node);
-        }
-        if add.op.name() != "Add" || add.inputs.len() != 2 || !single(add.id) {
+        // The sum and its ReLU feed only the quantiser.
+        let Some(AddMax { add, floor, max }) = add_under_max(model, q.inputs[0])? else {
+            continue;
+        };
+        if !single(add.id) || max.is_some_and(|m| !single(m)) {
             continue;
         }
         let dq = |outlet: OutletId| -> Option<(&DequantizeLinearF32, OutletId)> {
@@ -486,37 +510,19 @@ impl TypedOp for ResidualAdd {
 /// Replace every `Q(max?(DQ(a) + b))` whose sum is also used in f32 (the residual adds of
 /// the QLinearConv forms) by one [`ResidualAdd`]. Run on the decluttered model, after
 /// [`fuse_quantized_adds`]. Returns how many.
-pub fn fuse_residual_adds(
-    model: &mut TypedModel,
-    scales: &std::collections::HashMap<u32, Option<f32>>,
-) -> TractResult<usize> {
+pub fn fuse_residual_adds(model: &mut TypedModel, scales: &QuantizeScales) -> TractResult<usize> {
     use tract_core::ops::quant::DequantizeLinearF32;
     let mut fused = 0;
     for id in 0..model.nodes().len() {
         let q = model.node(id);
-        let Some((inv_scale, zero_point, dt)) = quantizer(q) else {
+        let Some(quantize) = Quantize::of(q, scales) else {
             continue;
-        };
-        let quantize = Quantize {
-            inv_scale,
-            scale: scales.get(&inv_scale.to_bits()).copied().flatten(),
-            zero_point,
-            dt,
         };
         let sum = q.inputs[0];
-        let mut add = model.node(sum.node);
-        let mut floor = None;
-        if add.op.name() == "Max" && add.inputs.len() == 2 {
-            let k = model.outlet_fact(add.inputs[1])?.konst.clone();
-            let Some(v) = k.map(|k| uniform_value(&k)).transpose()?.flatten() else {
-                continue;
-            };
-            floor = Some(v.cast_to_scalar::<f32>()?);
-            add = model.node(add.inputs[0].node);
-        }
-        if add.op.name() != "Add" || add.inputs.len() != 2 {
+        // The sum (or its ReLU) may have other consumers: it is an output of the op.
+        let Some(AddMax { add, floor, .. }) = add_under_max(model, sum)? else {
             continue;
-        }
+        };
         // One operand a dequantised tensor used only here, the other any f32 tensor of the
         // same shape (the skip connection).
         let dq = |o: OutletId| {
@@ -568,6 +574,18 @@ pub struct Quantize {
 impl Eq for Quantize {}
 
 impl Quantize {
+    /// tract's QuantizeLinear `node` as ours, dividing by the model's scale where `scales`
+    /// knows it.
+    fn of(node: &TypedNode, scales: &QuantizeScales) -> Option<Quantize> {
+        let (inv_scale, zero_point, dt) = quantizer(node)?;
+        Some(Quantize {
+            inv_scale,
+            scale: scales.get(&inv_scale.to_bits()).copied().flatten(),
+            zero_point,
+            dt,
+        })
+    }
+
     /// `x` quantised into `o`, as bytes of the output type (i8: two's complement).
     fn run(&self, x: &[f32], o: &mut [u8]) {
         let zp = self.zero_point as f32;
@@ -648,21 +666,12 @@ impl TypedOp for Quantize {
 /// Replace tract's f32 QuantizeLinear nodes of the optimised model by [`Quantize`],
 /// dividing by the model's scale where `scales` (from
 /// [`crate::onnx_quant::quantize_scales`]) knows it. Returns how many.
-pub fn fast_quantize(
-    model: &mut TypedModel,
-    scales: &std::collections::HashMap<u32, Option<f32>>,
-) -> TractResult<usize> {
+pub fn fast_quantize(model: &mut TypedModel, scales: &QuantizeScales) -> TractResult<usize> {
     let mut replaced = 0;
     for id in 0..model.nodes().len() {
         let node = model.node(id);
-        let Some((inv_scale, zero_point, dt)) = quantizer(node) else {
+        let Some(op) = Quantize::of(node, scales) else {
             continue;
-        };
-        let op = Quantize {
-            inv_scale,
-            scale: scales.get(&inv_scale.to_bits()).copied().flatten(),
-            zero_point,
-            dt,
         };
         if node.inputs.len() != 1
             || model.outlet_fact(node.inputs[0])?.datum_type != DatumType::F32

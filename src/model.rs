@@ -10,6 +10,8 @@ use image::RgbImage;
 use serde::Serialize;
 use tract_core::internal::tract_linalg::multithread::{self, Executor};
 use tract_onnx::prelude::*;
+
+use crate::onnx_quant::QuantizeScales;
 use tract_onnx::tract_hir::infer::Factoid;
 use tract_onnx::tract_hir::internal::DimLike;
 
@@ -103,8 +105,6 @@ struct Parsed {
     /// The model's quantiser scales, for [`crate::int8::fast_quantize`].
     quantize_scales: QuantizeScales,
 }
-
-type QuantizeScales = std::collections::HashMap<u32, Option<f32>>;
 
 /// Read the ONNX file, rewrite its quantised forms onto integer convolutions
 /// ([`crate::onnx_quant`]), then let tract parse it.

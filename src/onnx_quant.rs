@@ -122,13 +122,16 @@ fn all_zero(t: &TensorProto) -> bool {
         && t.int64_data.iter().all(|v| *v == 0)
 }
 
+/// QuantizeLinear scales by the bits of their f32 reciprocal; see [`quantize_scales`].
+pub type QuantizeScales = HashMap<u32, Option<f32>>;
+
 /// The scale of every QuantizeLinear whose scale is a one-value initializer, keyed by the
 /// bits of its f32 reciprocal, which is all tract's quantiser keeps (it multiplies by
 /// `1/scale`; ONNX and onnxruntime divide by `scale`, and the two round differently on
 /// about one value in 10^5, enough to flip the top-1 of a ResNet whose two best classes
 /// are close). `None` marks a reciprocal that two different scales share.
-pub fn quantize_scales(graph: &GraphProto) -> HashMap<u32, Option<f32>> {
-    let mut scales: HashMap<u32, Option<f32>> = HashMap::new();
+pub fn quantize_scales(graph: &GraphProto) -> QuantizeScales {
+    let mut scales = QuantizeScales::new();
     for n in graph.node.iter().filter(|n| n.op_type == "QuantizeLinear") {
         let Some(name) = input(n, 1) else { continue };
         let Some(t) = graph.initializer.iter().find(|t| t.name == name) else {

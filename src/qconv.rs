@@ -180,7 +180,7 @@ impl QConv {
         })
     }
 
-    /// Where each tap reads, as a pixel offset into the phase images laid end to end
+    /// Where each tap reads, as a byte offset into the phase images laid end to end
     /// (phase-major, then C4 group).
     fn tap_offsets(&self, g: &Geo) -> Vec<usize> {
         let (kh, kw) = self.kernel;
@@ -190,7 +190,7 @@ impl QConv {
         for ky in 0..kh {
             for kx in 0..kw {
                 let phase = (ky % sh) * sw + kx % sw;
-                offsets.push(phase * phase_len + (ky / sh) * g.wq + kx / sw);
+                offsets.push((phase * phase_len + (ky / sh) * g.wq + kx / sw) * 4);
             }
         }
         offsets
@@ -251,8 +251,7 @@ impl QConv {
             let mut s = s.borrow_mut();
             let (packed, vout) = s.split(packed_len, vout_len);
             self.pack(x, h, w, &g, packed);
-            let offsets: Vec<usize> = self.tap_offsets(&g).iter().map(|o| o * 4).collect();
-            self.compute(packed, &offsets, &g, vout);
+            self.compute(packed, &self.tap_offsets(&g), &g, vout);
             // Keep the valid columns of each virtual output row.
             for co in 0..self.cout {
                 let src = &vout[co * g.q..];
@@ -746,9 +745,9 @@ fn qconv_for(model: &TypedModel, node: &TypedNode, which: Kernel) -> TractResult
     }
     let x = model.outlet_fact(node.inputs[0])?;
     let k = model.outlet_fact(node.inputs[1])?;
-    let flip = match x.datum_type.unquantized() {
-        DatumType::U8 => 0u8,
-        DatumType::I8 => 0x80,
+    let signed_x = match x.datum_type.unquantized() {
+        DatumType::U8 => false,
+        DatumType::I8 => true,
         _ => return Ok(None),
     };
     if k.datum_type.unquantized() != DatumType::I8 || x.rank() != 4 {
@@ -794,7 +793,6 @@ fn qconv_for(model: &TypedModel, node: &TypedNode, which: Kernel) -> TractResult
         return Ok(None);
     }
     // The zero point in the kernel's domain (see `flip`), and the flip that gets there.
-    let signed_x = flip != 0;
     let (flip, x0) = match (which.signed(), signed_x) {
         (false, false) => (0, x0[0]),
         (false, true) => (0x80, x0[0] + 128),
