@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use edgesight::outbox::{DiskStore, Outbox};
-use edgesight::settings::{Fsync, Settings};
+use edgesight::config::{Fsync, Settings};
+use edgesight::mqtt::outbox::{DiskStore, Outbox};
 use tokio_util::sync::CancellationToken;
 
 /// A realistic detection event: 214 bytes of JSON.
@@ -109,7 +109,7 @@ fn main() {
         let io0 = write_bytes();
         let t0 = Instant::now();
         let delivered = rt.block_on(async {
-            let sender = tokio::spawn(edgesight::outbox::drive(
+            let sender = tokio::spawn(edgesight::mqtt::outbox::drive(
                 ob.clone(),
                 settings.clone(),
                 stop.clone(),

@@ -7,9 +7,9 @@
 
 use std::time::Instant;
 
+use edgesight::config::{Preprocess, ResizeMode};
+use edgesight::frame::preprocess::{InputSpec, Layout};
 use edgesight::frame::{RawFormat, RawFrame};
-use edgesight::preprocess::{InputSpec, Layout};
-use edgesight::settings::{Preprocess, ResizeMode};
 use image::RgbImage;
 use image::imageops::{self, FilterType};
 
@@ -17,7 +17,7 @@ use image::imageops::{self, FilterType};
 /// is what makes real MJPEG frames expensive to entropy-decode).
 fn scene(w: u32, h: u32) -> RgbImage {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let files = edgesight::source::image_files(
+    let files = edgesight::capture::images::image_files(
         root.join("tests/fixtures/samples")
             .to_str()
             .unwrap_or_default(),

@@ -11,6 +11,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
+use crate::config::{ConfigError, DetectionSettings};
+
 /// Validated `[detection]` settings, with labels already resolved to class indices.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rules {
@@ -20,6 +22,45 @@ pub struct Rules {
     pub min_frames: u32,
     pub end_frames: u32,
     pub update_interval: Duration,
+}
+
+impl Rules {
+    /// The `[detection]` rules for a model with `labels`, or a configuration error naming
+    /// a label the model does not have.
+    pub fn for_model(d: &DetectionSettings, labels: &[String]) -> Result<Rules, ConfigError> {
+        let known = |key: &str, l: &str| {
+            if labels.iter().any(|m| m == l) {
+                Ok(())
+            } else {
+                let some: Vec<&str> = labels.iter().take(8).map(String::as_str).collect();
+                Err(ConfigError::new(format!(
+                    "{key}: {l:?} is not a label of the model (labels: {}{})",
+                    some.join(", "),
+                    if labels.len() > 8 { ", ..." } else { "" }
+                )))
+            }
+        };
+        for l in &d.labels {
+            known("detection.labels", l)?;
+        }
+        for l in d.thresholds.keys() {
+            known(&format!("detection.thresholds.{l}"), l)?;
+        }
+        let thresholds = labels
+            .iter()
+            .map(|l| {
+                let watched = d.labels.is_empty() || d.labels.contains(l);
+                watched.then(|| *d.thresholds.get(l).unwrap_or(&d.threshold))
+            })
+            .collect();
+        Ok(Rules {
+            thresholds,
+            hysteresis: d.hysteresis,
+            min_frames: d.min_frames,
+            end_frames: d.end_frames,
+            update_interval: Duration::from_secs_f64(d.update_interval_secs),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use edgesight::settings::{ConfigError, EX_CONFIG, ModelSettings, Settings};
+use edgesight::config::{ConfigError, EX_CONFIG, ModelSettings, Settings};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -55,7 +55,7 @@ enum Command {
     Cameras,
     /// Time a model on this machine; print one JSON object (load, optimise, median and
     /// minimum inference time, peak RSS).
-    Bench(edgesight::bench::BenchOptions),
+    Bench(edgesight::model::bench::BenchOptions),
 }
 
 fn main() -> ExitCode {
@@ -110,7 +110,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 let shutdown = CancellationToken::new();
                 let reload = Arc::new(Notify::new());
                 spawn_signal_handler(shutdown.clone(), reload.clone())?;
-                let notifier = edgesight::notify::Notifier::from_env();
+                let notifier = edgesight::daemon::notify::Notifier::from_env();
                 edgesight::run_with(settings, shutdown, notifier, reload)
                     .await
                     .map(|_| ())
@@ -122,11 +122,11 @@ fn dispatch(cli: Cli) -> Result<()> {
             let t0 = std::time::Instant::now();
             let model = edgesight::load_model(&settings)?;
             if settings.detection.enabled {
-                settings.detection.rules(model.labels())?;
+                edgesight::detect::Rules::for_model(&settings.detection, model.labels())?;
             }
             for cam in &settings.camera {
-                if let edgesight::settings::SourceSettings::Images { path, .. } = &cam.source {
-                    let n = edgesight::source::image_files(path).map_err(|e| {
+                if let edgesight::config::SourceSettings::Images { path, .. } = &cam.source {
+                    let n = edgesight::capture::images::image_files(path).map_err(|e| {
                         ConfigError::new(format!("camera {:?} path: {e:#}", cam.name))
                     })?;
                     println!("# camera {}: {} image(s)", cam.name, n.len());
@@ -155,8 +155,8 @@ fn dispatch(cli: Cli) -> Result<()> {
         } => classify(config.as_deref(), model, labels, json, &images),
         Command::Bench(opts) => {
             init_logging("warn");
-            let v =
-                edgesight::bench::bench(&opts).map_err(|e| ConfigError::new(format!("{e:#}")))?;
+            let v = edgesight::model::bench::bench(&opts)
+                .map_err(|e| ConfigError::new(format!("{e:#}")))?;
             println!("{v}");
             Ok(())
         }

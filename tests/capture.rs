@@ -6,12 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use edgesight::capture::Slots;
 use edgesight::capture::{
     self, Backend, CameraCtx, CameraInfo, CameraStatus, CaptureError, FrameStream, Mode, Request,
 };
+use edgesight::config::{CameraSettings, PixelFormat, SourceSettings, V4l2Device};
 use edgesight::frame::{RawFormat, RawFrame};
-use edgesight::pipeline::Slots;
-use edgesight::settings::{CameraSettings, PixelFormat, SourceSettings, V4l2Device};
 use edgesight::stats::{CameraState, Stats};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;

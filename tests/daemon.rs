@@ -89,9 +89,9 @@ fn settings(
     port: u16,
     device: &str,
     cameras: &str,
-) -> edgesight::settings::Settings {
+) -> edgesight::config::Settings {
     let f = common::config_file(dir, host, port, device, cameras);
-    edgesight::settings::Settings::load_with_env(&f, vec![]).unwrap()
+    edgesight::config::Settings::load_with_env(&f, vec![]).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,7 +110,7 @@ async fn systemd_hears_ready_status_watchdog_and_stopping() {
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    let notifier = edgesight::notify::Notifier::new(
+    let notifier = edgesight::daemon::notify::Notifier::new(
         Some(sock_path.display().to_string()),
         Some("400000".into()), // 0.4 s: a ping every 0.2 s while healthy
         None,
@@ -156,10 +156,13 @@ fn only_a_streaming_camera_that_stops_delivering_is_stalled() {
     let dir = tempfile::tempdir().unwrap();
     let cams = "[[camera]]\nname = \"a\"\npath = \"x\"\nfps = 5\n\
                 [[camera]]\nname = \"b\"\npath = \"x\"\nfps = 0.1\n\
-                [[camera]]\nname = \"c\"\nsource = \"v4l2\"\n";
+                [[camera]]\nname = \"c\"\nsource = \"v4l2\"\n\
+                [[camera]]\nname = \"d\"\nsource = \"v4l2\"\nstall_secs = 60\n";
     let s = settings(dir.path(), "127.0.0.1", 1, "stall", cams);
     let stats = Stats::new(s.camera.iter().map(|c| c.name.clone()));
-    // (state, last frame at ms, now ms) -> stalled?  Limits: a 5 s, b 30 s (3 periods), c 5 s.
+    // (state, last frame at ms, now ms) -> stalled?  Limits: a 5 s, b 30 s (3 periods),
+    // c 10 s (its supervisor's stall_secs 5, then 5 s for it to report), d 65 s (the
+    // same with stall_secs 60: the supervisor reopens it before the watchdog may care).
     let cases = [
         (0, CameraState::Streaming, 1_000, 5_900, false),
         (0, CameraState::Streaming, 1_000, 6_100, true),
@@ -168,14 +171,19 @@ fn only_a_streaming_camera_that_stops_delivering_is_stalled() {
         (2, CameraState::Waiting, 0, 600_000, false),
         (2, CameraState::Ended, 0, 600_000, false),
         (2, CameraState::Starting, 0, 600_000, false),
+        (2, CameraState::Streaming, 1_000, 10_900, false),
+        (2, CameraState::Streaming, 1_000, 11_100, true),
+        (3, CameraState::Streaming, 1_000, 31_000, false),
+        (3, CameraState::Streaming, 1_000, 65_900, false),
+        (3, CameraState::Streaming, 1_000, 66_100, true),
     ];
     for (i, state, last, now, want) in cases {
-        for c in 0..3 {
+        for c in 0..4 {
             stats.camera(c).set_state(CameraState::Ended);
         }
         stats.camera(i).set_state(state);
         stats.camera(i).last_frame_ms.store(last, Ordering::Relaxed);
-        let got = edgesight::supervise::stalled(&s, &stats, now);
+        let got = edgesight::daemon::watchdog::stalled(&s, &stats, now);
         assert_eq!(
             got == vec![i],
             want,

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use edgesight::settings::Settings;
+use edgesight::config::Settings;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -24,7 +24,8 @@ async fn every_frame_is_classified_and_published_in_order() {
     let mut rx = common::subscribe(&host, port, "e2e-sub", &format!("edgesight/{device}/#")).await;
 
     let files =
-        edgesight::source::image_files(common::fixture("samples").to_str().unwrap()).unwrap();
+        edgesight::capture::images::image_files(common::fixture("samples").to_str().unwrap())
+            .unwrap();
     let stats = tokio::spawn(edgesight::run(settings, CancellationToken::new()));
 
     let m = common::next(&mut rx, "online").await;

@@ -2,8 +2,8 @@
 
 mod common;
 
+use edgesight::config::ModelSettings;
 use edgesight::model::{Classifier, softmax};
-use edgesight::settings::ModelSettings;
 use serde_json::Value;
 
 fn settings(file: &str) -> ModelSettings {
@@ -42,7 +42,7 @@ fn bound(form: &str) -> f32 {
 
 /// Whether this CPU runs edgesight's own int8 conv kernels.
 fn ours() -> bool {
-    edgesight::qconv::Kernel::best().is_some()
+    edgesight::model::int8::qconv::Kernel::best().is_some()
 }
 
 #[test]
@@ -181,7 +181,8 @@ fn int8_classifies_the_samples_from_their_files() {
     // The whole path a frame takes: decode (JPEG and PNG) -> resize -> normalise -> int8.
     let c = Classifier::load(&settings("tests/fixtures/models/shapes_int8_qlinear.onnx")).unwrap();
     let files =
-        edgesight::source::image_files(common::fixture("samples").to_str().unwrap()).unwrap();
+        edgesight::capture::images::image_files(common::fixture("samples").to_str().unwrap())
+            .unwrap();
     assert!(files.len() >= 30);
     let mut right = 0;
     for f in &files {
@@ -255,7 +256,10 @@ fn unloadable_models_say_why() {
 fn nhwc_models_get_nhwc_input() {
     // The fp32 fixture behind a Transpose, input [1,64,64,3], as Keras exports are.
     let c = Classifier::load(&settings("tests/fixtures/models/shapes_fp32_nhwc.onnx")).unwrap();
-    assert_eq!(c.input_spec().layout, edgesight::preprocess::Layout::Nhwc);
+    assert_eq!(
+        c.input_spec().layout,
+        edgesight::frame::preprocess::Layout::Nhwc
+    );
     assert_eq!(c.input_spec().shape(), [1, 64, 64, 3]);
     let img = image::open(common::fixture("samples/triangle/00.png"))
         .unwrap()

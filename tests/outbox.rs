@@ -10,8 +10,8 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use edgesight::outbox::{Record, decode, encode};
-use edgesight::settings::Settings;
+use edgesight::config::Settings;
+use edgesight::mqtt::outbox::{Record, decode, encode};
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
@@ -127,8 +127,9 @@ async fn broker_outages_lose_no_detection_event() {
         tokio::time::sleep(Duration::from_millis(400)).await;
         proxy.up().await;
     };
+    let outbox = settings.outbox.dir.clone();
     let stats = run_through_ten_outages(settings, outage).await;
-    assert_every_event_arrived(&stats, &mut rx, &device).await;
+    assert_every_event_arrived(&stats, &outbox, &mut rx, &device).await;
 }
 
 /// Run the daemon while detections keep coming, with `outage` ten times, 0.7 s apart;
@@ -160,16 +161,24 @@ async fn run_through_ten_outages(
 /// dropped; every detection that started ended (the shutdown closes open ones).
 async fn assert_every_event_arrived(
     stats: &edgesight::stats::Stats,
+    outbox: &std::path::Path,
     rx: &mut UnboundedReceiver<common::Msg>,
     device: &str,
 ) {
     let ob = stats.outbox.get().expect("detection is on by default");
-    let accepted = ob.counters.accepted.load(Ordering::Relaxed);
+    let accepted = ob.accepted.load(Ordering::Relaxed);
     assert!(accepted >= 10, "steady events: {accepted}");
-    assert_eq!(ob.counters.dropped.load(Ordering::Relaxed), 0);
-    // What the drain did not deliver is still in the outbox (and on disk): it counts too.
-    let left: HashSet<(String, String)> = ob
-        .snapshot()
+    assert_eq!(ob.dropped.load(Ordering::Relaxed), 0);
+    // What the drain did not deliver is still in the outbox (on disk): it counts too.
+    let (_, on_disk) =
+        edgesight::mqtt::outbox::DiskStore::open(outbox, edgesight::config::Fsync::Never).unwrap();
+    assert_eq!(
+        on_disk.records.len(),
+        ob.depth(),
+        "the outbox's depth is what is on disk"
+    );
+    let left: HashSet<(String, String)> = on_disk
+        .records
         .iter()
         .map(|r| {
             let v: Value = serde_json::from_slice(&r.payload).unwrap();
@@ -180,9 +189,9 @@ async fn assert_every_event_arrived(
         })
         .collect();
     assert!(stats.reconnects.load(Ordering::Relaxed) >= 10);
-    assert_eq!(ob.counters.quarantined.load(Ordering::Relaxed), 0);
+    assert_eq!(ob.quarantined.load(Ordering::Relaxed), 0);
     // Every accepted event arrives at least once, except any still waiting in the outbox.
-    let delivered = ob.counters.delivered.load(Ordering::Relaxed);
+    let delivered = ob.delivered.load(Ordering::Relaxed);
     assert_eq!(delivered + left.len() as u64, accepted);
     let mut want = HashSet::new();
     let mut got = Vec::new();
@@ -279,8 +288,9 @@ async fn mosquitto_killed_and_restarted_ten_times_loses_no_detection_event() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         broker = Killed(start());
     };
+    let outbox = settings.outbox.dir.clone();
     let stats = run_through_ten_outages(settings, outage).await;
-    assert_every_event_arrived(&stats, &mut rx, &device).await;
+    assert_every_event_arrived(&stats, &outbox, &mut rx, &device).await;
 }
 
 /// The records an outbox directory holds, as (id, type).
@@ -396,7 +406,7 @@ async fn a_corrupt_outbox_file_is_quarantined_and_the_rest_delivered() {
     shutdown.cancel();
     let stats = run.await.unwrap().unwrap();
     let ob = stats.outbox.get().unwrap();
-    assert_eq!(ob.counters.quarantined.load(Ordering::Relaxed), 1);
+    assert_eq!(ob.quarantined.load(Ordering::Relaxed), 1);
     assert_eq!(ob.depth(), 0);
     assert!(
         outbox

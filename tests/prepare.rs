@@ -5,10 +5,10 @@
 
 mod common;
 
+use edgesight::config::{ModelSettings, Preprocess, ResizeMode};
+use edgesight::frame::preprocess::{InputSpec, Layout};
 use edgesight::frame::{RawFormat, RawFrame};
 use edgesight::model::Classifier;
-use edgesight::preprocess::{InputSpec, Layout};
-use edgesight::settings::{ModelSettings, Preprocess, ResizeMode};
 use image::RgbImage;
 use image::imageops::{self, FilterType};
 
@@ -28,7 +28,8 @@ fn classifier(resize: ResizeMode) -> Classifier {
 /// Every fixture sample as (class, image), blown up to `w` x `h` like a camera frame.
 fn recorded(w: u32, h: u32) -> Vec<(String, RgbImage)> {
     let files =
-        edgesight::source::image_files(common::fixture("samples").to_str().unwrap()).unwrap();
+        edgesight::capture::images::image_files(common::fixture("samples").to_str().unwrap())
+            .unwrap();
     files
         .iter()
         .map(|f| {
@@ -161,8 +162,9 @@ fn one_pass_preparation_stays_close_to_the_reference_path() {
 /// never classified, only counted.
 #[test]
 fn truncated_and_garbage_mjpeg_frames_are_dropped_and_counted() {
-    use edgesight::pipeline::{Slots, inference_loop};
-    use edgesight::source::Frame;
+    use edgesight::capture::{Frame, Slots};
+    use edgesight::infer::{Context, Inference};
+    use std::sync::Arc;
     use std::sync::atomic::Ordering;
     use std::time::{Instant, SystemTime};
 
@@ -174,7 +176,7 @@ fn truncated_and_garbage_mjpeg_frames_are_dropped_and_counted() {
         "bad-frames",
         &common::samples_camera(5, false),
     );
-    let settings = edgesight::settings::Settings::load(&cfg).unwrap();
+    let settings = edgesight::config::Settings::load(&cfg).unwrap();
     let c = classifier(ResizeMode::Stretch);
     let (_, img) = &recorded(640, 480)[0];
     let good = RawFrame::from_rgb(img, RawFormat::Mjpeg);
@@ -186,14 +188,22 @@ fn truncated_and_garbage_mjpeg_frames_are_dropped_and_counted() {
     let mut short_yuyv = RawFrame::from_rgb(img, RawFormat::Yuyv);
     short_yuyv.data.truncate(1000);
 
-    let stats = edgesight::stats::Stats::new(["front".to_string()]);
-    let slots = Slots::new(1);
+    let stats = Arc::new(edgesight::stats::Stats::new(["front".to_string()]));
+    let slots = Arc::new(Slots::new(1));
     // No broker behind the client: publishes queue (and then count as dropped).
     let (client, _eventloop) = edgesight::mqtt::client(&settings);
     let cancel = tokio_util::sync::CancellationToken::new();
+    let ctx = Context {
+        classifier: Arc::new(c),
+        settings: Arc::new(settings),
+        slots: slots.clone(),
+        stats: stats.clone(),
+        control: Arc::new(edgesight::stats::control::Control::new(1)),
+        client,
+        durable: None,
+    };
     std::thread::scope(|s| {
-        let worker =
-            s.spawn(|| inference_loop(&c, &settings, &slots, &stats, &client, None, &cancel));
+        let worker = s.spawn(|| Inference::new(ctx).run(&cancel));
         let old = Instant::now() - std::time::Duration::from_secs(3);
         let frames = [
             (good.clone(), Instant::now()),

@@ -1,0 +1,266 @@
+//! Capture: every camera source, supervised, delivering into its latest-frame slot.
+//!
+//! * [`slots`]: the hand-off to inference ([`Slots`], [`Frame`]).
+//! * [`supervisor`]: one async task per V4L2 camera: open with back-off, stall detection,
+//!   pacing, status reports. Runs against any [`Backend`].
+//! * [`v4l2`]: the real backend (nokhwa), device resolution, `edgesight cameras`.
+//! * [`images`]: the image-file source, on its own OS thread.
+//!
+//! May use: config, util, stats, frame. Never mqtt or infer: status changes leave through
+//! the [`StatusSink`] the daemon hands in.
+
+pub mod images;
+pub mod slots;
+pub mod supervisor;
+pub mod v4l2;
+
+pub use slots::{Frame, Slots};
+pub use supervisor::supervise;
+pub use v4l2::{V4l2Backend, describe, resolve};
+
+pub use crate::stats::status::{CameraStatus, StatusSink};
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{CameraSettings, PixelFormat, SourceSettings, V4l2Device};
+use crate::frame::{RawFormat, RawFrame};
+use crate::stats::Stats;
+
+/// What a camera's source (supervisor or image thread) needs from the daemon.
+pub struct CameraCtx {
+    pub index: usize,
+    pub settings: CameraSettings,
+    pub slots: Arc<Slots>,
+    pub stats: Arc<Stats>,
+    pub status: StatusSink,
+    pub cancel: CancellationToken,
+}
+
+impl CameraCtx {
+    pub(crate) fn report(&self, status: &CameraStatus) {
+        self.stats.camera(self.index).set_state(status.state);
+        (self.status)(status);
+    }
+}
+
+/// A capture mode: pixel format, size and frame rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mode {
+    pub format: RawFormat,
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}x{} @ {} fps",
+            self.format, self.width, self.height, self.fps
+        )
+    }
+}
+
+/// A capture failure, in words that name the device.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct CaptureError(pub String);
+
+/// What a camera is asked for (a `[[camera]]` with `source = "v4l2"`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub device: V4l2Device,
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+    pub format: PixelFormat,
+}
+
+impl Request {
+    pub fn from_settings(c: &CameraSettings) -> Option<Request> {
+        match &c.source {
+            SourceSettings::V4l2 {
+                device,
+                width,
+                height,
+                fps,
+                format,
+            } => Some(Request {
+                device: device.clone(),
+                width: *width,
+                height: *height,
+                fps: *fps,
+                format: *format,
+            }),
+            SourceSettings::Images { .. } => None,
+        }
+    }
+}
+
+/// One capture device as `edgesight cameras` lists it.
+#[derive(Debug, Clone)]
+pub struct CameraInfo {
+    pub node: String,
+    pub name: String,
+    pub bus: String,
+    /// Empty for nodes that cannot capture video (metadata, output): they are listed as
+    /// skipped, with `skipped` saying why.
+    pub modes: Vec<Mode>,
+    pub skipped: Option<String>,
+}
+
+/// A source of cameras: V4L2 through nokhwa, or a script in tests.
+pub trait Backend: Send + Sync + 'static {
+    type Stream: FrameStream;
+    /// Every capture device with its modes (blocking; for `edgesight cameras`).
+    fn list(&self) -> Result<Vec<CameraInfo>, CaptureError>;
+    /// Open the camera `request` names in the closest mode it offers, streaming.
+    fn open(
+        &self,
+        name: &str,
+        request: &Request,
+    ) -> impl Future<Output = Result<Self::Stream, CaptureError>> + Send;
+}
+
+/// An open, streaming camera. Dropping it stops (or abandons) the capture.
+pub trait FrameStream: Send + 'static {
+    fn mode(&self) -> Mode;
+    fn next_frame(&mut self) -> impl Future<Output = Result<RawFrame, CaptureError>> + Send;
+}
+
+/// The mode to ask for: among the modes the camera offers in a format we decode (and the
+/// configured one, unless `auto`), the closest resolution, then the closest frame rate,
+/// then (for `auto`) MJPEG, YUYV, NV12, RGB/BGR, GRAY in that order: MJPEG needs the least USB
+/// bandwidth, YUYV the least CPU, GRAY loses colour.
+pub fn choose_mode(
+    modes: &[Mode],
+    width: u32,
+    height: u32,
+    fps: u32,
+    format: PixelFormat,
+) -> Option<Mode> {
+    let rank = |f: RawFormat| match f {
+        RawFormat::Mjpeg => 0,
+        RawFormat::Yuyv => 1,
+        RawFormat::Nv12 => 2,
+        RawFormat::Rgb | RawFormat::Bgr => 3,
+        RawFormat::Gray => 4,
+    };
+    let wanted = |f: RawFormat| RawFormat::wanted(format).is_none_or(|r| r == f);
+    modes
+        .iter()
+        .filter(|m| wanted(m.format))
+        .min_by_key(|m| {
+            (
+                m.width.abs_diff(width) + m.height.abs_diff(height),
+                m.fps.abs_diff(fps),
+                rank(m.format),
+            )
+        })
+        .copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(format: RawFormat, width: u32, height: u32, fps: u32) -> Mode {
+        Mode {
+            format,
+            width,
+            height,
+            fps,
+        }
+    }
+
+    /// Data-driven: the documented choice from tables of offered modes.
+    #[test]
+    fn mode_negotiation_picks_the_closest_decodable_mode() {
+        use RawFormat::*;
+        let usb = [
+            m(Mjpeg, 1920, 1080, 30),
+            m(Mjpeg, 640, 480, 30),
+            m(Yuyv, 640, 480, 30),
+            m(Yuyv, 640, 480, 15),
+            m(Yuyv, 320, 240, 30),
+        ];
+        // vivid: no MJPEG; the same sizes in several raw formats.
+        let vivid = [
+            m(Yuyv, 3840, 2160, 2),
+            m(Yuyv, 640, 480, 25),
+            m(Nv12, 640, 480, 25),
+            m(Gray, 640, 480, 25),
+            m(Rgb, 640, 480, 25),
+            m(Rgb, 320, 180, 50),
+        ];
+        let ir = [m(Gray, 640, 400, 30)];
+        type Case<'a> = (&'a [Mode], (u32, u32, u32, PixelFormat), Option<Mode>);
+        let cases: &[Case] = &[
+            (
+                &usb,
+                (640, 480, 30, PixelFormat::Auto),
+                Some(m(Mjpeg, 640, 480, 30)),
+            ),
+            (
+                &usb,
+                (640, 480, 15, PixelFormat::Yuyv),
+                Some(m(Yuyv, 640, 480, 15)),
+            ),
+            (
+                &usb,
+                (1280, 720, 30, PixelFormat::Auto),
+                Some(m(Mjpeg, 640, 480, 30)),
+            ),
+            (
+                &usb,
+                (1920, 1080, 5, PixelFormat::Yuyv),
+                Some(m(Yuyv, 640, 480, 15)),
+            ),
+            (
+                &usb,
+                (300, 200, 30, PixelFormat::Auto),
+                Some(m(Yuyv, 320, 240, 30)),
+            ),
+            (&usb, (640, 480, 30, PixelFormat::Nv12), None),
+            (
+                &vivid,
+                (640, 480, 30, PixelFormat::Auto),
+                Some(m(Yuyv, 640, 480, 25)),
+            ),
+            (
+                &vivid,
+                (640, 480, 30, PixelFormat::Nv12),
+                Some(m(Nv12, 640, 480, 25)),
+            ),
+            (
+                &vivid,
+                (640, 480, 30, PixelFormat::Gray),
+                Some(m(Gray, 640, 480, 25)),
+            ),
+            (
+                &vivid,
+                (320, 180, 60, PixelFormat::Rgb),
+                Some(m(Rgb, 320, 180, 50)),
+            ),
+            (&vivid, (640, 480, 30, PixelFormat::Mjpeg), None),
+            (
+                &ir,
+                (640, 480, 30, PixelFormat::Auto),
+                Some(m(Gray, 640, 400, 30)),
+            ),
+            (&[], (640, 480, 30, PixelFormat::Auto), None),
+        ];
+        for (modes, (w, h, fps, f), want) in cases {
+            assert_eq!(
+                choose_mode(modes, *w, *h, *fps, *f),
+                *want,
+                "{w}x{h}@{fps} {f:?}"
+            );
+        }
+    }
+}

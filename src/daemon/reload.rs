@@ -1,0 +1,82 @@
+//! Reloading: the configuration file (with its drop-ins and the environment) read again
+//! and its model loaded, checking everything start-up checks, *before* the running
+//! pipeline is touched. Asked for by SIGHUP (systemd's `ExecReload`) or the `reload`
+//! command; a rejected one is logged (and replied to) and the running one kept.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Result;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::config::{ConfigError, Settings};
+use crate::detect::Rules;
+use crate::model::Classifier;
+use crate::mqtt::commands::ReloadRequest;
+
+/// Load the configured model, or a configuration error naming `model.path`: a model that
+/// does not load will not load after a restart either.
+pub fn load_model(settings: &Settings) -> Result<Classifier> {
+    Classifier::load(&settings.model)
+        .map_err(|e| anyhow::Error::new(ConfigError::new(format!("model.path: {e:#}"))))
+}
+
+/// A validated configuration and its loaded model: what a pipeline starts from.
+pub struct Loaded {
+    pub settings: Settings,
+    pub classifier: Classifier,
+}
+
+/// Read `file` again and load its model; the error says why it was rejected.
+pub async fn prepare(file: PathBuf) -> Result<Loaded, String> {
+    tokio::task::spawn_blocking(move || -> Result<Loaded, String> {
+        let settings = Settings::load(&file).map_err(|e| e.to_string())?;
+        let classifier = load_model(&settings).map_err(|e| format!("{e:#}"))?;
+        if settings.detection.enabled {
+            Rules::for_model(&settings.detection, classifier.labels())
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(Loaded {
+            settings,
+            classifier,
+        })
+    })
+    .await
+    .map_err(|e| format!("reload task failed: {e}"))?
+    .map_err(|e| format!("{e}; the running configuration is kept"))
+}
+
+/// Until `stop`: answer SIGHUP (`hup`) and reload commands (`requests`). The first reload
+/// that validates cancels `stop` (ending the running pipeline) and is returned; one that
+/// does not is logged and replied to, and the watch goes on.
+pub async fn watch(
+    file: PathBuf,
+    hup: Arc<Notify>,
+    mut requests: mpsc::Receiver<ReloadRequest>,
+    stop: CancellationToken,
+) -> Option<Loaded> {
+    loop {
+        let reply = tokio::select! {
+            _ = hup.notified() => None,
+            Some(r) = requests.recv() => Some(r),
+            _ = stop.cancelled() => return None,
+        };
+        match prepare(file.clone()).await {
+            Ok(loaded) => {
+                if let Some(r) = reply {
+                    let _ = r.send(Ok(loaded.classifier.file_name().to_string()));
+                }
+                stop.cancel();
+                return Some(loaded);
+            }
+            Err(e) => {
+                warn!("reload rejected: {e}");
+                if let Some(r) = reply {
+                    let _ = r.send(Err(e));
+                }
+            }
+        }
+    }
+}

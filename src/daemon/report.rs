@@ -1,0 +1,193 @@
+//! The `<prefix>/<device>/stats` message: what the daemon is doing, every
+//! `mqtt.stats_interval_secs`, for fleet dashboards. Built from the shared counters; the
+//! message is pure data ([`stats_message`]), the task around it only times and publishes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use rumqttc::AsyncClient;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::mqtt::qos;
+use crate::mqtt::topics::stats_topic;
+use crate::stats::control::Control;
+use crate::stats::{CameraState, Stats};
+use crate::util::{cpu_temp_c, rfc3339_ms, rss_mb};
+
+#[derive(Debug, Serialize)]
+pub struct StatsMsg {
+    pub v: u32,
+    pub device: String,
+    pub ts: String,
+    pub version: &'static str,
+    pub uptime_s: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_mb: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_temp_c: Option<f64>,
+    pub mqtt: MqttStats,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outbox: Option<OutboxStats>,
+    pub cameras: BTreeMap<String, CameraReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MqttStats {
+    pub connected: bool,
+    pub reconnects: u64,
+    /// Classifications dropped because the request queue was full.
+    pub dropped: u64,
+    /// Messages queued in the client and lost when a connection broke.
+    pub lost: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OutboxStats {
+    pub depth: usize,
+    pub bytes: usize,
+    pub accepted: u64,
+    pub delivered: u64,
+    pub dropped: u64,
+    pub quarantined: u64,
+    pub memory_fallback: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CameraReport {
+    pub state: CameraState,
+    /// Paused by command.
+    pub paused: bool,
+    pub paused_frames: u64,
+    /// Frames classified per second since the previous message.
+    pub fps: f64,
+    pub captured: u64,
+    pub classified: u64,
+    pub skipped: u64,
+    pub gated: u64,
+    pub stale: u64,
+    pub bad_frames: u64,
+    pub errors: u64,
+    pub stalls: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inference_ms_p50: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inference_ms_p95: Option<f32>,
+}
+
+/// The counters at the previous message, for rates.
+#[derive(Debug, Clone)]
+pub struct Previous {
+    pub at: Instant,
+    pub classified: Vec<u64>,
+}
+
+impl Previous {
+    pub fn now(stats: &Stats) -> Previous {
+        Previous {
+            at: Instant::now(),
+            classified: (0..stats.cameras.len())
+                .map(|i| stats.camera(i).classified.load(Ordering::Relaxed))
+                .collect(),
+        }
+    }
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+/// The stats message now; `prev` becomes now.
+pub fn stats_message(
+    settings: &Settings,
+    stats: &Stats,
+    control: &Control,
+    prev: &mut Previous,
+) -> StatsMsg {
+    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let now = Previous::now(stats);
+    let secs = now.at.duration_since(prev.at).as_secs_f64().max(1e-3);
+    let cameras = stats
+        .cameras
+        .iter()
+        .enumerate()
+        .map(|(i, (name, c))| {
+            let w = c.inference_ms.lock().unwrap_or_else(|p| p.into_inner());
+            let delta = now.classified[i].saturating_sub(*prev.classified.get(i).unwrap_or(&0));
+            let report = CameraReport {
+                state: c.state(),
+                paused: control.camera(i).is_paused(),
+                paused_frames: g(&c.paused_frames),
+                fps: round1(delta as f64 / secs),
+                captured: g(&c.captured),
+                classified: now.classified[i],
+                skipped: g(&c.skipped),
+                gated: g(&c.gated),
+                stale: g(&c.stale),
+                bad_frames: g(&c.bad_frames),
+                errors: g(&c.errors),
+                stalls: g(&c.stalls),
+                inference_ms_p50: w.quantile(0.5),
+                inference_ms_p95: w.quantile(0.95),
+            };
+            (name.clone(), report)
+        })
+        .collect();
+    *prev = now;
+    StatsMsg {
+        v: 1,
+        device: settings.device.id.clone(),
+        ts: rfc3339_ms(SystemTime::now()),
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_s: stats.started.elapsed().as_secs(),
+        rss_mb: rss_mb(),
+        cpu_temp_c: cpu_temp_c(),
+        mqtt: MqttStats {
+            connected: stats.connected.load(Ordering::Relaxed),
+            reconnects: g(&stats.reconnects),
+            dropped: g(&stats.publish_dropped),
+            lost: g(&stats.publish_lost),
+        },
+        outbox: stats.outbox.get().map(|o| OutboxStats {
+            depth: o.depth(),
+            bytes: o.bytes(),
+            accepted: g(&o.accepted),
+            delivered: g(&o.delivered),
+            dropped: g(&o.dropped),
+            quarantined: g(&o.quarantined),
+            memory_fallback: g(&o.memory_fallback),
+        }),
+        cameras,
+    }
+}
+
+/// Publish the stats message every `mqtt.stats_interval_secs` until `stop`. Telemetry:
+/// QoS `mqtt.qos`, not retained; a full queue skips this one (the next one carries the
+/// same counters).
+pub async fn publish_stats(
+    settings: Arc<Settings>,
+    stats: Arc<Stats>,
+    control: Arc<Control>,
+    client: AsyncClient,
+    stop: CancellationToken,
+) {
+    if settings.mqtt.stats_interval_secs == 0 {
+        return;
+    }
+    let topic = stats_topic(&settings);
+    let every = Duration::from_secs(settings.mqtt.stats_interval_secs);
+    let mut prev = Previous::now(&stats);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+        let msg = stats_message(&settings, &stats, &control, &mut prev);
+        if let Ok(p) = serde_json::to_vec(&msg) {
+            let _ = client.try_publish(&topic, qos(settings.mqtt.qos), false, p);
+        }
+    }
+}

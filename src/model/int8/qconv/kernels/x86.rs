@@ -1,0 +1,59 @@
+//! The AVX-512 VNNI kernel (x86-64): `vpdpbusd`, u8 activations x i8 weights.
+
+use crate::model::int8::qconv::kernels::{Epilogue, Tile};
+use crate::model::int8::qconv::{LANES, MR};
+use std::arch::x86_64::*;
+
+/// One block: MR output channels x P vectors of 16 pixels, every tap and group.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW and VNNI, and `t.check(P)` must hold.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub unsafe fn block<const P: usize>(t: &Tile, e: &Epilogue, out: &mut [u8], stride: usize) {
+    let mut acc = [[_mm512_setzero_si512(); P]; MR];
+    let mut wp = t.w.as_ptr() as *const i32;
+    let base = t.packed.as_ptr();
+    for &off in t.offsets {
+        // SAFETY (all pointer arithmetic): bounded by Tile::check.
+        let mut xp = unsafe { base.add(off + t.q0 * 4) };
+        for _ in 0..t.groups {
+            let x: [__m512i; P] = std::array::from_fn(|p| unsafe {
+                _mm512_loadu_si512(xp.add(64 * p) as *const _)
+            });
+            for (m, acc) in acc.iter_mut().enumerate() {
+                let k = _mm512_set1_epi32(unsafe { wp.add(m).read_unaligned() });
+                for p in 0..P {
+                    acc[p] = _mm512_dpbusd_epi32(acc[p], x[p], k);
+                }
+            }
+            wp = unsafe { wp.add(MR) };
+            xp = unsafe { xp.add(t.cb_stride) };
+        }
+    }
+    // Out of registers through a plain buffer: the stores below unroll fully, so the
+    // loop above keeps every accumulator in a register (indexing `acc` in the longer
+    // epilogue loop made the compiler keep it in memory and store all 24 per step).
+    let mut sums = [[0i32; LANES]; 3 * MR];
+    for (m, acc) in acc.iter().enumerate() {
+        for (p, a) in acc.iter().enumerate() {
+            unsafe { _mm512_storeu_si512(sums[m * P + p].as_mut_ptr() as *mut _, *a) };
+        }
+    }
+    let lo = _mm512_set1_ps((e.lo - e.y0) as f32);
+    let hi = _mm512_set1_ps((e.hi - e.y0) as f32);
+    let zp = _mm512_set1_epi32(e.y0);
+    for m in 0..MR {
+        let bias = _mm512_set1_epi32(e.bias[m]);
+        let scale = _mm512_set1_ps(e.scales[m]);
+        let row = &mut out[m * stride + t.q0..m * stride + t.q0 + P * LANES];
+        for p in 0..P {
+            let a = unsafe { _mm512_loadu_si512(sums[m * P + p].as_ptr() as *const _) };
+            let f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a, bias)), scale);
+            let f = _mm512_min_ps(_mm512_max_ps(f, lo), hi);
+            let q = _mm512_add_epi32(_mm512_cvtps_epi32(f), zp);
+            let bytes = _mm512_cvtepi32_epi8(q);
+            // SAFETY: `row` holds P * 16 bytes.
+            unsafe { _mm_storeu_si128(row.as_mut_ptr().add(p * LANES) as *mut _, bytes) };
+        }
+    }
+}

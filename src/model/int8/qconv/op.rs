@@ -1,0 +1,355 @@
+//! The op: one quantised conv's constants, its geometry per input size, the packing of
+//! the input into C4 phase images, and the dispatch of channel blocks to the kernel.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use tract_core::internal::*;
+
+#[cfg(target_arch = "aarch64")]
+use crate::model::int8::qconv::kernels::neon;
+#[cfg(target_arch = "x86_64")]
+use crate::model::int8::qconv::kernels::x86 as vnni;
+use crate::model::int8::qconv::kernels::{Epilogue, Tile, portable};
+use crate::model::int8::qconv::pack::interleave;
+use crate::model::int8::qconv::{Kernel, LANES, MR, PX};
+
+/// A quantised 2-D convolution (NCHW, one group, no dilation) with everything but the
+/// input folded in at load time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QConv {
+    pub cin: usize,
+    pub cout: usize,
+    pub kernel: (usize, usize),
+    pub stride: (usize, usize),
+    /// (top, left, bottom, right).
+    pub pad: (usize, usize, usize, usize),
+    /// XOR applied to every input byte to bring it into the kernel's domain: 0x80 maps i8
+    /// onto u8 (x + 128) and u8 onto i8 (x - 128).
+    pub flip: u8,
+    /// The input zero point in the kernel's domain, as a byte: the padding value.
+    pub x0: u8,
+    /// Weights in [co block][tap][c4 group][MR][4] order, zero beyond `cout` and `cin`.
+    pub weights: Arc<Vec<i8>>,
+    /// `bias - x0 * sum(w)` per output channel (padded to a multiple of MR).
+    pub bias: Arc<Vec<i32>>,
+    /// `(w_scale * x_scale) / y_scale` per output channel (padded).
+    pub scales: Arc<Vec<f32>>,
+    pub y0: i32,
+    pub lo: i32,
+    pub hi: i32,
+    pub out_dt: DatumType,
+    pub which: Kernel,
+}
+
+impl Eq for QConv {}
+
+/// The geometry of one evaluation, from the input's height and width.
+pub(crate) struct Geo {
+    hout: usize,
+    wout: usize,
+    /// Width of every phase image (and of the "virtual" output rows).
+    wq: usize,
+    /// Rows of every phase image.
+    rows: usize,
+    /// Pixels of one C4 group of one phase image (rows * wq plus read-ahead).
+    plane: usize,
+    /// Output pixels computed, a multiple of LANES (hout * wq rounded up).
+    q: usize,
+}
+
+impl QConv {
+    fn taps(&self) -> usize {
+        self.kernel.0 * self.kernel.1
+    }
+
+    fn groups(&self) -> usize {
+        self.cin.div_ceil(4)
+    }
+
+    fn blocks(&self) -> usize {
+        self.cout.div_ceil(MR)
+    }
+
+    fn geo(&self, h: usize, w: usize) -> TractResult<Geo> {
+        let (kh, kw) = self.kernel;
+        let (sh, sw) = self.stride;
+        let (pt, pl, pb, pr) = self.pad;
+        let (hp, wp) = (h + pt + pb, w + pl + pr);
+        ensure!(
+            hp >= kh && wp >= kw,
+            "convolution: input {h}x{w} smaller than its kernel"
+        );
+        let (hout, wout) = ((hp - kh) / sh + 1, (wp - kw) / sw + 1);
+        let wq = wp.div_ceil(sw);
+        let rows = hout + (kh - 1) / sh + 1;
+        let q = (hout * wq).div_ceil(LANES) * LANES;
+        // Reads run up to q + the largest tap offset; one extra row and a vector of slack.
+        let plane = rows * wq + LANES * PX;
+        Ok(Geo {
+            hout,
+            wout,
+            wq,
+            rows,
+            plane,
+            q,
+        })
+    }
+
+    /// Where each tap reads, as a byte offset into the phase images laid end to end
+    /// (phase-major, then C4 group).
+    fn tap_offsets(&self, g: &Geo) -> Vec<usize> {
+        let (kh, kw) = self.kernel;
+        let (sh, sw) = self.stride;
+        let phase_len = self.groups() * g.plane;
+        let mut offsets = Vec::with_capacity(kh * kw);
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let phase = (ky % sh) * sw + kx % sw;
+                offsets.push((phase * phase_len + (ky / sh) * g.wq + kx / sw) * 4);
+            }
+        }
+        offsets
+    }
+
+    /// Lay one image (`cin` planes of h x w) out as C4 phase images, padding with x0.
+    fn pack(&self, x: &[u8], h: usize, w: usize, g: &Geo, out: &mut [u8]) {
+        let (sh, sw) = self.stride;
+        let (pt, pl, _, _) = self.pad;
+        let groups = self.groups();
+        let phase_len = groups * g.plane * 4;
+        out.fill(self.x0);
+        let pad_row = vec![self.x0 ^ self.flip; w];
+        for cb in 0..groups {
+            let chan = |j: usize| -> &[u8] {
+                let c = cb * 4 + j;
+                if c < self.cin {
+                    &x[c * h * w..(c + 1) * h * w]
+                } else {
+                    &[]
+                }
+            };
+            let planes = [chan(0), chan(1), chan(2), chan(3)];
+            for y in 0..h {
+                let (py, r) = ((y + pt) % sh, (y + pt) / sh);
+                if r >= g.rows {
+                    continue;
+                }
+                let src: [&[u8]; 4] = std::array::from_fn(|j| {
+                    if planes[j].is_empty() {
+                        &pad_row[..]
+                    } else {
+                        &planes[j][y * w..(y + 1) * w]
+                    }
+                });
+                for px in 0..sw {
+                    // Columns x with (x + pl) % sw == px land in phase (py, px).
+                    let first = (px + sw - pl % sw) % sw;
+                    if first >= w {
+                        continue;
+                    }
+                    let c0 = (first + pl) / sw;
+                    let base = (py * sw + px) * phase_len + cb * g.plane * 4 + (r * g.wq + c0) * 4;
+                    let n = (w - first).div_ceil(sw);
+                    let dst = &mut out[base..base + n * 4];
+                    interleave(&src, first, sw, self.flip, dst);
+                }
+            }
+        }
+    }
+
+    fn run_image(&self, x: &[u8], h: usize, w: usize, out: &mut [u8]) -> TractResult<()> {
+        let g = self.geo(h, w)?;
+        let phases = self.stride.0 * self.stride.1;
+        let packed_len = phases * self.groups() * g.plane * 4;
+        let vout_len = self.blocks() * MR * g.q;
+        SCRATCH.with(|s| -> TractResult<()> {
+            let mut s = s.borrow_mut();
+            let (packed, vout) = s.split(packed_len, vout_len);
+            self.pack(x, h, w, &g, packed);
+            self.compute(packed, &self.tap_offsets(&g), &g, vout);
+            // Keep the valid columns of each virtual output row.
+            for co in 0..self.cout {
+                let src = &vout[co * g.q..];
+                let dst = &mut out[co * g.hout * g.wout..(co + 1) * g.hout * g.wout];
+                if g.wq == g.wout {
+                    dst.copy_from_slice(&src[..g.hout * g.wout]);
+                } else {
+                    for (y, row) in dst.chunks_exact_mut(g.wout).enumerate() {
+                        row.copy_from_slice(&src[y * g.wq..y * g.wq + g.wout]);
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Every output block: `vout[co][q]` for q < g.q. Blocks of output channels are
+    /// independent, so with a multi-threaded model (`threads` > 1) they are shared out
+    /// over tract's thread pool; the packed input is read by all.
+    fn compute(&self, packed: &[u8], offsets: &[usize], g: &Geo, vout: &mut [u8]) {
+        use rayon::prelude::*;
+        use tract_core::internal::tract_linalg::multithread::{Executor, current_tract_executor};
+        let rows = MR * g.q;
+        let vout = &mut vout[..self.blocks() * rows];
+        let work = |(b, out): (usize, &mut [u8])| self.compute_block(b, packed, offsets, g, out);
+        match current_tract_executor() {
+            Executor::MultiThread(pool) if self.blocks() > 1 => {
+                pool.install(|| vout.par_chunks_mut(rows).enumerate().for_each(work))
+            }
+            Executor::RayonGlobal if self.blocks() > 1 => {
+                vout.par_chunks_mut(rows).enumerate().for_each(work)
+            }
+            _ => vout.chunks_mut(rows).enumerate().for_each(work),
+        }
+    }
+
+    /// Output channels `b * MR ..` into `out` (MR virtual rows of g.q pixels).
+    fn compute_block(&self, b: usize, packed: &[u8], offsets: &[usize], g: &Geo, out: &mut [u8]) {
+        let wblock = self.taps() * self.groups() * MR * 4;
+        let cb_stride = g.plane * 4;
+        let vecs = g.q / LANES;
+        let w = &self.weights[b * wblock..(b + 1) * wblock];
+        let epi = Epilogue {
+            bias: &self.bias[b * MR..(b + 1) * MR],
+            scales: &self.scales[b * MR..(b + 1) * MR],
+            y0: self.y0,
+            lo: self.lo,
+            hi: self.hi,
+        };
+        let mut v = 0;
+        while v < vecs {
+            let n = (vecs - v).min(PX);
+            let tile = Tile {
+                packed,
+                offsets,
+                cb_stride,
+                groups: self.groups(),
+                q0: v * LANES,
+                w,
+            };
+            match self.which {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: chosen only when the CPU has these features (Kernel::available), and
+                // `Tile::check` bounds every read.
+                Kernel::Avx512Vnni => unsafe {
+                    tile.check(n);
+                    match n {
+                        3 => vnni::block::<3>(&tile, &epi, out, g.q),
+                        2 => vnni::block::<2>(&tile, &epi, out, g.q),
+                        _ => vnni::block::<1>(&tile, &epi, out, g.q),
+                    }
+                },
+                Kernel::Portable => portable::block(&tile, n, &epi, out, g.q),
+                #[cfg(target_arch = "aarch64")]
+                // SAFETY: NEON is part of aarch64; `Tile::check` bounds every read.
+                Kernel::Neon => unsafe {
+                    tile.check(n);
+                    neon::block_mull(&tile, n, &epi, out, g.q)
+                },
+                #[cfg(target_arch = "aarch64")]
+                // SAFETY: chosen only when the CPU has dotprod (Kernel::available).
+                Kernel::NeonDot => unsafe {
+                    tile.check(n);
+                    neon::block_dot(&tile, n, &epi, out, g.q)
+                },
+            }
+            v += n;
+        }
+    }
+}
+
+/// Scratch space reused across frames (per thread): packed input and virtual output.
+#[derive(Default)]
+struct Scratch {
+    buf: Vec<u8>,
+}
+
+impl Scratch {
+    fn split(&mut self, a: usize, b: usize) -> (&mut [u8], &mut [u8]) {
+        if self.buf.len() < a + b {
+            self.buf.resize(a + b, 0);
+        }
+        let (x, y) = self.buf.split_at_mut(a);
+        (x, &mut y[..b])
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+impl Op for QConv {
+    fn name(&self) -> StaticName {
+        "EdgesightQConv".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "{}->{} {}x{} stride {}x{} pad {:?}, {:?} kernel -> {:?}",
+            self.cin,
+            self.cout,
+            self.kernel.0,
+            self.kernel.1,
+            self.stride.0,
+            self.stride.1,
+            self.pad,
+            self.which,
+            self.out_dt
+        )])
+    }
+
+    tract_core::op_as_typed_op!();
+}
+
+impl EvalOp for QConv {
+    tract_core::op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = &inputs[0];
+        let shape = input.shape();
+        ensure!(
+            shape.len() == 4 && shape[1] == self.cin,
+            "int8 conv: input shape {shape:?}, expected [N, {}, H, W]",
+            self.cin
+        );
+        let (n, h, w) = (shape[0], shape[2], shape[3]);
+        let g = self.geo(h, w)?;
+        let mut out =
+            unsafe { Tensor::uninitialized_dt(self.out_dt, &[n, self.cout, g.hout, g.wout])? };
+        {
+            let x = input.try_as_plain_ram()?;
+            let x = x.as_bytes();
+            let mut o = out.try_as_plain_ram_mut()?;
+            let o = o.as_bytes_mut();
+            let (isz, osz) = (self.cin * h * w, self.cout * g.hout * g.wout);
+            for i in 0..n {
+                self.run_image(
+                    &x[i * isz..(i + 1) * isz],
+                    h,
+                    w,
+                    &mut o[i * osz..(i + 1) * osz],
+                )?;
+            }
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for QConv {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let s = &inputs[0].shape;
+        ensure!(s.rank() == 4, "int8 conv: input rank {}", s.rank());
+        let dim = |d: &TDim, k: usize, s: usize, p: usize| -> TDim { (d.clone() + p - k) / s + 1 };
+        let (pt, pl, pb, pr) = self.pad;
+        Ok(tvec!(self.out_dt.fact(tvec![
+            s[0].clone(),
+            self.cout.to_dim(),
+            dim(&s[2], self.kernel.0, self.stride.0, pt + pb),
+            dim(&s[3], self.kernel.1, self.stride.1, pl + pr),
+        ])))
+    }
+
+    tract_core::as_op!();
+}
+

@@ -1,0 +1,502 @@
+//! The classifier: an ONNX image classifier (fp32 or int8) loaded and optimised once by
+//! tract, its input geometry read from the model itself, and its labels.
+//!
+//! * [`int8`]: the int8 rewrites (protobuf, typed graph) and edgesight's own int8
+//!   convolution.
+//! * [`bench`]: `edgesight bench`.
+//!
+//! May use: config, util, frame (the input geometry). No tokio, rumqttc or nokhwa.
+
+pub mod bench;
+pub mod int8;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use image::RgbImage;
+use serde::Serialize;
+use tract_core::internal::tract_linalg::multithread::{self, Executor};
+use tract_onnx::prelude::*;
+
+use crate::model::int8::onnx_quant::QuantizeScales;
+use tract_onnx::tract_hir::infer::Factoid;
+use tract_onnx::tract_hir::internal::DimLike;
+
+use crate::config::ModelSettings;
+use crate::frame::preprocess::{InputSpec, Layout};
+
+/// One entry of a classification's `top` list.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Prediction {
+    pub label: String,
+    pub class: usize,
+    pub score: f32,
+}
+
+/// A loaded, optimised, ready-to-run model. Immutable, so one instance serves every camera.
+pub struct Classifier {
+    plan: Arc<TypedSimplePlan>,
+    spec: InputSpec,
+    labels: Vec<String>,
+    /// The graph ends in Softmax: outputs are already probabilities.
+    outputs_probabilities: bool,
+    output_shape: Vec<usize>,
+    top_k: usize,
+    threshold: f32,
+    file_name: String,
+    path: PathBuf,
+    timing: LoadTiming,
+    int8: Int8Rewrites,
+    /// The thread pool for this model's matrix products (None: the calling thread).
+    executor: Option<Executor>,
+}
+
+/// Start-up cost of a model: parsing the file, then optimising it into a plan.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct LoadTiming {
+    pub load_ms: f64,
+    pub optimize_ms: f64,
+}
+
+/// What [`crate::model::int8`] changed in the graph to keep it on integer kernels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Int8Rewrites {
+    /// QDQ convolutions and com.microsoft ops rewritten before parsing.
+    #[serde(flatten)]
+    pub proto: crate::model::int8::onnx_quant::ProtoRewrites,
+    /// Quantised convolutions run by edgesight's own int8 kernel ([`crate::model::int8::qconv`]).
+    pub int8_convs: usize,
+    /// Per-channel weight zero points turned into scalars.
+    pub scalar_zero_points: usize,
+    /// Per-channel requantisation chains fused into one op.
+    pub fused_requant: usize,
+    /// Residual adds (dequantise, add, ReLU, quantise) fused into one integer pass.
+    pub fused_adds: usize,
+    /// Float residual adds (dequantise, add to the f32 skip, ReLU; quantise for the next
+    /// block) fused into one pass with two outputs.
+    pub residual_adds: usize,
+    /// f32 -> int8 quantisations replaced by a vectorised equivalent.
+    pub fast_quantize: usize,
+}
+
+impl std::fmt::Display for Int8Rewrites {
+    /// What fired, for the start-up log line: "int8 rewrites: 53 QDQ convs, ..." or
+    /// "no int8 rewrites".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = [
+            (self.proto.qdq_convs, "QDQ convs -> QLinearConv"),
+            (self.proto.contrib_ops, "com.microsoft ops expanded"),
+            (self.int8_convs, "convs on edgesight's int8 kernel"),
+            (self.scalar_zero_points, "zero points made scalar"),
+            (self.fused_requant, "requantisations fused"),
+            (self.fused_adds, "residual adds fused"),
+            (self.residual_adds, "float residual adds fused"),
+            (self.fast_quantize, "quantisers vectorised"),
+        ]
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect();
+        if parts.is_empty() {
+            write!(f, "no int8 rewrites")
+        } else {
+            write!(f, "int8 rewrites: {}", parts.join(", "))
+        }
+    }
+}
+
+/// What [`parse`] found and changed in the ONNX file before tract parsed it.
+struct Parsed {
+    model: InferenceModel,
+    rewrites: crate::model::int8::onnx_quant::ProtoRewrites,
+    /// The model's quantiser scales, for [`crate::model::int8::fast_quantize`].
+    quantize_scales: QuantizeScales,
+}
+
+/// Read the ONNX file, rewrite its quantised forms onto integer convolutions
+/// ([`crate::model::int8::onnx_quant`]), then let tract parse it.
+fn parse(path: &Path, rewrite: bool) -> Result<Parsed> {
+    let onnx = tract_onnx::onnx();
+    let mut proto = onnx.proto_model_for_path(path)?;
+    let (rewrites, quantize_scales) = match proto.graph.as_mut() {
+        Some(g) if rewrite => {
+            let rewrites = crate::model::int8::onnx_quant::rewrite(g)?;
+            (rewrites, crate::model::int8::onnx_quant::quantize_scales(g))
+        }
+        Some(_) => Default::default(),
+        None => bail!("no graph in the file"),
+    };
+    // External weights (a .onnx.data beside it) are found relative to the model's folder.
+    let dir = path.parent().and_then(|d| d.to_str());
+    let parsed = onnx.parse(&proto, dir)?;
+    if !parsed.unresolved_inputs.is_empty() {
+        bail!("unresolved inputs: {:?}", parsed.unresolved_inputs);
+    }
+    Ok(Parsed {
+        model: parsed.model,
+        rewrites,
+        quantize_scales,
+    })
+}
+
+/// Declutter, apply the int8 rewrites that must precede codegen, optimise, then fuse
+/// what codegen left unfused.
+fn optimize(
+    model: InferenceModel,
+    rewrite: bool,
+    kernel: Option<crate::model::int8::qconv::Kernel>,
+    quantize_scales: &QuantizeScales,
+) -> TractResult<(TypedModel, Int8Rewrites)> {
+    if !rewrite {
+        return Ok((model.into_optimized()?, Int8Rewrites::default()));
+    }
+    let mut typed = model.into_typed()?;
+    // Our conv op needs its parameters as constants, and must see the convs before
+    // declutter turns the 1x1 ones into einsums.
+    tract_core::optim::Optimizer::prop_consts().optimize(&mut typed)?;
+    let int8_convs = match kernel {
+        Some(k) => crate::model::int8::qconv::replace_convs(&mut typed, k)?,
+        None => 0,
+    };
+    let mut typed = typed.into_decluttered()?;
+    let scalar_zero_points = crate::model::int8::scalar_zero_points(&mut typed)?;
+    let fused_adds = crate::model::int8::fuse_quantized_adds(&mut typed)?;
+    let residual_adds = crate::model::int8::fuse_residual_adds(&mut typed, quantize_scales)?;
+    let mut typed = typed.into_optimized()?;
+    let fused_requant = crate::model::int8::fuse_requant(&mut typed)?;
+    let fast_quantize = crate::model::int8::fast_quantize(&mut typed, quantize_scales)?;
+    Ok((
+        typed,
+        Int8Rewrites {
+            int8_convs,
+            scalar_zero_points,
+            fused_requant,
+            fused_adds,
+            residual_adds,
+            fast_quantize,
+            ..Default::default()
+        },
+    ))
+}
+
+impl std::fmt::Debug for Classifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Classifier")
+            .field("path", &self.path)
+            .field("spec", &self.spec)
+            .field("output_shape", &self.output_shape)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Operators in `model` that tract-onnx has no translation for, as "OpType (node name)".
+fn unsupported_ops(model: &InferenceModel) -> Vec<String> {
+    model
+        .nodes()
+        .iter()
+        .filter_map(|n| {
+            let name = n.op.name();
+            let op = name.strip_prefix("Unimplemented(")?.strip_suffix(')')?;
+            Some(format!("{op} (node {:?})", n.name))
+        })
+        .collect()
+}
+
+impl Classifier {
+    /// Load, check and optimise the model named by `settings`.
+    pub fn load(settings: &ModelSettings) -> Result<Classifier> {
+        Classifier::load_with(settings, true)
+    }
+
+    /// [`Classifier::load`], optionally without edgesight's int8 rewrites (tract as is:
+    /// for benchmarks and the tests that compare the two).
+    pub fn load_with(settings: &ModelSettings, int8_rewrites: bool) -> Result<Classifier> {
+        let kernel = int8_rewrites
+            .then(crate::model::int8::qconv::Kernel::best)
+            .flatten();
+        Classifier::load_with_kernel(settings, int8_rewrites, kernel)
+    }
+
+    /// [`Classifier::load_with`] with the int8 conv kernel chosen (`None`: tract's own
+    /// convolutions, the other rewrites still on). For benchmarks.
+    pub fn load_with_kernel(
+        settings: &ModelSettings,
+        int8_rewrites: bool,
+        kernel: Option<crate::model::int8::qconv::Kernel>,
+    ) -> Result<Classifier> {
+        let started = Instant::now();
+        let path = &settings.path;
+        let meta = std::fs::metadata(path)
+            .with_context(|| format!("model file {}: cannot open", path.display()))?;
+        if !meta.is_file() {
+            bail!("model file {}: not a regular file", path.display());
+        }
+        let Parsed {
+            mut model,
+            rewrites: proto_rewrites,
+            quantize_scales,
+        } = parse(path, int8_rewrites)
+            .with_context(|| format!("model file {}: not a loadable ONNX model", path.display()))?;
+        let missing = unsupported_ops(&model);
+        if !missing.is_empty() {
+            bail!(
+                "model file {}: unsupported ONNX operator(s): {}",
+                path.display(),
+                missing.join(", ")
+            );
+        }
+        if model.input_outlets()?.len() != 1 {
+            bail!(
+                "model file {}: expected one image input, found {}",
+                path.display(),
+                model.input_outlets()?.len()
+            );
+        }
+        let spec = input_spec(&model, settings)
+            .with_context(|| format!("model file {}: unsupported input", path.display()))?;
+        let outputs_probabilities = model
+            .output_outlets()?
+            .first()
+            .map(|o| model.node(o.node).op.name().contains("Softmax"))
+            .unwrap_or(false);
+        model.set_input_fact(0, f32::fact(spec.shape()).into())?;
+        let loaded = Instant::now();
+        let (typed, mut int8) = optimize(model, int8_rewrites, kernel, &quantize_scales)
+            .with_context(|| format!("model file {}: cannot optimise", path.display()))?;
+        let output_shape: Vec<usize> = typed
+            .output_fact(0)?
+            .shape
+            .as_concrete()
+            .ok_or_else(|| anyhow!("model file {}: output shape is not fixed", path.display()))?
+            .to_vec();
+        let classes: usize = output_shape.iter().product();
+        if classes < 2 || output_shape.iter().filter(|d| **d > 1).count() != 1 {
+            bail!(
+                "model file {}: output shape {output_shape:?} is not a single vector of class scores",
+                path.display()
+            );
+        }
+        int8.proto = proto_rewrites;
+        let plan = typed.into_runnable()?;
+        let timing = LoadTiming {
+            load_ms: (loaded - started).as_secs_f64() * 1e3,
+            optimize_ms: loaded.elapsed().as_secs_f64() * 1e3,
+        };
+        let labels = match &settings.labels {
+            Some(p) => read_labels(p, classes)?,
+            None => (0..classes).map(|i| format!("class_{i}")).collect(),
+        };
+        Ok(Classifier {
+            plan,
+            spec,
+            labels,
+            outputs_probabilities,
+            top_k: settings.top_k.min(classes),
+            threshold: settings.threshold,
+            file_name: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            path: path.clone(),
+            output_shape,
+            timing,
+            int8,
+            executor: (settings.threads > 1)
+                .then(|| Executor::multithread_with_name(settings.threads, "edgesight-mm")),
+        })
+    }
+
+    pub fn input_spec(&self) -> &InputSpec {
+        &self.spec
+    }
+    pub fn output_shape(&self) -> &[usize] {
+        &self.output_shape
+    }
+    pub fn file_name(&self) -> &str {
+        &self.file_name
+    }
+    pub fn labels(&self) -> &[String] {
+        &self.labels
+    }
+    pub fn timing(&self) -> LoadTiming {
+        self.timing
+    }
+    pub fn int8_rewrites(&self) -> Int8Rewrites {
+        self.int8
+    }
+
+    /// Raw model outputs (logits or probabilities, as the model emits them) for a ready tensor.
+    pub fn raw_scores(&self, input: Tensor) -> Result<Vec<f32>> {
+        let out = self.run(input)?;
+        let out = out
+            .first()
+            .ok_or_else(|| anyhow!("model produced no output"))?
+            .cast_to::<f32>()?;
+        Ok(out.to_plain_array_view::<f32>()?.iter().copied().collect())
+    }
+
+    /// `f` on one of this model's pool threads if it has a pool (tract picks the executor
+    /// up from the thread's scope), else on the calling thread. On a pool thread, not
+    /// beside the pool: with `threads = n` exactly n threads work. (Run from the calling
+    /// thread, the element-wise ops between two parallel convs competed with the pool's
+    /// threads, which spin a while for more work: 2 threads were slower than 1 on 2 cores.)
+    fn on_pool<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.executor {
+            Some(exec @ Executor::MultiThread(pool)) => {
+                pool.install(|| multithread::multithread_tract_scope(exec.clone(), f))
+            }
+            Some(exec) => multithread::multithread_tract_scope(exec.clone(), f),
+            None => f(),
+        }
+    }
+
+    /// One run of the plan.
+    fn run(&self, input: Tensor) -> TractResult<TVec<Tensor>> {
+        self.on_pool(|| {
+            let out = self.plan.run(tvec!(input.into()))?;
+            Ok(out.into_iter().map(|v| v.into_tensor()).collect())
+        })
+    }
+
+    /// Time spent per operator type over `runs` runs of `input`, slowest first, as
+    /// (operator, total ms, node evaluations). For the benchmark's profile.
+    pub fn profile(&self, input: &Tensor, runs: usize) -> Result<Vec<(String, f64, usize)>> {
+        let by_op = self.on_pool(|| -> TractResult<_> {
+            let mut by_op: std::collections::HashMap<String, (f64, usize)> = Default::default();
+            let mut state = TypedSimpleState::new(&self.plan)?;
+            for _ in 0..runs {
+                state.run_plan_with_eval(
+                    tvec!(input.clone().into()),
+                    |ctx, st, node, inputs| {
+                        let t0 = Instant::now();
+                        let out = tract_core::plan::eval(ctx, st, node, inputs);
+                        let e = by_op.entry(node.op.name().to_string()).or_default();
+                        e.0 += t0.elapsed().as_secs_f64() * 1e3;
+                        e.1 += 1;
+                        out
+                    },
+                )?;
+            }
+            Ok(by_op)
+        })?;
+        let mut v: Vec<(String, f64, usize)> =
+            by_op.into_iter().map(|(k, (ms, n))| (k, ms, n)).collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(v)
+    }
+
+    /// Class probabilities for a ready input tensor.
+    pub fn probabilities(&self, input: Tensor) -> Result<Vec<f32>> {
+        let mut scores = self.raw_scores(input)?;
+        if !self.outputs_probabilities {
+            softmax(&mut scores);
+        }
+        Ok(scores)
+    }
+
+    /// Preprocess `frame`, run the model and return the top-k predictions above the
+    /// threshold, best first, with the time spent in the model alone.
+    pub fn classify(&self, frame: &RgbImage) -> Result<(Vec<Prediction>, f64)> {
+        self.classify_tensor(self.spec.tensor(frame))
+    }
+
+    /// [`Classifier::classify`] for an input already prepared (see `RawFrame::prepare`).
+    pub fn classify_tensor(&self, input: Tensor) -> Result<(Vec<Prediction>, f64)> {
+        let t0 = Instant::now();
+        let probs = self.probabilities(input)?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        Ok((self.top(&probs), ms))
+    }
+
+    /// The top-k of `probs` at or above the threshold, sorted by score.
+    pub fn top(&self, probs: &[f32]) -> Vec<Prediction> {
+        let mut idx: Vec<usize> = (0..probs.len()).collect();
+        idx.sort_by(|a, b| probs[*b].total_cmp(&probs[*a]).then(a.cmp(b)));
+        idx.into_iter()
+            .take(self.top_k)
+            .filter(|i| probs[*i] >= self.threshold)
+            .map(|i| Prediction {
+                label: self.labels[i].clone(),
+                class: i,
+                score: probs[i],
+            })
+            .collect()
+    }
+}
+
+/// Numerically stable in-place softmax.
+pub fn softmax(v: &mut [f32]) {
+    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for x in v.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    if sum > 0.0 {
+        v.iter_mut().for_each(|x| *x /= sum);
+    }
+}
+
+/// Input size and layout from the model's declared input: `[N,3,H,W]` or `[N,H,W,3]`.
+fn input_spec(model: &InferenceModel, settings: &ModelSettings) -> Result<InputSpec> {
+    let fact = model.input_fact(0)?;
+    let dims: Vec<Option<usize>> = fact
+        .shape
+        .dims()
+        .map(|d| d.concretize().and_then(|d| d.to_usize().ok()))
+        .collect();
+    if dims.len() != 4 {
+        bail!(
+            "input rank {} (shape {:?}); expected a 4-D image tensor",
+            dims.len(),
+            fact.shape
+        );
+    }
+    if let Some(n) = dims[0]
+        && n != 1
+    {
+        bail!("batch size {n}; edgesight runs batch 1 (export with batch 1 or a dynamic batch)");
+    }
+    let (layout, h, w) = match (dims[1], dims[3]) {
+        (Some(3), _) => (Layout::Nchw, dims[2], dims[3]),
+        (_, Some(3)) => (Layout::Nhwc, dims[1], dims[2]),
+        _ => bail!(
+            "input shape {:?} has no 3-channel axis at position 1 (NCHW) or 3 (NHWC)",
+            fact.shape
+        ),
+    };
+    let (Some(height), Some(width)) = (h, w) else {
+        bail!(
+            "input shape {:?} has a dynamic height or width; export the model with a fixed input size",
+            fact.shape
+        );
+    };
+    Ok(InputSpec {
+        width: width as u32,
+        height: height as u32,
+        layout,
+        preprocess: settings.preprocess,
+        resize: settings.resize,
+    })
+}
+
+/// One label per line; blank lines at the end are ignored, the count must match the model.
+pub fn read_labels(path: &Path, classes: usize) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("labels file {}: cannot read", path.display()))?;
+    let labels: Vec<String> = text
+        .trim_end()
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect();
+    if labels.len() != classes {
+        bail!(
+            "labels file {}: {} labels, but the model outputs {classes} classes",
+            path.display(),
+            labels.len()
+        );
+    }
+    Ok(labels)
+}

@@ -1,0 +1,318 @@
+//! Remote commands on `<prefix>/<device>/cmd/<verb>` (off unless `commands.enabled`):
+//! `pause` / `resume` a camera (or all), `snapshot` (the camera's current frame as JPEG on
+//! `<prefix>/<device>/<camera>/snapshot`), `reload` (configuration and model, without a
+//! restart). Every command gets a reply on `<prefix>/<device>/cmd/result`; a command that
+//! is malformed, oversized, unknown or names an unknown camera gets an error reply and
+//! changes nothing.
+//!
+//! Parsing is pure ([`parse`]); [`serve`] applies requests. Pause and snapshot act through
+//! the control mailbox the inference thread reads (it owns the frames); reload asks the
+//! daemon, which validates the new configuration and loads its model *before* anything
+//! stops, so a bad one leaves the running daemon untouched.
+
+use std::sync::Arc;
+
+use rumqttc::{AsyncClient, QoS};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use crate::config::Settings;
+use crate::mqtt::topics::result_topic;
+use crate::stats::control::Control;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    Pause,
+    Resume,
+    Snapshot,
+    Reload,
+}
+
+impl Verb {
+    pub fn name(self) -> &'static str {
+        match self {
+            Verb::Pause => "pause",
+            Verb::Resume => "resume",
+            Verb::Snapshot => "snapshot",
+            Verb::Reload => "reload",
+        }
+    }
+}
+
+/// A valid command.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub verb: Verb,
+    /// Camera indices it applies to.
+    pub cameras: Vec<usize>,
+    /// The caller's correlation id, echoed in the reply.
+    pub id: Option<Value>,
+}
+
+/// A failed command's reply: verb as given (it may be unknown), the caller's id if the
+/// payload had one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub verb: String,
+    pub id: Option<Value>,
+    pub error: String,
+}
+
+/// Parse the command `verb` with `payload` (empty, or a JSON object with optional
+/// `camera` and `id`).
+pub fn parse(settings: &Settings, verb: &str, payload: &[u8]) -> Result<Request, Rejection> {
+    let reject = |id: Option<Value>, error: String| Rejection {
+        verb: verb.to_string(),
+        id,
+        error,
+    };
+    let max = settings.commands.max_payload_bytes;
+    if payload.len() > max {
+        return Err(reject(
+            None,
+            format!(
+                "payload of {} bytes exceeds commands.max_payload_bytes ({max})",
+                payload.len()
+            ),
+        ));
+    }
+    let body: serde_json::Map<String, Value> = if payload.iter().all(u8::is_ascii_whitespace) {
+        serde_json::Map::new()
+    } else {
+        match serde_json::from_slice::<Value>(payload) {
+            Ok(Value::Object(o)) => o,
+            Ok(other) => {
+                return Err(reject(
+                    None,
+                    format!("payload must be a JSON object, not {other}"),
+                ));
+            }
+            Err(e) => return Err(reject(None, format!("malformed JSON: {e}"))),
+        }
+    };
+    let id = body.get("id").cloned();
+    if let Some(k) = body
+        .keys()
+        .find(|k| !["id", "camera"].contains(&k.as_str()))
+    {
+        return Err(reject(
+            id,
+            format!("unknown field {k:?} (valid: \"camera\", \"id\")"),
+        ));
+    }
+    let verb_ = match verb {
+        "pause" => Verb::Pause,
+        "resume" => Verb::Resume,
+        "snapshot" => Verb::Snapshot,
+        "reload" => Verb::Reload,
+        other => {
+            return Err(reject(
+                id,
+                format!("unknown command {other:?} (valid: pause, resume, snapshot, reload)"),
+            ));
+        }
+    };
+    let names: Vec<&str> = settings.camera.iter().map(|c| c.name.as_str()).collect();
+    let cameras = match body.get("camera") {
+        None => match verb_ {
+            Verb::Snapshot if names.len() > 1 => {
+                return Err(reject(
+                    id,
+                    format!("snapshot needs \"camera\" (one of {names:?})"),
+                ));
+            }
+            Verb::Reload => vec![],
+            _ => (0..names.len()).collect(),
+        },
+        Some(_) if verb_ == Verb::Reload => {
+            return Err(reject(id, "reload takes no camera".into()));
+        }
+        Some(Value::String(c)) => match names.iter().position(|n| n == c) {
+            Some(i) => vec![i],
+            None => {
+                return Err(reject(
+                    id,
+                    format!("unknown camera {c:?} (cameras: {names:?})"),
+                ));
+            }
+        },
+        Some(other) => {
+            return Err(reject(
+                id,
+                format!("\"camera\" must be a string, not {other}"),
+            ));
+        }
+    };
+    Ok(Request {
+        verb: verb_,
+        cameras,
+        id,
+    })
+}
+
+/// The reply payload.
+pub fn reply(verb: &str, id: &Option<Value>, result: Result<Value, String>) -> Vec<u8> {
+    let mut v = json!({"v": 1, "verb": verb, "ok": result.is_ok()});
+    match result {
+        Ok(Value::Object(extra)) => {
+            if let Value::Object(o) = &mut v {
+                o.extend(extra);
+            }
+        }
+        Ok(_) => {}
+        Err(e) => v["error"] = e.into(),
+    }
+    if let Some(id) = id {
+        v["id"] = id.clone();
+    }
+    v.to_string().into_bytes()
+}
+
+/// A reload request, answered by the daemon: `Ok(the new model's file name)` once the new
+/// configuration and its model are validated (the pipeline then restarts), or why they
+/// were rejected (the running ones are kept).
+pub type ReloadRequest = oneshot::Sender<Result<String, String>>;
+
+/// What the command server acts on: the cameras' control mailbox, and the daemon's
+/// reload intake.
+pub struct Handles {
+    pub control: Arc<Control>,
+    pub reload: mpsc::Sender<ReloadRequest>,
+}
+
+/// Apply commands until the channel closes.
+pub async fn serve(
+    settings: Arc<Settings>,
+    handles: Handles,
+    client: AsyncClient,
+    mut rx: mpsc::Receiver<(String, Vec<u8>)>,
+) {
+    let topic = result_topic(&settings);
+    while let Some((verb, payload)) = rx.recv().await {
+        let (name, id, result) = match parse(&settings, &verb, &payload) {
+            Err(r) => {
+                warn!("command {}: {}", r.verb, r.error);
+                (r.verb, r.id, Err(r.error))
+            }
+            Ok(req) => {
+                let result = apply(&settings, &handles, &req).await;
+                match &result {
+                    Ok(_) => info!("command {} applied", req.verb.name()),
+                    Err(e) => warn!("command {} failed: {e}", req.verb.name()),
+                }
+                if req.verb == Verb::Snapshot && result.is_ok() {
+                    // The inference thread replies once the JPEG is out.
+                    continue;
+                }
+                (req.verb.name().to_string(), req.id, result)
+            }
+        };
+        let _ = client.try_publish(&topic, QoS::AtLeastOnce, false, reply(&name, &id, result));
+    }
+}
+
+async fn apply(settings: &Settings, h: &Handles, req: &Request) -> Result<Value, String> {
+    let names = |cams: &[usize]| -> Vec<String> {
+        cams.iter()
+            .map(|&i| settings.camera[i].name.clone())
+            .collect()
+    };
+    match req.verb {
+        Verb::Pause | Verb::Resume => {
+            for &i in &req.cameras {
+                h.control.camera(i).set_paused(req.verb == Verb::Pause);
+            }
+            Ok(json!({"cameras": names(&req.cameras)}))
+        }
+        Verb::Snapshot => {
+            h.control
+                .camera(req.cameras[0])
+                .request_snapshot(req.id.clone());
+            Ok(Value::Null)
+        }
+        Verb::Reload => {
+            let stopping = || "the daemon is stopping".to_string();
+            let (tx, rx) = oneshot::channel();
+            h.reload.send(tx).await.map_err(|_| stopping())?;
+            let model = rx.await.map_err(|_| stopping())??;
+            Ok(json!({"config": settings.file.display().to_string(), "model": model}))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        crate::config::from_toml(
+            "[device]\nid = \"pi\"\n[model]\npath = \"m.onnx\"\n[commands]\nenabled = true\n\
+             max_payload_bytes = 64\n\
+             [[camera]]\nname = \"front\"\npath = \"x\"\n[[camera]]\nname = \"back\"\npath = \"x\"\n",
+        )
+    }
+
+    /// (verb, payload, Ok(cameras) or Err(part of the error)).
+    type Case<'a> = (&'a str, &'a str, Result<&'a [usize], &'a str>);
+
+    /// Data-driven: commands and what parsing must make of them.
+    #[test]
+    fn parse_accepts_valid_commands_and_names_what_is_wrong() {
+        let s = settings();
+        let cases: &[Case] = &[
+            ("pause", "", Ok(&[0, 1])),
+            ("pause", "{\"camera\":\"back\"}", Ok(&[1])),
+            ("resume", " {} ", Ok(&[0, 1])),
+            ("snapshot", "{\"camera\":\"front\",\"id\":7}", Ok(&[0])),
+            ("reload", "", Ok(&[])),
+            ("snapshot", "", Err("needs \"camera\"")),
+            (
+                "pause",
+                "{\"camera\":\"side\"}",
+                Err("unknown camera \"side\""),
+            ),
+            ("pause", "{\"camera\":3}", Err("must be a string")),
+            ("pause", "{camera", Err("malformed JSON")),
+            ("pause", "[1]", Err("must be a JSON object")),
+            ("pause", "{\"cam\":\"front\"}", Err("unknown field \"cam\"")),
+            ("reboot", "", Err("unknown command \"reboot\"")),
+            (
+                "reload",
+                "{\"camera\":\"front\"}",
+                Err("reload takes no camera"),
+            ),
+            (
+                "pause",
+                "{\"id\":\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"}",
+                Err("exceeds commands.max_payload_bytes (64)"),
+            ),
+        ];
+        for (verb, payload, want) in cases {
+            let got = parse(&s, verb, payload.as_bytes());
+            match (want, got) {
+                (Ok(cams), Ok(r)) => assert_eq!(&r.cameras[..], *cams, "{verb} {payload}"),
+                (Err(part), Err(r)) => {
+                    assert!(r.error.contains(part), "{verb} {payload}: {}", r.error)
+                }
+                (w, g) => panic!("{verb} {payload}: want {w:?}, got {g:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn replies_echo_the_id_and_say_why() {
+        let ok: Value = serde_json::from_slice(&reply(
+            "pause",
+            &Some(json!(7)),
+            Ok(json!({"cameras": ["a"]})),
+        ))
+        .unwrap();
+        assert_eq!(
+            ok,
+            json!({"v":1,"verb":"pause","ok":true,"id":7,"cameras":["a"]})
+        );
+        let err: Value = serde_json::from_slice(&reply("x", &None, Err("bad".into()))).unwrap();
+        assert_eq!(err, json!({"v":1,"verb":"x","ok":false,"error":"bad"}));
+    }
+}

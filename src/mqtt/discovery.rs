@@ -1,0 +1,205 @@
+//! Home Assistant MQTT discovery, device-based: one retained
+//! `<discovery prefix>/device/<id>/config` message describing the device and, per camera,
+//! a sensor for the top label, one for its score, an event entity for detections, and
+//! diagnostic sensors for fps and inference time. Pure: the payload is built from the
+//! settings; `mqtt.rs` publishes it after every connect and when Home Assistant announces
+//! itself on `<discovery prefix>/status`.
+
+use serde_json::{Value, json};
+
+use crate::config::Settings;
+use crate::mqtt::topics::{availability_topic, camera_topic, stats_topic};
+
+/// `homeassistant/device/<object id>/config`.
+pub fn config_topic(settings: &Settings) -> String {
+    format!(
+        "{}/device/{}/config",
+        settings.homeassistant.prefix,
+        object_id(&settings.device.id)
+    )
+}
+
+/// Home Assistant's birth/last-will topic.
+pub fn status_topic(settings: &Settings) -> String {
+    format!("{}/status", settings.homeassistant.prefix)
+}
+
+/// `edgesight_<device>`: the device's id for Home Assistant.
+fn object_id(s: &str) -> String {
+    format!("edgesight_{}", sanitize(s))
+}
+
+/// Ids Home Assistant accepts: letters, digits, `_` and `-`.
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The discovery payload.
+pub fn payload(settings: &Settings) -> Value {
+    let dev = object_id(&settings.device.id);
+    let version = env!("CARGO_PKG_VERSION");
+    let device_avail = availability_topic(settings);
+    let stats = stats_topic(settings);
+    let mut cmps = serde_json::Map::new();
+    for cam in &settings.camera {
+        let c = &cam.name;
+        let uid = |what: &str| format!("{dev}_{}_{what}", sanitize(c));
+        let classification = camera_topic(settings, c, "classification");
+        // The camera's entities are available when the device and the camera both are.
+        let avail = json!({
+            "availability": [
+                {"topic": device_avail},
+                {"topic": camera_topic(settings, c, "availability")}
+            ],
+            "availability_mode": "all",
+        });
+        let mut add = |what: &str, mut v: Value| {
+            if let (Value::Object(o), Value::Object(a)) = (&mut v, &avail) {
+                o.extend(a.clone());
+                o.insert("unique_id".into(), uid(what).into());
+                // Home Assistant 2025.10 replaced `object_id` with this.
+                let platform = o.get("p").and_then(Value::as_str).unwrap_or("sensor");
+                o.insert(
+                    "default_entity_id".into(),
+                    format!("{platform}.{}", uid(what)).into(),
+                );
+            }
+            cmps.insert(uid(what), v);
+        };
+        add(
+            "label",
+            json!({
+                "p": "sensor",
+                "name": format!("{c} label"),
+                "icon": "mdi:tag-search",
+                "state_topic": classification,
+                "value_template": "{{ value_json.top[0].label if value_json.top else 'none' }}",
+            }),
+        );
+        add(
+            "score",
+            json!({
+                "p": "sensor",
+                "name": format!("{c} score"),
+                "state_class": "measurement",
+                "state_topic": classification,
+                "value_template": "{{ value_json.top[0].score if value_json.top else 0 }}",
+            }),
+        );
+        add(
+            "detection",
+            json!({
+                "p": "event",
+                "name": format!("{c} detection"),
+                "state_topic": camera_topic(settings, c, "detection"),
+                "event_types": ["start", "update", "end"],
+                "value_template": "{{ {'event_type': value_json.type, 'label': value_json.label, \
+                                   'score': value_json.score, 'id': value_json.id} | to_json }}",
+            }),
+        );
+        add(
+            "fps",
+            json!({
+                "p": "sensor",
+                "name": format!("{c} fps"),
+                "entity_category": "diagnostic",
+                "state_class": "measurement",
+                "unit_of_measurement": "fps",
+                "state_topic": stats,
+                "value_template": format!("{{{{ value_json.cameras['{c}'].fps }}}}"),
+            }),
+        );
+        add(
+            "inference",
+            json!({
+                "p": "sensor",
+                "name": format!("{c} inference time"),
+                "entity_category": "diagnostic",
+                "state_class": "measurement",
+                "device_class": "duration",
+                "unit_of_measurement": "ms",
+                "state_topic": stats,
+                "value_template": format!("{{{{ value_json.cameras['{c}'].inference_ms_p50 }}}}"),
+            }),
+        );
+    }
+    json!({
+        "dev": {
+            "ids": [dev],
+            "name": format!("edgesight {}", settings.device.id),
+            "mf": "edgesight",
+            "mdl": "edge vision daemon",
+            "sw": version,
+        },
+        "o": {
+            "name": "edgesight",
+            "sw": version,
+        },
+        "cmps": cmps,
+        "qos": 1,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        crate::config::from_toml(
+            "[device]\nid = \"pi.kitchen\"\n[model]\npath = \"m.onnx\"\n\
+             [homeassistant]\ndiscovery = true\n\
+             [[camera]]\nname = \"front\"\npath = \"x\"\n[[camera]]\nname = \"back\"\npath = \"x\"\n",
+        )
+    }
+
+    /// What Home Assistant requires of device-based discovery: a device with identifiers,
+    /// an origin with a name, and components each with a platform and a unique id; sensors
+    /// and events need a state topic, events their event types.
+    #[test]
+    fn payload_has_home_assistants_required_fields() {
+        let s = settings();
+        assert_eq!(
+            config_topic(&s),
+            "homeassistant/device/edgesight_pi_kitchen/config"
+        );
+        let p = payload(&s);
+        assert!(p["dev"]["ids"][0].as_str().is_some_and(|i| !i.is_empty()));
+        assert!(p["o"]["name"].is_string());
+        let cmps = p["cmps"].as_object().unwrap();
+        assert_eq!(cmps.len(), 10, "5 entities per camera");
+        let mut ids = std::collections::HashSet::new();
+        for (key, c) in cmps {
+            let platform = c["p"].as_str().unwrap();
+            assert!(["sensor", "event"].contains(&platform), "{key}");
+            let uid = c["unique_id"].as_str().unwrap();
+            assert!(ids.insert(uid.to_string()));
+            assert_eq!(c["default_entity_id"], format!("{platform}.{uid}"));
+            assert!(
+                c["state_topic"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("edgesight/pi.kitchen/")
+            );
+            assert_eq!(c["availability_mode"], "all");
+            assert_eq!(c["availability"].as_array().unwrap().len(), 2);
+            if platform == "event" {
+                assert_eq!(c["event_types"], json!(["start", "update", "end"]));
+            }
+        }
+        let fps = &cmps["edgesight_pi_kitchen_back_fps"];
+        assert_eq!(fps["state_topic"], "edgesight/pi.kitchen/stats");
+        assert_eq!(
+            fps["value_template"],
+            "{{ value_json.cameras['back'].fps }}"
+        );
+        assert_eq!(fps["entity_category"], "diagnostic");
+    }
+}

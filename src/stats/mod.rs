@@ -1,0 +1,256 @@
+//! Counters shared by the stages. Plain atomics: written on the hot path, read for the
+//! stats topic, the watchdog and the shutdown summary. Also here, because capture, mqtt
+//! and inference all need them and none may import another: a camera's published
+//! [`status`], and the [`control`] mailbox (pause, snapshot requests) commands write and
+//! inference reads.
+//!
+//! May use: util, config. Knows nothing of tokio, rumqttc or nokhwa.
+
+pub mod control;
+pub mod status;
+
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+#[derive(Debug, Default)]
+pub struct CameraStats {
+    /// Frames the source produced.
+    pub captured: AtomicU64,
+    /// Frames the model classified.
+    pub classified: AtomicU64,
+    /// Frames not classified because a newer one replaced them in the latest-frame slot,
+    /// or because the camera ran faster than the configured fps.
+    pub skipped: AtomicU64,
+    /// Frames older than `max_age_ms` when inference reached them.
+    pub stale: AtomicU64,
+    /// Frames not classified because the scene had not changed (change gating).
+    pub gated: AtomicU64,
+    /// Frames that could not be decoded (truncated or garbage MJPEG, short buffers).
+    pub bad_frames: AtomicU64,
+    /// Source errors: undecodable files, failed opens, capture failures.
+    pub errors: AtomicU64,
+    /// Times the camera stopped delivering for `stall_secs` and was reopened.
+    pub stalls: AtomicU64,
+    /// A [`CameraState`] as u8.
+    pub state: AtomicU8,
+    /// Milliseconds since the run started when the last frame arrived.
+    pub last_frame_ms: AtomicU64,
+    /// The latest inference times, for the stats topic's percentiles.
+    pub inference_ms: Mutex<Window>,
+    /// Frames taken and dropped while the camera was paused by command.
+    pub paused_frames: AtomicU64,
+}
+
+/// The last [`Window::LEN`] samples: percentiles over recent behaviour in fixed memory.
+#[derive(Debug, Default)]
+pub struct Window {
+    samples: Vec<f32>,
+    next: usize,
+}
+
+impl Window {
+    pub const LEN: usize = 256;
+
+    pub fn push(&mut self, v: f32) {
+        if self.samples.len() < Self::LEN {
+            self.samples.push(v);
+        } else {
+            self.samples[self.next] = v;
+        }
+        self.next = (self.next + 1) % Self::LEN;
+    }
+
+    /// The `p` quantile (0..=1, nearest rank) of the samples; None when empty.
+    pub fn quantile(&self, p: f64) -> Option<f32> {
+        if self.samples.is_empty() {
+            return None;
+        }
+        let mut v = self.samples.clone();
+        v.sort_by(f32::total_cmp);
+        let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
+        Some(v[rank - 1])
+    }
+}
+
+/// What a camera is doing, for the watchdog and STATUS: only a camera that should be
+/// streaming and is not delivering counts as stalled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+#[repr(u8)]
+pub enum CameraState {
+    Starting = 0,
+    Streaming = 1,
+    /// No device, or reopening after an error: idle on purpose, retrying.
+    Waiting = 2,
+    Ended = 3,
+}
+
+impl CameraStats {
+    pub fn set_state(&self, s: CameraState) {
+        self.state.store(s as u8, Ordering::Relaxed);
+    }
+    pub fn state(&self) -> CameraState {
+        match self.state.load(Ordering::Relaxed) {
+            1 => CameraState::Streaming,
+            2 => CameraState::Waiting,
+            3 => CameraState::Ended,
+            _ => CameraState::Starting,
+        }
+    }
+}
+
+/// The outbox's counters and gauges, for stats and the shutdown summary. The outbox
+/// (mqtt::outbox) keeps them current.
+#[derive(Debug, Default)]
+pub struct OutboxCounters {
+    pub accepted: AtomicU64,
+    pub delivered: AtomicU64,
+    /// Oldest records dropped to stay within `max_events` / `max_bytes`.
+    pub dropped: AtomicU64,
+    /// Corrupt files found at start-up and moved to `quarantine/`.
+    pub quarantined: AtomicU64,
+    /// Records kept in memory only because the disk refused them (full, read-only...).
+    pub memory_fallback: AtomicU64,
+    /// PUBACKs received for records already gone (dropped, or duplicates after a resend).
+    pub stale_acks: AtomicU64,
+    /// Records waiting for their PUBACK, and their bytes (gauges).
+    pub waiting: AtomicU64,
+    pub waiting_bytes: AtomicU64,
+}
+
+impl OutboxCounters {
+    /// Records waiting for their PUBACK.
+    pub fn depth(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed) as usize
+    }
+    pub fn bytes(&self) -> usize {
+        self.waiting_bytes.load(Ordering::Relaxed) as usize
+    }
+}
+
+#[derive(Debug)]
+pub struct Stats {
+    pub cameras: Vec<(String, CameraStats)>,
+    /// Classifications dropped because the MQTT request queue was full.
+    pub publish_dropped: AtomicU64,
+    /// Messages queued inside the MQTT client and lost when the connection broke.
+    pub publish_lost: AtomicU64,
+    pub reconnects: AtomicU64,
+    /// The MQTT session is up (set by the event-loop driver).
+    pub connected: AtomicBool,
+    pub inference_errors: AtomicU64,
+    /// Bumped every time the inference thread wakes (a frame or a 50 ms tick): proof it
+    /// is not stuck.
+    pub inference_heartbeat: AtomicU64,
+    /// When the run started: the clock `last_frame_ms` is read against.
+    pub started: Instant,
+    /// The durable outbox's counters, once it is opened (detection on).
+    pub outbox: OnceLock<Arc<OutboxCounters>>,
+}
+
+impl Stats {
+    pub fn new(camera_names: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            cameras: camera_names
+                .into_iter()
+                .map(|n| (n, CameraStats::default()))
+                .collect(),
+            publish_dropped: AtomicU64::new(0),
+            publish_lost: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            connected: AtomicBool::new(false),
+            inference_errors: AtomicU64::new(0),
+            inference_heartbeat: AtomicU64::new(0),
+            started: Instant::now(),
+            outbox: OnceLock::new(),
+        }
+    }
+
+    /// Milliseconds since the run started.
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Camera `i` is (or should now be) delivering frames: from now on, a gap longer than
+    /// its stall limit counts as a stall.
+    pub fn streaming(&self, i: usize) {
+        let c = self.camera(i);
+        c.last_frame_ms.store(self.now_ms(), Ordering::Relaxed);
+        c.set_state(CameraState::Streaming);
+    }
+
+    /// Record a captured frame of camera `i`.
+    pub fn frame_captured(&self, i: usize) {
+        self.camera(i).captured.fetch_add(1, Ordering::Relaxed);
+        self.streaming(i);
+    }
+
+    pub fn camera(&self, i: usize) -> &CameraStats {
+        &self.cameras[i].1
+    }
+
+    /// One line for the log at shutdown.
+    pub fn summary(&self) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut s = String::new();
+        for (name, c) in &self.cameras {
+            s.push_str(&format!(
+                "{name}: captured {} classified {} skipped {} stale {} gated {} bad {} \
+                 errors {} stalls {}; ",
+                g(&c.captured),
+                g(&c.classified),
+                g(&c.skipped),
+                g(&c.stale),
+                g(&c.gated),
+                g(&c.bad_frames),
+                g(&c.errors),
+                g(&c.stalls)
+            ));
+        }
+        s.push_str(&format!(
+            "mqtt: dropped {} lost {} reconnects {}; inference errors {}",
+            g(&self.publish_dropped),
+            g(&self.publish_lost),
+            g(&self.reconnects),
+            g(&self.inference_errors)
+        ));
+        if let Some(c) = self.outbox.get() {
+            s.push_str(&format!(
+                "; outbox: accepted {} delivered {} waiting {} dropped {} quarantined {} \
+                 memory-only {}",
+                g(&c.accepted),
+                g(&c.delivered),
+                c.depth(),
+                g(&c.dropped),
+                g(&c.quarantined),
+                g(&c.memory_fallback)
+            ));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_quantiles_over_the_last_samples_only() {
+        let mut w = Window::default();
+        assert_eq!(w.quantile(0.5), None);
+        for v in 1..=100 {
+            w.push(v as f32);
+        }
+        assert_eq!(
+            (w.quantile(0.5), w.quantile(0.95)),
+            (Some(50.0), Some(95.0))
+        );
+        // 300 more: only the last 256 (145..=400) count.
+        for v in 101..=400 {
+            w.push(v as f32);
+        }
+        assert_eq!(w.quantile(0.0), Some(145.0));
+        assert_eq!(w.quantile(1.0), Some(400.0));
+    }
+}
