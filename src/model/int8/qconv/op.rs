@@ -352,4 +352,3 @@ impl TypedOp for QConv {
 
     tract_core::as_op!();
 }
-

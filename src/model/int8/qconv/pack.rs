@@ -26,4 +26,3 @@ pub(crate) fn interleave(src: &[&[u8]; 4], first: usize, step: usize, flip: u8, 
         }
     }
 }
-

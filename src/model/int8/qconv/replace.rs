@@ -21,7 +21,11 @@ fn konst<T: Datum + Copy>(model: &TypedModel, node: &TypedNode, ix: usize) -> Op
 /// Build our op for a quantised tract `Conv` node, if it is one we run: NCHW, OIHW i8
 /// weights with zero point 0, one group, no dilation, u8/i8 in and out, constant
 /// parameters, a known input height and width.
-pub(crate) fn qconv_for(model: &TypedModel, node: &TypedNode, which: Kernel) -> TractResult<Option<QConv>> {
+pub(crate) fn qconv_for(
+    model: &TypedModel,
+    node: &TypedNode,
+    which: Kernel,
+) -> TractResult<Option<QConv>> {
     let Some(conv) = node.op_as::<Conv>() else {
         return Ok(None);
     };
@@ -178,4 +182,3 @@ pub fn replace_convs(model: &mut TypedModel, which: Kernel) -> TractResult<usize
     }
     Ok(replaced)
 }
-

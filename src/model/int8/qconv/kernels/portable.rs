@@ -34,4 +34,3 @@ pub(crate) fn block(t: &Tile, n: usize, e: &Epilogue, out: &mut [u8], stride: us
     }
     epilogue(&acc, lanes, e, &mut out[t.q0..], stride);
 }
-

@@ -17,9 +17,8 @@ pub unsafe fn block<const P: usize>(t: &Tile, e: &Epilogue, out: &mut [u8], stri
         // SAFETY (all pointer arithmetic): bounded by Tile::check.
         let mut xp = unsafe { base.add(off + t.q0 * 4) };
         for _ in 0..t.groups {
-            let x: [__m512i; P] = std::array::from_fn(|p| unsafe {
-                _mm512_loadu_si512(xp.add(64 * p) as *const _)
-            });
+            let x: [__m512i; P] =
+                std::array::from_fn(|p| unsafe { _mm512_loadu_si512(xp.add(64 * p) as *const _) });
             for (m, acc) in acc.iter_mut().enumerate() {
                 let k = _mm512_set1_epi32(unsafe { wp.add(m).read_unaligned() });
                 for p in 0..P {
