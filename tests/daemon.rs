@@ -228,3 +228,54 @@ async fn sighup_reloads_a_good_config_and_keeps_running_on_a_bad_one() {
     while top_len(common::next(&mut rx, "classification after the reload").await) != 1 {}
     d.stop();
 }
+
+/// A file that does not decode is skipped, counted, and logged under the camera's name
+/// (the file's own name once shadowed it in the log line).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_image_is_logged_under_its_cameras_name() {
+    let (host, port) = common::broker();
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    std::fs::copy(
+        common::fixture("samples/triangle/01.jpg"),
+        images.join("a-good.jpg"),
+    )
+    .unwrap();
+    std::fs::write(images.join("b-broken.jpg"), b"not a jpeg at all").unwrap();
+    let device = format!("broken-image-{}", std::process::id());
+    let cameras = format!(
+        "[[camera]]\nname = \"porch\"\npath = \"{}\"\nfps = 20\n",
+        images.display()
+    );
+    let cfg = common::config_file(dir.path(), &host, port, &device, &cameras);
+    let d = common::Daemon::start(&cfg);
+    let log = d.wait_for_log("skipping");
+    let line = log.lines().find(|l| l.contains("skipping")).unwrap();
+    assert!(line.contains("camera porch: skipping"), "{line}");
+    assert!(line.contains("b-broken.jpg"), "{line}");
+    d.stop();
+}
+
+/// The embedded broker carries packets as large as the daemon's own limit (a snapshot
+/// may be up to ~1 MiB): it once capped them at 256 KiB and dropped the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_broker_carries_packets_up_to_the_daemons_limit() {
+    use rumqttc::{AsyncClient, MqttOptions, QoS};
+    let port = common::free_port();
+    edgesight::mqtt::start_embedded_broker("127.0.0.1", port).unwrap();
+    let topic = "big/snapshot";
+    let mut rx = common::subscribe("127.0.0.1", port, "big-sub", topic).await;
+    let mut opts = MqttOptions::new("big-pub", "127.0.0.1", port);
+    let max = edgesight::mqtt::MAX_PACKET;
+    opts.set_max_packet_size(max, max);
+    let (client, mut el) = AsyncClient::new(opts, 8);
+    tokio::spawn(async move { while el.poll().await.is_ok() {} });
+    let payload = vec![b'x'; max - 4096];
+    client
+        .publish(topic, QoS::AtLeastOnce, false, payload.clone())
+        .await
+        .unwrap();
+    let m = common::next(&mut rx, "the large message").await;
+    assert_eq!(m.payload.len(), payload.len());
+}

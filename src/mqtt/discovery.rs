@@ -42,6 +42,12 @@ fn sanitize(s: &str) -> String {
         .collect()
 }
 
+/// `s` as a single-quoted Jinja string literal: a camera may be called `Joe's door`, and
+/// an unescaped quote would end the literal and break the template.
+fn jinja_string(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
 /// The discovery payload.
 pub fn payload(settings: &Settings) -> Value {
     let dev = object_id(&settings.device.id);
@@ -51,6 +57,7 @@ pub fn payload(settings: &Settings) -> Value {
     let mut cmps = serde_json::Map::new();
     for cam in &settings.camera {
         let c = &cam.name;
+        let q = jinja_string(c);
         let uid = |what: &str| format!("{dev}_{}_{what}", sanitize(c));
         let classification = camera_topic(settings, c, "classification");
         // The camera's entities are available when the device and the camera both are.
@@ -114,7 +121,7 @@ pub fn payload(settings: &Settings) -> Value {
                 "state_class": "measurement",
                 "unit_of_measurement": "fps",
                 "state_topic": stats,
-                "value_template": format!("{{{{ value_json.cameras['{c}'].fps }}}}"),
+                "value_template": format!("{{{{ value_json.cameras[{q}].fps }}}}"),
             }),
         );
         add(
@@ -127,7 +134,7 @@ pub fn payload(settings: &Settings) -> Value {
                 "device_class": "duration",
                 "unit_of_measurement": "ms",
                 "state_topic": stats,
-                "value_template": format!("{{{{ value_json.cameras['{c}'].inference_ms_p50 }}}}"),
+                "value_template": format!("{{{{ value_json.cameras[{q}].inference_ms_p50 }}}}"),
             }),
         );
     }
@@ -201,5 +208,29 @@ mod tests {
             "{{ value_json.cameras['back'].fps }}"
         );
         assert_eq!(fps["entity_category"], "diagnostic");
+    }
+
+    /// Camera names end up inside Jinja string literals: quotes and backslashes in them
+    /// are escaped (checked by hand with jinja2: these render the camera's fps).
+    #[test]
+    fn camera_names_with_quotes_keep_the_templates_valid() {
+        let cases = [
+            ("back", "'back'"),
+            ("Joe's door", r"'Joe\'s door'"),
+            (r"a\b", r"'a\\b'"),
+            (r"x\'", r"'x\\\''"),
+        ];
+        for (name, want) in cases {
+            assert_eq!(jinja_string(name), want, "{name}");
+        }
+        let s = crate::config::from_toml(
+            "[device]\nid = \"pi\"\n[model]\npath = \"m.onnx\"\n[homeassistant]\ndiscovery = true\n\
+             [[camera]]\nname = \"Joe's door\"\npath = \"x\"\n",
+        );
+        let p = payload(&s);
+        let t = p["cmps"]["edgesight_pi_Joe_s_door_fps"]["value_template"]
+            .as_str()
+            .unwrap();
+        assert_eq!(t, r"{{ value_json.cameras['Joe\'s door'].fps }}");
     }
 }

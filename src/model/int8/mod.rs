@@ -28,6 +28,20 @@ use tract_core::ops::einsum::EinSum;
 
 use crate::model::int8::onnx_quant::QuantizeScales;
 
+/// The names of tract's ops the rewrites look for. tract's typed ops are matched by name
+/// where their types are private or generic (binary ops are one `TypedBinOp` type); a
+/// tract upgrade that renames one would silently lose an int8 path, so
+/// `tests::tract_still_calls_its_ops_by_these_names` builds each op and checks its name.
+pub mod tract_op {
+    pub const ADD: &str = "Add";
+    pub const MAX: &str = "Max";
+    pub const MIN: &str = "Min";
+    pub const SCALE: &str = "Scale";
+    pub const CAST: &str = "Cast";
+    pub const CONV: &str = "Conv";
+    pub const EINSUM: &str = "EinSum";
+}
+
 /// Where a zero point sits among a quantised `Conv`'s or `EinSum`'s nine inputs
 /// (`[x, k, bias, x0, x_scale, k0, k_scale, y0, y_scale]` and the einsum equivalent).
 const ZERO_POINT_INPUTS: [usize; 3] = [3, 5, 7];
@@ -42,7 +56,7 @@ pub fn scalar_zero_points(model: &mut TypedModel) -> TractResult<usize> {
     for id in 0..model.nodes().len() {
         let node = model.node(id);
         let name = node.op.name();
-        if node.inputs.len() != 9 || !(name == "Conv" || name == "EinSum") {
+        if node.inputs.len() != 9 || !(name == tract_op::CONV || name == tract_op::EINSUM) {
             continue;
         }
         let mut patch = TypedModelPatch::default();
@@ -349,7 +363,7 @@ struct AddMax<'a> {
 fn add_under_max(model: &TypedModel, sum: OutletId) -> TractResult<Option<AddMax<'_>>> {
     let mut add = model.node(sum.node);
     let (mut floor, mut max) = (None, None);
-    if add.op.name() == "Max" && add.inputs.len() == 2 {
+    if add.op.name() == tract_op::MAX && add.inputs.len() == 2 {
         let k = model.outlet_fact(add.inputs[1])?.konst.clone();
         let Some(v) = k.map(|k| uniform_value(&k)).transpose()?.flatten() else {
             return Ok(None);
@@ -358,7 +372,7 @@ fn add_under_max(model: &TypedModel, sum: OutletId) -> TractResult<Option<AddMax
         max = Some(add.id);
         add = model.node(add.inputs[0].node);
     }
-    if add.op.name() != "Add" || add.inputs.len() != 2 {
+    if add.op.name() != tract_op::ADD || add.inputs.len() != 2 {
         return Ok(None);
     }
     Ok(Some(AddMax { add, floor, max }))
@@ -714,7 +728,7 @@ fn uniform_i32_operand(model: &TypedModel, node: &TypedNode, from: OutletId) -> 
 /// it and the id of the chain's last node (the cast).
 fn requant_chain(model: &TypedModel, id: usize) -> TractResult<Option<(Requant, usize)>> {
     let scale_node = model.node(id);
-    if scale_node.op.name() != "Scale" || scale_node.inputs.len() != 2 {
+    if scale_node.op.name() != tract_op::SCALE || scale_node.inputs.len() != 2 {
         return Ok(None);
     }
     let out_fact = &scale_node.outputs[0].fact;
@@ -753,25 +767,25 @@ fn requant_chain(model: &TypedModel, id: usize) -> TractResult<Option<(Requant, 
         };
         let from = OutletId::new(current, 0);
         match &*next.op.name() {
-            "Add" if lo.is_none() && hi.is_none() => {
+            tract_op::ADD if lo.is_none() && hi.is_none() => {
                 let Some(z) = uniform_i32_operand(model, next, from) else {
                     return Ok(None);
                 };
                 zero_point = zero_point.wrapping_add(z);
             }
-            "Min" if hi.is_none() => {
+            tract_op::MIN if hi.is_none() => {
                 let Some(h) = uniform_i32_operand(model, next, from) else {
                     return Ok(None);
                 };
                 hi = Some(h);
             }
-            "Max" if lo.is_none() => {
+            tract_op::MAX if lo.is_none() => {
                 let Some(l) = uniform_i32_operand(model, next, from) else {
                     return Ok(None);
                 };
                 lo = Some(l);
             }
-            "Cast" => {
+            tract_op::CAST => {
                 let dt = next.outputs[0].fact.datum_type;
                 let (lo, hi) = match (dt, lo, hi) {
                     (DatumType::U8 | DatumType::I8, Some(lo), Some(hi)) => (lo, hi),
@@ -828,6 +842,45 @@ pub fn fuse_requant(model: &mut TypedModel) -> TractResult<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The names the rewrites match (`tract_op`) are the names tract's ops still report:
+    /// a rename in a tract upgrade fails here instead of silently losing an int8 path.
+    #[test]
+    fn tract_still_calls_its_ops_by_these_names() {
+        use tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec, PoolSpec};
+        use tract_core::ops::einsum::EinSum;
+        use tract_core::ops::nn::DataFormat;
+        let conv = Conv {
+            pool_spec: PoolSpec {
+                data_format: DataFormat::NCHW,
+                kernel_shape: tvec![1, 1],
+                padding: PaddingSpec::Valid,
+                dilations: None,
+                strides: None,
+                input_channels: 1,
+                output_channels: 1,
+            },
+            kernel_fmt: KernelFormat::OIHW,
+            group: 1,
+            q_params: None,
+        };
+        let einsum = EinSum::new("ij,jk->ik".parse().unwrap(), DatumType::F32);
+        let ops: [(Box<dyn TypedOp>, &str); 7] = [
+            (Box::new(tract_core::ops::math::add()), tract_op::ADD),
+            (Box::new(tract_core::ops::math::max()), tract_op::MAX),
+            (Box::new(tract_core::ops::math::min()), tract_op::MIN),
+            (Box::new(tract_core::ops::quant::scale()), tract_op::SCALE),
+            (
+                Box::new(tract_core::ops::cast::cast(DatumType::U8)),
+                tract_op::CAST,
+            ),
+            (Box::new(conv), tract_op::CONV),
+            (Box::new(einsum), tract_op::EINSUM),
+        ];
+        for (op, want) in ops {
+            assert_eq!(op.name(), want, "{op:?}");
+        }
+    }
 
     /// The fused op against tract's own chain on the values where rounding and clamping
     /// decide: ties, negatives, saturation at both ends, i8 and u8.
