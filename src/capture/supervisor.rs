@@ -39,112 +39,41 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// error or a stall report `offline` and reopen with back-off. Never returns early: a
 /// camera that never opens keeps retrying (slowly) and stops nothing else.
 pub async fn supervise<B: Backend>(backend: Arc<B>, request: Request, ctx: CameraCtx) {
-    let name = ctx.settings.name.clone();
-    let cam_stats = ctx.stats.camera(ctx.index);
-    let stall = ctx.settings.stall_after();
-    let min_gap = Duration::from_secs_f64(0.9 / request.fps.max(1) as f64);
-    let mut backoff = Backoff::new(
-        Duration::from_millis(ctx.settings.reopen_min_ms),
-        Duration::from_millis(ctx.settings.reopen_max_ms),
-    );
-    let mut status = CameraStatus::starting();
-    ctx.report(&status);
-    let mut number = 0u64;
-    let mut last_reason = String::new();
+    let mut s = Supervisor {
+        name: ctx.settings.name.clone(),
+        stall: ctx.settings.stall_after(),
+        min_gap: Duration::from_secs_f64(0.9 / request.fps.max(1) as f64),
+        backoff: Backoff::new(
+            Duration::from_millis(ctx.settings.reopen_min_ms),
+            Duration::from_millis(ctx.settings.reopen_max_ms),
+        ),
+        status: CameraStatus::starting(),
+        number: 0,
+        last_reason: String::new(),
+        ctx: &ctx,
+    };
+    ctx.report(&s.status);
     while !ctx.cancel.is_cancelled() {
         let opened = tokio::select! {
-            r = tokio::time::timeout(OPEN_TIMEOUT, backend.open(&name, &request)) => r,
+            r = tokio::time::timeout(OPEN_TIMEOUT, backend.open(&s.name, &request)) => r,
             _ = ctx.cancel.cancelled() => break,
         };
+        let cs = ctx.stats.camera(ctx.index);
         let reason = match opened {
-            Ok(Ok(mut stream)) => {
-                let mode = stream.mode();
-                info!("camera {name}: opened in {mode}");
-                let mut last_accepted: Option<Instant> = None;
-                let mut first = true;
-                let why = loop {
-                    let next = tokio::select! {
-                        r = tokio::time::timeout(stall, stream.next_frame()) => r,
-                        _ = ctx.cancel.cancelled() => break None,
-                    };
-                    match next {
-                        Err(_) => {
-                            cam_stats.stalls.fetch_add(1, Ordering::Relaxed);
-                            break Some(format!("stalled: no frame for {stall:?}"));
-                        }
-                        Ok(Err(e)) => {
-                            cam_stats.errors.fetch_add(1, Ordering::Relaxed);
-                            break Some(format!("capture failed: {e}"));
-                        }
-                        Ok(Ok(raw)) => {
-                            if first {
-                                first = false;
-                                backoff.reset();
-                                status = CameraStatus {
-                                    state: CameraState::Streaming,
-                                    online: true,
-                                    reason: None,
-                                    mode: Some(mode.to_string()),
-                                    attempts: 0,
-                                    retry_in_ms: None,
-                                };
-                                ctx.report(&status);
-                                info!("camera {name}: online");
-                            }
-                            number += 1;
-                            ctx.stats.frame_captured(ctx.index);
-                            // Pacing: the camera may run faster than the configured fps.
-                            let now = Instant::now();
-                            if last_accepted.is_some_and(|t| now - t < min_gap) {
-                                cam_stats.skipped.fetch_add(1, Ordering::Relaxed);
-                                continue;
-                            }
-                            last_accepted = Some(now);
-                            let frame = Frame {
-                                raw,
-                                captured_at: SystemTime::now(),
-                                captured: now.into_std(),
-                                number,
-                                file: None,
-                            };
-                            if ctx.slots.put(ctx.index, frame) {
-                                cam_stats.skipped.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                    }
-                };
-                drop(stream);
-                match why {
-                    Some(w) => w,
-                    None => break,
-                }
-            }
+            Ok(Ok(stream)) => match s.stream(stream).await {
+                Some(why) => why,
+                None => break,
+            },
             Ok(Err(e)) => {
-                cam_stats.errors.fetch_add(1, Ordering::Relaxed);
+                cs.errors.fetch_add(1, Ordering::Relaxed);
                 e.0
             }
             Err(_) => {
-                cam_stats.errors.fetch_add(1, Ordering::Relaxed);
+                cs.errors.fetch_add(1, Ordering::Relaxed);
                 format!("open did not finish within {OPEN_TIMEOUT:?}")
             }
         };
-        let delay = backoff.step();
-        status = CameraStatus {
-            state: CameraState::Waiting,
-            online: false,
-            reason: Some(reason.clone()),
-            mode: None,
-            attempts: status.attempts + 1,
-            retry_in_ms: Some(delay.as_millis() as u64),
-        };
-        ctx.report(&status);
-        // Say it once per distinct reason; a camera left unplugged for a day must not
-        // fill the journal.
-        if reason != last_reason {
-            warn!("camera {name}: offline: {reason}; retrying with back-off");
-            last_reason = reason;
-        }
-        if !nap(delay, &ctx.cancel).await {
+        if !s.wait_to_reopen(reason).await {
             break;
         }
     }
@@ -156,4 +85,111 @@ pub async fn supervise<B: Backend>(backend: Arc<B>, request: Request, ctx: Camer
         attempts: 0,
         retry_in_ms: None,
     });
+}
+
+/// One camera's supervisor state between opens.
+struct Supervisor<'a> {
+    ctx: &'a CameraCtx,
+    name: String,
+    stall: Duration,
+    /// Frames closer together than this are paced out (the camera runs faster than `fps`).
+    min_gap: Duration,
+    backoff: Backoff,
+    status: CameraStatus,
+    /// Frames captured since the start, across reopens.
+    number: u64,
+    last_reason: String,
+}
+
+impl Supervisor<'_> {
+    /// Stream an open camera into its slot until an error, a stall (`Some(why)`) or the
+    /// cancel (`None`). Dropping the stream on return stops (or abandons) the capture.
+    async fn stream<S: FrameStream>(&mut self, mut stream: S) -> Option<String> {
+        let ctx = self.ctx;
+        let cs = ctx.stats.camera(ctx.index);
+        let mode = stream.mode();
+        info!("camera {}: opened in {mode}", self.name);
+        let mut last_accepted: Option<Instant> = None;
+        let mut first = true;
+        loop {
+            let next = tokio::select! {
+                r = tokio::time::timeout(self.stall, stream.next_frame()) => r,
+                _ = ctx.cancel.cancelled() => return None,
+            };
+            let raw = match next {
+                Err(_) => {
+                    cs.stalls.fetch_add(1, Ordering::Relaxed);
+                    return Some(format!("stalled: no frame for {:?}", self.stall));
+                }
+                Ok(Err(e)) => {
+                    cs.errors.fetch_add(1, Ordering::Relaxed);
+                    return Some(format!("capture failed: {e}"));
+                }
+                Ok(Ok(raw)) => raw,
+            };
+            if first {
+                first = false;
+                self.online(&mode.to_string());
+            }
+            self.number += 1;
+            ctx.stats.frame_captured(ctx.index);
+            // Pacing: the camera may run faster than the configured fps.
+            let now = Instant::now();
+            if last_accepted.is_some_and(|t| now - t < self.min_gap) {
+                cs.skipped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            last_accepted = Some(now);
+            let frame = Frame {
+                raw,
+                captured_at: SystemTime::now(),
+                captured: now.into_std(),
+                number: self.number,
+                file: None,
+            };
+            if ctx.slots.put(ctx.index, frame) {
+                cs.skipped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The first frame after an open: the camera is online.
+    fn online(&mut self, mode: &str) {
+        self.backoff.reset();
+        self.status = CameraStatus {
+            state: CameraState::Streaming,
+            online: true,
+            reason: None,
+            mode: Some(mode.to_string()),
+            attempts: 0,
+            retry_in_ms: None,
+        };
+        self.ctx.report(&self.status);
+        info!("camera {}: online", self.name);
+    }
+
+    /// Report the camera offline with `reason` and wait out the back-off; false when
+    /// cancelled meanwhile.
+    async fn wait_to_reopen(&mut self, reason: String) -> bool {
+        let delay = self.backoff.step();
+        self.status = CameraStatus {
+            state: CameraState::Waiting,
+            online: false,
+            reason: Some(reason.clone()),
+            mode: None,
+            attempts: self.status.attempts + 1,
+            retry_in_ms: Some(delay.as_millis() as u64),
+        };
+        self.ctx.report(&self.status);
+        // Say it once per distinct reason; a camera left unplugged for a day must not
+        // fill the journal.
+        if reason != self.last_reason {
+            warn!(
+                "camera {}: offline: {reason}; retrying with back-off",
+                self.name
+            );
+            self.last_reason = reason;
+        }
+        nap(delay, &self.ctx.cancel).await
+    }
 }

@@ -92,13 +92,20 @@ struct Cameras {
     supervisors: TaskTracker,
 }
 
-pub struct Pipeline {
+/// What every stage of one pipeline is wired with: the settings, the counters and the
+/// control mailbox, the telemetry client, the stop tokens and the network-side tasks.
+struct Wiring {
     settings: Arc<Settings>,
     stats: Arc<Stats>,
+    control: Arc<Control>,
     client: AsyncClient,
     stops: Stops,
     /// Every network-side task; the drain waits for them (capped).
     tasks: TaskTracker,
+}
+
+pub struct Pipeline {
+    w: Wiring,
     cameras: Cameras,
     inference: JoinHandle<()>,
     reload: JoinHandle<Option<Loaded>>,
@@ -117,103 +124,44 @@ impl Pipeline {
             false => None,
         };
         daemon.ensure_broker(&settings)?;
-        let stats = Arc::new(Stats::new(settings.camera.iter().map(|c| c.name.clone())));
-        let control = Arc::new(Control::new(settings.camera.len()));
-        let stops = Stops {
-            pipeline: daemon.shutdown.child_token(),
-            network: CancellationToken::new(),
+        let (client, eventloop) = mqtt::client(&settings);
+        let w = Wiring {
+            stats: Arc::new(Stats::new(settings.camera.iter().map(|c| c.name.clone()))),
+            control: Arc::new(Control::new(settings.camera.len())),
+            stops: Stops {
+                pipeline: daemon.shutdown.child_token(),
+                network: CancellationToken::new(),
+            },
+            tasks: TaskTracker::new(),
+            settings,
+            client,
         };
-        let tasks = TaskTracker::new();
-        // Commands reach the server through the driver (it owns the connection); at most
-        // 8 wait, more are refused with a log line.
-        let (cmd_tx, cmd_rx) = mpsc::channel(8);
-        let commands_on = settings.commands.enabled;
-        let (client, retained) = start_mqtt(
-            &settings,
-            &stats,
-            commands_on.then_some(cmd_tx),
-            &stops,
-            &tasks,
-        );
-        let (reload_tx, reload_rx) = mpsc::channel(1);
-        if commands_on {
-            let handles = Handles {
-                control: control.clone(),
-                reload: reload_tx,
-            };
-            tasks.spawn(commands::serve(
-                settings.clone(),
-                handles,
-                client.clone(),
-                cmd_rx,
-            ));
-        }
-        let reload = tokio::spawn(reload::watch(
-            settings.file.clone(),
-            daemon.hup.clone(),
-            reload_rx,
-            stops.pipeline.clone(),
-        ));
+        let (retained, commands) = w.start_mqtt(eventloop);
+        let reload = w.start_control(daemon, commands);
+        let s = &w.settings;
         info!(
             "device {}: publishing to {}:{} under {}/",
-            settings.device.id,
-            settings.mqtt.host,
-            settings.mqtt.port,
-            settings.base_topic()
+            s.device.id,
+            s.mqtt.host,
+            s.mqtt.port,
+            s.base_topic()
         );
-        let outbox = start_outbox(&settings, &stats, &stops, &tasks, rules.is_some());
-        let slots = Arc::new(Slots::new(settings.camera.len()));
-        let cameras = match start_cameras(&settings, &slots, &stats, &client, &retained, &stops) {
-            Ok(c) => c,
-            Err(e) => {
-                stops.pipeline.cancel();
-                stops.network.cancel();
-                return Err(e);
-            }
-        };
+        let outbox = w.start_outbox(rules.is_some());
+        let slots = Arc::new(Slots::new(s.camera.len()));
+        let cameras = w.start_cameras(&slots, &retained).inspect_err(|_| {
+            w.stops.pipeline.cancel();
+            w.stops.network.cancel();
+        })?;
         daemon.notifier.notify(&format!(
             "READY=1\nSTATUS={} camera(s) {}, model {}",
-            settings.camera.len(),
+            s.camera.len(),
             if first { "starting" } else { "reloaded" },
             classifier.file_name()
         ));
-        tasks.spawn(report::publish_stats(
-            settings.clone(),
-            stats.clone(),
-            control.clone(),
-            client.clone(),
-            stops.network.clone(),
-        ));
-        tasks.spawn(watchdog::supervise(
-            daemon.notifier.clone(),
-            settings.clone(),
-            stats.clone(),
-            stops.network.clone(),
-        ));
-        let durable = outbox.map(|outbox| infer::Durable {
-            trackers: match rules {
-                Some(r) => vec![Tracker::new(r); settings.camera.len()],
-                None => vec![],
-            },
-            outbox,
-        });
-        let ctx = infer::Context {
-            classifier,
-            settings: settings.clone(),
-            slots,
-            stats: stats.clone(),
-            control,
-            client: client.clone(),
-            durable,
-        };
-        let cancel = stops.pipeline.clone();
-        let inference = tokio::task::spawn_blocking(move || Inference::new(ctx).run(&cancel));
+        w.start_reporters(daemon);
+        let inference = w.start_inference(classifier, slots, outbox, rules);
         Ok(Pipeline {
-            settings,
-            stats,
-            client,
-            stops,
-            tasks,
+            w,
             cameras,
             inference,
             reload,
@@ -226,54 +174,204 @@ impl Pipeline {
             warn!("inference thread ended abnormally: {e}");
         }
         daemon.notifier.notify("STOPPING=1\nSTATUS=draining");
-        let reload = self.reload;
-        let stats = Self::drain(
-            self.settings,
-            self.stats,
-            self.client,
-            self.stops,
-            self.cameras,
-            self.tasks,
-        )
-        .await;
-        match reload.await {
+        let stats = self.w.drain(self.cameras).await;
+        match self.reload.await {
             Ok(Some(r)) if !daemon.shutdown.is_cancelled() => Outcome::Reload(Box::new(r)),
             _ => Outcome::Stopped(stats),
         }
     }
+}
+
+impl Wiring {
+    /// The telemetry connection's driver. Returns the retained messages it re-sends after
+    /// every connect (the cameras' state, and the discovery message when it is on), and
+    /// the commands it takes in when commands are on.
+    fn start_mqtt(&self, eventloop: rumqttc::EventLoop) -> (Arc<Retained>, Option<CommandRx>) {
+        let s = &self.settings;
+        let retained = Arc::new(Retained::default());
+        if s.homeassistant.discovery {
+            retained.set(
+                discovery::config_topic(s),
+                discovery::payload(s).to_string().into_bytes(),
+            );
+        }
+        // Commands reach the server through the driver (it owns the connection); at most
+        // 8 wait, more are refused with a log line.
+        let (tx, rx) = mpsc::channel(8);
+        let on = s.commands.enabled;
+        self.tasks.spawn(mqtt::drive(
+            eventloop,
+            s.clone(),
+            self.stats.clone(),
+            retained.clone(),
+            on.then_some(tx),
+            self.stops.network.clone(),
+        ));
+        (retained, on.then_some(rx))
+    }
+
+    /// The command server (when commands are on) and the reload watch (SIGHUP and the
+    /// `reload` command); the watch's result is the next pipeline's configuration.
+    fn start_control(
+        &self,
+        daemon: &Daemon,
+        commands: Option<CommandRx>,
+    ) -> JoinHandle<Option<Loaded>> {
+        let (reload_tx, reload_rx) = mpsc::channel(1);
+        if let Some(rx) = commands {
+            let handles = Handles {
+                control: self.control.clone(),
+                reload: reload_tx,
+            };
+            self.tasks.spawn(commands::serve(
+                self.settings.clone(),
+                handles,
+                self.client.clone(),
+                rx,
+            ));
+        }
+        tokio::spawn(reload::watch(
+            self.settings.file.clone(),
+            daemon.hup.clone(),
+            reload_rx,
+            self.stops.pipeline.clone(),
+        ))
+    }
+
+    /// The durable outbox and its sender, when anything is durable: detection events, or
+    /// classifications with `classification.durable`.
+    fn start_outbox(&self, detection: bool) -> Option<Arc<Outbox>> {
+        let s = &self.settings;
+        if !detection && !s.classification.durable {
+            return None;
+        }
+        let outbox = Arc::new(Outbox::open(&s.outbox));
+        info!(
+            "detection events: outbox {}, {} waiting",
+            outbox.describe(),
+            outbox.depth()
+        );
+        let _ = self.stats.outbox.set(outbox.counters.clone());
+        self.tasks.spawn(outbox::drive(
+            outbox.clone(),
+            s.clone(),
+            self.stops.network.clone(),
+            DRAIN_TIMEOUT,
+        ));
+        Some(outbox)
+    }
+
+    /// Start every camera: a supervisor task per V4L2 camera, a thread per image source.
+    fn start_cameras(&self, slots: &Arc<Slots>, retained: &Arc<Retained>) -> Result<Cameras> {
+        let mut cameras = Cameras {
+            threads: Vec::new(),
+            supervisors: TaskTracker::new(),
+        };
+        let v4l2 = Arc::new(V4l2Backend);
+        for (i, cam) in self.settings.camera.iter().enumerate() {
+            let status = mqtt::status_sink(
+                self.settings.clone(),
+                cam.name.clone(),
+                self.client.clone(),
+                retained.clone(),
+            );
+            let ctx = CameraCtx {
+                index: i,
+                settings: cam.clone(),
+                slots: slots.clone(),
+                stats: self.stats.clone(),
+                status,
+                cancel: self.stops.pipeline.clone(),
+            };
+            match capture::Request::from_settings(cam) {
+                Some(request) => {
+                    let (backend, slots) = (v4l2.clone(), slots.clone());
+                    cameras.supervisors.spawn(async move {
+                        capture::supervise(backend, request, ctx).await;
+                        slots.source_finished();
+                    });
+                }
+                None => {
+                    let thread = capture::images::spawn_images(ctx).with_context(|| {
+                        format!("starting capture thread for camera {}", cam.name)
+                    })?;
+                    cameras.threads.push(thread);
+                }
+            }
+        }
+        cameras.supervisors.close();
+        Ok(cameras)
+    }
+
+    /// The stats reporter and the watchdog: both stop with the network side.
+    fn start_reporters(&self, daemon: &Daemon) {
+        self.tasks.spawn(report::publish_stats(
+            self.settings.clone(),
+            self.stats.clone(),
+            self.control.clone(),
+            self.client.clone(),
+            self.stops.network.clone(),
+        ));
+        self.tasks.spawn(watchdog::supervise(
+            daemon.notifier.clone(),
+            self.settings.clone(),
+            self.stats.clone(),
+            self.stops.network.clone(),
+        ));
+    }
+
+    /// The inference stage, on a blocking thread of its own.
+    fn start_inference(
+        &self,
+        classifier: Arc<Classifier>,
+        slots: Arc<Slots>,
+        outbox: Option<Arc<Outbox>>,
+        rules: Option<Rules>,
+    ) -> JoinHandle<()> {
+        let cameras = self.settings.camera.len();
+        let durable = outbox.map(|outbox| infer::Durable {
+            trackers: rules.map_or(vec![], |r| vec![Tracker::new(r); cameras]),
+            outbox,
+        });
+        let ctx = infer::Context {
+            classifier,
+            settings: self.settings.clone(),
+            slots,
+            stats: self.stats.clone(),
+            control: self.control.clone(),
+            client: self.client.clone(),
+            durable,
+        };
+        let cancel = self.stops.pipeline.clone();
+        tokio::task::spawn_blocking(move || Inference::new(ctx).run(&cancel))
+    }
 
     /// The shutdown order (ARCHITECTURE.md, "Shutdown drains in order"). Inference has
     /// finished the frame in flight and queued it when this starts.
-    async fn drain(
-        settings: Arc<Settings>,
-        stats: Arc<Stats>,
-        client: AsyncClient,
-        stops: Stops,
-        cameras: Cameras,
-        tasks: TaskTracker,
-    ) -> Arc<Stats> {
+    async fn drain(self, cameras: Cameras) -> Arc<Stats> {
         // 1. Capture stops (and the reload watchers with it); each camera queues its final
         //    `offline` on the way out, ahead of the device's.
-        stops.pipeline.cancel();
+        self.stops.pipeline.cancel();
         cameras.stop().await;
         // 2. The device's retained `offline`, behind every classification already queued.
-        queue_offline(&settings, &stats, &client).await;
+        queue_offline(&self.settings, &self.stats, &self.client).await;
         // 3. DISCONNECT, then the network side ends: the driver once DISCONNECT is written,
         //    the outbox once it has delivered what the broker takes within the drain time
         //    (the rest stays on disk), the reporters at once.
-        let _ = client.try_disconnect();
-        stops.network.cancel();
-        tasks.close();
-        if tokio::time::timeout(DRAIN_TIMEOUT + Duration::from_secs(1), tasks.wait())
-            .await
-            .is_err()
-        {
+        let _ = self.client.try_disconnect();
+        self.stops.network.cancel();
+        self.tasks.close();
+        let all = DRAIN_TIMEOUT + Duration::from_secs(1);
+        if tokio::time::timeout(all, self.tasks.wait()).await.is_err() {
             warn!("MQTT did not drain within {DRAIN_TIMEOUT:?}");
         }
-        info!("stopped; {}", stats.summary());
-        stats
+        info!("stopped; {}", self.stats.summary());
+        self.stats
     }
 }
+
+/// Commands from the driver to the command server: (verb, payload).
+type CommandRx = mpsc::Receiver<(String, Vec<u8>)>;
 
 fn log_model(classifier: &Classifier) {
     let spec = classifier.input_spec();
@@ -290,109 +388,6 @@ fn log_model(classifier: &Classifier) {
         t.optimize_ms,
         classifier.int8_rewrites()
     );
-}
-
-/// The telemetry client and its driver; the retained messages it re-sends after every
-/// connect (the cameras' state, and the discovery message when it is on).
-fn start_mqtt(
-    settings: &Arc<Settings>,
-    stats: &Arc<Stats>,
-    commands: Option<mpsc::Sender<(String, Vec<u8>)>>,
-    stops: &Stops,
-    tasks: &TaskTracker,
-) -> (AsyncClient, Arc<Retained>) {
-    let (client, eventloop) = mqtt::client(settings);
-    let retained = Arc::new(Retained::default());
-    if settings.homeassistant.discovery {
-        retained.set(
-            discovery::config_topic(settings),
-            discovery::payload(settings).to_string().into_bytes(),
-        );
-    }
-    tasks.spawn(mqtt::drive(
-        eventloop,
-        settings.clone(),
-        stats.clone(),
-        retained.clone(),
-        commands,
-        stops.network.clone(),
-    ));
-    (client, retained)
-}
-
-/// The durable outbox and its sender, when anything is durable: detection events, or
-/// classifications with `classification.durable`.
-fn start_outbox(
-    settings: &Arc<Settings>,
-    stats: &Stats,
-    stops: &Stops,
-    tasks: &TaskTracker,
-    detection: bool,
-) -> Option<Arc<Outbox>> {
-    if !detection && !settings.classification.durable {
-        return None;
-    }
-    let outbox = Arc::new(Outbox::open(&settings.outbox));
-    info!(
-        "detection events: outbox {}, {} waiting",
-        outbox.describe(),
-        outbox.depth()
-    );
-    let _ = stats.outbox.set(outbox.counters.clone());
-    tasks.spawn(outbox::drive(
-        outbox.clone(),
-        settings.clone(),
-        stops.network.clone(),
-        DRAIN_TIMEOUT,
-    ));
-    Some(outbox)
-}
-
-/// Start every camera: a supervisor task per V4L2 camera, a thread per image source.
-fn start_cameras(
-    settings: &Arc<Settings>,
-    slots: &Arc<Slots>,
-    stats: &Arc<Stats>,
-    client: &AsyncClient,
-    retained: &Arc<Retained>,
-    stops: &Stops,
-) -> Result<Cameras> {
-    let mut cameras = Cameras {
-        threads: Vec::new(),
-        supervisors: TaskTracker::new(),
-    };
-    let v4l2 = Arc::new(V4l2Backend);
-    for (i, cam) in settings.camera.iter().enumerate() {
-        let ctx = CameraCtx {
-            index: i,
-            settings: cam.clone(),
-            slots: slots.clone(),
-            stats: stats.clone(),
-            status: mqtt::status_sink(
-                settings.clone(),
-                cam.name.clone(),
-                client.clone(),
-                retained.clone(),
-            ),
-            cancel: stops.pipeline.clone(),
-        };
-        match capture::Request::from_settings(cam) {
-            Some(request) => {
-                let (backend, slots) = (v4l2.clone(), slots.clone());
-                cameras.supervisors.spawn(async move {
-                    capture::supervise(backend, request, ctx).await;
-                    slots.source_finished();
-                });
-            }
-            None => {
-                let thread = capture::images::spawn_images(ctx)
-                    .with_context(|| format!("starting capture thread for camera {}", cam.name))?;
-                cameras.threads.push(thread);
-            }
-        }
-    }
-    cameras.supervisors.close();
-    Ok(cameras)
 }
 
 impl Cameras {

@@ -1,15 +1,25 @@
-//! An in-process MQTT broker (rumqttd), for demos and boards without a gateway.
+//! An in-process MQTT broker (rumqttd), for demos and boards without a gateway. Behind
+//! the default cargo feature `embedded-broker`: rumqttd brings a web server (axum) and a
+//! metrics exporter along, which a slim build for a board with a gateway leaves out.
 
-use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::net::SocketAddr;
+#[cfg(feature = "embedded-broker")]
+use std::net::{TcpListener, ToSocketAddrs};
+#[cfg(feature = "embedded-broker")]
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+#[cfg(feature = "embedded-broker")]
+use anyhow::Context;
+use anyhow::Result;
+#[cfg(feature = "embedded-broker")]
 use tracing::info;
 
+#[cfg(feature = "embedded-broker")]
 use crate::mqtt::client::MAX_PACKET;
 
 /// An in-process MQTT broker (rumqttd) listening on `host:port`, for demos and boards
 /// without a gateway. It runs on its own threads for the life of the process.
+#[cfg(feature = "embedded-broker")]
 pub fn start_embedded_broker(host: &str, port: u16) -> Result<SocketAddr> {
     let addr = (host, port)
         .to_socket_addrs()
@@ -65,4 +75,13 @@ next_connection_delay_ms = 1
         std::thread::sleep(Duration::from_millis(10));
     }
     anyhow::bail!("embedded broker did not start listening on {addr}")
+}
+
+/// This build has no embedded broker: say so as the configuration error it is.
+#[cfg(not(feature = "embedded-broker"))]
+pub fn start_embedded_broker(_host: &str, _port: u16) -> Result<SocketAddr> {
+    Err(anyhow::Error::new(crate::config::ConfigError::new(
+        "mqtt.embedded_broker: this build has no embedded broker (built without the cargo \
+         feature `embedded-broker`); point mqtt.host at a broker instead",
+    )))
 }

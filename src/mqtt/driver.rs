@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use rumqttc::{Event, EventLoop, Outgoing, Packet, Publish, QoS, Request, Subscribe};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -17,6 +18,7 @@ use crate::mqtt::client::describe;
 use crate::mqtt::discovery;
 use crate::mqtt::topics::{ONLINE, availability_topic, cmd_prefix};
 use crate::stats::Stats;
+use crate::util::Backoff;
 
 /// The retained messages we own (camera availability and status), by topic: re-sent at
 /// the front of the queue after every connect, because a clean session drops whatever was
@@ -45,129 +47,183 @@ impl Retained {
 }
 
 /// Drive the event loop until `stop` is cancelled and the final DISCONNECT is written (or
-/// the drain deadline passes). Publishes the retained `online` after every CONNACK.
+/// the connection is gone). Publishes the retained `online` after every CONNACK.
 pub async fn drive(
-    mut eventloop: EventLoop,
+    eventloop: EventLoop,
     settings: Arc<Settings>,
     stats: Arc<Stats>,
     retained: Arc<Retained>,
-    commands: Option<tokio::sync::mpsc::Sender<(String, Vec<u8>)>>,
+    commands: Option<mpsc::Sender<(String, Vec<u8>)>>,
     stop: CancellationToken,
 ) {
     let m: &MqttSettings = &settings.mqtt;
-    let cmd_prefix = cmd_prefix(&settings);
-    let avail = availability_topic(&settings);
-    // The discovery message itself is one of the retained messages (`run` puts it there).
-    let discovery = settings.homeassistant.discovery.then(|| Discovery {
-        status_topic: discovery::status_topic(&settings),
-        config_topic: discovery::config_topic(&settings),
-    });
-    let mut backoff = m.reconnect_min();
-    let mut connected_once = false;
-    loop {
+    let mut driver = Driver {
+        cmd_prefix: cmd_prefix(&settings),
+        avail: availability_topic(&settings),
+        // The discovery message itself is one of the retained messages (the daemon puts
+        // it there).
+        discovery: settings.homeassistant.discovery.then(|| Discovery {
+            status_topic: discovery::status_topic(&settings),
+            config_topic: discovery::config_topic(&settings),
+        }),
+        backoff: Backoff::new(m.reconnect_min(), m.reconnect_max()),
+        connected_once: false,
+        broker: (m.host.clone(), m.port),
+        eventloop,
+        stats,
+        retained,
+        commands,
+        stop,
+    };
+    let mut state = State::Connecting;
+    while state != State::Stopped {
+        state = driver.step(state).await;
+    }
+}
+
+/// Where the telemetry connection is. rumqttc reconnects on the next poll after an
+/// error; the back-off between those polls is ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// No session: polling connects (again).
+    Connecting,
+    /// CONNACK received: the session is up.
+    Connected,
+    /// Shutdown: DISCONNECT written, or the broker was away when it came.
+    Stopped,
+}
+
+struct Driver {
+    eventloop: EventLoop,
+    stats: Arc<Stats>,
+    retained: Arc<Retained>,
+    commands: Option<mpsc::Sender<(String, Vec<u8>)>>,
+    stop: CancellationToken,
+    cmd_prefix: String,
+    avail: String,
+    discovery: Option<Discovery>,
+    backoff: Backoff,
+    connected_once: bool,
+    /// Host and port, for the log.
+    broker: (String, u16),
+}
+
+impl Driver {
+    /// One event of the loop, and the state it leads to.
+    async fn step(&mut self, state: State) -> State {
+        let no_network = self.eventloop.network.is_none();
         let ev = tokio::select! {
-            ev = eventloop.poll() => ev,
+            ev = self.eventloop.poll() => ev,
             // While the broker is away, a shutdown must not wait for it forever.
-            _ = stop.cancelled(), if !connected(&eventloop) => {
+            _ = self.stop.cancelled(), if no_network => {
                 info!("mqtt: not connected at shutdown; giving up on the broker");
-                return;
+                return State::Stopped;
             }
         };
         match ev {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                backoff = m.reconnect_min();
-                if connected_once {
-                    stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                }
-                connected_once = true;
-                stats.connected.store(true, Ordering::Relaxed);
-                info!(host = %m.host, port = m.port, code = ?ack.code, "mqtt: connected");
-                // Ahead of anything queued while we were away: subscribers see `online` first.
-                // Queue order after a connect: device online, then the cameras' retained
-                // state, then whatever was waiting.
-                for (topic, payload) in retained.all().into_iter().rev() {
-                    let mut p = Publish::new(topic, QoS::AtLeastOnce, payload);
-                    p.retain = true;
-                    eventloop.pending.push_front(Request::Publish(p));
-                }
-                let mut online = Publish::new(&avail, QoS::AtLeastOnce, ONLINE);
-                online.retain = true;
-                eventloop.pending.push_front(Request::Publish(online));
-                if commands.is_some() {
-                    eventloop
-                        .pending
-                        .push_back(Request::Subscribe(Subscribe::new(
-                            format!("{cmd_prefix}+"),
-                            QoS::AtLeastOnce,
-                        )));
-                }
-                if let Some(d) = &discovery {
-                    // Home Assistant re-announces itself after a restart; answer with the
-                    // discovery message again.
-                    eventloop
-                        .pending
-                        .push_back(Request::Subscribe(Subscribe::new(
-                            &d.status_topic,
-                            QoS::AtLeastOnce,
-                        )));
-                }
+                self.on_connect(ack.code);
+                State::Connected
             }
-            Ok(Event::Incoming(Packet::Publish(p)))
-                if discovery
-                    .as_ref()
-                    .is_some_and(|d| p.topic == d.status_topic && &p.payload[..] == b"online") =>
-            {
-                if let Some(d) = &discovery
-                    && let Some(payload) = retained.get(&d.config_topic)
-                {
-                    info!("mqtt: Home Assistant is online; discovery published again");
-                    let mut m = Publish::new(&d.config_topic, QoS::AtLeastOnce, payload);
-                    m.retain = true;
-                    eventloop.pending.push_back(Request::Publish(m));
-                }
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) if p.topic.starts_with(&cmd_prefix) => {
-                let verb = &p.topic[cmd_prefix.len()..];
-                // Our own replies come back on cmd/result: not a command.
-                if verb != "result"
-                    && let Some(tx) = &commands
-                    && tx.try_send((verb.to_string(), p.payload.to_vec())).is_err()
-                {
-                    warn!("mqtt: command {verb} dropped: too many commands waiting");
-                }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                self.on_publish(&p);
+                state
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                 info!("mqtt: disconnected cleanly");
-                return;
+                State::Stopped
             }
-            Ok(_) => {}
-            Err(e) => {
-                stats.connected.store(false, Ordering::Relaxed);
-                // A clean session loses what was in flight or queued inside rumqttc; count it
-                // here so the loss is visible (the durable outbox is a separate layer).
-                let lost = eventloop
-                    .pending
-                    .drain(..)
-                    .filter(|r| matches!(r, Request::Publish(_)))
-                    .count() as u64;
-                if lost > 0 {
-                    stats.publish_lost.fetch_add(lost, Ordering::Relaxed);
-                }
-                if stop.is_cancelled() {
-                    warn!("mqtt: connection error during shutdown: {}", describe(&e));
-                    return;
-                }
-                warn!(
-                    "mqtt: {} (lost {lost} queued message(s)); retrying in {:?}",
-                    describe(&e),
-                    backoff
-                );
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.cancelled() => return,
-                }
-                backoff = (backoff * 2).min(m.reconnect_max());
+            Ok(_) => state,
+            Err(e) => self.on_error(&e).await,
+        }
+    }
+
+    /// A new session: `online` first, then the retained state we own, then whatever was
+    /// waiting; subscriptions again (a clean session has none).
+    fn on_connect(&mut self, code: rumqttc::ConnectReturnCode) {
+        self.backoff.reset();
+        if self.connected_once {
+            self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        self.connected_once = true;
+        self.stats.connected.store(true, Ordering::Relaxed);
+        let (host, port) = &self.broker;
+        info!(host = %host, port = port, code = ?code, "mqtt: connected");
+        let pending = &mut self.eventloop.pending;
+        for (topic, payload) in self.retained.all().into_iter().rev() {
+            let mut p = Publish::new(topic, QoS::AtLeastOnce, payload);
+            p.retain = true;
+            pending.push_front(Request::Publish(p));
+        }
+        let mut online = Publish::new(&self.avail, QoS::AtLeastOnce, ONLINE);
+        online.retain = true;
+        pending.push_front(Request::Publish(online));
+        if self.commands.is_some() {
+            let filter = format!("{}+", self.cmd_prefix);
+            pending.push_back(Request::Subscribe(Subscribe::new(filter, QoS::AtLeastOnce)));
+        }
+        if let Some(d) = &self.discovery {
+            // Home Assistant re-announces itself after a restart; answer with the
+            // discovery message again.
+            let sub = Subscribe::new(&d.status_topic, QoS::AtLeastOnce);
+            pending.push_back(Request::Subscribe(sub));
+        }
+    }
+
+    /// Home Assistant's birth message, or a command.
+    fn on_publish(&mut self, p: &Publish) {
+        if let Some(d) = &self.discovery
+            && p.topic == d.status_topic
+        {
+            if &p.payload[..] == b"online"
+                && let Some(payload) = self.retained.get(&d.config_topic)
+            {
+                info!("mqtt: Home Assistant is online; discovery published again");
+                let mut m = Publish::new(&d.config_topic, QoS::AtLeastOnce, payload);
+                m.retain = true;
+                self.eventloop.pending.push_back(Request::Publish(m));
             }
+            return;
+        }
+        let Some(verb) = p.topic.strip_prefix(&self.cmd_prefix) else {
+            return;
+        };
+        // Our own replies come back on cmd/result: not a command.
+        if verb != "result"
+            && let Some(tx) = &self.commands
+            && tx.try_send((verb.to_string(), p.payload.to_vec())).is_err()
+        {
+            warn!("mqtt: command {verb} dropped: too many commands waiting");
+        }
+    }
+
+    /// A broken connection: count what the clean session lost, then back off (unless
+    /// the daemon is stopping).
+    async fn on_error(&mut self, e: &rumqttc::ConnectionError) -> State {
+        self.stats.connected.store(false, Ordering::Relaxed);
+        // A clean session loses what was in flight or queued inside rumqttc; count it
+        // here so the loss is visible (the durable outbox is a separate layer).
+        let lost = self
+            .eventloop
+            .pending
+            .drain(..)
+            .filter(|r| matches!(r, Request::Publish(_)))
+            .count() as u64;
+        if lost > 0 {
+            self.stats.publish_lost.fetch_add(lost, Ordering::Relaxed);
+        }
+        if self.stop.is_cancelled() {
+            warn!("mqtt: connection error during shutdown: {}", describe(e));
+            return State::Stopped;
+        }
+        let delay = self.backoff.step();
+        warn!(
+            "mqtt: {} (lost {lost} queued message(s)); retrying in {delay:?}",
+            describe(e)
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => State::Connecting,
+            _ = self.stop.cancelled() => State::Stopped,
         }
     }
 }
@@ -175,8 +231,4 @@ pub async fn drive(
 struct Discovery {
     status_topic: String,
     config_topic: String,
-}
-
-fn connected(eventloop: &EventLoop) -> bool {
-    eventloop.network.is_some()
 }

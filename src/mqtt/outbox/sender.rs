@@ -6,17 +6,19 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{Fsync, Settings};
+use crate::mqtt::client::describe;
 use crate::mqtt::outbox::queue::Outbox;
+use crate::util::Backoff;
 
 /// The sender's MQTT options: the daemon's broker and credentials, its own client id.
 fn options(settings: &Settings) -> MqttOptions {
     let m = &settings.mqtt;
-    let mut opts = crate::mqtt::options(settings, format!("{}-outbox", m.client_id));
+    let mut opts = crate::mqtt::client::options(settings, format!("{}-outbox", m.client_id));
     opts.set_clean_session(true);
     opts
 }
@@ -32,118 +34,203 @@ pub async fn drive(
 ) {
     let s = &settings.outbox;
     let m = &settings.mqtt;
-    let (client, mut el) = AsyncClient::new(options(&settings), s.window * 2 + 4);
-    let mut connected = false;
-    // Handed to the client, waiting for rumqttc to assign a packet id (Outgoing::Publish
-    // events come in request order on this connection, which carries nothing else).
-    let mut handed: VecDeque<u64> = VecDeque::new();
-    let mut inflight: HashMap<u16, u64> = HashMap::new();
-    let mut next = 0u64;
-    let mut backoff = m.reconnect_min();
-    let mut deadline: Option<tokio::time::Instant> = None;
+    let (client, el) = AsyncClient::new(options(&settings), s.window * 2 + 4);
     let sync_every = match s.fsync {
         Fsync::Interval(d) => d,
         _ => Duration::from_secs(3600),
     };
-    let mut sync_tick = tokio::time::interval(sync_every);
-    let mut last_report = Instant::now();
+    let mut sender = Sender {
+        outbox,
+        client,
+        el,
+        window: s.window,
+        handed: VecDeque::new(),
+        inflight: HashMap::new(),
+        next: 0,
+        backoff: Backoff::new(m.reconnect_min(), m.reconnect_max()),
+        sync_tick: tokio::time::interval(sync_every),
+        last_report: Instant::now(),
+        stop,
+        drain,
+    };
+    let mut state = State::Offline;
     loop {
-        if connected {
-            while handed.len() + inflight.len() < s.window {
-                let Some(r) = outbox.next_from(next) else {
-                    break;
-                };
-                if client
-                    .try_publish(&r.topic, QoS::AtLeastOnce, false, r.payload.clone())
-                    .is_err()
-                {
-                    break;
-                }
-                handed.push_back(r.seq);
-                next = r.seq + 1;
+        state = match state {
+            State::Finished => return sender.finish(false).await,
+            State::Draining(deadline) if sender.drained(deadline) => {
+                return sender.finish(true).await;
             }
+            s => sender.step(s).await,
+        };
+    }
+}
+
+/// The sender's connection, and whether the daemon is stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// No session: polling connects (again), records wait.
+    Offline,
+    /// A session: the window is kept full.
+    Online,
+    /// Stopping while connected: delivering what is left until the deadline.
+    Draining(tokio::time::Instant),
+    /// Stopping with no connection (or it broke while draining): nothing more to do.
+    Finished,
+}
+
+struct Sender {
+    outbox: Arc<Outbox>,
+    client: AsyncClient,
+    el: EventLoop,
+    window: usize,
+    /// Handed to the client, waiting for rumqttc to assign a packet id (Outgoing::Publish
+    /// events come in request order on this connection, which carries nothing else).
+    handed: VecDeque<u64>,
+    /// Packet id -> record, waiting for its PUBACK.
+    inflight: HashMap<u16, u64>,
+    /// The next record to send is the first at or after this sequence number.
+    next: u64,
+    backoff: Backoff,
+    sync_tick: tokio::time::Interval,
+    last_report: Instant,
+    stop: CancellationToken,
+    drain: Duration,
+}
+
+impl Sender {
+    /// One event, and the state it leads to.
+    async fn step(&mut self, state: State) -> State {
+        let online = matches!(state, State::Online | State::Draining(_));
+        if online {
+            self.fill_window();
         }
-        if let Some(d) = deadline {
-            let done = connected && handed.is_empty() && inflight.is_empty();
-            if done || !connected || tokio::time::Instant::now() >= d {
-                if outbox.depth() > 0 {
-                    info!(
-                        "outbox: {} record(s) not yet delivered; kept for the next run",
-                        outbox.depth()
-                    );
-                }
-                if connected {
-                    let _ = client.try_disconnect();
-                    let _ = tokio::time::timeout(Duration::from_millis(500), async {
-                        while let Ok(ev) = el.poll().await {
-                            if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
-                                break;
-                            }
-                        }
-                    })
-                    .await;
-                }
-                outbox.sync();
-                return;
-            }
-        }
+        let (draining, deadline) = match state {
+            State::Draining(d) => (true, d),
+            _ => (false, tokio::time::Instant::now()),
+        };
         tokio::select! {
-            ev = el.poll() => match ev {
+            ev = self.el.poll() => match ev {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    connected = true;
-                    backoff = m.reconnect_min();
-                    // A new session knows nothing of the old one: start again from the
-                    // oldest unacknowledged record.
-                    next = 0;
-                    handed.clear();
-                    inflight.clear();
-                    if outbox.depth() > 0 {
-                        info!("outbox: connected; sending {} waiting record(s)", outbox.depth());
-                    }
+                    self.on_connect();
+                    if draining { state } else { State::Online }
                 }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                    if let Some(seq) = handed.pop_front() {
-                        inflight.insert(pkid, seq);
+                    if let Some(seq) = self.handed.pop_front() {
+                        self.inflight.insert(pkid, seq);
                     }
+                    state
                 }
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    if let Some(seq) = inflight.remove(&ack.pkid) {
-                        outbox.ack(seq);
+                    if let Some(seq) = self.inflight.remove(&ack.pkid) {
+                        self.outbox.ack(seq);
                     }
+                    state
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    if connected || last_report.elapsed() > Duration::from_secs(60) {
-                        warn!(
-                            "outbox: {}; {} record(s) waiting, retrying in {backoff:?}",
-                            crate::mqtt::describe(&e),
-                            outbox.depth()
-                        );
-                        last_report = Instant::now();
-                    }
-                    connected = false;
-                    // Forget the broken session: requests still queued in the client would
-                    // otherwise go out after the reconnect out of our order.
-                    el.clean();
-                    el.pending.clear();
-                    el.state.events.clear();
-                    handed.clear();
-                    inflight.clear();
-                    if deadline.is_some() {
-                        continue;
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = stop.cancelled() => {}
-                    }
-                    backoff = (backoff * 2).min(m.reconnect_max());
-                }
+                Ok(_) => state,
+                Err(e) => self.on_error(&e, online, draining).await,
             },
-            _ = outbox.wake.notified(), if connected => {}
-            _ = sync_tick.tick() => outbox.sync(),
-            _ = stop.cancelled(), if deadline.is_none() => {
-                deadline = Some(tokio::time::Instant::now() + drain);
+            _ = self.outbox.wake.notified(), if online => state,
+            _ = self.sync_tick.tick() => {
+                self.outbox.sync();
+                state
             }
+            // The drain ends at its deadline even if the broker goes quiet.
+            _ = tokio::time::sleep_until(deadline), if draining => state,
+            _ = self.stop.cancelled(), if !draining => match state {
+                State::Online => State::Draining(tokio::time::Instant::now() + self.drain),
+                _ => State::Finished,
+            },
         }
+    }
+
+    /// Hand records to the client until `window` are on their way.
+    fn fill_window(&mut self) {
+        while self.handed.len() + self.inflight.len() < self.window {
+            let Some(r) = self.outbox.next_from(self.next) else {
+                break;
+            };
+            if self
+                .client
+                .try_publish(&r.topic, QoS::AtLeastOnce, false, r.payload.clone())
+                .is_err()
+            {
+                break;
+            }
+            self.handed.push_back(r.seq);
+            self.next = r.seq + 1;
+        }
+    }
+
+    /// A new session knows nothing of the old one: start again from the oldest
+    /// unacknowledged record.
+    fn on_connect(&mut self) {
+        self.backoff.reset();
+        self.next = 0;
+        self.handed.clear();
+        self.inflight.clear();
+        if self.outbox.depth() > 0 {
+            info!(
+                "outbox: connected; sending {} waiting record(s)",
+                self.outbox.depth()
+            );
+        }
+    }
+
+    /// A broken connection: forget the session, back off (not while draining: the
+    /// drain is over).
+    async fn on_error(&mut self, e: &ConnectionError, was_online: bool, draining: bool) -> State {
+        if was_online || self.last_report.elapsed() > Duration::from_secs(60) {
+            warn!(
+                "outbox: {}; {} record(s) waiting, retrying in {:?}",
+                describe(e),
+                self.outbox.depth(),
+                self.backoff.peek()
+            );
+            self.last_report = Instant::now();
+        }
+        // Requests still queued in the client would otherwise go out after the reconnect
+        // out of our order.
+        self.el.clean();
+        self.el.pending.clear();
+        self.el.state.events.clear();
+        self.handed.clear();
+        self.inflight.clear();
+        if draining {
+            return State::Finished;
+        }
+        let delay = self.backoff.step();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => State::Offline,
+            _ = self.stop.cancelled() => State::Finished,
+        }
+    }
+
+    /// Draining is over when everything was acknowledged or the deadline passed.
+    fn drained(&self, deadline: tokio::time::Instant) -> bool {
+        let idle = self.handed.is_empty() && self.inflight.is_empty();
+        idle && self.outbox.next_from(self.next).is_none()
+            || tokio::time::Instant::now() >= deadline
+    }
+
+    /// Say what is left, disconnect cleanly if connected, and make the store durable.
+    async fn finish(mut self, connected: bool) {
+        if self.outbox.depth() > 0 {
+            info!(
+                "outbox: {} record(s) not yet delivered; kept for the next run",
+                self.outbox.depth()
+            );
+        }
+        if connected {
+            let _ = self.client.try_disconnect();
+            let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                while let Ok(ev) = self.el.poll().await {
+                    if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+        self.outbox.sync();
     }
 }
