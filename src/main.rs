@@ -61,7 +61,7 @@ enum Command {
 fn main() -> ExitCode {
     // A panic anywhere is fatal: print it, then abort, so systemd restarts the daemon
     // whole instead of leaving it with a dead stage. (Not `panic = "abort"`: libjpeg's
-    // errors unwind out of the C decoder and are caught as errors, see src/frame.rs; that
+    // errors unwind out of the C decoder and are caught as errors, see src/frame/mod.rs; that
     // unwinding does not call this hook.)
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {

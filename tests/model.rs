@@ -24,7 +24,7 @@ fn reference() -> Value {
 /// fp32: the same float graph; only summation order differs: ~1e-6 relative, measured
 /// 6e-6 absolute. Bound 1e-4.
 /// int8: the convolutions are exact in i32 and requantised with onnxruntime's f32
-/// arithmetic (src/qconv.rs), and the quantisers divide by the scale as onnxruntime does,
+/// arithmetic (src/model/int8/qconv/), and the quantisers divide by the scale as onnxruntime does,
 /// so every int8 tensor matches onnxruntime's bit for bit, on x86 and ARM alike (the
 /// kernels differ, the integers do not). What is left is the float tail (pooling, Gemm):
 /// measured 3e-6. The same bound as fp32; one activation LSB off anywhere would move a
@@ -57,7 +57,7 @@ fn tract_matches_onnxruntime_on_every_loadable_form() {
         let s = settings(f["file"].as_str().unwrap());
         let c = Classifier::load(&s).unwrap_or_else(|e| panic!("{form}: {e:#}"));
         // Every int8 form must reach tract's integer kernels: the rewrites that get it
-        // there (src/onnx_quant.rs, src/int8.rs) must have fired, on every conv and add.
+        // there (src/model/int8/onnx_quant.rs, src/model/int8/mod.rs) must have fired, on every conv and add.
         let r = c.int8_rewrites();
         let want = expected_rewrites(form);
         assert_eq!(

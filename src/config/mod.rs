@@ -208,7 +208,7 @@ pub struct Settings {
     pub commands: CommandSettings,
 }
 
-/// `[commands]`: remote commands (`commands.rs`), off by default.
+/// `[commands]`: remote commands (`mqtt/commands.rs`), off by default.
 #[derive(Debug, Clone, Serialize)]
 pub struct CommandSettings {
     pub enabled: bool,
@@ -318,7 +318,7 @@ impl Serialize for Fsync {
     }
 }
 
-/// `[outbox]`: the durable queue of detection events (`outbox.rs`).
+/// `[outbox]`: the durable queue of detection events (`mqtt/outbox/`).
 #[derive(Debug, Clone, Serialize)]
 pub struct OutboxSettings {
     pub dir: PathBuf,

@@ -2,7 +2,7 @@
 //! `<discovery prefix>/device/<id>/config` message describing the device and, per camera,
 //! a sensor for the top label, one for its score, an event entity for detections, and
 //! diagnostic sensors for fps and inference time. Pure: the payload is built from the
-//! settings; `mqtt.rs` publishes it after every connect and when Home Assistant announces
+//! settings; the driver (`driver.rs`) publishes it after every connect and when Home Assistant announces
 //! itself on `<discovery prefix>/status`.
 
 use serde_json::{Value, json};
