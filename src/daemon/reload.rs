@@ -14,7 +14,7 @@ use tracing::warn;
 use crate::config::{ConfigError, Settings};
 use crate::detect::Rules;
 use crate::model::Classifier;
-use crate::mqtt::commands::ReloadRequest;
+use crate::mqtt::commands::{CommandError, ReloadRequest};
 
 /// Load the configured model, or a configuration error naming `model.path`: a model that
 /// does not load will not load after a restart either.
@@ -29,23 +29,31 @@ pub struct Loaded {
     pub classifier: Classifier,
 }
 
+/// Why a reload was rejected (the running configuration is kept).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}; the running configuration is kept")]
+    Config(#[from] ConfigError),
+    #[error("{0:#}; the running configuration is kept")]
+    Model(anyhow::Error),
+    #[error("reload task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// Read `file` again and load its model; the error says why it was rejected.
-pub async fn prepare(file: PathBuf) -> Result<Loaded, String> {
-    tokio::task::spawn_blocking(move || -> Result<Loaded, String> {
-        let settings = Settings::load(&file).map_err(|e| e.to_string())?;
-        let classifier = load_model(&settings).map_err(|e| format!("{e:#}"))?;
+pub async fn prepare(file: PathBuf) -> Result<Loaded, ReloadError> {
+    tokio::task::spawn_blocking(move || -> Result<Loaded, ReloadError> {
+        let settings = Settings::load(&file)?;
+        let classifier = load_model(&settings).map_err(ReloadError::Model)?;
         if settings.detection.enabled {
-            Rules::for_model(&settings.detection, classifier.labels())
-                .map_err(|e| e.to_string())?;
+            Rules::for_model(&settings.detection, classifier.labels())?;
         }
         Ok(Loaded {
             settings,
             classifier,
         })
     })
-    .await
-    .map_err(|e| format!("reload task failed: {e}"))?
-    .map_err(|e| format!("{e}; the running configuration is kept"))
+    .await?
 }
 
 /// Until `stop`: answer SIGHUP (`hup`) and reload commands (`requests`). The first reload
@@ -74,7 +82,7 @@ pub async fn watch(
             Err(e) => {
                 warn!("reload rejected: {e}");
                 if let Some(r) = reply {
-                    let _ = r.send(Err(e));
+                    let _ = r.send(Err(CommandError::Reload(e.to_string())));
                 }
             }
         }

@@ -5,22 +5,30 @@ use std::io::Cursor;
 
 use image::RgbImage;
 
+/// Why no snapshot could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("JPEG encoding failed: {0}")]
+    Encode(#[from] image::ImageError),
+    #[error("no JPEG of this frame fits {max} bytes")]
+    TooLarge { max: usize },
+}
+
 /// JPEG of `img`, re-encoded smaller (lower quality, then half size) until it fits `max`
 /// bytes.
-pub fn snapshot_jpeg(img: &RgbImage, max: usize) -> Result<Vec<u8>, String> {
+pub fn snapshot_jpeg(img: &RgbImage, max: usize) -> Result<Vec<u8>, SnapshotError> {
     let mut img = std::borrow::Cow::Borrowed(img);
     loop {
         for quality in [85u8, 60, 40] {
             let mut out = Cursor::new(Vec::new());
             image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
-                .encode_image(img.as_ref())
-                .map_err(|e| format!("JPEG encoding failed: {e}"))?;
+                .encode_image(img.as_ref())?;
             if out.get_ref().len() <= max {
                 return Ok(out.into_inner());
             }
         }
         if img.width() <= 16 || img.height() <= 16 {
-            return Err(format!("no JPEG of this frame fits {max} bytes"));
+            return Err(SnapshotError::TooLarge { max });
         }
         img = std::borrow::Cow::Owned(image::imageops::resize(
             img.as_ref(),

@@ -33,7 +33,7 @@ use crate::detect::{self, Tracker};
 use crate::frame::Pixels;
 use crate::frame::snapshot::snapshot_jpeg;
 use crate::model::{Classifier, Prediction};
-use crate::mqtt::commands::reply;
+use crate::mqtt::commands::{CommandError, reply};
 use crate::mqtt::outbox::Outbox;
 use crate::mqtt::qos;
 use crate::mqtt::topics::{camera_topic, result_topic};
@@ -354,14 +354,17 @@ fn publish_snapshot(
     let result = frame
         .raw
         .to_rgb()
-        .map_err(|e| format!("frame {}: {e}", frame.number))
-        .and_then(|img| snapshot_jpeg(&img, settings.commands.snapshot_max_bytes))
+        .map_err(|source| CommandError::Frame {
+            frame: frame.number,
+            source,
+        })
+        .and_then(|img| Ok(snapshot_jpeg(&img, settings.commands.snapshot_max_bytes)?))
         .and_then(|jpeg| {
             let n = jpeg.len();
             client
                 .try_publish(&topic, QoS::AtLeastOnce, false, jpeg)
                 .map(|()| serde_json::json!({"camera": camera, "topic": topic, "bytes": n}))
-                .map_err(|_| "MQTT queue full (broker away?)".to_string())
+                .map_err(|_| CommandError::QueueFull)
         });
     if let Err(e) = &result {
         warn!("camera {camera}: snapshot failed: {e}");

@@ -151,8 +151,30 @@ pub fn parse(settings: &Settings, verb: &str, payload: &[u8]) -> Result<Request,
     })
 }
 
+/// Why a command failed: what its reply's `error` says.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// Malformed, oversized, unknown, or naming an unknown camera (see [`Rejection`]).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the daemon is stopping")]
+    Stopping,
+    /// The new configuration or model was rejected; the reason as the daemon gave it.
+    #[error("{0}")]
+    Reload(String),
+    #[error("frame {frame}: {source}")]
+    Frame {
+        frame: u64,
+        source: crate::frame::FrameError,
+    },
+    #[error(transparent)]
+    Snapshot(#[from] crate::frame::snapshot::SnapshotError),
+    #[error("MQTT queue full (broker away?)")]
+    QueueFull,
+}
+
 /// The reply payload.
-pub fn reply(verb: &str, id: &Option<Value>, result: Result<Value, String>) -> Vec<u8> {
+pub fn reply(verb: &str, id: &Option<Value>, result: Result<Value, CommandError>) -> Vec<u8> {
     let mut v = json!({"v": 1, "verb": verb, "ok": result.is_ok()});
     match result {
         Ok(Value::Object(extra)) => {
@@ -161,7 +183,7 @@ pub fn reply(verb: &str, id: &Option<Value>, result: Result<Value, String>) -> V
             }
         }
         Ok(_) => {}
-        Err(e) => v["error"] = e.into(),
+        Err(e) => v["error"] = e.to_string().into(),
     }
     if let Some(id) = id {
         v["id"] = id.clone();
@@ -172,7 +194,7 @@ pub fn reply(verb: &str, id: &Option<Value>, result: Result<Value, String>) -> V
 /// A reload request, answered by the daemon: `Ok(the new model's file name)` once the new
 /// configuration and its model are validated (the pipeline then restarts), or why they
 /// were rejected (the running ones are kept).
-pub type ReloadRequest = oneshot::Sender<Result<String, String>>;
+pub type ReloadRequest = oneshot::Sender<Result<String, CommandError>>;
 
 /// What the command server acts on: the cameras' control mailbox, and the daemon's
 /// reload intake.
@@ -193,7 +215,7 @@ pub async fn serve(
         let (name, id, result) = match parse(&settings, &verb, &payload) {
             Err(r) => {
                 warn!("command {}: {}", r.verb, r.error);
-                (r.verb, r.id, Err(r.error))
+                (r.verb, r.id, Err(CommandError::Invalid(r.error)))
             }
             Ok(req) => {
                 let result = apply(&settings, &handles, &req).await;
@@ -212,7 +234,7 @@ pub async fn serve(
     }
 }
 
-async fn apply(settings: &Settings, h: &Handles, req: &Request) -> Result<Value, String> {
+async fn apply(settings: &Settings, h: &Handles, req: &Request) -> Result<Value, CommandError> {
     let names = |cams: &[usize]| -> Vec<String> {
         cams.iter()
             .map(|&i| settings.camera[i].name.clone())
@@ -232,10 +254,12 @@ async fn apply(settings: &Settings, h: &Handles, req: &Request) -> Result<Value,
             Ok(Value::Null)
         }
         Verb::Reload => {
-            let stopping = || "the daemon is stopping".to_string();
             let (tx, rx) = oneshot::channel();
-            h.reload.send(tx).await.map_err(|_| stopping())?;
-            let model = rx.await.map_err(|_| stopping())??;
+            h.reload
+                .send(tx)
+                .await
+                .map_err(|_| CommandError::Stopping)?;
+            let model = rx.await.map_err(|_| CommandError::Stopping)??;
             Ok(json!({"config": settings.file.display().to_string(), "model": model}))
         }
     }
@@ -312,7 +336,9 @@ mod tests {
             ok,
             json!({"v":1,"verb":"pause","ok":true,"id":7,"cameras":["a"]})
         );
-        let err: Value = serde_json::from_slice(&reply("x", &None, Err("bad".into()))).unwrap();
+        let err: Value =
+            serde_json::from_slice(&reply("x", &None, Err(CommandError::Invalid("bad".into()))))
+                .unwrap();
         assert_eq!(err, json!({"v":1,"verb":"x","ok":false,"error":"bad"}));
     }
 }

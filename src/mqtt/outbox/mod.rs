@@ -23,7 +23,7 @@ mod store;
 
 pub use queue::Outbox;
 pub use sender::drive;
-pub use store::{DiskStore, MemStore, Record, Recovered, Store, decode, encode};
+pub use store::{DecodeError, DiskStore, MemStore, Record, Recovered, Store, decode, encode};
 
 #[cfg(test)]
 mod tests {

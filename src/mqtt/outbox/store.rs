@@ -73,31 +73,51 @@ pub fn encode(rec: &Record) -> Vec<u8> {
     out
 }
 
+/// What is wrong with a record file (the reason it is quarantined).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("truncated: {0} bytes")]
+    Truncated(usize),
+    #[error("bad magic")]
+    Magic,
+    #[error("checksum mismatch")]
+    Checksum,
+    #[error("length mismatch: {got} bytes for topic {topic} + payload {payload}")]
+    Length {
+        got: usize,
+        topic: usize,
+        payload: usize,
+    },
+    #[error("topic is not UTF-8")]
+    Topic,
+}
+
 /// The record in `bytes`, or what is wrong with it.
-pub fn decode(bytes: &[u8]) -> Result<Record, String> {
+pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
     if bytes.len() < HEADER {
-        return Err(format!("truncated: {} bytes", bytes.len()));
+        return Err(DecodeError::Truncated(bytes.len()));
     }
     if &bytes[..4] != MAGIC {
-        return Err("bad magic".into());
+        return Err(DecodeError::Magic);
     }
     let crc = u32::from_le_bytes(bytes[4..8].try_into().unwrap_or_default());
     let body = &bytes[8..];
     if crc32fast::hash(body) != crc {
-        return Err("checksum mismatch".into());
+        return Err(DecodeError::Checksum);
     }
     let seq = u64::from_le_bytes(body[..8].try_into().unwrap_or_default());
     let tlen = u16::from_le_bytes(body[8..10].try_into().unwrap_or_default()) as usize;
     let plen = u32::from_le_bytes(body[10..14].try_into().unwrap_or_default()) as usize;
     let rest = &body[14..];
     if rest.len() != tlen + plen {
-        return Err(format!(
-            "length mismatch: {} bytes for topic {tlen} + payload {plen}",
-            rest.len()
-        ));
+        return Err(DecodeError::Length {
+            got: rest.len(),
+            topic: tlen,
+            payload: plen,
+        });
     }
     let topic = std::str::from_utf8(&rest[..tlen])
-        .map_err(|_| "topic is not UTF-8".to_string())?
+        .map_err(|_| DecodeError::Topic)?
         .to_string();
     Ok(Record {
         seq,
@@ -162,7 +182,7 @@ impl DiskStore {
                         continue;
                     }
                     Ok(r) => format!("holds seq {} under the name of {seq}", r.seq),
-                    Err(e) => e,
+                    Err(e) => e.to_string(),
                 },
                 Err(e) => format!("unreadable: {e}"),
             };
