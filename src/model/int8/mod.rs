@@ -182,6 +182,8 @@ impl EvalOp for Requant {
         let inner: usize = shape[self.axis + 1..].iter().product();
         let acc = input.try_as_plain_ram()?;
         let acc = acc.as_slice::<i32>()?;
+        // SAFETY: a plain-data tensor (u8/i8/i32/f32); every element is written below
+        // before the tensor is read or returned.
         let mut out = unsafe { Tensor::uninitialized_dt(self.dt, shape)? };
         if inner > 0 {
             let mut plain = out.try_as_plain_ram_mut()?;
@@ -302,6 +304,8 @@ impl EvalOp for QuantizedAdd {
             a.shape(),
             b.shape()
         );
+        // SAFETY: a plain-data tensor (u8/i8/i32/f32); every element is written below
+        // before the tensor is read or returned.
         let mut out = unsafe { Tensor::uninitialized_dt(self.dt, a.shape())? };
         {
             let (a, b) = (a.try_as_plain_ram()?, b.try_as_plain_ram()?);
@@ -494,7 +498,11 @@ impl EvalOp for ResidualAdd {
             a.shape(),
             b.shape()
         );
+        // SAFETY: a plain-data tensor (u8/i8/i32/f32); every element is written below
+        // before the tensor is read or returned.
         let mut y = unsafe { Tensor::uninitialized::<f32>(a.shape())? };
+        // SAFETY: a plain-data tensor (u8/i8/i32/f32); every element is written below
+        // before the tensor is read or returned.
         let mut q = unsafe { Tensor::uninitialized_dt(self.quantize.dt, a.shape())? };
         {
             let (av, bv) = (a.try_as_plain_ram()?, b.try_as_plain_ram()?);
@@ -643,6 +651,8 @@ impl EvalOp for Quantize {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let x = inputs[0].try_as_plain_ram()?;
         let x = x.as_slice::<f32>()?;
+        // SAFETY: a plain-data tensor (u8/i8/i32/f32); every element is written below
+        // before the tensor is read or returned.
         let mut out = unsafe { Tensor::uninitialized_dt(self.dt, inputs[0].shape())? };
         {
             let mut o = out.try_as_plain_ram_mut()?;

@@ -315,6 +315,8 @@ impl EvalOp for QConv {
         );
         let (n, h, w) = (shape[0], shape[2], shape[3]);
         let g = self.geo(h, w)?;
+        // SAFETY: u8/i8 plain data; run_image writes every output pixel of every channel
+        // (the virtual rows are copied out in full) before the tensor is returned.
         let mut out =
             unsafe { Tensor::uninitialized_dt(self.out_dt, &[n, self.cout, g.hout, g.wout])? };
         {

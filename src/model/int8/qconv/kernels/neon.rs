@@ -35,6 +35,8 @@ pub unsafe fn block_dot(t: &Tile, n: usize, e: &Epilogue, out: &mut [u8], stride
             // SAFETY (all pointer arithmetic): bounded by Tile::check.
             let mut xp = unsafe { t.packed.as_ptr().add(off + (t.q0 + px0) * 4) } as *const i8;
             for _ in 0..t.groups {
+                // SAFETY: 32 bytes at xp and 32 weights at wp lie inside Tile::check's
+                // bounds; `sdot` needs dotprod, which the caller guarantees.
                 unsafe {
                     let x0 = vld1q_s8(xp);
                     let x1 = vld1q_s8(xp.add(16));
@@ -62,6 +64,7 @@ pub unsafe fn block_dot(t: &Tile, n: usize, e: &Epilogue, out: &mut [u8], stride
             }
         }
         for (m, a) in a.iter().enumerate() {
+            // SAFETY: px0 + 8 <= n * LANES <= the row's LANES * PX entries.
             unsafe {
                 vst1q_s32(sums[m][px0..].as_mut_ptr(), a[0]);
                 vst1q_s32(sums[m][px0 + 4..].as_mut_ptr(), a[1]);
@@ -86,8 +89,10 @@ pub unsafe fn block_mull(t: &Tile, n: usize, e: &Epilogue, out: &mut [u8], strid
         let mut hi = [vdupq_n_s32(0); MR];
         let mut wp = t.w.as_ptr() as *const i32;
         for &off in t.offsets {
+            // SAFETY (this pointer and every load through it): bounded by Tile::check.
             let mut xp = unsafe { t.packed.as_ptr().add(off + (t.q0 + px0) * 4) } as *const i8;
             for _ in 0..t.groups {
+                // SAFETY: 16 bytes at xp and MR weights at wp lie inside Tile::check's bounds.
                 unsafe {
                     let x = vld1q_s8(xp);
                     let xl = vget_low_s8(x);
@@ -102,6 +107,7 @@ pub unsafe fn block_mull(t: &Tile, n: usize, e: &Epilogue, out: &mut [u8], strid
             }
         }
         for m in 0..MR {
+            // SAFETY: px0 + 4 <= n * LANES <= the row's LANES * PX entries.
             unsafe { vst1q_s32(sums[m][px0..].as_mut_ptr(), vpaddq_s32(lo[m], hi[m])) };
         }
     }

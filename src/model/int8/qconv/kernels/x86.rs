@@ -20,11 +20,14 @@ pub unsafe fn block<const P: usize>(t: &Tile, e: &Epilogue, out: &mut [u8], stri
             let x: [__m512i; P] =
                 std::array::from_fn(|p| unsafe { _mm512_loadu_si512(xp.add(64 * p) as *const _) });
             for (m, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: MR weights per group lie inside `t.w` (Tile::check).
                 let k = _mm512_set1_epi32(unsafe { wp.add(m).read_unaligned() });
                 for p in 0..P {
                     acc[p] = _mm512_dpbusd_epi32(acc[p], x[p], k);
                 }
             }
+            // SAFETY: the next group's weights and pixels, still inside Tile::check's bounds
+            // (one past the end at most after the last group, never dereferenced).
             wp = unsafe { wp.add(MR) };
             xp = unsafe { xp.add(t.cb_stride) };
         }
@@ -35,6 +38,7 @@ pub unsafe fn block<const P: usize>(t: &Tile, e: &Epilogue, out: &mut [u8], stri
     let mut sums = [[0i32; LANES]; 3 * MR];
     for (m, acc) in acc.iter().enumerate() {
         for (p, a) in acc.iter().enumerate() {
+            // SAFETY: each row of `sums` holds 16 i32s, one 512-bit store.
             unsafe { _mm512_storeu_si512(sums[m * P + p].as_mut_ptr() as *mut _, *a) };
         }
     }
@@ -46,6 +50,7 @@ pub unsafe fn block<const P: usize>(t: &Tile, e: &Epilogue, out: &mut [u8], stri
         let scale = _mm512_set1_ps(e.scales[m]);
         let row = &mut out[m * stride + t.q0..m * stride + t.q0 + P * LANES];
         for p in 0..P {
+            // SAFETY: each row of `sums` holds 16 i32s, one 512-bit load.
             let a = unsafe { _mm512_loadu_si512(sums[m * P + p].as_ptr() as *const _) };
             let f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a, bias)), scale);
             let f = _mm512_min_ps(_mm512_max_ps(f, lo), hi);
