@@ -657,96 +657,25 @@ fn dropins(file: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     Ok(files)
 }
 
-/// Every key a section may hold. Checked per source, before merging, so an unknown key is
+/// Every key a section may hold, read off the raw structs themselves (serde-aux's
+/// introspection lists a struct's field names as serde sees them), so a key is defined
+/// once, in its raw struct. Checked per source, before merging, so an unknown key is
 /// reported with its file.
-const KNOWN: &[(&str, &[&str])] = &[
-    ("device", &["id"]),
-    ("log", &["level"]),
-    (
-        "detection",
-        &[
-            "enabled",
-            "threshold",
-            "hysteresis",
-            "min_frames",
-            "end_frames",
-            "update_interval_secs",
-            "labels",
-            "thresholds",
-        ],
-    ),
-    ("classification", &["publish", "durable"]),
-    ("homeassistant", &["discovery", "prefix"]),
-    (
-        "commands",
-        &["enabled", "max_payload_bytes", "snapshot_max_bytes"],
-    ),
-    (
-        "outbox",
-        &[
-            "dir",
-            "fsync",
-            "fsync_interval_ms",
-            "max_events",
-            "max_bytes",
-            "window",
-        ],
-    ),
-    (
-        "mqtt",
-        &[
-            "host",
-            "port",
-            "prefix",
-            "qos",
-            "client_id",
-            "username",
-            "password_file",
-            "embedded_broker",
-            "keep_alive_secs",
-            "reconnect_min_ms",
-            "reconnect_max_ms",
-            "queue",
-            "stats_interval_secs",
-            "tls",
-            "ca_file",
-            "client_cert_file",
-            "client_key_file",
-        ],
-    ),
-    (
-        "model",
-        &[
-            "path",
-            "labels",
-            "preprocess",
-            "resize",
-            "top_k",
-            "threshold",
-            "threads",
-        ],
-    ),
-    (
-        "camera",
-        &[
-            "name",
-            "source",
-            "path",
-            "loop",
-            "fps",
-            "device",
-            "width",
-            "height",
-            "format",
-            "max_age_ms",
-            "stall_secs",
-            "reopen_min_ms",
-            "reopen_max_ms",
-            "change_threshold",
-            "heartbeat_secs",
-        ],
-    ),
-];
+fn known() -> [(&'static str, &'static [&'static str]); 10] {
+    use serde_aux::serde_introspection::serde_introspect as fields;
+    [
+        ("device", fields::<RawDevice>()),
+        ("log", fields::<RawLog>()),
+        ("detection", fields::<RawDetection>()),
+        ("classification", fields::<RawClassification>()),
+        ("homeassistant", fields::<RawHomeAssistant>()),
+        ("commands", fields::<RawCommands>()),
+        ("outbox", fields::<RawOutbox>()),
+        ("mqtt", fields::<RawMqtt>()),
+        ("model", fields::<RawModel>()),
+        ("camera", fields::<RawCamera>()),
+    ]
+}
 
 fn unknown_key(key: &str, origin: &str, valid: &[&str]) -> ConfigError {
     ConfigError::new(format!(
@@ -756,9 +685,10 @@ fn unknown_key(key: &str, origin: &str, valid: &[&str]) -> ConfigError {
 }
 
 fn check_known_keys(table: &toml::Table, origin: &str) -> Result<(), ConfigError> {
-    let sections: Vec<&str> = KNOWN.iter().map(|(s, _)| *s).collect();
+    let known = known();
+    let sections: Vec<&str> = known.iter().map(|(s, _)| *s).collect();
     for (section, value) in table {
-        let Some((_, keys)) = KNOWN.iter().find(|(s, _)| s == section) else {
+        let Some((_, keys)) = known.iter().find(|(s, _)| s == section) else {
             return Err(unknown_key(section, origin, &sections));
         };
         // [section] is a table; [[camera]] an array of tables. Wrong shapes are left to
@@ -791,9 +721,10 @@ fn check_known_env(env: &config::Map<String, String>) -> Result<(), ConfigError>
         let mut parts = lower.splitn(2, "__");
         let (section, key) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
         let origin = format!("the environment, {var}");
-        match KNOWN.iter().find(|(s, _)| *s == section) {
+        let known = known();
+        match known.iter().find(|(s, _)| *s == section) {
             None => {
-                let sections: Vec<&str> = KNOWN.iter().map(|(s, _)| *s).collect();
+                let sections: Vec<&str> = known.iter().map(|(s, _)| *s).collect();
                 return Err(unknown_key(section, &origin, &sections));
             }
             Some(("camera", _)) => {
@@ -1441,6 +1372,21 @@ pub(crate) fn from_toml(text: &str) -> Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The key lists are the raw structs' own: every section of the file is listed, and
+    /// `loop` (a renamed field) is a camera key.
+    #[test]
+    fn known_keys_come_from_the_raw_structs() {
+        use serde_aux::serde_introspection::serde_introspect;
+        let sections: Vec<&str> = known().iter().map(|(s, _)| *s).collect();
+        let mut want = serde_introspect::<RawConfig>().to_vec();
+        let mut got = sections.clone();
+        want.sort();
+        got.sort();
+        assert_eq!(got, want);
+        let camera = known().iter().find(|(s, _)| *s == "camera").unwrap().1;
+        assert!(camera.contains(&"loop") && !camera.contains(&"looped"), "{camera:?}");
+    }
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         let p = dir.join(name);
