@@ -1385,7 +1385,10 @@ mod tests {
         got.sort();
         assert_eq!(got, want);
         let camera = known().iter().find(|(s, _)| *s == "camera").unwrap().1;
-        assert!(camera.contains(&"loop") && !camera.contains(&"looped"), "{camera:?}");
+        assert!(
+            camera.contains(&"loop") && !camera.contains(&"looped"),
+            "{camera:?}"
+        );
     }
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
