@@ -100,7 +100,7 @@ fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run { config } => {
             let settings = Settings::load(&config)?;
-            init_logging(&settings.log.level);
+            init_logging(settings.log.level.as_str());
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

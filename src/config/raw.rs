@@ -1,0 +1,401 @@
+//! The raw layer: the configuration as the files and the environment spell it, with every
+//! key and its default defined once, here. serde reads it (`deny_unknown_fields`, the enums
+//! by their names); [`super::validate`] checks ranges and the rules between keys.
+//!
+//! Numbers that have a range are read as `i64`, so "70000 is out of range 1..=65535" can
+//! name the value instead of serde's "expected u16".
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use serde_aux::serde_introspection::serde_introspect as fields;
+
+use super::settings::{LogLevel, PixelFormat, Preprocess, PublishMode, ResizeMode, V4l2Device};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawConfig {
+    pub device: RawDevice,
+    pub mqtt: RawMqtt,
+    pub model: RawModel,
+    /// Read table by table: see [`RawCamera`].
+    pub camera: Vec<serde_json::Map<String, serde_json::Value>>,
+    pub log: RawLog,
+    pub detection: RawDetection,
+    pub outbox: RawOutbox,
+    pub classification: RawClassification,
+    pub homeassistant: RawHomeAssistant,
+    pub commands: RawCommands,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawDevice {
+    /// Default: the host name, made safe as a topic level.
+    pub id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawMqtt {
+    pub host: String,
+    pub port: i64,
+    pub prefix: String,
+    pub qos: i64,
+    /// Default: `edgesight-<device id>`.
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub embedded_broker: bool,
+    pub keep_alive_secs: i64,
+    pub reconnect_min_ms: i64,
+    pub reconnect_max_ms: i64,
+    pub queue: i64,
+    pub stats_interval_secs: i64,
+    /// Default: on for port 8883.
+    pub tls: Option<bool>,
+    /// Default (with TLS on): the system's CA bundle.
+    pub ca_file: Option<PathBuf>,
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+}
+
+impl Default for RawMqtt {
+    fn default() -> Self {
+        RawMqtt {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            prefix: "edgesight".into(),
+            qos: 1,
+            client_id: None,
+            username: None,
+            password_file: None,
+            embedded_broker: false,
+            keep_alive_secs: 30,
+            reconnect_min_ms: 500,
+            reconnect_max_ms: 30_000,
+            queue: 256,
+            stats_interval_secs: 30,
+            tls: None,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawModel {
+    /// Required.
+    pub path: Option<PathBuf>,
+    pub labels: Option<PathBuf>,
+    pub preprocess: Preprocess,
+    pub resize: ResizeMode,
+    pub top_k: i64,
+    pub threshold: f64,
+    pub threads: i64,
+}
+
+impl Default for RawModel {
+    fn default() -> Self {
+        RawModel {
+            path: None,
+            labels: None,
+            preprocess: Preprocess::Torchvision,
+            resize: ResizeMode::Stretch,
+            top_k: 3,
+            threshold: 0.0,
+            threads: 1,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawLog {
+    pub level: LogLevel,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            level: LogLevel::Info,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawDetection {
+    pub enabled: bool,
+    pub threshold: f64,
+    pub hysteresis: f64,
+    pub min_frames: i64,
+    pub end_frames: i64,
+    pub update_interval_secs: f64,
+    pub labels: Vec<String>,
+    pub thresholds: BTreeMap<String, f64>,
+}
+
+impl Default for RawDetection {
+    fn default() -> Self {
+        RawDetection {
+            enabled: true,
+            threshold: 0.6,
+            hysteresis: 0.1,
+            min_frames: 3,
+            end_frames: 3,
+            update_interval_secs: 10.0,
+            labels: Vec::new(),
+            thresholds: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum FsyncPolicy {
+    Always,
+    Interval,
+    Never,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawOutbox {
+    pub dir: PathBuf,
+    pub fsync: FsyncPolicy,
+    /// Only with `fsync = "interval"`; default 1000.
+    pub fsync_interval_ms: Option<i64>,
+    pub max_events: i64,
+    pub max_bytes: i64,
+    pub window: i64,
+}
+
+/// `fsync = "interval"` without `fsync_interval_ms`.
+pub(super) const DEFAULT_FSYNC_INTERVAL_MS: i64 = 1000;
+
+impl Default for RawOutbox {
+    fn default() -> Self {
+        RawOutbox {
+            dir: default_outbox_dir(),
+            fsync: FsyncPolicy::Always,
+            fsync_interval_ms: None,
+            max_events: 10_000,
+            max_bytes: 16 << 20,
+            window: 16,
+        }
+    }
+}
+
+/// `$STATE_DIRECTORY/outbox` under systemd (`StateDirectory=edgesight`), else the same
+/// place by hand.
+fn default_outbox_dir() -> PathBuf {
+    let state = std::env::var_os("STATE_DIRECTORY")
+        .map(|s| {
+            // systemd may list several directories, colon-separated; ours is the first.
+            let s = s.to_string_lossy().into_owned();
+            PathBuf::from(s.split(':').next().unwrap_or("").to_string())
+        })
+        .filter(|p| p.is_absolute())
+        .unwrap_or_else(|| PathBuf::from("/var/lib/edgesight"));
+    state.join("outbox")
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawClassification {
+    pub publish: PublishMode,
+    pub durable: bool,
+}
+
+impl Default for RawClassification {
+    fn default() -> Self {
+        RawClassification {
+            publish: PublishMode::Every,
+            durable: false,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawHomeAssistant {
+    pub discovery: bool,
+    pub prefix: String,
+}
+
+impl Default for RawHomeAssistant {
+    fn default() -> Self {
+        RawHomeAssistant {
+            discovery: false,
+            prefix: "homeassistant".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawCommands {
+    pub enabled: bool,
+    pub max_payload_bytes: i64,
+    pub snapshot_max_bytes: i64,
+}
+
+impl Default for RawCommands {
+    fn default() -> Self {
+        RawCommands {
+            enabled: false,
+            max_payload_bytes: 4096,
+            snapshot_max_bytes: 256 << 10,
+        }
+    }
+}
+
+// ------------------------------------------------------------------ cameras
+
+/// A `[[camera]]` table is a tagged enum on `source`: the keys every source shares, and
+/// the chosen source's own keys. It is read in two steps (the tag, then each half with
+/// its own struct) rather than with `#[serde(tag = "source")]`, because serde reads an
+/// internally tagged enum through a buffer that loses the key path ("camera[0].fps") of
+/// an error, and cannot default the tag.
+#[derive(Debug)]
+pub(super) struct RawCamera {
+    pub common: RawCameraCommon,
+    pub source: RawSource,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum SourceKind {
+    #[default]
+    Images,
+    V4l2,
+}
+
+impl SourceKind {
+    pub const ALL: [SourceKind; 2] = [SourceKind::Images, SourceKind::V4l2];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SourceKind::Images => "images",
+            SourceKind::V4l2 => "v4l2",
+        }
+    }
+
+    /// The keys only this source has.
+    pub fn keys(self) -> &'static [&'static str] {
+        match self {
+            SourceKind::Images => fields::<RawImages>(),
+            SourceKind::V4l2 => fields::<RawV4l2>(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) enum RawSource {
+    Images(RawImages),
+    V4l2(RawV4l2),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawCameraCommon {
+    /// Required.
+    pub name: Option<String>,
+    pub max_age_ms: i64,
+    pub stall_secs: f64,
+    pub reopen_min_ms: i64,
+    pub reopen_max_ms: i64,
+    pub change_threshold: f64,
+    pub heartbeat_secs: f64,
+}
+
+impl Default for RawCameraCommon {
+    fn default() -> Self {
+        RawCameraCommon {
+            name: None,
+            max_age_ms: 2000,
+            stall_secs: 5.0,
+            reopen_min_ms: 500,
+            reopen_max_ms: 30_000,
+            change_threshold: 0.0,
+            heartbeat_secs: 60.0,
+        }
+    }
+}
+
+/// `source = "images"`: a directory, glob or file of still images, played at `fps`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawImages {
+    /// Required.
+    pub path: Option<String>,
+    #[serde(rename = "loop")]
+    pub looped: bool,
+    pub fps: f64,
+}
+
+impl Default for RawImages {
+    fn default() -> Self {
+        RawImages {
+            path: None,
+            looped: true,
+            fps: 5.0,
+        }
+    }
+}
+
+/// `source = "v4l2"`: a V4L2 capture node.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawV4l2 {
+    pub device: V4l2Device,
+    pub width: i64,
+    pub height: i64,
+    /// A whole number: V4L2 frame intervals are asked for as 1/fps.
+    pub fps: f64,
+    pub format: PixelFormat,
+}
+
+impl Default for RawV4l2 {
+    fn default() -> Self {
+        RawV4l2 {
+            device: V4l2Device::Index(0),
+            width: 640,
+            height: 480,
+            fps: 30.0,
+            format: PixelFormat::Auto,
+        }
+    }
+}
+
+// ------------------------------------------------------------------ key lists
+
+/// Every key a section may hold, read off the raw structs themselves (serde-aux's
+/// introspection lists a struct's field names as serde sees them), so a key is defined
+/// once, in its raw struct. The loader checks each file against them before merging, so
+/// an unknown key is reported with its file.
+pub(super) fn known() -> Vec<(&'static str, Vec<&'static str>)> {
+    let mut camera = vec!["source"];
+    camera.extend(fields::<RawCameraCommon>());
+    for key in SourceKind::ALL.iter().flat_map(|kind| kind.keys()) {
+        if !camera.contains(key) {
+            camera.push(key);
+        }
+    }
+    vec![
+        ("device", fields::<RawDevice>().to_vec()),
+        ("log", fields::<RawLog>().to_vec()),
+        ("detection", fields::<RawDetection>().to_vec()),
+        ("classification", fields::<RawClassification>().to_vec()),
+        ("homeassistant", fields::<RawHomeAssistant>().to_vec()),
+        ("commands", fields::<RawCommands>().to_vec()),
+        ("outbox", fields::<RawOutbox>().to_vec()),
+        ("mqtt", fields::<RawMqtt>().to_vec()),
+        ("model", fields::<RawModel>().to_vec()),
+        ("camera", camera),
+    ]
+}

@@ -1,0 +1,416 @@
+//! The validated configuration: what the daemon runs on. Every value here has passed
+//! [`super::validate`]; nothing past the config module sees a raw value.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Largest MQTT packet the daemon sends or accepts (1 MiB): the ground floor defines it
+/// because the limits on configured sizes (`commands.snapshot_max_bytes`) derive from it.
+pub const MQTT_MAX_PACKET: usize = 1 << 20;
+
+/// The validated configuration the daemon runs on.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    /// The main configuration file (drop-ins and environment are layered on top).
+    #[serde(skip)]
+    pub file: PathBuf,
+    pub device: DeviceSettings,
+    pub mqtt: MqttSettings,
+    pub model: ModelSettings,
+    pub camera: Vec<CameraSettings>,
+    pub log: LogSettings,
+    pub detection: DetectionSettings,
+    pub outbox: OutboxSettings,
+    pub classification: ClassificationSettings,
+    pub homeassistant: HomeAssistantSettings,
+    pub commands: CommandSettings,
+}
+
+/// `[commands]`: remote commands (`mqtt/commands.rs`), off by default.
+#[derive(Debug, Clone, Serialize)]
+pub struct CommandSettings {
+    pub enabled: bool,
+    /// Larger command payloads are rejected unread.
+    pub max_payload_bytes: usize,
+    /// Snapshots are re-encoded smaller until they fit.
+    pub snapshot_max_bytes: usize,
+}
+
+/// `[homeassistant]`: MQTT discovery (`discovery.rs`).
+#[derive(Debug, Clone, Serialize)]
+pub struct HomeAssistantSettings {
+    pub discovery: bool,
+    /// Home Assistant's discovery prefix.
+    pub prefix: String,
+}
+
+/// `[classification]`: which classification messages go out. They are telemetry: QoS
+/// `mqtt.qos`, not persisted unless `durable`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassificationSettings {
+    pub publish: PublishMode,
+    /// Through the durable outbox, like detection events.
+    pub durable: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishMode {
+    /// Every classified frame.
+    Every,
+    /// When the top label changes (and the first frame).
+    OnChange,
+    /// At most one per interval per camera (the first frame after it has passed).
+    Interval(Duration),
+}
+
+impl Serialize for PublishMode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            PublishMode::Every => s.serialize_str("every"),
+            PublishMode::OnChange => s.serialize_str("on_change"),
+            PublishMode::Interval(d) => s.serialize_str(&format!("{}ms", d.as_millis())),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PublishMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = String::deserialize(d)?;
+        match v.as_str() {
+            "every" => Ok(PublishMode::Every),
+            "on_change" => Ok(PublishMode::OnChange),
+            other => parse_interval(other)
+                .map(PublishMode::Interval)
+                .ok_or_else(|| {
+                    serde::de::Error::custom(format!(
+                        "{other:?} is not \"every\", \"on_change\" or an interval such as \"5s\" \
+                     or \"500ms\" (at most a day)"
+                    ))
+                }),
+        }
+    }
+}
+
+/// "500ms", "10s", "2m", "1h 30m" (humantime's syntax); a bare number is seconds. At most a
+/// day, more than zero.
+fn parse_interval(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    let d = match v.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs > 0.0 => Duration::try_from_secs_f64(secs).ok()?,
+        Ok(_) => return None,
+        Err(_) => humantime::parse_duration(v).ok()?,
+    };
+    (!d.is_zero() && d <= Duration::from_secs(86_400)).then_some(d)
+}
+
+/// `[detection]`: when a label's score makes a detection event (see `detect.rs`). Label
+/// names are checked against the model's labels once the model is loaded
+/// ([`DetectionSettings::rules`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct DetectionSettings {
+    pub enabled: bool,
+    pub threshold: f32,
+    pub hysteresis: f32,
+    pub min_frames: u32,
+    pub end_frames: u32,
+    pub update_interval_secs: f64,
+    /// Labels to watch; empty: every label.
+    pub labels: Vec<String>,
+    /// Per-label thresholds overriding `threshold`.
+    pub thresholds: std::collections::BTreeMap<String, f32>,
+}
+
+/// When the outbox's writes reach the disk: `always` (before `push` returns, the safe
+/// default), every interval (fewer flash writes on SD cards, up to one interval of events
+/// at risk on power loss), or `never` (the kernel decides).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    Always,
+    Interval(Duration),
+    Never,
+}
+
+impl fmt::Display for Fsync {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Fsync::Always => f.write_str("always"),
+            Fsync::Interval(d) => write!(f, "every {} ms", d.as_millis()),
+            Fsync::Never => f.write_str("never"),
+        }
+    }
+}
+
+impl Serialize for Fsync {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match self {
+            Fsync::Always => "always",
+            Fsync::Interval(_) => "interval",
+            Fsync::Never => "never",
+        })
+    }
+}
+
+/// `[outbox]`: the durable queue of detection events (`mqtt/outbox/`).
+#[derive(Debug, Clone, Serialize)]
+pub struct OutboxSettings {
+    pub dir: PathBuf,
+    pub fsync: Fsync,
+    pub max_events: usize,
+    pub max_bytes: usize,
+    /// Records in flight (published, PUBACK not yet received) at once.
+    pub window: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceSettings {
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MqttSettings {
+    pub host: String,
+    pub port: u16,
+    pub prefix: String,
+    pub qos: u8,
+    pub client_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    pub embedded_broker: bool,
+    pub keep_alive_secs: u64,
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+    pub queue: usize,
+    /// Seconds between `<prefix>/<device>/stats` messages; 0: none.
+    pub stats_interval_secs: u64,
+    /// TLS to the broker (default: on for port 8883), with the files already read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSettings>,
+}
+
+/// Validated TLS material: PEM bytes read at start-up, so a missing or unreadable file is a
+/// configuration error, not a reconnect loop.
+#[derive(Debug, Clone, Serialize)]
+pub struct TlsSettings {
+    pub ca_file: PathBuf,
+    #[serde(skip)]
+    pub ca: Vec<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_key_file: Option<PathBuf>,
+    /// Client certificate and private key (the key never prints).
+    #[serde(skip)]
+    pub client_auth: Option<(Vec<u8>, Secret)>,
+}
+
+/// Debian's (and Raspberry Pi OS's) CA bundle: public brokers work without `ca_file`.
+pub const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+impl MqttSettings {
+    /// `<prefix>/<device id>`: every topic we publish lives under it.
+    pub fn base_topic(&self, device_id: &str) -> String {
+        format!("{}/{}", self.prefix, device_id)
+    }
+    pub fn reconnect_min(&self) -> Duration {
+        Duration::from_millis(self.reconnect_min_ms)
+    }
+    pub fn reconnect_max(&self) -> Duration {
+        Duration::from_millis(self.reconnect_max_ms)
+    }
+}
+
+/// A secret that never prints: `Debug`, `Display` and `Serialize` all redact it.
+#[derive(Clone)]
+pub struct Secret(pub(super) String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Preprocess {
+    /// RGB scaled to 0..1, then ImageNet mean/std (torchvision models).
+    Torchvision,
+    /// BGR, 0..255 minus the ImageNet channel means (Keras ResNet50 "caffe" mode).
+    Caffe,
+    /// RGB 0..255 as float, untouched (models that normalise inside the graph).
+    Raw,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResizeMode {
+    /// Scale to the model input, ignoring the aspect ratio.
+    Stretch,
+    /// Crop the largest centred region with the model's aspect ratio, then scale.
+    CenterCrop,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelSettings {
+    pub path: PathBuf,
+    pub labels: Option<PathBuf>,
+    pub preprocess: Preprocess,
+    pub resize: ResizeMode,
+    pub top_k: usize,
+    pub threshold: f32,
+    /// Threads the model runs on: our int8 convs share their channel blocks out, tract
+    /// runs its matrix products in parallel; everything else runs on one of them.
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CameraSettings {
+    pub name: String,
+    #[serde(flatten)]
+    pub source: SourceSettings,
+    /// A frame older than this when inference reaches it is dropped (counted `stale`).
+    pub max_age_ms: u64,
+    /// A streaming V4L2 camera with no frame for this long is declared lost and reopened.
+    pub stall_secs: f64,
+    /// Back-off between reopen attempts: doubles from min to max.
+    pub reopen_min_ms: u64,
+    pub reopen_max_ms: u64,
+    /// Change gating: skip inference while the scene differs from the last classified
+    /// frame by less than this mean level (0..255 on a 16x16 grey thumbnail); 0 = off.
+    pub change_threshold: f32,
+    /// With gating on, classify at least this often anyway.
+    pub heartbeat_secs: f64,
+}
+
+impl CameraSettings {
+    pub fn stall_after(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.stall_secs)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "source", rename_all = "lowercase")]
+pub enum SourceSettings {
+    Images {
+        path: String,
+        fps: f64,
+        #[serde(rename = "loop")]
+        looped: bool,
+    },
+    V4l2 {
+        device: V4l2Device,
+        width: u32,
+        height: u32,
+        fps: u32,
+        format: PixelFormat,
+    },
+}
+
+/// `device = 0` or `device = "/dev/v4l/by-id/..."`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum V4l2Device {
+    Index(u32),
+    Path(PathBuf),
+}
+
+impl<'de> Deserialize<'de> for V4l2Device {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = V4l2Device;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a device index or a /dev path")
+            }
+            fn visit_u64<E: serde::de::Error>(self, i: u64) -> Result<V4l2Device, E> {
+                u32::try_from(i)
+                    .map(V4l2Device::Index)
+                    .map_err(|_| E::custom(format!("{i} is not a valid device index")))
+            }
+            fn visit_i64<E: serde::de::Error>(self, i: i64) -> Result<V4l2Device, E> {
+                Err(E::custom(format!("{i} is not a valid device index")))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<V4l2Device, E> {
+                if s.starts_with('/') {
+                    Ok(V4l2Device::Path(PathBuf::from(s)))
+                } else {
+                    Err(E::custom(format!("{s:?} must be an index or a /dev path")))
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PixelFormat {
+    Auto,
+    Mjpeg,
+    Yuyv,
+    Nv12,
+    Gray,
+    Rgb,
+    Bgr,
+}
+
+impl PixelFormat {
+    /// The name the configuration uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            PixelFormat::Auto => "auto",
+            PixelFormat::Mjpeg => "mjpeg",
+            PixelFormat::Yuyv => "yuyv",
+            PixelFormat::Nv12 => "nv12",
+            PixelFormat::Gray => "gray",
+            PixelFormat::Rgb => "rgb",
+            PixelFormat::Bgr => "bgr",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LogSettings {
+    pub level: LogLevel,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    /// As `tracing`'s filters spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}

@@ -1,0 +1,490 @@
+//! Raw -> [`Settings`]: ranges, required keys and the rules between keys, each checked
+//! once, here. Defaults are not written here: they are the raw layer's.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::error::ConfigError;
+use super::raw::{
+    DEFAULT_FSYNC_INTERVAL_MS, FsyncPolicy, RawCamera, RawCameraCommon, RawCommands, RawConfig,
+    RawDetection, RawHomeAssistant, RawImages, RawModel, RawMqtt, RawOutbox, RawSource, RawV4l2,
+    SourceKind,
+};
+use super::settings::{
+    CameraSettings, ClassificationSettings, CommandSettings, DetectionSettings, DeviceSettings,
+    Fsync, HomeAssistantSettings, LogSettings, MQTT_MAX_PACKET, ModelSettings, MqttSettings,
+    OutboxSettings, SYSTEM_CA_FILE, Secret, Settings, SourceSettings, TlsSettings,
+};
+use super::sources::Sources;
+
+pub(super) struct Validator<'a> {
+    pub src: &'a Sources,
+}
+
+impl Validator<'_> {
+    fn err(&self, key: &str, msg: impl std::fmt::Display) -> ConfigError {
+        self.src.err(key, msg)
+    }
+
+    fn range(&self, key: &str, v: i64, lo: i64, hi: i64) -> Result<i64, ConfigError> {
+        if v < lo || v > hi {
+            return Err(self.err(key, format!("{v} is out of range {lo}..={hi}")));
+        }
+        Ok(v)
+    }
+
+    /// `(0, max]`, for durations in seconds.
+    fn positive(&self, key: &str, v: f64, max: f64) -> Result<f64, ConfigError> {
+        if v > 0.0 && v <= max {
+            Ok(v)
+        } else {
+            Err(self.err(key, format!("{v} is out of range (0, {max}]")))
+        }
+    }
+
+    fn unit(&self, key: &str, v: f64) -> Result<f32, ConfigError> {
+        if !(0.0..=1.0).contains(&v) {
+            return Err(self.err(key, format!("{v} is out of range 0..=1")));
+        }
+        Ok(v as f32)
+    }
+
+    fn topic_level(&self, key: &str, v: &str) -> Result<(), ConfigError> {
+        if v.is_empty() || v.contains(['/', '+', '#', '\0']) {
+            return Err(self.err(
+                key,
+                format!("{v:?} must be a non-empty MQTT topic level without '/', '+' or '#'"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A topic prefix: levels, but no wildcards and no trailing '/'.
+    fn topic_prefix(&self, key: &str, v: &str) -> Result<(), ConfigError> {
+        if v.is_empty() || v.contains(['+', '#', '\0']) || v.ends_with('/') {
+            return Err(self.err(
+                key,
+                format!("{v:?} must be a non-empty topic without wildcards or trailing '/'"),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn settings(&self, file: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
+        let device_id = raw.device.id.unwrap_or_else(default_device_id);
+        self.topic_level("device.id", &device_id)?;
+        let Some(path) = raw.model.path.clone() else {
+            return Err(ConfigError::new(format!(
+                "model.path is required (in {} or EDGESIGHT__MODEL__PATH)",
+                file.display()
+            )));
+        };
+        if raw.camera.is_empty() {
+            return Err(ConfigError::new(format!(
+                "camera: at least one [[camera]] table is required (in {})",
+                file.display()
+            )));
+        }
+        Ok(Settings {
+            file: file.to_path_buf(),
+            mqtt: self.mqtt(raw.mqtt, &device_id)?,
+            device: DeviceSettings { id: device_id },
+            model: self.model(path, raw.model)?,
+            camera: self.cameras(raw.camera)?,
+            log: LogSettings {
+                level: raw.log.level,
+            },
+            detection: self.detection(raw.detection)?,
+            outbox: self.outbox(raw.outbox)?,
+            classification: ClassificationSettings {
+                publish: raw.classification.publish,
+                durable: raw.classification.durable,
+            },
+            commands: self.commands(raw.commands)?,
+            homeassistant: self.homeassistant(raw.homeassistant)?,
+        })
+    }
+
+    fn mqtt(&self, m: RawMqtt, device_id: &str) -> Result<MqttSettings, ConfigError> {
+        self.topic_prefix("mqtt.prefix", &m.prefix)?;
+        if m.host.trim().is_empty() {
+            return Err(self.err("mqtt.host", "is empty"));
+        }
+        let password = match &m.password_file {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    self.err(
+                        "mqtt.password_file",
+                        format!("cannot read {}: {e}", p.display()),
+                    )
+                })?;
+                Some(Secret(text.trim_end_matches(['\r', '\n']).to_string()))
+            }
+            None => None,
+        };
+        if password.is_some() && m.username.is_none() {
+            return Err(self.err("mqtt.password_file", "is set but mqtt.username is not"));
+        }
+        let reconnect_min_ms =
+            self.range("mqtt.reconnect_min_ms", m.reconnect_min_ms, 10, 600_000)?;
+        let reconnect_max_ms =
+            self.range("mqtt.reconnect_max_ms", m.reconnect_max_ms, 10, 3_600_000)?;
+        if reconnect_max_ms < reconnect_min_ms {
+            return Err(self.err("mqtt.reconnect_max_ms", "must be >= mqtt.reconnect_min_ms"));
+        }
+        let port = self.range("mqtt.port", m.port, 1, 65535)? as u16;
+        let client_id = m
+            .client_id
+            .unwrap_or_else(|| format!("edgesight-{device_id}"));
+        if client_id.is_empty() {
+            return Err(self.err("mqtt.client_id", "is empty"));
+        }
+        Ok(MqttSettings {
+            tls: self.tls(
+                m.tls.unwrap_or(port == 8883),
+                m.ca_file,
+                m.client_cert_file,
+                m.client_key_file,
+            )?,
+            host: m.host,
+            port,
+            qos: self.range("mqtt.qos", m.qos, 0, 2)? as u8,
+            client_id,
+            prefix: m.prefix,
+            username: m.username,
+            password_file: m.password_file,
+            password,
+            embedded_broker: m.embedded_broker,
+            keep_alive_secs: self.range("mqtt.keep_alive_secs", m.keep_alive_secs, 5, 3600)? as u64,
+            reconnect_min_ms: reconnect_min_ms as u64,
+            reconnect_max_ms: reconnect_max_ms as u64,
+            queue: self.range("mqtt.queue", m.queue, 1, 1_000_000)? as usize,
+            stats_interval_secs: self.range(
+                "mqtt.stats_interval_secs",
+                m.stats_interval_secs,
+                0,
+                86_400,
+            )? as u64,
+        })
+    }
+
+    fn pem(&self, key: &str, path: &Path, what: &str) -> Result<Vec<u8>, ConfigError> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| self.err(key, format!("cannot read {}: {e}", path.display())))?;
+        let marker = format!("-----BEGIN {what}");
+        if !String::from_utf8_lossy(&bytes).contains(&marker) {
+            return Err(self.err(key, format!("{} holds no PEM {what} block", path.display())));
+        }
+        Ok(bytes)
+    }
+
+    fn tls(
+        &self,
+        on: bool,
+        ca_file: Option<PathBuf>,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+    ) -> Result<Option<TlsSettings>, ConfigError> {
+        if !on {
+            for (k, set) in [
+                ("mqtt.ca_file", ca_file.is_some()),
+                ("mqtt.client_cert_file", cert.is_some()),
+                ("mqtt.client_key_file", key.is_some()),
+            ] {
+                if set {
+                    return Err(self.err(k, "is set but TLS is off (mqtt.tls = false, or a port other than 8883 without mqtt.tls = true)"));
+                }
+            }
+            return Ok(None);
+        }
+        match (&cert, &key) {
+            (Some(_), None) => {
+                return Err(self.err("mqtt.client_cert_file", "needs mqtt.client_key_file too"));
+            }
+            (None, Some(_)) => {
+                return Err(self.err("mqtt.client_key_file", "needs mqtt.client_cert_file too"));
+            }
+            _ => {}
+        }
+        let ca_file = ca_file.unwrap_or_else(|| PathBuf::from(SYSTEM_CA_FILE));
+        let ca = self.pem("mqtt.ca_file", &ca_file, "CERTIFICATE")?;
+        let client_auth = match (&cert, &key) {
+            (Some(c), Some(k)) => Some((
+                self.pem("mqtt.client_cert_file", c, "CERTIFICATE")?,
+                Secret(
+                    String::from_utf8(self.pem("mqtt.client_key_file", k, "")?)
+                        .map_err(|_| self.err("mqtt.client_key_file", "is not PEM text"))?,
+                ),
+            )),
+            _ => None,
+        };
+        Ok(Some(TlsSettings {
+            ca_file,
+            ca,
+            client_cert_file: cert,
+            client_key_file: key,
+            client_auth,
+        }))
+    }
+
+    fn model(&self, path: PathBuf, r: RawModel) -> Result<ModelSettings, ConfigError> {
+        Ok(ModelSettings {
+            path,
+            labels: r.labels,
+            preprocess: r.preprocess,
+            resize: r.resize,
+            top_k: self.range("model.top_k", r.top_k, 1, 1000)? as usize,
+            threshold: self.unit("model.threshold", r.threshold)?,
+            threads: self.range("model.threads", r.threads, 1, 64)? as usize,
+        })
+    }
+
+    fn detection(&self, d: RawDetection) -> Result<DetectionSettings, ConfigError> {
+        let mut thresholds = std::collections::BTreeMap::new();
+        for (label, t) in d.thresholds {
+            let t = self.unit(&format!("detection.thresholds.{label}"), t)?;
+            thresholds.insert(label, t);
+        }
+        Ok(DetectionSettings {
+            enabled: d.enabled,
+            threshold: self.unit("detection.threshold", d.threshold)?,
+            hysteresis: self.unit("detection.hysteresis", d.hysteresis)?,
+            min_frames: self.range("detection.min_frames", d.min_frames, 1, 10_000)? as u32,
+            end_frames: self.range("detection.end_frames", d.end_frames, 1, 10_000)? as u32,
+            update_interval_secs: self.positive(
+                "detection.update_interval_secs",
+                d.update_interval_secs,
+                86_400.0,
+            )?,
+            labels: d.labels,
+            thresholds,
+        })
+    }
+
+    fn outbox(&self, o: RawOutbox) -> Result<OutboxSettings, ConfigError> {
+        let interval_ms = o.fsync_interval_ms.unwrap_or(DEFAULT_FSYNC_INTERVAL_MS);
+        let interval = self.range("outbox.fsync_interval_ms", interval_ms, 10, 3_600_000)?;
+        let fsync = match o.fsync {
+            FsyncPolicy::Always => Fsync::Always,
+            FsyncPolicy::Interval => Fsync::Interval(Duration::from_millis(interval as u64)),
+            FsyncPolicy::Never => Fsync::Never,
+        };
+        if o.fsync_interval_ms.is_some() && o.fsync != FsyncPolicy::Interval {
+            return Err(self.err(
+                "outbox.fsync_interval_ms",
+                "only applies to fsync = \"interval\"",
+            ));
+        }
+        if o.dir.as_os_str().is_empty() {
+            return Err(self.err("outbox.dir", "is empty"));
+        }
+        Ok(OutboxSettings {
+            dir: o.dir,
+            fsync,
+            max_events: self.range("outbox.max_events", o.max_events, 1, 10_000_000)? as usize,
+            // At least one full-size record must fit.
+            max_bytes: self.range("outbox.max_bytes", o.max_bytes, 64 << 10, 1 << 34)? as usize,
+            // At most rumqttc's in-flight limit (100): past it the client queues them itself.
+            window: self.range("outbox.window", o.window, 1, 100)? as usize,
+        })
+    }
+
+    fn commands(&self, c: RawCommands) -> Result<CommandSettings, ConfigError> {
+        Ok(CommandSettings {
+            enabled: c.enabled,
+            max_payload_bytes: self.range(
+                "commands.max_payload_bytes",
+                c.max_payload_bytes,
+                16,
+                65_536,
+            )? as usize,
+            // Below the MQTT packet limit, with room for the topic and header.
+            snapshot_max_bytes: self.range(
+                "commands.snapshot_max_bytes",
+                c.snapshot_max_bytes,
+                4096,
+                (MQTT_MAX_PACKET - 4096) as i64,
+            )? as usize,
+        })
+    }
+
+    fn homeassistant(&self, h: RawHomeAssistant) -> Result<HomeAssistantSettings, ConfigError> {
+        self.topic_prefix("homeassistant.prefix", &h.prefix)?;
+        Ok(HomeAssistantSettings {
+            discovery: h.discovery,
+            prefix: h.prefix,
+        })
+    }
+
+    fn cameras(
+        &self,
+        tables: Vec<serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<Vec<CameraSettings>, ConfigError> {
+        let mut cameras: Vec<CameraSettings> = Vec::with_capacity(tables.len());
+        for (i, table) in tables.into_iter().enumerate() {
+            let c = self.camera(i, self.read_camera(i, table)?)?;
+            if cameras.iter().any(|o| o.name == c.name) {
+                return Err(self.err(
+                    &format!("camera[{i}].name"),
+                    format!("{:?} is used by another camera", c.name),
+                ));
+            }
+            cameras.push(c);
+        }
+        Ok(cameras)
+    }
+
+    /// The two steps of the camera's tagged enum (see [`RawCamera`]): `source` picks the
+    /// source; its keys go to that source's struct, the rest to the shared one.
+    fn read_camera(
+        &self,
+        i: usize,
+        mut table: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<RawCamera, ConfigError> {
+        let at = format!("camera[{i}]");
+        let kind: SourceKind = match table.remove("source") {
+            Some(v) => self.src.deserialize(&format!("{at}.source"), v)?,
+            None => SourceKind::default(),
+        };
+        let mut own = serde_json::Map::new();
+        for key in SourceKind::ALL.iter().flat_map(|k| k.keys()) {
+            let Some(v) = table.remove(*key) else {
+                continue;
+            };
+            if !kind.keys().contains(key) {
+                let owner = SourceKind::ALL.iter().find(|k| k.keys().contains(key));
+                let owner = owner.map_or("another source", |k| k.name());
+                return Err(self.err(
+                    &format!("{at}.{key}"),
+                    format!("only applies to source = \"{owner}\""),
+                ));
+            }
+            own.insert(key.to_string(), v);
+        }
+        let common: RawCameraCommon = self.src.deserialize(&at, table.into())?;
+        let source = match kind {
+            SourceKind::Images => RawSource::Images(self.src.deserialize(&at, own.into())?),
+            SourceKind::V4l2 => RawSource::V4l2(self.src.deserialize(&at, own.into())?),
+        };
+        Ok(RawCamera { common, source })
+    }
+
+    fn camera(&self, i: usize, raw: RawCamera) -> Result<CameraSettings, ConfigError> {
+        let k = |f: &str| format!("camera[{i}].{f}");
+        let c = raw.common;
+        let name = c.name.ok_or_else(|| self.err(&k("name"), "is required"))?;
+        self.topic_level(&k("name"), &name)?;
+        let reopen_min_ms = self.range(&k("reopen_min_ms"), c.reopen_min_ms, 10, 600_000)?;
+        let reopen_max_ms = self.range(&k("reopen_max_ms"), c.reopen_max_ms, 10, 3_600_000)?;
+        if reopen_max_ms < reopen_min_ms {
+            return Err(self.err(
+                &k("reopen_max_ms"),
+                format!("must be >= {}", k("reopen_min_ms")),
+            ));
+        }
+        if !(0.0..=255.0).contains(&c.change_threshold) {
+            return Err(self.err(
+                &k("change_threshold"),
+                format!("{} is out of range 0..=255", c.change_threshold),
+            ));
+        }
+        Ok(CameraSettings {
+            name,
+            source: match raw.source {
+                RawSource::Images(s) => self.images(&k, s)?,
+                RawSource::V4l2(s) => self.v4l2(&k, s)?,
+            },
+            max_age_ms: self.range(&k("max_age_ms"), c.max_age_ms, 1, 3_600_000)? as u64,
+            stall_secs: self.positive(&k("stall_secs"), c.stall_secs, 3600.0)?,
+            reopen_min_ms: reopen_min_ms as u64,
+            reopen_max_ms: reopen_max_ms as u64,
+            change_threshold: c.change_threshold as f32,
+            heartbeat_secs: self.positive(&k("heartbeat_secs"), c.heartbeat_secs, 86_400.0)?,
+        })
+    }
+
+    fn images(
+        &self,
+        k: &dyn Fn(&str) -> String,
+        s: RawImages,
+    ) -> Result<SourceSettings, ConfigError> {
+        let path = s
+            .path
+            .ok_or_else(|| self.err(&k("path"), "is required for source = \"images\""))?;
+        Ok(SourceSettings::Images {
+            path,
+            fps: self.positive(&k("fps"), s.fps, 1000.0)?,
+            looped: s.looped,
+        })
+    }
+
+    fn v4l2(&self, k: &dyn Fn(&str) -> String, s: RawV4l2) -> Result<SourceSettings, ConfigError> {
+        if s.fps.fract() != 0.0 || !(1.0..=240.0).contains(&s.fps) {
+            return Err(self.err(
+                &k("fps"),
+                format!("{} must be a whole number in 1..=240", s.fps),
+            ));
+        }
+        Ok(SourceSettings::V4l2 {
+            device: s.device,
+            width: self.range(&k("width"), s.width, 16, 8192)? as u32,
+            height: self.range(&k("height"), s.height, 16, 8192)? as u32,
+            fps: s.fps as u32,
+            format: s.format,
+        })
+    }
+}
+
+impl ModelSettings {
+    /// The raw layer's defaults, for a model file given on the command line (no config
+    /// file).
+    pub fn for_file(path: PathBuf) -> ModelSettings {
+        let d = RawModel::default();
+        ModelSettings {
+            path,
+            labels: d.labels,
+            preprocess: d.preprocess,
+            resize: d.resize,
+            top_k: d.top_k as usize,
+            threshold: d.threshold as f32,
+            threads: d.threads as usize,
+        }
+    }
+}
+
+impl Default for OutboxSettings {
+    /// The raw layer's defaults (tests and tools that open an outbox without a config).
+    fn default() -> Self {
+        let d = RawOutbox::default();
+        OutboxSettings {
+            dir: d.dir,
+            fsync: Fsync::Always,
+            max_events: d.max_events as usize,
+            max_bytes: d.max_bytes as usize,
+            window: d.window as usize,
+        }
+    }
+}
+
+/// The host name, made safe as an MQTT topic level.
+fn default_device_id() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_default();
+    let id: String = raw
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if id.is_empty() {
+        "edgesight".into()
+    } else {
+        id
+    }
+}
