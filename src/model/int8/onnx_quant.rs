@@ -304,40 +304,7 @@ fn qgemm(graph: &mut GraphProto, n: &NodeProto) -> Result<Vec<NodeProto>> {
     nodes.push(dq_b);
     let mut gemm_inputs = vec![af.clone(), bf.clone()];
     if let Some(c) = input(n, 6) {
-        let scale_of = |name: &str| {
-            graph
-                .initializer
-                .iter()
-                .find(|t| t.name == name)
-                .and_then(floats)
-        };
-        let (Some(sa), Some(sb)) = (scale_of(a_s), scale_of(b_s)) else {
-            bail!(
-                "QGemm node {:?}: a_scale and b_scale must be initializers",
-                n.name
-            );
-        };
-        if sa.len() != 1 {
-            bail!("QGemm node {:?}: a_scale must be one value", n.name);
-        }
-        let sc: Vec<f32> = sb.iter().map(|s| alpha * sa[0] * s).collect();
-        let dims = if sc.len() == 1 {
-            vec![]
-        } else {
-            vec![sc.len() as i64]
-        };
-        let sc_name = fresh(graph, &format!("{y}.c_scale"));
-        graph
-            .initializer
-            .push(float_initializer(sc_name.clone(), dims, sc));
-        let cf = fresh(graph, &format!("{y}.c_f32"));
-        let mut dq_c = node(
-            "DequantizeLinear",
-            format!("{}.dq_c", n.name),
-            &[c, &sc_name],
-            &[&cf],
-        );
-        dq_c.attribute.push(attr_int("axis", -1));
+        let (dq_c, cf) = qgemm_bias(graph, n, c, alpha)?;
         nodes.push(dq_c);
         gemm_inputs.push(cf);
     }
@@ -367,108 +334,181 @@ fn qgemm(graph: &mut GraphProto, n: &NodeProto) -> Result<Vec<NodeProto>> {
     Ok(nodes)
 }
 
+/// The DequantizeLinear of QGemm's int32 C (scale `alpha * a_scale * b_scale`, zero
+/// point 0), and the name of its float output.
+fn qgemm_bias(
+    graph: &mut GraphProto,
+    n: &NodeProto,
+    c: &str,
+    alpha: f32,
+) -> Result<(NodeProto, String)> {
+    let (a_s, b_s) = (need(n, 1, "a_scale")?, need(n, 4, "b_scale")?);
+    let y = n.output.first().cloned().unwrap_or_default();
+    let scale_of = |name: &str| {
+        graph
+            .initializer
+            .iter()
+            .find(|t| t.name == name)
+            .and_then(floats)
+    };
+    let (Some(sa), Some(sb)) = (scale_of(a_s), scale_of(b_s)) else {
+        bail!(
+            "QGemm node {:?}: a_scale and b_scale must be initializers",
+            n.name
+        );
+    };
+    let [sa] = sa.as_slice() else {
+        bail!("QGemm node {:?}: a_scale must be one value", n.name);
+    };
+    let sc: Vec<f32> = sb.iter().map(|s| alpha * sa * s).collect();
+    let dims = if sc.len() == 1 {
+        vec![]
+    } else {
+        vec![sc.len() as i64]
+    };
+    let sc_name = fresh(graph, &format!("{y}.c_scale"));
+    graph
+        .initializer
+        .push(float_initializer(sc_name.clone(), dims, sc));
+    let cf = fresh(graph, &format!("{y}.c_f32"));
+    let mut dq_c = node(
+        "DequantizeLinear",
+        format!("{}.dq_c", n.name),
+        &[c, &sc_name],
+        &[&cf],
+    );
+    dq_c.attribute.push(attr_int("axis", -1));
+    Ok((dq_c, cf))
+}
+
 // ---------------------------------------------------------------- QDQ -> QLinearConv
 
+/// Who produces and who consumes each tensor, and the initializers: what the QDQ pattern
+/// match looks up.
+struct QdqIndex<'g> {
+    graph: &'g GraphProto,
+    producer: HashMap<&'g str, usize>,
+    consumers: HashMap<&'g str, Vec<usize>>,
+    init: HashMap<&'g str, &'g TensorProto>,
+}
+
+impl<'g> QdqIndex<'g> {
+    fn new(graph: &'g GraphProto) -> Self {
+        let mut producer = HashMap::new();
+        let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, n) in graph.node.iter().enumerate() {
+            for o in &n.output {
+                producer.insert(o.as_str(), i);
+            }
+            for x in n.input.iter().filter(|x| !x.is_empty()) {
+                consumers.entry(x.as_str()).or_default().push(i);
+            }
+        }
+        let init = graph
+            .initializer
+            .iter()
+            .map(|t| (t.name.as_str(), t))
+            .collect();
+        QdqIndex {
+            graph,
+            producer,
+            consumers,
+            init,
+        }
+    }
+
+    fn scalar(&self, name: &str) -> bool {
+        self.init
+            .get(name)
+            .is_some_and(|t| t.dims.iter().product::<i64>() == 1)
+    }
+
+    /// The standard DequantizeLinear that produces `tensor`.
+    fn dq(&self, tensor: &str) -> Option<&'g NodeProto> {
+        let n = &self.graph.node[*self.producer.get(tensor)?];
+        (n.op_type == "DequantizeLinear" && n.domain.is_empty()).then_some(n)
+    }
+
+    /// The conv's bias, if it is an int32 initializer quantised with scale
+    /// x_scale * w_scale and zero point 0: `Some(None)` for no bias, `None` for a bias
+    /// QLinearConv cannot take.
+    fn bias(&self, conv: &NodeProto, xs: &str, w_scales: &[f32]) -> Option<Option<&'g str>> {
+        let Some(b) = input(conv, 2) else {
+            return Some(None);
+        };
+        let bd = self.dq(b)?;
+        let (bq, bs) = (input(bd, 0)?, input(bd, 1)?);
+        if let Some(z) = input(bd, 2)
+            && !self.init.get(z).is_some_and(|t| all_zero(t))
+        {
+            return None;
+        }
+        if self.init.get(bq)?.data_type != 6 {
+            return None;
+        }
+        let sx = *floats(self.init.get(xs)?)?.first()?;
+        let sb = floats(self.init.get(bs)?)?;
+        let ok = sb.len() == w_scales.len()
+            && sb.iter().zip(w_scales).all(|(b, w)| {
+                let want = sx * w;
+                (b - want).abs() <= 1e-6 * want.abs().max(f32::MIN_POSITIVE)
+            });
+        ok.then_some(Some(bq))
+    }
+
+    /// `DQ(x), DQ(w) -> Conv -> Q` as one QLinearConv: (conv index, quantize index, the
+    /// QLinearConv that replaces both), if the pattern and its scales allow it.
+    fn plan(&self, ci: usize, conv: &NodeProto) -> Option<(usize, usize, NodeProto)> {
+        let x = self.dq(input(conv, 0)?)?;
+        let w = self.dq(input(conv, 1)?)?;
+        let (xq, xs, xz) = (input(x, 0)?, input(x, 1)?, input(x, 2)?);
+        let (wq, ws, wz) = (input(w, 0)?, input(w, 1)?, input(w, 2)?);
+        // QLinearConv: per-tensor activations, weights per tensor or per output channel.
+        if !self.scalar(xs) || !self.scalar(xz) || !self.init.contains_key(wq) {
+            return None;
+        }
+        let w_scales = floats(self.init.get(ws)?)?;
+        if w_scales.len() > 1 && get_int(w, "axis").unwrap_or(1) != 0 {
+            return None;
+        }
+        let bias = self.bias(conv, xs, &w_scales)?;
+        let y = conv.output.first()?;
+        if self.graph.output.iter().any(|o| &o.name == y) {
+            return None;
+        }
+        let [qi] = self.consumers.get(y.as_str())?.as_slice() else {
+            return None;
+        };
+        let q = &self.graph.node[*qi];
+        if q.op_type != "QuantizeLinear" || !q.domain.is_empty() || input(q, 0)? != y {
+            return None;
+        }
+        let (ys, yz) = (input(q, 1)?, input(q, 2)?);
+        if !self.scalar(ys) || !self.scalar(yz) {
+            return None;
+        }
+        let mut inputs = vec![xq, xs, xz, wq, ws, wz, ys, yz];
+        inputs.extend(bias);
+        let mut qconv = node(
+            "QLinearConv",
+            conv.name.clone(),
+            &inputs,
+            &[q.output.first()?],
+        );
+        qconv.attribute = conv.attribute.clone();
+        Some((ci, *qi, qconv))
+    }
+}
+
 fn qdq_to_qlinear_conv(graph: &mut GraphProto) -> usize {
-    let producer: HashMap<String, usize> = graph
+    let index = QdqIndex::new(graph);
+    let plans: Vec<(usize, usize, NodeProto)> = graph
         .node
         .iter()
         .enumerate()
-        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.clone(), i)))
+        .filter(|(_, n)| n.op_type == "Conv" && n.domain.is_empty())
+        .filter_map(|(ci, conv)| index.plan(ci, conv))
         .collect();
-    let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, n) in graph.node.iter().enumerate() {
-        for x in n.input.iter().filter(|x| !x.is_empty()) {
-            consumers.entry(x.as_str()).or_default().push(i);
-        }
-    }
-    let graph_outputs: Vec<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
-    let init: HashMap<&str, &TensorProto> = graph
-        .initializer
-        .iter()
-        .map(|t| (t.name.as_str(), t))
-        .collect();
-    let scalar = |name: &str| {
-        init.get(name)
-            .is_some_and(|t| t.dims.iter().product::<i64>() == 1)
-    };
-    let dq = |tensor: &str| -> Option<&NodeProto> {
-        let n = &graph.node[*producer.get(tensor)?];
-        (n.op_type == "DequantizeLinear" && n.domain.is_empty()).then_some(n)
-    };
-
-    // (conv index, quantize index, the QLinearConv that replaces both)
-    let mut plans: Vec<(usize, usize, NodeProto)> = vec![];
-    for (ci, conv) in graph.node.iter().enumerate() {
-        if conv.op_type != "Conv" || !conv.domain.is_empty() {
-            continue;
-        }
-        let plan = (|| {
-            let x = dq(input(conv, 0)?)?;
-            let w = dq(input(conv, 1)?)?;
-            let (xq, xs, xz) = (input(x, 0)?, input(x, 1)?, input(x, 2)?);
-            let (wq, ws, wz) = (input(w, 0)?, input(w, 1)?, input(w, 2)?);
-            // QLinearConv: per-tensor activations, weights per tensor or per output channel.
-            if !scalar(xs) || !scalar(xz) || !init.contains_key(wq) {
-                return None;
-            }
-            let w_scales = floats(init.get(ws)?)?;
-            if w_scales.len() > 1 && get_int(w, "axis").unwrap_or(1) != 0 {
-                return None;
-            }
-            let bias = match input(conv, 2) {
-                None => None,
-                Some(b) => {
-                    // An int32 bias quantised with scale x_scale * w_scale, zero point 0.
-                    let bd = dq(b)?;
-                    let (bq, bs) = (input(bd, 0)?, input(bd, 1)?);
-                    if let Some(z) = input(bd, 2)
-                        && !init.get(z).is_some_and(|t| all_zero(t))
-                    {
-                        return None;
-                    }
-                    let bt = init.get(bq)?;
-                    if bt.data_type != 6 {
-                        return None;
-                    }
-                    let sx = floats(init.get(xs)?)?[0];
-                    let sb = floats(init.get(bs)?)?;
-                    let ok = sb.len() == w_scales.len()
-                        && sb.iter().zip(&w_scales).all(|(b, w)| {
-                            let want = sx * w;
-                            (b - want).abs() <= 1e-6 * want.abs().max(f32::MIN_POSITIVE)
-                        });
-                    if !ok {
-                        return None;
-                    }
-                    Some(bq)
-                }
-            };
-            let y = &conv.output[0];
-            if graph_outputs.contains(&y.as_str()) {
-                return None;
-            }
-            let [qi] = consumers.get(y.as_str())?.as_slice() else {
-                return None;
-            };
-            let q = &graph.node[*qi];
-            if q.op_type != "QuantizeLinear" || !q.domain.is_empty() || input(q, 0)? != y {
-                return None;
-            }
-            let (ys, yz) = (input(q, 1)?, input(q, 2)?);
-            if !scalar(ys) || !scalar(yz) {
-                return None;
-            }
-            let mut inputs = vec![xq, xs, xz, wq, ws, wz, ys, yz];
-            inputs.extend(bias);
-            let mut qconv = node("QLinearConv", conv.name.clone(), &inputs, &[&q.output[0]]);
-            qconv.attribute = conv.attribute.clone();
-            Some((ci, *qi, qconv))
-        })();
-        if let Some(p) = plan {
-            plans.push(p);
-        }
-    }
     let count = plans.len();
     let mut replace: HashMap<usize, NodeProto> = HashMap::new();
     let mut drop = std::collections::HashSet::new();

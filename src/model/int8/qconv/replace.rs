@@ -18,108 +18,123 @@ fn konst<T: Datum + Copy>(model: &TypedModel, node: &TypedNode, ix: usize) -> Op
     Some(k.try_as_plain_ram().ok()?.as_slice::<T>().ok()?.to_vec())
 }
 
-/// Build our op for a quantised tract `Conv` node, if it is one we run: NCHW, OIHW i8
-/// weights with zero point 0, one group, no dilation, u8/i8 in and out, constant
-/// parameters, a known input height and width.
-pub(crate) fn qconv_for(
-    model: &TypedModel,
-    node: &TypedNode,
-    which: Kernel,
-) -> TractResult<Option<QConv>> {
-    let Some(conv) = node.op_as::<Conv>() else {
-        return Ok(None);
-    };
-    let ps = &conv.pool_spec;
-    let Some(out_dt) = conv.q_params.map(|d| d.unquantized()) else {
-        return Ok(None);
-    };
-    if node.inputs.len() != 9
-        || conv.group != 1
-        || conv.kernel_fmt != KernelFormat::OIHW
-        || ps.data_format != DataFormat::NCHW
-        || ps.kernel_shape.len() != 2
-        || ps.dilations().iter().any(|d| *d != 1)
-        || !matches!(out_dt, DatumType::U8 | DatumType::I8)
-    {
-        return Ok(None);
+/// What the node's facts say about the conv: its element types and sizes.
+struct Shape {
+    out_dt: DatumType,
+    signed_x: bool,
+    hw: [usize; 2],
+    cin: usize,
+    cout: usize,
+    kernel: (usize, usize),
+}
+
+impl Shape {
+    /// `None` unless the layout is one our kernels run: NCHW, OIHW i8 weights, one
+    /// group, no dilation, u8/i8 in and out, a known input height and width.
+    fn of(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<Option<Shape>> {
+        let ps = &conv.pool_spec;
+        let Some(out_dt) = conv.q_params.map(|d| d.unquantized()) else {
+            return Ok(None);
+        };
+        if node.inputs.len() != 9
+            || conv.group != 1
+            || conv.kernel_fmt != KernelFormat::OIHW
+            || ps.data_format != DataFormat::NCHW
+            || ps.kernel_shape.len() != 2
+            || ps.dilations().iter().any(|d| *d != 1)
+            || !matches!(out_dt, DatumType::U8 | DatumType::I8)
+        {
+            return Ok(None);
+        }
+        let x = model.outlet_fact(node.inputs[0])?;
+        let k = model.outlet_fact(node.inputs[1])?;
+        let signed_x = match x.datum_type.unquantized() {
+            DatumType::U8 => false,
+            DatumType::I8 => true,
+            _ => return Ok(None),
+        };
+        if k.datum_type.unquantized() != DatumType::I8 || x.rank() != 4 {
+            return Ok(None);
+        }
+        let Some(hw) = x.shape.as_concrete().map(|s| [s[2], s[3]]) else {
+            return Ok(None);
+        };
+        Ok(Some(Shape {
+            out_dt,
+            signed_x,
+            hw,
+            cin: ps.input_channels,
+            cout: ps.output_channels,
+            kernel: (ps.kernel_shape[0], ps.kernel_shape[1]),
+        }))
     }
-    let x = model.outlet_fact(node.inputs[0])?;
-    let k = model.outlet_fact(node.inputs[1])?;
-    let signed_x = match x.datum_type.unquantized() {
-        DatumType::U8 => false,
-        DatumType::I8 => true,
-        _ => return Ok(None),
-    };
-    if k.datum_type.unquantized() != DatumType::I8 || x.rank() != 4 {
-        return Ok(None);
+
+    fn taps(&self) -> usize {
+        self.kernel.0 * self.kernel.1
     }
-    let Some(hw) = x.shape.as_concrete().map(|s| [s[2], s[3]]) else {
-        return Ok(None);
-    };
-    let (cin, cout) = (ps.input_channels, ps.output_channels);
-    let (kh, kw) = (ps.kernel_shape[0], ps.kernel_shape[1]);
-    let Some(kernel) = model
-        .outlet_fact(node.inputs[1])?
-        .konst
-        .clone()
-        .and_then(|k| {
-            let k = k.cast_to::<i8>().ok()?.into_owned();
-            Some(k.try_as_plain_ram().ok()?.as_slice::<i8>().ok()?.to_vec())
+}
+
+/// The constant weights and quantisation parameters (inputs 1 to 8 of tract's conv).
+struct Quant {
+    kernel: Vec<i8>,
+    bias: Vec<i32>,
+    x0: i32,
+    xs: f32,
+    ks: Vec<f32>,
+    y0: i32,
+    ys: f32,
+}
+
+impl Quant {
+    /// `None` unless every parameter is a constant of the size our op folds: per-tensor
+    /// input and output, per-tensor or per-channel bias and weight scale, weight zero
+    /// point 0.
+    fn of(model: &TypedModel, node: &TypedNode, shape: &Shape) -> Option<Quant> {
+        let kernel = konst::<i8>(model, node, 1)?;
+        let (bias, x0, xs) = (
+            konst(model, node, 2)?,
+            konst(model, node, 3)?,
+            konst(model, node, 4)?,
+        );
+        let (k0, ks) = (konst::<i32>(model, node, 5)?, konst(model, node, 6)?);
+        let (y0, ys) = (konst(model, node, 7)?, konst(model, node, 8)?);
+        let per_channel = |v: usize| v == 1 || v == shape.cout;
+        let one = |v: &[i32], s: &[f32]| (v.len() == 1 && s.len() == 1).then(|| (v[0], s[0]));
+        let ((x0, xs), (y0, ys)) = (one(&x0, &xs)?, one(&y0, &ys)?);
+        let ok = kernel.len() == shape.cout * shape.cin * shape.taps()
+            && k0.iter().all(|z| *z == 0)
+            && per_channel(bias.len())
+            && per_channel(ks.len());
+        ok.then_some(Quant {
+            kernel,
+            bias,
+            x0,
+            xs,
+            ks,
+            y0,
+            ys,
         })
-    else {
-        return Ok(None);
-    };
-    let (Some(bias), Some(x0), Some(xs), Some(k0), Some(ks), Some(y0), Some(ys)) = (
-        konst::<i32>(model, node, 2),
-        konst::<i32>(model, node, 3),
-        konst::<f32>(model, node, 4),
-        konst::<i32>(model, node, 5),
-        konst::<f32>(model, node, 6),
-        konst::<i32>(model, node, 7),
-        konst::<f32>(model, node, 8),
-    ) else {
-        return Ok(None);
-    };
-    let per_channel = |v: usize| v == 1 || v == cout;
-    if kernel.len() != cout * cin * kh * kw
-        || k0.iter().any(|z| *z != 0)
-        || x0.len() != 1
-        || xs.len() != 1
-        || y0.len() != 1
-        || ys.len() != 1
-        || !per_channel(bias.len())
-        || !per_channel(ks.len())
-    {
-        return Ok(None);
     }
-    // The zero point in the kernel's domain (see `flip`), and the flip that gets there.
+}
+
+/// The XOR that brings input bytes into the kernel's domain, and the input zero point in
+/// that domain; `None` if the zero point does not fit it.
+fn input_domain(which: Kernel, signed_x: bool, x0: i32) -> Option<(u8, i32)> {
     let (flip, x0) = match (which.signed(), signed_x) {
-        (false, false) => (0, x0[0]),
-        (false, true) => (0x80, x0[0] + 128),
-        (true, false) => (0x80, x0[0] - 128),
-        (true, true) => (0, x0[0]),
+        (false, false) => (0, x0),
+        (false, true) => (0x80, x0 + 128),
+        (true, false) => (0x80, x0 - 128),
+        (true, true) => (0, x0),
     };
     let domain = if which.signed() { -128..=127 } else { 0..=255 };
-    if !domain.contains(&x0) {
-        return Ok(None);
-    }
-    let pads = ps.computed_padding(&hw);
-    let pad = (
-        pads[0].pad_before,
-        pads[1].pad_before,
-        pads[0].pad_after,
-        pads[1].pad_after,
-    );
-    if matches!(ps.padding, PaddingSpec::ExplicitOnnxPool(_, _, true)) {
-        return Ok(None);
-    }
-    let strides = ps.strides();
-    let (lo, hi) = if out_dt == DatumType::U8 {
-        (0, 255)
-    } else {
-        (-128, 127)
-    };
-    let taps = kh * kw;
+    domain.contains(&x0).then_some((flip, x0))
+}
+
+/// The weights in the kernels' order ([co block][tap][c4 group][MR][4]), the bias with
+/// the input zero point folded in (`bias - x0 * sum(w)`), and the requantisation scales,
+/// each padded to a multiple of MR channels.
+fn fold(shape: &Shape, q: &Quant, x0: i32) -> (Vec<i8>, Vec<i32>, Vec<f32>) {
+    let (cin, cout, taps) = (shape.cin, shape.cout, shape.taps());
     let groups = cin.div_ceil(4);
     let blocks = cout.div_ceil(MR);
     let mut weights = vec![0i8; blocks * taps * groups * MR * 4];
@@ -130,32 +145,71 @@ pub(crate) fn qconv_for(
         let mut sum = 0i32;
         for ci in 0..cin {
             for t in 0..taps {
-                let v = kernel[(co * cin + ci) * taps + t];
+                let v = q.kernel[(co * cin + ci) * taps + t];
                 sum += v as i32;
                 let (g, j) = (ci / 4, ci % 4);
                 weights[(((b * taps + t) * groups + g) * MR + m) * 4 + j] = v;
             }
         }
-        let bias = bias[if bias.len() == 1 { 0 } else { co }];
+        let bias = q.bias[if q.bias.len() == 1 { 0 } else { co }];
         folded[co] = bias.wrapping_sub(x0 * sum);
         // tract's combine_scales: (k_scale * x_scale) / y_scale.
-        scales[co] = (ks[if ks.len() == 1 { 0 } else { co }] * xs[0]) / ys[0];
+        scales[co] = (q.ks[if q.ks.len() == 1 { 0 } else { co }] * q.xs) / q.ys;
     }
+    (weights, folded, scales)
+}
+
+/// Build our op for a quantised tract `Conv` node, if it is one we run (see [`Shape::of`]
+/// and [`Quant::of`]); `Ok(None)` leaves the node to tract.
+pub(crate) fn qconv_for(
+    model: &TypedModel,
+    node: &TypedNode,
+    which: Kernel,
+) -> TractResult<Option<QConv>> {
+    let Some(conv) = node.op_as::<Conv>() else {
+        return Ok(None);
+    };
+    let ps = &conv.pool_spec;
+    let Some(shape) = Shape::of(model, node, conv)? else {
+        return Ok(None);
+    };
+    let Some(q) = Quant::of(model, node, &shape) else {
+        return Ok(None);
+    };
+    let Some((flip, x0)) = input_domain(which, shape.signed_x, q.x0) else {
+        return Ok(None);
+    };
+    if matches!(ps.padding, PaddingSpec::ExplicitOnnxPool(_, _, true)) {
+        return Ok(None);
+    }
+    let pads = ps.computed_padding(&shape.hw);
+    let strides = ps.strides();
+    let (lo, hi) = if shape.out_dt == DatumType::U8 {
+        (0, 255)
+    } else {
+        (-128, 127)
+    };
+    let (weights, bias, scales) = fold(&shape, &q, x0);
     Ok(Some(QConv {
-        cin,
-        cout,
-        kernel: (kh, kw),
+        cin: shape.cin,
+        cout: shape.cout,
+        kernel: shape.kernel,
         stride: (strides[0], strides[1]),
-        pad,
+        pad: (
+            pads[0].pad_before,
+            pads[1].pad_before,
+            pads[0].pad_after,
+            pads[1].pad_after,
+        ),
         flip,
         x0: x0 as u8, // the byte: i8's two's complement in the signed domain
         weights: Arc::new(weights),
-        bias: Arc::new(folded),
+        bias: Arc::new(bias),
         scales: Arc::new(scales),
-        y0: y0[0],
+        y0: q.y0,
         lo,
         hi,
-        out_dt,
+        out_dt: shape.out_dt,
         which,
     }))
 }
