@@ -2,7 +2,7 @@
 //! side-by-side comparison with onnxruntime (tools/bench_models.py) feeds it the same
 //! input tensor and reads the model's output back from the JSON.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -57,46 +57,11 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
         threads: opts.threads,
         ..ModelSettings::for_file(opts.model.clone())
     };
-    let kernel = match opts.int8_kernel.as_str() {
-        _ if opts.no_int8_rewrites => None,
-        "best" => Kernel::best(),
-        "tract" => None,
-        name => {
-            let available = Kernel::available();
-            let names: Vec<String> = available
-                .iter()
-                .map(|k| format!("{k:?}").to_lowercase())
-                .collect();
-            let Some(i) = names.iter().position(|n| n == name) else {
-                bail!(
-                    "--int8-kernel {name}: this CPU has best, tract, {}",
-                    names.join(", ")
-                );
-            };
-            Some(available[i])
-        }
-    };
+    let kernel = kernel_named(opts)?;
     let classifier = Classifier::load_with_kernel(&settings, !opts.no_int8_rewrites, kernel)?;
     let spec = *classifier.input_spec();
     let input = match &opts.input {
-        Some(path) => {
-            let bytes = std::fs::read(path)
-                .with_context(|| format!("input file {}: cannot read", path.display()))?;
-            let shape = spec.shape();
-            let want: usize = shape.iter().product::<usize>() * 4;
-            if bytes.len() != want {
-                bail!(
-                    "input file {}: {} bytes, but the model's input {shape:?} as f32 is {want}",
-                    path.display(),
-                    bytes.len()
-                );
-            }
-            let values: Vec<f32> = bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            tract_ndarray::ArrayD::from_shape_vec(shape.to_vec(), values)?.into_tensor()
-        }
+        Some(path) => input_file(path, &spec.shape())?,
         None => spec.normalize(&test_card(spec.width, spec.height)),
     };
 
@@ -143,6 +108,48 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
             .collect();
     }
     Ok(v)
+}
+
+/// `--int8-kernel`: best, tract (none of ours) or one this CPU has.
+fn kernel_named(opts: &BenchOptions) -> Result<Option<Kernel>> {
+    Ok(match opts.int8_kernel.as_str() {
+        _ if opts.no_int8_rewrites => None,
+        "best" => Kernel::best(),
+        "tract" => None,
+        name => {
+            let available = Kernel::available();
+            let names: Vec<String> = available
+                .iter()
+                .map(|k| format!("{k:?}").to_lowercase())
+                .collect();
+            let Some(i) = names.iter().position(|n| n == name) else {
+                bail!(
+                    "--int8-kernel {name}: this CPU has best, tract, {}",
+                    names.join(", ")
+                );
+            };
+            Some(available[i])
+        }
+    })
+}
+
+/// `--input`: the model's input as raw little-endian f32 (the size must match).
+fn input_file(path: &Path, shape: &[usize]) -> Result<Tensor> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("input file {}: cannot read", path.display()))?;
+    let want: usize = shape.iter().product::<usize>() * 4;
+    if bytes.len() != want {
+        bail!(
+            "input file {}: {} bytes, but the model's input {shape:?} as f32 is {want}",
+            path.display(),
+            bytes.len()
+        );
+    }
+    let values: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok(tract_ndarray::ArrayD::from_shape_vec(shape.to_vec(), values)?.into_tensor())
 }
 
 fn median(sorted: &[f64]) -> f64 {

@@ -204,6 +204,49 @@ fn unsupported_ops(model: &InferenceModel) -> Vec<String> {
         .collect()
 }
 
+/// The model file parsed, with what the rest of loading relies on checked: a regular
+/// file, every operator known to tract, one input.
+fn parse_checked(path: &Path, int8_rewrites: bool) -> Result<Parsed> {
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("model file {}: cannot open", path.display()))?;
+    if !meta.is_file() {
+        bail!("model file {}: not a regular file", path.display());
+    }
+    let parsed = parse(path, int8_rewrites)
+        .with_context(|| format!("model file {}: not a loadable ONNX model", path.display()))?;
+    let missing = unsupported_ops(&parsed.model);
+    if !missing.is_empty() {
+        bail!(
+            "model file {}: unsupported ONNX operator(s): {}",
+            path.display(),
+            missing.join(", ")
+        );
+    }
+    let inputs = parsed.model.input_outlets()?.len();
+    if inputs != 1 {
+        bail!(
+            "model file {}: expected one image input, found {inputs}",
+            path.display()
+        );
+    }
+    Ok(parsed)
+}
+
+/// The optimised model's output shape, if it is one vector of (at least two) class scores.
+fn class_scores_shape(typed: &TypedModel) -> Result<Vec<usize>> {
+    let shape: Vec<usize> = typed
+        .output_fact(0)?
+        .shape
+        .as_concrete()
+        .ok_or_else(|| anyhow!("output shape is not fixed"))?
+        .to_vec();
+    let classes: usize = shape.iter().product();
+    if classes < 2 || shape.iter().filter(|d| **d > 1).count() != 1 {
+        bail!("output shape {shape:?} is not a single vector of class scores");
+    }
+    Ok(shape)
+}
+
 impl Classifier {
     /// Load, check and optimise the model named by `settings`.
     pub fn load(settings: &ModelSettings) -> Result<Classifier> {
@@ -228,32 +271,11 @@ impl Classifier {
     ) -> Result<Classifier> {
         let started = Instant::now();
         let path = &settings.path;
-        let meta = std::fs::metadata(path)
-            .with_context(|| format!("model file {}: cannot open", path.display()))?;
-        if !meta.is_file() {
-            bail!("model file {}: not a regular file", path.display());
-        }
         let Parsed {
             mut model,
             rewrites: proto_rewrites,
             quantize_scales,
-        } = parse(path, int8_rewrites)
-            .with_context(|| format!("model file {}: not a loadable ONNX model", path.display()))?;
-        let missing = unsupported_ops(&model);
-        if !missing.is_empty() {
-            bail!(
-                "model file {}: unsupported ONNX operator(s): {}",
-                path.display(),
-                missing.join(", ")
-            );
-        }
-        if model.input_outlets()?.len() != 1 {
-            bail!(
-                "model file {}: expected one image input, found {}",
-                path.display(),
-                model.input_outlets()?.len()
-            );
-        }
+        } = parse_checked(path, int8_rewrites)?;
         let spec = input_spec(&model, settings)
             .with_context(|| format!("model file {}: unsupported input", path.display()))?;
         let outputs_probabilities = model
@@ -265,19 +287,9 @@ impl Classifier {
         let loaded = Instant::now();
         let (typed, mut int8) = optimize(model, int8_rewrites, kernel, &quantize_scales)
             .with_context(|| format!("model file {}: cannot optimise", path.display()))?;
-        let output_shape: Vec<usize> = typed
-            .output_fact(0)?
-            .shape
-            .as_concrete()
-            .ok_or_else(|| anyhow!("model file {}: output shape is not fixed", path.display()))?
-            .to_vec();
+        let output_shape =
+            class_scores_shape(&typed).with_context(|| format!("model file {}", path.display()))?;
         let classes: usize = output_shape.iter().product();
-        if classes < 2 || output_shape.iter().filter(|d| **d > 1).count() != 1 {
-            bail!(
-                "model file {}: output shape {output_shape:?} is not a single vector of class scores",
-                path.display()
-            );
-        }
         int8.proto = proto_rewrites;
         let plan = typed.into_runnable()?;
         let timing = LoadTiming {

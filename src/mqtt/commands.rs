@@ -59,96 +59,100 @@ pub struct Rejection {
     pub error: String,
 }
 
+/// Why a command was refused before it ran: what the rejection's `error` says.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("payload of {len} bytes exceeds commands.max_payload_bytes ({max})")]
+    TooLarge { len: usize, max: usize },
+    #[error("payload must be a JSON object, not {0}")]
+    NotAnObject(Value),
+    #[error("malformed JSON: {0}")]
+    Malformed(serde_json::Error),
+    #[error("unknown field {0:?} (valid: \"camera\", \"id\")")]
+    UnknownField(String),
+    #[error("unknown command {0:?} (valid: pause, resume, snapshot, reload)")]
+    UnknownVerb(String),
+    #[error("snapshot needs \"camera\" (one of {0:?})")]
+    SnapshotNeedsCamera(Vec<String>),
+    #[error("reload takes no camera")]
+    ReloadTakesNoCamera,
+    #[error("unknown camera {name:?} (cameras: {names:?})")]
+    UnknownCamera { name: String, names: Vec<String> },
+    #[error("\"camera\" must be a string, not {0}")]
+    CameraNotAString(Value),
+}
+
 /// Parse the command `verb` with `payload` (empty, or a JSON object with optional
 /// `camera` and `id`).
 pub fn parse(settings: &Settings, verb: &str, payload: &[u8]) -> Result<Request, Rejection> {
-    let reject = |id: Option<Value>, error: String| Rejection {
+    let reject = |id: Option<Value>, error: Refusal| Rejection {
         verb: verb.to_string(),
         id,
-        error,
+        error: error.to_string(),
     };
-    let max = settings.commands.max_payload_bytes;
-    if payload.len() > max {
-        return Err(reject(
-            None,
-            format!(
-                "payload of {} bytes exceeds commands.max_payload_bytes ({max})",
-                payload.len()
-            ),
-        ));
-    }
-    let body: serde_json::Map<String, Value> = if payload.iter().all(u8::is_ascii_whitespace) {
-        serde_json::Map::new()
-    } else {
-        match serde_json::from_slice::<Value>(payload) {
-            Ok(Value::Object(o)) => o,
-            Ok(other) => {
-                return Err(reject(
-                    None,
-                    format!("payload must be a JSON object, not {other}"),
-                ));
-            }
-            Err(e) => return Err(reject(None, format!("malformed JSON: {e}"))),
-        }
-    };
+    let body = body(payload, settings.commands.max_payload_bytes).map_err(|e| reject(None, e))?;
     let id = body.get("id").cloned();
     if let Some(k) = body
         .keys()
         .find(|k| !["id", "camera"].contains(&k.as_str()))
     {
-        return Err(reject(
-            id,
-            format!("unknown field {k:?} (valid: \"camera\", \"id\")"),
-        ));
+        return Err(reject(id, Refusal::UnknownField(k.clone())));
     }
     let verb_ = match verb {
         "pause" => Verb::Pause,
         "resume" => Verb::Resume,
         "snapshot" => Verb::Snapshot,
         "reload" => Verb::Reload,
-        other => {
-            return Err(reject(
-                id,
-                format!("unknown command {other:?} (valid: pause, resume, snapshot, reload)"),
-            ));
-        }
+        other => return Err(reject(id, Refusal::UnknownVerb(other.to_string()))),
     };
-    let names: Vec<&str> = settings.camera.iter().map(|c| c.name.as_str()).collect();
-    let cameras = match body.get("camera") {
-        None => match verb_ {
-            Verb::Snapshot if names.len() > 1 => {
-                return Err(reject(
-                    id,
-                    format!("snapshot needs \"camera\" (one of {names:?})"),
-                ));
-            }
-            Verb::Reload => vec![],
-            _ => (0..names.len()).collect(),
+    let names: Vec<String> = settings.camera.iter().map(|c| c.name.clone()).collect();
+    match cameras(verb_, body.get("camera"), &names) {
+        Ok(cameras) => Ok(Request {
+            verb: verb_,
+            cameras,
+            id,
+        }),
+        Err(e) => Err(reject(id, e)),
+    }
+}
+
+/// The payload as a JSON object (empty or blank: no fields).
+fn body(payload: &[u8], max: usize) -> Result<serde_json::Map<String, Value>, Refusal> {
+    if payload.len() > max {
+        return Err(Refusal::TooLarge {
+            len: payload.len(),
+            max,
+        });
+    }
+    if payload.iter().all(u8::is_ascii_whitespace) {
+        return Ok(serde_json::Map::new());
+    }
+    match serde_json::from_slice::<Value>(payload) {
+        Ok(Value::Object(o)) => Ok(o),
+        Ok(other) => Err(Refusal::NotAnObject(other)),
+        Err(e) => Err(Refusal::Malformed(e)),
+    }
+}
+
+/// The cameras a command applies to (indices into `names`): the one named, or all of
+/// them; none for `reload`, and exactly one for `snapshot`.
+fn cameras(verb: Verb, camera: Option<&Value>, names: &[String]) -> Result<Vec<usize>, Refusal> {
+    match camera {
+        None => match verb {
+            Verb::Snapshot if names.len() > 1 => Err(Refusal::SnapshotNeedsCamera(names.to_vec())),
+            Verb::Reload => Ok(vec![]),
+            _ => Ok((0..names.len()).collect()),
         },
-        Some(_) if verb_ == Verb::Reload => {
-            return Err(reject(id, "reload takes no camera".into()));
-        }
+        Some(_) if verb == Verb::Reload => Err(Refusal::ReloadTakesNoCamera),
         Some(Value::String(c)) => match names.iter().position(|n| n == c) {
-            Some(i) => vec![i],
-            None => {
-                return Err(reject(
-                    id,
-                    format!("unknown camera {c:?} (cameras: {names:?})"),
-                ));
-            }
+            Some(i) => Ok(vec![i]),
+            None => Err(Refusal::UnknownCamera {
+                name: c.clone(),
+                names: names.to_vec(),
+            }),
         },
-        Some(other) => {
-            return Err(reject(
-                id,
-                format!("\"camera\" must be a string, not {other}"),
-            ));
-        }
-    };
-    Ok(Request {
-        verb: verb_,
-        cameras,
-        id,
-    })
+        Some(other) => Err(Refusal::CameraNotAString(other.clone())),
+    }
 }
 
 /// Why a command failed: what its reply's `error` says.

@@ -53,13 +53,9 @@ pub fn payload(settings: &Settings) -> Value {
     let dev = object_id(&settings.device.id);
     let version = env!("CARGO_PKG_VERSION");
     let device_avail = availability_topic(settings);
-    let stats = stats_topic(settings);
     let mut cmps = serde_json::Map::new();
     for cam in &settings.camera {
         let c = &cam.name;
-        let q = jinja_string(c);
-        let uid = |what: &str| format!("{dev}_{}_{what}", sanitize(c));
-        let classification = camera_topic(settings, c, "classification");
         // The camera's entities are available when the device and the camera both are.
         let avail = json!({
             "availability": [
@@ -68,75 +64,20 @@ pub fn payload(settings: &Settings) -> Value {
             ],
             "availability_mode": "all",
         });
-        let mut add = |what: &str, mut v: Value| {
+        for (what, mut v) in camera_entities(settings, c) {
+            let uid = format!("{dev}_{}_{what}", sanitize(c));
             if let (Value::Object(o), Value::Object(a)) = (&mut v, &avail) {
                 o.extend(a.clone());
-                o.insert("unique_id".into(), uid(what).into());
+                o.insert("unique_id".into(), uid.clone().into());
                 // Home Assistant 2025.10 replaced `object_id` with this.
                 let platform = o.get("p").and_then(Value::as_str).unwrap_or("sensor");
                 o.insert(
                     "default_entity_id".into(),
-                    format!("{platform}.{}", uid(what)).into(),
+                    format!("{platform}.{uid}").into(),
                 );
             }
-            cmps.insert(uid(what), v);
-        };
-        add(
-            "label",
-            json!({
-                "p": "sensor",
-                "name": format!("{c} label"),
-                "icon": "mdi:tag-search",
-                "state_topic": classification,
-                "value_template": "{{ value_json.top[0].label if value_json.top else 'none' }}",
-            }),
-        );
-        add(
-            "score",
-            json!({
-                "p": "sensor",
-                "name": format!("{c} score"),
-                "state_class": "measurement",
-                "state_topic": classification,
-                "value_template": "{{ value_json.top[0].score if value_json.top else 0 }}",
-            }),
-        );
-        add(
-            "detection",
-            json!({
-                "p": "event",
-                "name": format!("{c} detection"),
-                "state_topic": camera_topic(settings, c, "detection"),
-                "event_types": ["start", "update", "end"],
-                "value_template": "{{ {'event_type': value_json.type, 'label': value_json.label, \
-                                   'score': value_json.score, 'id': value_json.id} | to_json }}",
-            }),
-        );
-        add(
-            "fps",
-            json!({
-                "p": "sensor",
-                "name": format!("{c} fps"),
-                "entity_category": "diagnostic",
-                "state_class": "measurement",
-                "unit_of_measurement": "fps",
-                "state_topic": stats,
-                "value_template": format!("{{{{ value_json.cameras[{q}].fps }}}}"),
-            }),
-        );
-        add(
-            "inference",
-            json!({
-                "p": "sensor",
-                "name": format!("{c} inference time"),
-                "entity_category": "diagnostic",
-                "state_class": "measurement",
-                "device_class": "duration",
-                "unit_of_measurement": "ms",
-                "state_topic": stats,
-                "value_template": format!("{{{{ value_json.cameras[{q}].inference_ms_p50 }}}}"),
-            }),
-        );
+            cmps.insert(uid, v);
+        }
     }
     json!({
         "dev": {
@@ -153,6 +94,72 @@ pub fn payload(settings: &Settings) -> Value {
         "cmps": cmps,
         "qos": 1,
     })
+}
+
+/// A camera's entities (a table): what each shows, from which topic, and how Home
+/// Assistant reads the value out of the payload.
+fn camera_entities(settings: &Settings, c: &str) -> [(&'static str, Value); 5] {
+    let q = jinja_string(c);
+    let classification = camera_topic(settings, c, "classification");
+    let stats = stats_topic(settings);
+    [
+        (
+            "label",
+            json!({
+                "p": "sensor",
+                "name": format!("{c} label"),
+                "icon": "mdi:tag-search",
+                "state_topic": classification,
+                "value_template": "{{ value_json.top[0].label if value_json.top else 'none' }}",
+            }),
+        ),
+        (
+            "score",
+            json!({
+                "p": "sensor",
+                "name": format!("{c} score"),
+                "state_class": "measurement",
+                "state_topic": classification,
+                "value_template": "{{ value_json.top[0].score if value_json.top else 0 }}",
+            }),
+        ),
+        (
+            "detection",
+            json!({
+                "p": "event",
+                "name": format!("{c} detection"),
+                "state_topic": camera_topic(settings, c, "detection"),
+                "event_types": ["start", "update", "end"],
+                "value_template": "{{ {'event_type': value_json.type, 'label': value_json.label, \
+                                   'score': value_json.score, 'id': value_json.id} | to_json }}",
+            }),
+        ),
+        (
+            "fps",
+            json!({
+                "p": "sensor",
+                "name": format!("{c} fps"),
+                "entity_category": "diagnostic",
+                "state_class": "measurement",
+                "unit_of_measurement": "fps",
+                "state_topic": stats,
+                "value_template": format!("{{{{ value_json.cameras[{q}].fps }}}}"),
+            }),
+        ),
+        (
+            "inference",
+            json!({
+                "p": "sensor",
+                "name": format!("{c} inference time"),
+                "entity_category": "diagnostic",
+                "state_class": "measurement",
+                "device_class": "duration",
+                "unit_of_measurement": "ms",
+                "state_topic": stats,
+                "value_template": format!("{{{{ value_json.cameras[{q}].inference_ms_p50 }}}}"),
+            }),
+        ),
+    ]
 }
 
 #[cfg(test)]

@@ -736,8 +736,13 @@ fn uniform_i32_operand(model: &TypedModel, node: &TypedNode, from: OutletId) -> 
 
 /// The requantisation chain that starts at the `Scale` node `id`, as the op that replaces
 /// it and the id of the chain's last node (the cast).
-fn requant_chain(model: &TypedModel, id: usize) -> TractResult<Option<(Requant, usize)>> {
-    let scale_node = model.node(id);
+/// The f32 scales of an i32 `Scale` node, if they are per channel: exactly one axis of
+/// the scale tensor longer than 1, aligned with the output's axes (the scale was
+/// broadcast to the output's rank). Returns the scales and that axis.
+fn per_channel_scales(
+    model: &TypedModel,
+    scale_node: &TypedNode,
+) -> TractResult<Option<(Vec<f32>, usize)>> {
     if scale_node.op.name() != tract_op::SCALE || scale_node.inputs.len() != 2 {
         return Ok(None);
     }
@@ -748,23 +753,26 @@ fn requant_chain(model: &TypedModel, id: usize) -> TractResult<Option<(Requant, 
     if out_fact.datum_type != DatumType::I32 || scales.datum_type() != DatumType::F32 {
         return Ok(None);
     }
-    // Per-channel: exactly one axis of the scale tensor longer than 1, aligned with the
-    // output's axes (the scale was broadcast to the output's rank).
     let long: Vec<usize> = (0..scales.rank())
         .filter(|a| scales.shape()[*a] > 1)
         .collect();
     let Some(out_shape) = out_fact.shape.as_concrete() else {
         return Ok(None);
     };
-    if long.len() != 1 || scales.rank() != out_shape.len() {
+    let [axis] = long[..] else {
         return Ok(None);
-    }
-    let axis = long[0];
-    if out_shape[axis] != scales.shape()[axis] {
+    };
+    if scales.rank() != out_shape.len() || out_shape[axis] != scales.shape()[axis] {
         return Ok(None);
     }
     let scales: Vec<f32> = scales.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+    Ok(Some((scales, axis)))
+}
 
+fn requant_chain(model: &TypedModel, id: usize) -> TractResult<Option<(Requant, usize)>> {
+    let Some((scales, axis)) = per_channel_scales(model, model.node(id))? else {
+        return Ok(None);
+    };
     let is_output = |n: usize| model.outputs.iter().any(|o| o.node == n);
     let mut current = id;
     let (mut zero_point, mut lo, mut hi) = (0i32, None, None);
