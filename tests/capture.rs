@@ -19,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 /// What the next `open` does.
 #[derive(Debug, Clone)]
 enum Step {
-    Fail(&'static str),
+    /// The open fails: the device is gone.
+    Unplugged,
     /// Opens, delivers `frames` frames `every` apart, then errors (unplug) or goes silent.
     Stream {
         frames: u32,
@@ -90,16 +91,21 @@ impl Backend for Fake {
             .lock()
             .unwrap()
             .pop_front()
-            .unwrap_or(Step::Fail("/dev/video0: no such device (unplugged?)"));
+            .unwrap_or(Step::Unplugged);
         match step {
-            Step::Fail(why) => Err(CaptureError(why.into())),
+            Step::Unplugged => Err(CaptureError::NoDevice("/dev/video0".into())),
             Step::Stream {
                 frames,
                 every,
                 then_stall,
             } => Ok(FakeStream {
-                mode: capture::choose_mode(&MODES, r.width, r.height, r.fps, r.format)
-                    .ok_or_else(|| CaptureError("no mode".into()))?,
+                mode: capture::choose_mode(&MODES, r.width, r.height, r.fps, r.format).ok_or_else(
+                    || CaptureError::NoMode {
+                        node: "/dev/video0".into(),
+                        format: r.format.name(),
+                        offered: "YUYV, MJPG".into(),
+                    },
+                )?,
                 left: frames,
                 every,
                 then_stall,
@@ -120,7 +126,9 @@ impl FrameStream for FakeStream {
                 // A driver that stops delivering without an error: frame() never returns.
                 std::future::pending::<()>().await;
             }
-            return Err(CaptureError("read: No such device (os error 19)".into()));
+            // What a V4L2 read returns once the camera is unplugged (ENODEV).
+            let enodev = std::io::Error::from_raw_os_error(19);
+            return Err(CaptureError::Read(enodev.into()));
         }
         tokio::time::sleep(self.every).await;
         self.left -= 1;
@@ -203,8 +211,8 @@ fn ms(d: Duration) -> u64 {
 async fn loss_and_stall_are_reported_and_recovered_with_backoff() {
     let every = Duration::from_millis(100);
     let run = start(vec![
-        Step::Fail("/dev/video0: no such device (unplugged?)"),
-        Step::Fail("/dev/video0: no such device (unplugged?)"),
+        Step::Unplugged,
+        Step::Unplugged,
         Step::Stream {
             frames: 20,
             every,

@@ -22,6 +22,7 @@ pub use crate::stats::status::{CameraStatus, StatusSink};
 
 use std::fmt;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
@@ -66,10 +67,56 @@ impl fmt::Display for Mode {
     }
 }
 
-/// A capture failure, in words that name the device.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct CaptureError(pub String);
+/// A capture failure, in words that name the device (and the fix, where there is one).
+/// The supervisor only reports these (log and status topic); the variants keep each
+/// message in one place and let a backend's caller tell "unplugged" from "refused".
+/// Causes are part of the message rather than `source()`: the status topic carries one
+/// line, not a chain.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// A configured by-id link (or path) that leads nowhere.
+    #[error("{}: {err} (camera unplugged?)", .link.display())]
+    Unresolved { link: PathBuf, err: std::io::Error },
+    #[error("{} is not a /dev/videoN node", .0.display())]
+    NotVideoNode(PathBuf),
+    #[error("{}: no such device (unplugged?)", .0.display())]
+    NoDevice(PathBuf),
+    #[error(
+        "{}: permission denied; the user running edgesight needs to be in the 'video' \
+         group (the packaged service has SupplementaryGroups=video)",
+        .0.display()
+    )]
+    PermissionDenied(PathBuf),
+    /// Any other failure to open the node.
+    #[error("{}: {err}", .node.display())]
+    Open { node: PathBuf, err: std::io::Error },
+    #[error("{} ({card}) cannot capture video (a metadata or output node)", .node.display())]
+    NotCapture { node: PathBuf, card: String },
+    #[error("{}: no mode in format \"{format}\" (it offers: {offered})", .node.display())]
+    NoMode {
+        node: PathBuf,
+        format: &'static str,
+        offered: String,
+    },
+    /// The device or its driver refused a step (`what`: "open", "listing modes", ...).
+    #[error("{}: {what}: {err}", .node.display())]
+    Device {
+        node: PathBuf,
+        what: String,
+        err: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A running stream failed to deliver a frame.
+    #[error("{0}")]
+    Read(Box<dyn std::error::Error + Send + Sync>),
+    /// The reader thread is gone (it ends after reporting the error that stopped it).
+    #[error("capture thread ended{}", if *.opening { " while opening" } else { "" })]
+    ThreadEnded { opening: bool },
+    #[error("cannot start a capture thread: {0}")]
+    Spawn(std::io::Error),
+    /// The directory that lists the devices could not be read.
+    #[error("{}: {err}", .dir.display())]
+    List { dir: PathBuf, err: std::io::Error },
+}
 
 /// What a camera is asked for (a `[[camera]]` with `source = "v4l2"`).
 #[derive(Debug, Clone, PartialEq)]

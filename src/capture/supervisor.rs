@@ -66,7 +66,7 @@ pub async fn supervise<B: Backend>(backend: Arc<B>, request: Request, ctx: Camer
             },
             Ok(Err(e)) => {
                 cs.errors.fetch_add(1, Ordering::Relaxed);
-                e.0
+                e.to_string()
             }
             Err(_) => {
                 cs.errors.fetch_add(1, Ordering::Relaxed);

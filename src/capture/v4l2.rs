@@ -22,15 +22,19 @@ pub struct V4l2Backend;
 pub fn resolve(device: &V4l2Device) -> Result<(PathBuf, u32), CaptureError> {
     let node = match device {
         V4l2Device::Index(i) => PathBuf::from(format!("/dev/video{i}")),
-        V4l2Device::Path(p) => std::fs::canonicalize(p)
-            .map_err(|e| CaptureError(format!("{}: {e} (camera unplugged?)", p.display())))?,
+        V4l2Device::Path(p) => {
+            std::fs::canonicalize(p).map_err(|err| CaptureError::Unresolved {
+                link: p.clone(),
+                err,
+            })?
+        }
     };
     let n = node
         .file_name()
         .and_then(|n| n.to_str())
         .and_then(|n| n.strip_prefix("video"))
         .and_then(|n| n.parse::<u32>().ok())
-        .ok_or_else(|| CaptureError(format!("{} is not a /dev/videoN node", node.display())))?;
+        .ok_or_else(|| CaptureError::NotVideoNode(node.clone()))?;
     Ok((node, n))
 }
 
@@ -38,31 +42,29 @@ pub fn resolve(device: &V4l2Device) -> Result<(PathBuf, u32), CaptureError> {
 /// fix is the `video` group), and nodes that cannot capture video are refused by name.
 fn probe(node: &Path) -> Result<v4l::capability::Capabilities, CaptureError> {
     use v4l::capability::Flags;
-    let dev = v4l::Device::with_path(node).map_err(|e| open_error(node, &e))?;
-    let caps = dev
-        .query_caps()
-        .map_err(|e| CaptureError(format!("{}: VIDIOC_QUERYCAP: {e}", node.display())))?;
+    let dev = v4l::Device::with_path(node).map_err(|e| open_error(node, e))?;
+    let caps = dev.query_caps().map_err(|e| CaptureError::Device {
+        node: node.to_path_buf(),
+        what: "VIDIOC_QUERYCAP".into(),
+        err: e.into(),
+    })?;
     if !caps.capabilities.contains(Flags::VIDEO_CAPTURE) {
-        return Err(CaptureError(format!(
-            "{} ({}) cannot capture video (a metadata or output node)",
-            node.display(),
-            caps.card
-        )));
+        return Err(CaptureError::NotCapture {
+            node: node.to_path_buf(),
+            card: caps.card,
+        });
     }
     Ok(caps)
 }
 
 /// Why `node` would not open, with the fix where there is one.
-fn open_error(node: &Path, e: &std::io::Error) -> CaptureError {
-    CaptureError(match e.kind() {
-        std::io::ErrorKind::PermissionDenied => format!(
-            "{}: permission denied; the user running edgesight needs to be in the \
-             'video' group (the packaged service has SupplementaryGroups=video)",
-            node.display()
-        ),
-        std::io::ErrorKind::NotFound => format!("{}: no such device (unplugged?)", node.display()),
-        _ => format!("{}: {e}", node.display()),
-    })
+fn open_error(node: &Path, err: std::io::Error) -> CaptureError {
+    let node = node.to_path_buf();
+    match err.kind() {
+        std::io::ErrorKind::PermissionDenied => CaptureError::PermissionDenied(node),
+        std::io::ErrorKind::NotFound => CaptureError::NoDevice(node),
+        _ => CaptureError::Open { node, err },
+    }
 }
 
 fn nokhwa_modes(cam: &mut nokhwa::Camera) -> Result<Vec<Mode>, nokhwa::NokhwaError> {
@@ -86,8 +88,10 @@ fn open_blocking(name: &str, request: &Request) -> Result<(nokhwa::Camera, Mode)
     };
     let (node, n) = resolve(&request.device)?;
     probe(&node)?;
-    let at = |what: &str, e: nokhwa::NokhwaError| {
-        CaptureError(format!("{}: {what}: {e}", node.display()))
+    let at = |what: &str, e: nokhwa::NokhwaError| CaptureError::Device {
+        node: node.clone(),
+        what: what.into(),
+        err: e.into(),
     };
     let none = RequestedFormat::new::<RgbFormat>(RequestedFormatType::None);
     let mut cam = nokhwa::Camera::new(CameraIndex::Index(n), none).map_err(|e| at("open", e))?;
@@ -96,12 +100,11 @@ fn open_blocking(name: &str, request: &Request) -> Result<(nokhwa::Camera, Mode)
     let mode = choose_mode(&modes, w, h, fps, f).ok_or_else(|| {
         let offered: std::collections::BTreeSet<String> =
             modes.iter().map(|m| m.format.to_string()).collect();
-        CaptureError(format!(
-            "{}: no mode in format \"{}\" (it offers: {})",
-            node.display(),
-            f.name(),
-            offered.into_iter().collect::<Vec<_>>().join(", ")
-        ))
+        CaptureError::NoMode {
+            node: node.clone(),
+            format: f.name(),
+            offered: offered.into_iter().collect::<Vec<_>>().join(", "),
+        }
     })?;
     let exact = CameraFormat::new(
         Resolution::new(mode.width, mode.height),
@@ -145,7 +148,7 @@ impl FrameStream for V4l2Stream {
         self.rx
             .recv()
             .await
-            .unwrap_or_else(|| Err(CaptureError("capture thread ended".into())))
+            .unwrap_or_else(|| Err(CaptureError::ThreadEnded { opening: false }))
     }
 }
 
@@ -186,7 +189,7 @@ impl Backend for V4l2Backend {
                                 data: buf.buffer().to_vec(),
                             })
                         }
-                        Err(e) => Err(CaptureError(e.to_string())),
+                        Err(e) => Err(CaptureError::Read(e.into())),
                     };
                     let failed = item.is_err();
                     // The receiver is gone once the supervisor gave up on this stream.
@@ -196,10 +199,10 @@ impl Backend for V4l2Backend {
                 }
                 let _ = cam.stop_stream();
             })
-            .map_err(|e| CaptureError(format!("cannot start a capture thread: {e}")))?;
+            .map_err(CaptureError::Spawn)?;
         let mode = ready_rx
             .await
-            .map_err(|_| CaptureError("capture thread ended while opening".into()))??;
+            .map_err(|_| CaptureError::ThreadEnded { opening: true })??;
         Ok(V4l2Stream { mode, rx })
     }
 }
@@ -210,7 +213,10 @@ fn list_v4l2() -> Result<Vec<CameraInfo>, CaptureError> {
     use nokhwa::pixel_format::RgbFormat;
     use nokhwa::utils::{CameraIndex, RequestedFormat, RequestedFormatType};
     let mut nodes: Vec<(u32, PathBuf)> = std::fs::read_dir("/dev")
-        .map_err(|e| CaptureError(format!("/dev: {e}")))?
+        .map_err(|err| CaptureError::List {
+            dir: "/dev".into(),
+            err,
+        })?
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let n = e
@@ -247,7 +253,7 @@ fn list_v4l2() -> Result<Vec<CameraInfo>, CaptureError> {
                     Err(e) => info.skipped = Some(format!("cannot list modes: {e}")),
                 }
             }
-            Err(e) => info.skipped = Some(e.0),
+            Err(e) => info.skipped = Some(e.to_string()),
         }
         out.push(info);
     }
@@ -319,7 +325,7 @@ mod tests {
             (ErrorKind::ResourceBusy, "/dev/video2: busy"),
         ];
         for (kind, want) in cases {
-            let got = open_error(node, &Error::new(kind, "busy")).0;
+            let got = open_error(node, Error::new(kind, "busy")).to_string();
             assert!(got.starts_with(want), "{kind:?}: {got}");
         }
     }
@@ -331,10 +337,14 @@ mod tests {
         std::os::unix::fs::symlink("/dev/null", &link).unwrap();
         // /dev/null is no video node: refused by name, after resolving the link.
         let e = resolve(&V4l2Device::Path(link.clone())).unwrap_err();
-        assert!(e.0.contains("/dev/null is not a /dev/videoN node"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("/dev/null is not a /dev/videoN node"),
+            "{e}"
+        );
         let gone = dir.path().join("usb-Unplugged-video-index0");
         let e = resolve(&V4l2Device::Path(gone)).unwrap_err();
-        assert!(e.0.contains("unplugged"), "{e}");
+        assert!(e.to_string().contains("unplugged"), "{e}");
         assert_eq!(
             resolve(&V4l2Device::Index(3)).unwrap(),
             (PathBuf::from("/dev/video3"), 3)

@@ -82,7 +82,7 @@ pub async fn watch(
             Err(e) => {
                 warn!("reload rejected: {e}");
                 if let Some(r) = reply {
-                    let _ = r.send(Err(CommandError::Reload(e.to_string())));
+                    let _ = r.send(Err(CommandError::Reload(Box::new(e))));
                 }
             }
         }

@@ -124,8 +124,20 @@ pub enum FrameError {
         width: u32,
         height: u32,
         bytes: usize,
-        reason: String,
+        reason: JpegFault,
     },
+}
+
+/// What is wrong with an MJPEG frame.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum JpegFault {
+    #[error("truncated or not a JPEG (no SOI/EOI marker)")]
+    Incomplete,
+    #[error("decoder returned a short image")]
+    ShortImage,
+    /// libjpeg's own words (it reports errors by unwinding; see `decode_jpeg`).
+    #[error("{0}")]
+    Decoder(String),
 }
 
 /// One frame as the camera delivered it.
@@ -186,7 +198,7 @@ fn jpeg_is_complete(data: &[u8]) -> bool {
 /// libjpeg reports fatal errors by unwinding out of the C code (mozjpeg's design); we
 /// catch that here, so a garbage frame is an error, not a crash. This is why the release
 /// profile keeps `panic = "unwind"` and `main` installs a hook that aborts on real panics.
-fn decode_jpeg(data: &[u8], numerator: u8) -> Result<(u32, u32, Vec<u8>), String> {
+fn decode_jpeg(data: &[u8], numerator: u8) -> Result<(u32, u32, Vec<u8>), JpegFault> {
     let run = || -> std::io::Result<(u32, u32, Vec<u8>)> {
         let mut d = mozjpeg::Decompress::new_mem(data)?;
         d.scale(numerator);
@@ -198,12 +210,14 @@ fn decode_jpeg(data: &[u8], numerator: u8) -> Result<(u32, u32, Vec<u8>), String
     };
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
         Ok(Ok(r)) => Ok(r),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(payload) => Err(payload
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "libjpeg error".into())),
+        Ok(Err(e)) => Err(JpegFault::Decoder(e.to_string())),
+        Err(payload) => Err(JpegFault::Decoder(
+            payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "libjpeg error".into()),
+        )),
     }
 }
 
@@ -245,17 +259,17 @@ impl RawFrame {
             }
         }
         if format == RawFormat::Mjpeg && !jpeg_is_complete(&self.data) {
-            return Err(self.jpeg_error("truncated or not a JPEG (no SOI/EOI marker)"));
+            return Err(self.jpeg_error(JpegFault::Incomplete));
         }
         Ok(())
     }
 
-    fn jpeg_error(&self, reason: impl Into<String>) -> FrameError {
+    fn jpeg_error(&self, reason: JpegFault) -> FrameError {
         FrameError::Jpeg {
             width: self.width,
             height: self.height,
             bytes: self.data.len(),
-            reason: reason.into(),
+            reason,
         }
     }
 
@@ -268,7 +282,7 @@ impl RawFrame {
             RawFormat::Mjpeg => {
                 let (dw, dh, px) = decode_jpeg(&self.data, 8).map_err(|e| self.jpeg_error(e))?;
                 return RgbImage::from_raw(dw, dh, px)
-                    .ok_or_else(|| self.jpeg_error("decoder returned a short image"));
+                    .ok_or_else(|| self.jpeg_error(JpegFault::ShortImage));
             }
             _ => {
                 for y in 0..h {
@@ -442,7 +456,7 @@ impl RawFrame {
                 .unwrap_or(8);
             let (dw, dh, px) = decode_jpeg(&self.data, n as u8).map_err(|e| self.jpeg_error(e))?;
             if px.len() < dw as usize * dh as usize * 3 {
-                return Err(self.jpeg_error("decoder returned a short image"));
+                return Err(self.jpeg_error(JpegFault::ShortImage));
             }
             let rgb = RawFrame {
                 format: RawFormat::Rgb,

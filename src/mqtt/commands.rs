@@ -52,16 +52,16 @@ pub struct Request {
 
 /// A failed command's reply: verb as given (it may be unknown), the caller's id if the
 /// payload had one.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct Rejection {
     pub verb: String,
     pub id: Option<Value>,
-    pub error: String,
+    pub error: Refusal,
 }
 
 /// Why a command was refused before it ran: what the rejection's `error` says.
 #[derive(Debug, thiserror::Error)]
-enum Refusal {
+pub enum Refusal {
     #[error("payload of {len} bytes exceeds commands.max_payload_bytes ({max})")]
     TooLarge { len: usize, max: usize },
     #[error("payload must be a JSON object, not {0}")]
@@ -88,7 +88,7 @@ pub fn parse(settings: &Settings, verb: &str, payload: &[u8]) -> Result<Request,
     let reject = |id: Option<Value>, error: Refusal| Rejection {
         verb: verb.to_string(),
         id,
-        error: error.to_string(),
+        error,
     };
     let body = body(payload, settings.commands.max_payload_bytes).map_err(|e| reject(None, e))?;
     let id = body.get("id").cloned();
@@ -159,13 +159,14 @@ fn cameras(verb: Verb, camera: Option<&Value>, names: &[String]) -> Result<Vec<u
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
     /// Malformed, oversized, unknown, or naming an unknown camera (see [`Rejection`]).
-    #[error("{0}")]
-    Invalid(String),
+    #[error(transparent)]
+    Invalid(#[from] Refusal),
     #[error("the daemon is stopping")]
     Stopping,
-    /// The new configuration or model was rejected; the reason as the daemon gave it.
+    /// The new configuration or model was rejected; the reason as the daemon gave it (its
+    /// type lives in the daemon, above this module).
     #[error("{0}")]
-    Reload(String),
+    Reload(Box<dyn std::error::Error + Send + Sync>),
     #[error("frame {frame}: {source}")]
     Frame {
         frame: u64,
@@ -321,7 +322,8 @@ mod tests {
             match (want, got) {
                 (Ok(cams), Ok(r)) => assert_eq!(&r.cameras[..], *cams, "{verb} {payload}"),
                 (Err(part), Err(r)) => {
-                    assert!(r.error.contains(part), "{verb} {payload}: {}", r.error)
+                    let e = r.error.to_string();
+                    assert!(e.contains(part), "{verb} {payload}: {e}")
                 }
                 (w, g) => panic!("{verb} {payload}: want {w:?}, got {g:?}"),
             }
@@ -340,9 +342,15 @@ mod tests {
             ok,
             json!({"v":1,"verb":"pause","ok":true,"id":7,"cameras":["a"]})
         );
-        let err: Value =
-            serde_json::from_slice(&reply("x", &None, Err(CommandError::Invalid("bad".into()))))
-                .unwrap();
-        assert_eq!(err, json!({"v":1,"verb":"x","ok":false,"error":"bad"}));
+        let err: Value = serde_json::from_slice(&reply(
+            "x",
+            &None,
+            Err(CommandError::Invalid(Refusal::ReloadTakesNoCamera)),
+        ))
+        .unwrap();
+        assert_eq!(
+            err,
+            json!({"v":1,"verb":"x","ok":false,"error":"reload takes no camera"})
+        );
     }
 }
