@@ -1,6 +1,7 @@
 //! The telemetry connection's event loop: polls rumqttc, backs off between failed
-//! connects (rumqttc itself retries at once), publishes the retained `online` after each
-//! CONNACK ahead of anything queued, then every retained message we own ([`Retained`]),
+//! connects (rumqttc itself retries at once); after each CONNACK, ahead of anything
+//! queued, subscribes, then publishes the retained `online` and every retained message we
+//! own ([`Retained`]),
 //! counts what a broken clean session loses, and hands `cmd/<verb>` publishes to the
 //! command server.
 
@@ -138,8 +139,8 @@ impl Driver {
         }
     }
 
-    /// A new session: `online` first, then the retained state we own, then whatever was
-    /// waiting; subscriptions again (a clean session has none).
+    /// A new session: subscriptions, `online`, the retained state we own, then whatever
+    /// was waiting (a clean session has no subscriptions left, and dropped what was queued).
     fn on_connect(&mut self, code: rumqttc::ConnectReturnCode) {
         self.backoff.reset();
         if self.connected_once {
@@ -149,24 +150,19 @@ impl Driver {
         self.stats.connected.store(true, Ordering::Relaxed);
         let (host, port) = &self.broker;
         info!(host = %host, port = port, code = ?code, "mqtt: connected");
-        let pending = &mut self.eventloop.pending;
-        for (topic, payload) in self.retained.all().into_iter().rev() {
-            let mut p = Publish::new(topic, QoS::AtLeastOnce, payload);
-            p.retain = true;
-            pending.push_front(Request::Publish(p));
-        }
-        let mut online = Publish::new(&self.avail, QoS::AtLeastOnce, ONLINE);
-        online.retain = true;
-        pending.push_front(Request::Publish(online));
+        let mut filters = Vec::new();
         if self.commands.is_some() {
-            let filter = format!("{}+", self.cmd_prefix);
-            pending.push_back(Request::Subscribe(Subscribe::new(filter, QoS::AtLeastOnce)));
+            filters.push(format!("{}+", self.cmd_prefix));
         }
         if let Some(d) = &self.discovery {
             // Home Assistant re-announces itself after a restart; answer with the
             // discovery message again.
-            let sub = Subscribe::new(&d.status_topic, QoS::AtLeastOnce);
-            pending.push_back(Request::Subscribe(sub));
+            filters.push(d.status_topic.clone());
+        }
+        let start = session_start(&filters, &self.avail, self.retained.all());
+        let pending = &mut self.eventloop.pending;
+        for r in start.into_iter().rev() {
+            pending.push_front(r);
         }
     }
 
@@ -228,7 +224,58 @@ impl Driver {
     }
 }
 
+/// What a new session sends ahead of anything queued, in order: the subscriptions first,
+/// so whoever sees our `online` or our discovery message can already reach us (a broker
+/// handles one connection's packets in order) — Home Assistant's birth message right
+/// after our discovery, a command sent on seeing `online`, would otherwise be lost; then
+/// `online`; then every retained message we own.
+fn session_start(
+    filters: &[String],
+    avail: &str,
+    retained: Vec<(String, Vec<u8>)>,
+) -> Vec<Request> {
+    let subscribe = filters
+        .iter()
+        .map(|f| Request::Subscribe(Subscribe::new(f, QoS::AtLeastOnce)));
+    let publish = std::iter::once((avail.to_string(), ONLINE.as_bytes().to_vec()))
+        .chain(retained)
+        .map(|(topic, payload)| {
+            let mut p = Publish::new(topic, QoS::AtLeastOnce, payload);
+            p.retain = true;
+            Request::Publish(p)
+        });
+    subscribe.chain(publish).collect()
+}
+
 struct Discovery {
     status_topic: String,
     config_topic: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_subscribes_before_it_announces_itself() {
+        let filters = ["e/d/cmd/+".to_string(), "homeassistant/status".to_string()];
+        let retained = vec![("homeassistant/device/d/config".to_string(), b"{}".to_vec())];
+        let got: Vec<String> = session_start(&filters, "e/d/availability", retained)
+            .iter()
+            .map(|r| match r {
+                Request::Subscribe(s) => format!("sub {}", s.filters[0].path),
+                Request::Publish(p) => format!("pub {} retain={}", p.topic, p.retain),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "sub e/d/cmd/+",
+                "sub homeassistant/status",
+                "pub e/d/availability retain=true",
+                "pub homeassistant/device/d/config retain=true",
+            ]
+        );
+    }
 }
