@@ -103,7 +103,7 @@ impl Backend for Fake {
                     || CaptureError::NoMode {
                         node: "/dev/video0".into(),
                         format: r.format.name(),
-                        offered: "YUYV, MJPG".into(),
+                        offered: MODES.map(|m| m.format.to_string()).join(", "),
                     },
                 )?,
                 left: frames,

@@ -160,7 +160,7 @@ fn cameras(verb: Verb, camera: Option<&Value>, names: &[String]) -> Result<Vec<u
 pub enum CommandError {
     /// Malformed, oversized, unknown, or naming an unknown camera (see [`Rejection`]).
     #[error(transparent)]
-    Invalid(#[from] Refusal),
+    Invalid(Refusal),
     #[error("the daemon is stopping")]
     Stopping,
     /// The new configuration or model was rejected; the reason as the daemon gave it (its
