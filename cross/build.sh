@@ -94,7 +94,7 @@ case "$cmd" in
         # tests on cortex-a72).
         $CARGO test --locked --target "$triple" "${build_std[@]}" \
             --config 'profile.dev.package."*".opt-level=1' --config 'profile.dev.debug=0' \
-            --lib --test model --test e2e --test prepare -- --nocapture
+            --lib --test model --test hostile_models --test e2e --test prepare -- --nocapture
         ;;
     *) echo "unknown command $cmd" >&2; exit 2 ;;
 esac

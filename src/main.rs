@@ -65,6 +65,11 @@ fn main() -> ExitCode {
     // unwinding does not call this hook.)
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        // Except while a model loads: there a panic means a bad file, and becomes the
+        // load's error (util::panics).
+        if edgesight::util::panics::absorb(info) {
+            return;
+        }
         report(info);
         std::process::abort();
     }));

@@ -73,3 +73,34 @@ fn cameras_without_cameras_says_so() {
         "{stdout}"
     );
 }
+
+/// `check` and `classify` on crafted models: exit 78 (EX_CONFIG) naming the node, never
+/// 134 (the abort of a panic), including the model that panics inside tract, where the
+/// binary's abort-on-panic hook must give way to the loader's catch.
+#[test]
+fn crafted_models_exit_78_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["stride_zero", "empty_scale", "tract_panics_inside"] {
+        let c = common::crafted::case(name);
+        let model = common::crafted::write(dir.path(), c);
+        let cameras = common::samples_camera(1, false);
+        let cfg = common::config_file(dir.path(), "127.0.0.1", 1, "crafted", &cameras);
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        let line = text.lines().find(|l| l.starts_with("path = ")).unwrap();
+        let text = text.replace(line, &format!("path = {:?}", model.display().to_string()));
+        std::fs::write(&cfg, text).unwrap();
+        let check = edgesight(&["check", "--config", cfg.to_str().unwrap()]);
+        let model = model.to_str().unwrap();
+        let classify = edgesight(&[
+            "classify",
+            "--model",
+            model,
+            "tests/fixtures/samples/square/00.png",
+        ]);
+        for (what, out) in [("check", check), ("classify", classify)] {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(78), "{what} {name}: {stderr}");
+            assert!(stderr.contains(c.error), "{what} {name}: {stderr}");
+        }
+    }
+}

@@ -222,6 +222,24 @@ async fn sighup_reloads_a_good_config_and_keeps_running_on_a_bad_one() {
     while rx.try_recv().is_ok() {}
     assert_eq!(top_len(common::next(&mut rx, "classification").await), 3);
 
+    // A model that panics inside tract while it loads (util::panics): rejected, and the
+    // running daemon (whose panic hook aborts on any other panic) goes on.
+    let crafted = common::crafted::write(dir.path(), common::crafted::case("tract_panics_inside"));
+    let fixture = format!(
+        "{}/tests/fixtures/models/shapes_int8_qlinear.onnx",
+        common::root().display()
+    );
+    assert!(good.contains(&fixture));
+    std::fs::write(&cfg, good.replace(&fixture, crafted.to_str().unwrap())).unwrap();
+    d.signal("HUP");
+    let log = d.wait_for_log("a panic while loading the model");
+    assert!(log.contains("reload rejected"), "{log}");
+    while rx.try_recv().is_ok() {}
+    assert_eq!(
+        top_len(common::next(&mut rx, "classification after the crafted model").await),
+        3
+    );
+
     // A good change (top_k 3 -> 1): applied in place.
     std::fs::write(&cfg, good.replace("[model]\n", "[model]\ntop_k = 1\n")).unwrap();
     d.signal("HUP");

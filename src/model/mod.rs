@@ -3,11 +3,13 @@
 //!
 //! * [`int8`]: the int8 rewrites (protobuf, typed graph) and edgesight's own int8
 //!   convolution.
+//! * [`check`]: the ONNX graph's attributes checked before anything reads them.
 //! * [`bench`]: `edgesight bench`.
 //!
 //! May use: config, util, frame (the input geometry). No tokio, rumqttc or nokhwa.
 
 pub mod bench;
+pub mod check;
 pub mod int8;
 
 use std::path::{Path, PathBuf};
@@ -120,6 +122,9 @@ struct Parsed {
 fn parse(path: &Path, rewrite: bool) -> Result<Parsed> {
     let onnx = tract_onnx::onnx();
     let mut proto = onnx.proto_model_for_path(path)?;
+    if let Some(g) = &proto.graph {
+        check::check_graph(g)?;
+    }
     let (rewrites, quantize_scales) = match proto.graph.as_mut() {
         Some(g) if rewrite => {
             let rewrites = crate::model::int8::onnx_quant::rewrite(g)?;
@@ -149,10 +154,11 @@ fn optimize(
     kernel: Option<crate::model::int8::qconv::Kernel>,
     quantize_scales: &QuantizeScales,
 ) -> TractResult<(TypedModel, Int8Rewrites)> {
-    if !rewrite {
-        return Ok((model.into_optimized()?, Int8Rewrites::default()));
-    }
     let mut typed = model.into_typed()?;
+    check::check_activations(&typed)?;
+    if !rewrite {
+        return Ok((typed.into_optimized()?, Int8Rewrites::default()));
+    }
     // Our conv op needs its parameters as constants, and must see the convs before
     // declutter turns the 1x1 ones into einsums.
     tract_core::optim::Optimizer::prop_consts().optimize(&mut typed)?;
@@ -264,7 +270,26 @@ impl Classifier {
 
     /// [`Classifier::load_with`] with the int8 conv kernel chosen (`None`: tract's own
     /// convolutions, the other rewrites still on). For benchmarks.
+    ///
+    /// A panic inside tract while the file is parsed and optimised, or during one
+    /// inference on a blank image run before the model is handed out, is this load's
+    /// error (`util::panics`): a bad file must not take a running daemon down on reload.
     pub fn load_with_kernel(
+        settings: &ModelSettings,
+        int8_rewrites: bool,
+        kernel: Option<crate::model::int8::qconv::Kernel>,
+    ) -> Result<Classifier> {
+        let path = settings.path.display();
+        crate::util::panics::catching("loading the model", || {
+            let c = Classifier::load_unguarded(settings, int8_rewrites, kernel)?;
+            c.trial_run()
+                .with_context(|| format!("model file {path}: fails on a blank image"))?;
+            Ok(c)
+        })
+        .with_context(|| format!("model file {path}"))?
+    }
+
+    fn load_unguarded(
         settings: &ModelSettings,
         int8_rewrites: bool,
         kernel: Option<crate::model::int8::qconv::Kernel>,
@@ -318,6 +343,18 @@ impl Classifier {
             executor: (settings.threads > 1)
                 .then(|| Executor::multithread_with_name(settings.threads, "edgesight-mm")),
         })
+    }
+
+    /// One inference on an all-zero input, on this thread (not the model's pool: see
+    /// `util::panics`), checking that the output has the shape the load found.
+    fn trial_run(&self) -> Result<()> {
+        let input = Tensor::zero::<f32>(&self.spec.shape())?;
+        let out = self.plan.run(tvec!(input.into_tvalue()))?;
+        let got = out.first().map(|t| t.shape().to_vec()).unwrap_or_default();
+        if got != self.output_shape {
+            bail!("output shape {got:?}, expected {:?}", self.output_shape);
+        }
+        Ok(())
     }
 
     pub fn input_spec(&self) -> &InputSpec {
@@ -451,6 +488,11 @@ pub fn softmax(v: &mut [f32]) {
     }
 }
 
+/// Largest input height or width accepted: a classifier's input is a few hundred pixels
+/// a side; a crafted 2^20 x 2^20 input would ask for terabytes on the first frame (and see
+/// `check::check_activations` for what a graph may make of it).
+const MAX_INPUT_SIDE: usize = 2048;
+
 /// Input size and layout from the model's declared input: `[N,3,H,W]` or `[N,H,W,3]`.
 fn input_spec(model: &InferenceModel, settings: &ModelSettings) -> Result<InputSpec> {
     let fact = model.input_fact(0)?;
@@ -485,6 +527,13 @@ fn input_spec(model: &InferenceModel, settings: &ModelSettings) -> Result<InputS
             fact.shape
         );
     };
+    let side = 1..=MAX_INPUT_SIDE;
+    if !side.contains(&height) || !side.contains(&width) {
+        bail!(
+            "input shape {:?}: height and width must be 1 to {MAX_INPUT_SIDE}",
+            fact.shape
+        );
+    }
     Ok(InputSpec {
         width: width as u32,
         height: height as u32,

@@ -1,7 +1,8 @@
 //! Small pure helpers every floor may use: log rate limiting, timestamps, back-off,
-//! `/proc` and `/sys` readings. Imports nothing of the crate.
+//! `/proc` and `/sys` readings, the one place a panic is caught (`panics`). Imports nothing of the crate.
 
 mod backoff;
+pub mod panics;
 mod proc;
 
 pub use backoff::Backoff;

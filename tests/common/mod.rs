@@ -1,6 +1,8 @@
 //! Shared test helpers: a real MQTT broker and a real MQTT subscriber.
 #![allow(dead_code)]
 
+pub mod crafted;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -420,7 +420,7 @@ impl<'g> QdqIndex<'g> {
     fn scalar(&self, name: &str) -> bool {
         self.init
             .get(name)
-            .is_some_and(|t| t.dims.iter().product::<i64>() == 1)
+            .is_some_and(|t| crate::model::check::elements(&t.dims) == Some(1))
     }
 
     /// The standard DequantizeLinear that produces `tensor`.

@@ -311,6 +311,50 @@ mod tests {
         }
     }
 
+    /// The op for `cin` -> 8 channels with this geometry (weights irrelevant: `geo` only).
+    fn bare(cin: usize, kernel: (usize, usize), stride: (usize, usize), pad: [usize; 4]) -> QConv {
+        QConv {
+            cin,
+            cout: 8,
+            kernel,
+            stride,
+            pad: (pad[0], pad[1], pad[2], pad[3]),
+            flip: 0,
+            x0: 0,
+            weights: std::sync::Arc::new(vec![]),
+            bias: std::sync::Arc::new(vec![0; MR]),
+            scales: std::sync::Arc::new(vec![0.0; MR]),
+            y0: 0,
+            lo: 0,
+            hi: 255,
+            out_dt: DatumType::U8,
+            which: Kernel::Portable,
+        }
+    }
+
+    /// Geometries from crafted attributes are refused by `geo` (which the op's build and
+    /// every evaluation go through) instead of wrapping: before, pads near the top of
+    /// the range with strides near 2^58 wrapped the tap offsets past `Tile::check`.
+    #[test]
+    fn crafted_geometries_are_refused() {
+        let huge = usize::MAX / 4;
+        let refused = [
+            bare(3, (3, 3), (1 << 58, 1 << 58), [huge; 4]),
+            bare(3, (3, 3), (1, 1), [huge, 0, huge, 0]),
+            bare(3, (3, 3), (1 << 62, 1 << 62), [1; 4]),
+            bare(3, (3, 3), (0, 1), [1; 4]),
+            bare(3, (0, 3), (1, 1), [0; 4]),
+            bare(0, (3, 3), (1, 1), [1; 4]),
+            bare(3, (9, 9), (1, 1), [0; 4]),
+        ];
+        for (i, op) in refused.iter().enumerate() {
+            assert!(op.geo(8, 8).is_err(), "case {i} accepted: {op:?}");
+        }
+        assert!(bare(3, (3, 3), (1, 1), [0; 4]).geo(0, 8).is_err());
+        assert!(bare(3, (7, 7), (2, 2), [3; 4]).geo(224, 224).is_ok());
+        assert!(bare(64, (1, 1), (2, 2), [0; 4]).geo(56, 56).is_ok());
+    }
+
     /// Convs outside what the op handles stay with tract.
     #[test]
     fn leaves_what_it_does_not_handle() {
@@ -321,6 +365,13 @@ mod tests {
         let mut op = m.node(id).op_as::<Conv>().unwrap().clone();
         op.pool_spec.dilations = Some(tvec![2, 2]);
         m.node_mut(id).op = Box::new(op);
+        assert_eq!(replace_convs(&mut m, Kernel::Portable).unwrap(), 0);
+        // Padding as wide as the kernel: outputs that see only padding.
+        let c = Case {
+            pad: (3, 0, 0, 3),
+            ..cases().remove(0)
+        };
+        let mut m = conv_model(&c, &mut rng);
         assert_eq!(replace_convs(&mut m, Kernel::Portable).unwrap(), 0);
     }
 }

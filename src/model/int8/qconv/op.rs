@@ -56,6 +56,19 @@ pub(crate) struct Geo {
     plane: usize,
     /// Output pixels computed, a multiple of LANES (hout * wq rounded up).
     q: usize,
+    /// Bytes of the packed input (every phase image, every C4 group).
+    packed_len: usize,
+    /// Bytes of the virtual output (every channel block, q pixels each).
+    vout_len: usize,
+    /// Where each tap reads, as a byte offset into the phase images laid end to end
+    /// (phase-major, then C4 group).
+    offsets: Vec<usize>,
+}
+
+/// Every size below comes from a model's attributes: computed with checked arithmetic,
+/// since release builds wrap and a wrapped offset would pass the bounds check.
+fn ck(v: Option<usize>) -> TractResult<usize> {
+    v.ok_or_else(|| format_err!("convolution geometry overflows"))
 }
 
 impl QConv {
@@ -71,11 +84,20 @@ impl QConv {
         self.cout.div_ceil(MR)
     }
 
-    fn geo(&self, h: usize, w: usize) -> TractResult<Geo> {
+    /// The geometry for an `h` x `w` input, checked: no size overflows, no dimension is
+    /// zero, and the furthest read of the last block of pixels lies inside the packed
+    /// input — the bound the SIMD kernels rely on (`Tile::check` asserts it again).
+    pub(crate) fn geo(&self, h: usize, w: usize) -> TractResult<Geo> {
         let (kh, kw) = self.kernel;
         let (sh, sw) = self.stride;
         let (pt, pl, pb, pr) = self.pad;
-        let (hp, wp) = (h + pt + pb, w + pl + pr);
+        ensure!(
+            self.cin > 0 && self.cout > 0 && kh > 0 && kw > 0 && sh > 0 && sw > 0,
+            "convolution: zero channels, kernel side or stride"
+        );
+        ensure!(h > 0 && w > 0, "convolution: empty input {h}x{w}");
+        let hp = ck(h.checked_add(pt).and_then(|v| v.checked_add(pb)))?;
+        let wp = ck(w.checked_add(pl).and_then(|v| v.checked_add(pr)))?;
         ensure!(
             hp >= kh && wp >= kw,
             "convolution: input {h}x{w} smaller than its kernel"
@@ -83,9 +105,37 @@ impl QConv {
         let (hout, wout) = ((hp - kh) / sh + 1, (wp - kw) / sw + 1);
         let wq = wp.div_ceil(sw);
         let rows = hout + (kh - 1) / sh + 1;
-        let q = (hout * wq).div_ceil(LANES) * LANES;
+        let q = ck(hout.checked_mul(wq).map(|v| v.div_ceil(LANES) * LANES))?;
         // Reads run up to q + the largest tap offset; one extra row and a vector of slack.
-        let plane = rows * wq + LANES * PX;
+        let plane = ck(rows.checked_mul(wq).and_then(|v| v.checked_add(LANES * PX)))?;
+        let phase_len = ck(self.groups().checked_mul(plane))?;
+        let packed_len = ck(sh
+            .checked_mul(sw)
+            .and_then(|v| v.checked_mul(phase_len))
+            .and_then(|v| v.checked_mul(4)))?;
+        let vout_len = ck(self.blocks().checked_mul(MR).and_then(|v| v.checked_mul(q)))?;
+        let mut offsets = Vec::with_capacity(self.taps());
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let phase = (ky % sh) * sw + kx % sw;
+                let at = (ky / sh)
+                    .checked_mul(wq)
+                    .and_then(|v| v.checked_add(kx / sw))
+                    .and_then(|v| v.checked_add(phase.checked_mul(phase_len)?))
+                    .and_then(|v| v.checked_mul(4));
+                offsets.push(ck(at)?);
+            }
+        }
+        let furthest = offsets.iter().max().copied().unwrap_or(0);
+        let last_read = (self.groups() - 1)
+            .checked_mul(plane * 4)
+            .and_then(|v| v.checked_add(furthest))
+            .and_then(|v| v.checked_add(q.checked_mul(4)?));
+        let last_read = ck(last_read)?;
+        ensure!(
+            last_read <= packed_len,
+            "convolution: reads reach byte {last_read} of a {packed_len}-byte input"
+        );
         Ok(Geo {
             hout,
             wout,
@@ -93,23 +143,10 @@ impl QConv {
             rows,
             plane,
             q,
+            packed_len,
+            vout_len,
+            offsets,
         })
-    }
-
-    /// Where each tap reads, as a byte offset into the phase images laid end to end
-    /// (phase-major, then C4 group).
-    fn tap_offsets(&self, g: &Geo) -> Vec<usize> {
-        let (kh, kw) = self.kernel;
-        let (sh, sw) = self.stride;
-        let phase_len = self.groups() * g.plane;
-        let mut offsets = Vec::with_capacity(kh * kw);
-        for ky in 0..kh {
-            for kx in 0..kw {
-                let phase = (ky % sh) * sw + kx % sw;
-                offsets.push((phase * phase_len + (ky / sh) * g.wq + kx / sw) * 4);
-            }
-        }
-        offsets
     }
 
     /// Lay one image (`cin` planes of h x w) out as C4 phase images, padding with x0.
@@ -158,16 +195,18 @@ impl QConv {
         }
     }
 
-    fn run_image(&self, x: &[u8], h: usize, w: usize, out: &mut [u8]) -> TractResult<()> {
-        let g = self.geo(h, w)?;
-        let phases = self.stride.0 * self.stride.1;
-        let packed_len = phases * self.groups() * g.plane * 4;
-        let vout_len = self.blocks() * MR * g.q;
+    fn run_image(
+        &self,
+        x: &[u8],
+        (h, w): (usize, usize),
+        g: &Geo,
+        out: &mut [u8],
+    ) -> TractResult<()> {
         SCRATCH.with(|s| -> TractResult<()> {
             let mut s = s.borrow_mut();
-            let (packed, vout) = s.split(packed_len, vout_len);
-            self.pack(x, h, w, &g, packed);
-            self.compute(packed, &self.tap_offsets(&g), &g, vout);
+            let (packed, vout) = s.split(g.packed_len, g.vout_len);
+            self.pack(x, h, w, g, packed);
+            self.compute(packed, &g.offsets, g, vout);
             // Keep the valid columns of each virtual output row.
             for co in 0..self.cout {
                 let src = &vout[co * g.q..];
@@ -328,8 +367,8 @@ impl EvalOp for QConv {
             for i in 0..n {
                 self.run_image(
                     &x[i * isz..(i + 1) * isz],
-                    h,
-                    w,
+                    (h, w),
+                    &g,
                     &mut o[i * osz..(i + 1) * osz],
                 )?;
             }

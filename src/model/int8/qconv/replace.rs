@@ -70,7 +70,7 @@ impl Shape {
     }
 
     fn taps(&self) -> usize {
-        self.kernel.0 * self.kernel.1
+        self.kernel.0.saturating_mul(self.kernel.1)
     }
 }
 
@@ -101,7 +101,11 @@ impl Quant {
         let per_channel = |v: usize| v == 1 || v == shape.cout;
         let one = |v: &[i32], s: &[f32]| (v.len() == 1 && s.len() == 1).then(|| (v[0], s[0]));
         let ((x0, xs), (y0, ys)) = (one(&x0, &xs)?, one(&y0, &ys)?);
-        let ok = kernel.len() == shape.cout * shape.cin * shape.taps()
+        let want = shape
+            .cout
+            .checked_mul(shape.cin)?
+            .checked_mul(shape.taps())?;
+        let ok = kernel.len() == want
             && k0.iter().all(|z| *z == 0)
             && per_channel(bias.len())
             && per_channel(ks.len());
@@ -184,13 +188,22 @@ pub(crate) fn qconv_for(
     }
     let pads = ps.computed_padding(&shape.hw);
     let strides = ps.strides();
+    // Padding as wide as the kernel means output pixels that see nothing but padding:
+    // legal, but no exported classifier has it; tract keeps such a conv.
+    let (kh, kw) = shape.kernel;
+    if pads[0].pad_before >= kh || pads[0].pad_after >= kh {
+        return Ok(None);
+    }
+    if pads[1].pad_before >= kw || pads[1].pad_after >= kw {
+        return Ok(None);
+    }
     let (lo, hi) = if shape.out_dt == DatumType::U8 {
         (0, 255)
     } else {
         (-128, 127)
     };
     let (weights, bias, scales) = fold(&shape, &q, x0);
-    Ok(Some(QConv {
+    let op = QConv {
         cin: shape.cin,
         cout: shape.cout,
         kernel: shape.kernel,
@@ -211,7 +224,12 @@ pub(crate) fn qconv_for(
         hi,
         out_dt: shape.out_dt,
         which,
-    }))
+    };
+    // Every size and read of the kernels, for the input this model has, checked now: a
+    // crafted geometry fails the load naming its node, it never reaches `unsafe`.
+    op.geo(shape.hw[0], shape.hw[1])
+        .with_context(|| format!("node {:?}: int8 convolution", node.name))?;
+    Ok(Some(op))
 }
 
 /// Replace every quantised conv edgesight runs itself by a [`QConv`]. Run on the typed

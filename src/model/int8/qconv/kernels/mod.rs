@@ -27,12 +27,21 @@ pub(crate) struct Tile<'a> {
 
 impl Tile<'_> {
     /// Every read of a block of `n` vectors lies inside `packed` and `w`.
+    /// (Checked arithmetic: a wrapped sum would pass. `QConv::geo` has already proved
+    /// this for the op's geometry; the check stays as the wall in front of `unsafe`.)
     pub(crate) fn check(&self, n: usize) {
-        let last = self.offsets.iter().max().copied().unwrap_or(0)
-            + (self.groups - 1) * self.cb_stride
-            + (self.q0 + n * LANES) * 4;
-        assert!(last <= self.packed.len(), "conv tile reads past its input");
-        assert!(self.w.len() >= self.offsets.len() * self.groups * MR * 4);
+        let last = (self.groups.saturating_sub(1))
+            .checked_mul(self.cb_stride)
+            .and_then(|v| v.checked_add(self.offsets.iter().max().copied().unwrap_or(0)))
+            .and_then(|v| {
+                v.checked_add(self.q0.checked_add(n.checked_mul(LANES)?)?.checked_mul(4)?)
+            });
+        assert!(
+            self.groups > 0 && last.is_some_and(|l| l <= self.packed.len()),
+            "conv tile reads past its input"
+        );
+        let weights = self.offsets.len().checked_mul(self.groups * MR * 4);
+        assert!(weights.is_some_and(|need| self.w.len() >= need));
     }
 }
 
