@@ -94,7 +94,7 @@ fn main() {
         let ob = Outbox::new(Box::new(store), vec![], n + 1, 1 << 30);
         let t0 = Instant::now();
         for i in 0..n {
-            ob.push("bench/front/detection".into(), payload(i));
+            ob.push("bench/front/detection".into(), payload(i)).unwrap();
         }
         ob.sync();
         let written = n as f64 / t0.elapsed().as_secs_f64();
@@ -119,7 +119,7 @@ fn main() {
                 let ob = ob.clone();
                 tokio::task::spawn_blocking(move || {
                     for i in 0..n {
-                        ob.push("bench/front/detection".into(), payload(i));
+                        ob.push("bench/front/detection".into(), payload(i)).unwrap();
                     }
                 })
             };

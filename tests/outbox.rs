@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use edgesight::config::Settings;
+use edgesight::config::{Fsync, Settings};
 use edgesight::mqtt::outbox::{Record, decode, encode};
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -352,8 +352,20 @@ async fn sigkill_while_the_broker_is_down_then_restart_delivers_the_buffered_eve
     assert_in_order(&got);
 }
 
+/// A planted detection record: a "start" of id `<device>:front:0:<n>`.
+fn planted(device: &str, seq: u64, topic: &str, n: u64) -> Vec<u8> {
+    let payload = format!(
+        r#"{{"v":1,"id":"{device}:front:0:{n}","type":"start","device":"{device}","camera":"front","label":"circle","class":0,"score":0.9,"max_score":0.9,"started_at":"x","frames":2}}"#
+    );
+    encode(&Record {
+        seq,
+        topic: topic.to_string(),
+        payload: payload.into_bytes(),
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_corrupt_outbox_file_is_quarantined_and_the_rest_delivered() {
+async fn corrupt_and_poison_outbox_files_are_quarantined_and_the_rest_delivered() {
     let (host, port) = common::broker();
     let dir = tempfile::tempdir().unwrap();
     let device = format!("corrupt-{}", std::process::id());
@@ -369,26 +381,30 @@ async fn a_corrupt_outbox_file_is_quarantined_and_the_rest_delivered() {
     let outbox = dir.path().join("outbox");
     std::fs::create_dir_all(&outbox).unwrap();
     let topic = format!("edgesight/{device}/front/detection");
-    for seq in 1..=4u64 {
-        let payload = format!(
-            r#"{{"v":1,"id":"{device}:front:0:{seq}","type":"start","device":"{device}","camera":"front","label":"circle","class":0,"score":0.9,"max_score":0.9,"started_at":"x","frames":2}}"#
-        );
-        let mut bytes = encode(&Record {
-            seq,
-            topic: topic.clone(),
-            payload: payload.into_bytes(),
-        });
-        if seq == 2 {
-            let n = bytes.len();
-            bytes[n - 5] ^= 0x01;
-        }
-        std::fs::write(outbox.join(format!("{seq:020}.rec")), bytes).unwrap();
+    let name = |seq: u64| outbox.join(format!("{seq:020}.rec"));
+    let write = |seq: u64, bytes: &[u8]| std::fs::write(name(seq), bytes).unwrap();
+    // Good records 1, 3, 4 and 11, each behind something that once stopped or stalled
+    // the outbox.
+    for seq in [1, 3, 4, 11] {
+        write(seq, &planted(&device, seq, &topic, seq));
     }
+    let mut flipped = planted(&device, 2, &topic, 2);
+    let n = flipped.len();
+    flipped[n - 5] ^= 0x01;
+    write(2, &flipped);
+    write(5, &planted(&device, 5, &topic, 5)[..20]); // truncated
+    write(6, b"not a record at all, just garbage bytes");
+    write(7, &planted(&device, 7, &format!("{topic}/+"), 7)); // the client refuses it
+    write(8, &planted(&device, 8, "", 8)); // the broker drops the connection
+    write(9, &planted(&device, 9, "edgesight/\0/x", 9));
+    write(u64::MAX, &planted(&device, u64::MAX, &topic, 10)); // numbering would wrap
+    std::fs::create_dir(name(10)).unwrap(); // cannot be read as a file
+    std::fs::write(outbox.join(format!("{:020}.tmp", 12)), b"torn").unwrap();
     let mut rx = common::subscribe(
         &host,
         port,
         &format!("{device}-sub"),
-        &format!("edgesight/{device}/+/detection"),
+        &format!("edgesight/{device}/#"),
     )
     .await;
     let settings = Settings::load_with_env(&f, vec![]).unwrap();
@@ -397,25 +413,168 @@ async fn a_corrupt_outbox_file_is_quarantined_and_the_rest_delivered() {
     // the inference thread.
     let _stop_on_panic = shutdown.clone().drop_guard();
     let run = tokio::spawn(edgesight::run(settings, shutdown.clone()));
-    let want: HashSet<(String, String)> = [1, 3, 4]
+    let want: HashSet<(String, String)> = [1, 3, 4, 11]
         .iter()
         .map(|s| (format!("{device}:front:0:{s}"), "start".to_string()))
         .collect();
     let got = receive_all(&mut rx, &device, &want).await;
-    assert!(!got.iter().any(|e| e.0.ends_with(":2")), "{got:?}");
+    let bad = ["2", "5", "7", "8", "9", "10"];
+    assert!(
+        !got.iter()
+            .any(|e| bad.iter().any(|b| e.0.ends_with(&format!(":{b}")))),
+        "{got:?}"
+    );
     shutdown.cancel();
     let stats = run.await.unwrap().unwrap();
     let ob = stats.outbox.get().unwrap();
-    assert_eq!(ob.quarantined.load(Ordering::Relaxed), 1);
+    // 2 (checksum), 5 (truncated), 6 (garbage), 7, 8, 9 (poison topics), 10 (unreadable)
+    // and u64::MAX (its number) moved aside, counted.
+    assert_eq!(
+        ob.quarantined.load(Ordering::Relaxed),
+        8,
+        "{}",
+        stats.summary()
+    );
     assert_eq!(ob.depth(), 0);
+    let q = outbox.join("quarantine");
+    for seq in [2, 5, 6, 7, 8, 9, 10, u64::MAX] {
+        assert!(
+            q.join(format!("{seq:020}.rec")).exists(),
+            "{seq} quarantined"
+        );
+    }
     assert!(
-        outbox
-            .join("quarantine")
-            .join(format!("{:020}.rec", 2))
-            .exists()
+        !outbox.join(format!("{:020}.tmp", 12)).exists(),
+        "torn write removed"
     );
+    for seq in [1, 3, 4, 11] {
+        assert!(!name(seq).exists(), "{seq} delivered: removed");
+    }
+}
+
+/// Two writers in one directory shared sequence numbers and deleted each other's files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_the_same_outbox_is_refused_and_the_first_goes_on() {
+    let (host, port) = common::broker();
+    let dir = tempfile::tempdir().unwrap();
+    let device = format!("twice-{}", std::process::id());
+    let f = config(dir.path(), port, &device);
+    let mut rx = common::subscribe(
+        &host,
+        port,
+        &format!("{device}-sub"),
+        &format!("edgesight/{device}/+/detection"),
+    )
+    .await;
+    let mut first = common::Daemon::start(&f);
+    let m = common::next(&mut rx, "the first daemon's detection").await;
+    let (id, _) = event(&m, &device);
+
+    let mut second = Command::new(env!("CARGO_BIN_EXE_edgesight"))
+        .args(["run", "--config"])
+        .arg(&f)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A liveness bound, not a timing claim: a second writer that is let in runs for ever.
+    let mut refused = None;
+    for _ in 0..600 {
+        refused = second.try_wait().unwrap();
+        if refused.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if refused.is_none() {
+        let _ = second.kill();
+    }
+    let second = second.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(78), "{err}");
+    let outbox = dir.path().join("outbox");
     assert!(
-        !outbox.join(format!("{:020}.rec", 1)).exists(),
-        "delivered: removed"
+        err.contains("outbox.dir")
+            && err.contains(&outbox.display().to_string())
+            && err.contains(&format!("pid {}", first.child.id())),
+        "{err}"
     );
+    // The first one noticed nothing: it keeps delivering, numbering its own records.
+    assert!(
+        first.child.try_wait().unwrap().is_none(),
+        "first still runs"
+    );
+    loop {
+        let m = common::next(&mut rx, "a later detection").await;
+        if event(&m, &device).0 != id {
+            break;
+        }
+    }
+    first.stop();
+}
+
+/// A reload hands the outbox to the next pipeline (one writer, one sender at a time): what
+/// was buffered before three reloads is delivered after them, in order; a reload onto an
+/// outbox directory another process holds is rejected and the running one kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_hand_the_outbox_over_and_refuse_a_directory_in_use() {
+    let (host, port) = common::broker();
+    let dir = tempfile::tempdir().unwrap();
+    let device = format!("handover-{}", std::process::id());
+    let proxy = common::Proxy::new(&host, port); // down: events pile up in the outbox
+    let f = config(dir.path(), proxy.port, &device);
+    let good = std::fs::read_to_string(&f)
+        .unwrap()
+        .replace("level = \"warn\"", "level = \"info\"");
+    std::fs::write(&f, &good).unwrap();
+    let outbox = dir.path().join("outbox");
+    let d = common::Daemon::start(&f);
+    for _ in 0..600 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if outbox.is_dir() && records_in(&outbox).len() >= 4 {
+            break;
+        }
+    }
+    for n in 1..=3 {
+        d.signal("HUP");
+        loop {
+            let log = d.wait_for_log("restarting the pipeline");
+            if log.matches("restarting the pipeline").count() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Another process holds this directory: the reload onto it is refused.
+    let held = dir.path().join("held");
+    let _lock = edgesight::mqtt::outbox::DiskStore::open(&held, Fsync::Never).unwrap();
+    let moved = good.replace(
+        &format!("{}/outbox", dir.path().display()),
+        &held.display().to_string(),
+    );
+    assert_ne!(moved, good);
+    std::fs::write(&f, moved).unwrap();
+    d.signal("HUP");
+    let log = d.wait_for_log("reload rejected");
+    assert!(
+        log.contains("outbox.dir") && log.contains("in use"),
+        "{log}"
+    );
+    std::fs::write(&f, &good).unwrap();
+
+    let buffered = records_in(&outbox);
+    assert!(buffered.len() >= 4, "{buffered:?}");
+    let mut rx = common::subscribe(
+        &host,
+        port,
+        &format!("{device}-sub"),
+        &format!("edgesight/{device}/+/detection"),
+    )
+    .await;
+    proxy.up().await;
+    let got = receive_all(&mut rx, &device, &buffered).await;
+    assert_in_order(&got);
+    let log = d.wait_for_log("restarting the pipeline");
+    assert!(!log.contains("still running after the drain"), "{log}");
+    d.stop();
 }

@@ -41,6 +41,12 @@ impl Settings {
         self.mqtt.base_topic(&self.device.id)
     }
 
+    /// Anything goes through the durable outbox: detection events, or classifications
+    /// with `classification.durable`.
+    pub fn uses_outbox(&self) -> bool {
+        self.detection.enabled || self.classification.durable
+    }
+
     /// The effective configuration as TOML, secrets redacted.
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))

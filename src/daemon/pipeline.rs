@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::capture::{self, CameraCtx, Slots, V4l2Backend};
-use crate::config::Settings;
+use crate::config::{ConfigError, Settings};
 use crate::daemon::notify::Notifier;
 use crate::daemon::reload::{self, Loaded};
 use crate::daemon::{report, watchdog};
@@ -41,7 +41,21 @@ pub struct Daemon {
     hup: Arc<Notify>,
     /// Where the embedded broker listens, once started.
     broker: Option<(String, u16)>,
+    /// The outbox outlives a pipeline: a reload hands it to the next one (same
+    /// directory) once the old sender has stopped, so two senders never share records
+    /// and the directory lock is never contended by ourselves.
+    outbox: Option<HeldOutbox>,
 }
+
+/// The open outbox and the task sending from it.
+struct HeldOutbox {
+    outbox: Arc<Outbox>,
+    sender: JoinHandle<()>,
+}
+
+/// How long a new pipeline waits for the previous outbox sender (which had its own
+/// drain) before it aborts it: abortion loses nothing, records leave only on a PUBACK.
+const SENDER_HANDOVER: Duration = Duration::from_secs(2);
 
 impl Daemon {
     pub fn new(shutdown: CancellationToken, notifier: Notifier, hup: Arc<Notify>) -> Self {
@@ -50,6 +64,7 @@ impl Daemon {
             notifier: Arc::new(notifier),
             hup,
             broker: None,
+            outbox: None,
         }
     }
 
@@ -123,6 +138,8 @@ impl Pipeline {
             true => Some(Rules::for_model(&settings.detection, classifier.labels())?),
             false => None,
         };
+        // Before anything connects: a second daemon on this outbox must not announce itself.
+        let outbox = open_outbox(&settings, &mut daemon.outbox).await?;
         daemon.ensure_broker(&settings)?;
         let (client, eventloop) = mqtt::client(&settings);
         let w = Wiring {
@@ -146,7 +163,7 @@ impl Pipeline {
             s.mqtt.port,
             s.base_topic()
         );
-        let outbox = w.start_outbox(rules.is_some());
+        let outbox = outbox.map(|ob| w.send_from(ob, &mut daemon.outbox));
         let slots = Arc::new(Slots::new(s.camera.len()));
         let cameras = w.start_cameras(&slots, &retained).inspect_err(|_| {
             w.stops.pipeline.cancel();
@@ -231,34 +248,33 @@ impl Wiring {
             ));
         }
         tokio::spawn(reload::watch(
-            self.settings.file.clone(),
+            self.settings.clone(),
             daemon.hup.clone(),
             reload_rx,
             self.stops.pipeline.clone(),
         ))
     }
 
-    /// The durable outbox and its sender, when anything is durable: detection events, or
-    /// classifications with `classification.durable`.
-    fn start_outbox(&self, detection: bool) -> Option<Arc<Outbox>> {
-        let s = &self.settings;
-        if !detection && !s.classification.durable {
-            return None;
-        }
-        let outbox = Arc::new(Outbox::open(&s.outbox));
+    /// Start the sender of `outbox` on this pipeline's network side; `held` keeps both
+    /// for the next pipeline.
+    fn send_from(&self, outbox: Arc<Outbox>, held: &mut Option<HeldOutbox>) -> Arc<Outbox> {
         info!(
             "detection events: outbox {}, {} waiting",
             outbox.describe(),
             outbox.depth()
         );
         let _ = self.stats.outbox.set(outbox.counters.clone());
-        self.tasks.spawn(outbox::drive(
+        let sender = self.tasks.spawn(outbox::drive(
             outbox.clone(),
-            s.clone(),
+            self.settings.clone(),
             self.stops.network.clone(),
             DRAIN_TIMEOUT,
         ));
-        Some(outbox)
+        *held = Some(HeldOutbox {
+            outbox: outbox.clone(),
+            sender,
+        });
+        outbox
     }
 
     /// Start every camera: a supervisor task per V4L2 camera, a thread per image source.
@@ -370,6 +386,33 @@ impl Wiring {
     }
 }
 
+/// The durable outbox (its sender starts with the network side): detection events, or
+/// classifications with `classification.durable`. The previous pipeline's outbox is
+/// taken over when it names the same directory; a directory another process holds is
+/// a configuration error.
+async fn open_outbox(s: &Settings, held: &mut Option<HeldOutbox>) -> Result<Option<Arc<Outbox>>> {
+    if let Some(previous) = held.take() {
+        let ob = previous.stop().await;
+        if ob.dir() == s.outbox.dir && s.uses_outbox() {
+            ob.retune(&s.outbox);
+            return Ok(Some(ob));
+        }
+        if ob.depth() > 0 {
+            warn!(
+                "outbox: {} undelivered record(s) stay in {} until a run uses it again",
+                ob.depth(),
+                ob.dir().display()
+            );
+        }
+        // Dropped here: its directory is released.
+    }
+    if !s.uses_outbox() {
+        return Ok(None);
+    }
+    let ob = Outbox::open(&s.outbox).map_err(|e| ConfigError::new(format!("outbox.dir: {e}")))?;
+    Ok(Some(Arc::new(ob)))
+}
+
 /// Commands from the driver to the command server: (verb, payload).
 type CommandRx = mpsc::Receiver<(String, Vec<u8>)>;
 
@@ -388,6 +431,23 @@ fn log_model(classifier: &Classifier) {
         t.optimize_ms,
         classifier.int8_rewrites()
     );
+}
+
+impl HeldOutbox {
+    /// Make sure the sender has stopped (its pipeline drained it already), then hand the
+    /// outbox on. An outbox no longer wanted, or for another directory, is dropped by the
+    /// caller, which releases its directory; what it holds stays there for a later run.
+    async fn stop(mut self) -> Arc<Outbox> {
+        if tokio::time::timeout(SENDER_HANDOVER, &mut self.sender)
+            .await
+            .is_err()
+        {
+            warn!("outbox sender still running after the drain; stopped it");
+            self.sender.abort();
+            let _ = self.sender.await;
+        }
+        self.outbox
+    }
 }
 
 impl Cameras {

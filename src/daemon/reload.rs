@@ -15,6 +15,7 @@ use crate::config::{ConfigError, Settings};
 use crate::detect::Rules;
 use crate::model::Classifier;
 use crate::mqtt::commands::{CommandError, ReloadRequest};
+use crate::mqtt::outbox;
 
 /// Load the configured model, or a configuration error naming `model.path`: a model that
 /// does not load will not load after a restart either.
@@ -40,13 +41,18 @@ pub enum ReloadError {
     Task(#[from] tokio::task::JoinError),
 }
 
-/// Read `file` again and load its model; the error says why it was rejected.
-pub async fn prepare(file: PathBuf) -> Result<Loaded, ReloadError> {
+/// Read `file` again and load its model; the error says why it was rejected. `running`
+/// is the configuration in use: an outbox directory it does not hold already must be free.
+pub async fn prepare(file: PathBuf, running: Arc<Settings>) -> Result<Loaded, ReloadError> {
     tokio::task::spawn_blocking(move || -> Result<Loaded, ReloadError> {
         let settings = Settings::load(&file)?;
         let classifier = load_model(&settings).map_err(ReloadError::Model)?;
         if settings.detection.enabled {
             Rules::for_model(&settings.detection, classifier.labels())?;
+        }
+        let dir = &settings.outbox.dir;
+        if settings.uses_outbox() && !(running.uses_outbox() && running.outbox.dir == *dir) {
+            outbox::ensure_free(dir).map_err(|e| ConfigError::new(format!("outbox.dir: {e}")))?;
         }
         Ok(Loaded {
             settings,
@@ -60,7 +66,7 @@ pub async fn prepare(file: PathBuf) -> Result<Loaded, ReloadError> {
 /// that validates cancels `stop` (ending the running pipeline) and is returned; one that
 /// does not is logged and replied to, and the watch goes on.
 pub async fn watch(
-    file: PathBuf,
+    running: Arc<Settings>,
     hup: Arc<Notify>,
     mut requests: mpsc::Receiver<ReloadRequest>,
     stop: CancellationToken,
@@ -71,7 +77,7 @@ pub async fn watch(
             Some(r) = requests.recv() => Some(r),
             _ = stop.cancelled() => return None,
         };
-        match prepare(file.clone()).await {
+        match prepare(running.file.clone(), running.clone()).await {
             Ok(loaded) => {
                 if let Some(r) = reply {
                     let _ = r.send(Ok(loaded.classifier.file_name().to_string()));

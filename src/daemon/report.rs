@@ -53,7 +53,9 @@ pub struct OutboxStats {
     pub delivered: u64,
     pub dropped: u64,
     pub quarantined: u64,
+    pub skipped: u64,
     pub memory_fallback: u64,
+    pub rewritten: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -158,7 +160,9 @@ pub fn stats_message(
             delivered: g(&o.delivered),
             dropped: g(&o.dropped),
             quarantined: g(&o.quarantined),
+            skipped: g(&o.skipped),
             memory_fallback: g(&o.memory_fallback),
+            rewritten: g(&o.rewritten),
         }),
         cameras,
     }

@@ -251,7 +251,8 @@ impl Inference {
         if settings.classification.durable
             && let Some(d) = &self.ctx.durable
         {
-            d.outbox.push(cam.topic.clone(), payload);
+            // A refusal (a topic no broker takes) is logged and counted by the outbox.
+            let _ = d.outbox.push(cam.topic.clone(), payload);
             return;
         }
         // Never block inference on the network: a full queue drops and counts.
@@ -330,7 +331,8 @@ fn publish_events(
         }
         match serde_json::to_vec(&msg) {
             Ok(p) => {
-                d.outbox.push(camera_topic(settings, cam, "detection"), p);
+                // A refusal (a topic no broker takes) is logged and counted by the outbox.
+                let _ = d.outbox.push(camera_topic(settings, cam, "detection"), p);
             }
             Err(e) => warn!("camera {cam}: cannot encode detection: {e}"),
         }

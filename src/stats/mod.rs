@@ -108,10 +108,15 @@ pub struct OutboxCounters {
     pub delivered: AtomicU64,
     /// Oldest records dropped to stay within `max_events` / `max_bytes`.
     pub dropped: AtomicU64,
-    /// Corrupt files found at start-up and moved to `quarantine/`.
+    /// Corrupt or undeliverable (poison) records moved to `quarantine/`, at start-up or
+    /// when the sender meets one; messages refused as poison by `push`.
     pub quarantined: AtomicU64,
+    /// Directory entries that could not be read at start-up (skipped, left in place).
+    pub skipped: AtomicU64,
     /// Records kept in memory only because the disk refused them (full, read-only...).
     pub memory_fallback: AtomicU64,
+    /// Of those, records written to disk later, once it took them again.
+    pub rewritten: AtomicU64,
     /// PUBACKs received for records already gone (dropped, or duplicates after a resend).
     pub stale_acks: AtomicU64,
     /// Records waiting for their PUBACK, and their bytes (gauges).
@@ -218,13 +223,15 @@ impl Stats {
         if let Some(c) = self.outbox.get() {
             s.push_str(&format!(
                 "; outbox: accepted {} delivered {} waiting {} dropped {} quarantined {} \
-                 memory-only {}",
+                 skipped {} memory-only {} written late {}",
                 g(&c.accepted),
                 g(&c.delivered),
                 c.depth(),
                 g(&c.dropped),
                 g(&c.quarantined),
-                g(&c.memory_fallback)
+                g(&c.skipped),
+                g(&c.memory_fallback),
+                g(&c.rewritten)
             ));
         }
         s

@@ -13,7 +13,11 @@ use tracing::{info, warn};
 use crate::config::{Fsync, Settings};
 use crate::mqtt::client::describe;
 use crate::mqtt::outbox::queue::Outbox;
+use crate::mqtt::outbox::store::poison;
 use crate::util::Backoff;
+
+/// How often the outbox's store is looked after when the fsync policy does not say.
+const MAINTAIN_EVERY: Duration = Duration::from_secs(2);
 
 /// The sender's MQTT options: the daemon's broker and credentials, its own client id.
 fn options(settings: &Settings) -> MqttOptions {
@@ -35,9 +39,11 @@ pub async fn drive(
     let s = &settings.outbox;
     let m = &settings.mqtt;
     let (client, el) = AsyncClient::new(options(&settings), s.window * 2 + 4);
+    // The timer also writes again what the disk refused, and retries a directory that
+    // could not be opened: often enough that a recovered disk is used within seconds.
     let sync_every = match s.fsync {
-        Fsync::Interval(d) => d,
-        _ => Duration::from_secs(3600),
+        Fsync::Interval(d) => d.min(MAINTAIN_EVERY),
+        _ => MAINTAIN_EVERY,
     };
     let mut sender = Sender {
         outbox,
@@ -131,7 +137,7 @@ impl Sender {
             },
             _ = self.outbox.wake.notified(), if online => state,
             _ = self.sync_tick.tick() => {
-                self.outbox.sync();
+                self.sync();
                 state
             }
             // The drain ends at its deadline even if the broker goes quiet.
@@ -149,6 +155,12 @@ impl Sender {
             let Some(r) = self.outbox.next_from(self.next) else {
                 break;
             };
+            // Never handed to the client: it would refuse it (or the broker drop the
+            // connection) every time, and everything behind it would wait for ever.
+            if let Some(why) = poison(&r) {
+                self.outbox.quarantine(r.seq, &why);
+                continue;
+            }
             if self
                 .client
                 .try_publish(&r.topic, QoS::AtLeastOnce, false, r.payload.clone())
@@ -159,6 +171,19 @@ impl Sender {
             self.handed.push_back(r.seq);
             self.next = r.seq + 1;
         }
+    }
+
+    /// The store's timer. When the outbox directory finally opened, its older records
+    /// went in front and the rest were renumbered: follow the numbers, and start again
+    /// from the oldest (duplicates, never loss).
+    fn sync(&mut self) {
+        let Some(renumbered) = self.outbox.sync() else {
+            return;
+        };
+        let follow = |seq: &mut u64| *seq = renumbered.get(seq).copied().unwrap_or(*seq);
+        self.handed.iter_mut().for_each(follow);
+        self.inflight.values_mut().for_each(follow);
+        self.next = 0;
     }
 
     /// A new session knows nothing of the old one: start again from the oldest
@@ -231,6 +256,6 @@ impl Sender {
             })
             .await;
         }
-        self.outbox.sync();
+        self.sync();
     }
 }

@@ -1,6 +1,7 @@
 //! Where the outbox's records persist: the record format (magic, CRC32, seq, topic,
 //! payload), [`DiskStore`] (one file per record, written to a temporary name, fsynced per
-//! policy, renamed) and [`MemStore`] (nothing kept: the fallback, and for tests).
+//! policy, renamed; the directory locked against a second writer) and [`MemStore`]
+//! (nothing kept: the fallback, and for tests). What can never be delivered is [`poison`].
 
 use std::fs;
 use std::io::{self, Write};
@@ -29,8 +30,12 @@ pub trait Store: Send {
     fn put(&mut self, rec: &Record) -> io::Result<()>;
     /// Forget `seq` (acknowledged, or dropped to stay within bounds).
     fn remove(&mut self, seq: u64) -> io::Result<()>;
+    /// Move `seq` aside for ever (a record the client or broker refuses); where it went.
+    fn quarantine(&mut self, seq: u64) -> io::Result<PathBuf>;
     /// Make durable what the policy deferred (called on a timer).
     fn sync(&mut self) -> io::Result<()>;
+    /// A reload's new fsync policy, for the records written from now on.
+    fn set_fsync(&mut self, _: Fsync) {}
     fn describe(&self) -> String;
 }
 
@@ -44,6 +49,9 @@ impl Store for MemStore {
     }
     fn remove(&mut self, _: u64) -> io::Result<()> {
         Ok(())
+    }
+    fn quarantine(&mut self, _: u64) -> io::Result<PathBuf> {
+        Ok(PathBuf::from("(memory)"))
     }
     fn sync(&mut self) -> io::Result<()> {
         Ok(())
@@ -126,13 +134,79 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
     })
 }
 
-/// One file per record in `dir`; unreadable ones moved to `dir/quarantine/`.
+/// Sequence numbers at or past this are refused as poison: the numbering continues after
+/// the highest one found, and must never wrap (the queue is searched by sequence number).
+pub const MAX_SEQ: u64 = i64::MAX as u64;
+
+/// Why a record can never be delivered: the client or the broker would refuse it every
+/// time, and a sender that resent it for ever would block every record behind it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Poison {
+    #[error("empty topic")]
+    EmptyTopic,
+    #[error("topic contains a NUL character")]
+    Nul,
+    #[error("topic contains a wildcard (+ or #)")]
+    Wildcard,
+    #[error("sequence number {0} out of range")]
+    Seq(u64),
+    #[error("{0} bytes: larger than an MQTT packet may be")]
+    TooLarge(usize),
+}
+
+/// What is wrong with `rec` for ever, if anything (MQTT 3.1.1 §4.7.3, §1.5.3).
+pub fn poison(rec: &Record) -> Option<Poison> {
+    let t = &rec.topic;
+    if t.is_empty() {
+        Some(Poison::EmptyTopic)
+    } else if t.contains('\0') {
+        Some(Poison::Nul)
+    } else if t.contains(['+', '#']) {
+        Some(Poison::Wildcard)
+    } else if rec.seq >= MAX_SEQ {
+        Some(Poison::Seq(rec.seq))
+    } else if publish_size(rec) > crate::config::MQTT_MAX_PACKET {
+        Some(Poison::TooLarge(publish_size(rec)))
+    } else {
+        None
+    }
+}
+
+/// The PUBLISH packet's size, header included (at most 5 + 2 + 2 bytes of it).
+fn publish_size(rec: &Record) -> usize {
+    rec.topic.len() + rec.payload.len() + 9
+}
+
+/// Why an outbox directory cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Another process (a second daemon on the same directory) holds it: two writers
+    /// would share sequence numbers and delete each other's records.
+    #[error("{} is in use by another edgesight process{}", dir.display(), holder.map_or(String::new(), |p| format!(" (pid {p})")))]
+    Locked { dir: PathBuf, holder: Option<u32> },
+    #[error("{}: {source}", dir.display())]
+    Io { dir: PathBuf, source: io::Error },
+}
+
+impl OpenError {
+    fn io(dir: &Path) -> impl FnOnce(io::Error) -> OpenError + '_ {
+        move |source| OpenError::Io {
+            dir: dir.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// One file per record in `dir`; unreadable ones moved to `dir/quarantine/`. Holds an
+/// exclusive lock on `dir/lock` while open.
 #[derive(Debug)]
 pub struct DiskStore {
     dir: PathBuf,
     fsync: Fsync,
     /// Files renamed into place but not yet fsynced (`Fsync::Interval`).
     unsynced: Vec<PathBuf>,
+    /// The flock on `dir/lock`: released when the store is dropped (or the process dies).
+    _lock: fs::File,
 }
 
 /// What opening a [`DiskStore`] found.
@@ -140,75 +214,163 @@ pub struct DiskStore {
 pub struct Recovered {
     /// Valid records, oldest first.
     pub records: Vec<Record>,
-    /// Corrupt files moved aside, with the reason.
+    /// Corrupt or poison files moved aside (or, when even that failed, left where they
+    /// were and not replayed), with the reason.
     pub quarantined: Vec<(PathBuf, String)>,
+    /// Directory entries that could not be read at all: skipped, left in place.
+    pub skipped: Vec<(PathBuf, String)>,
+    /// The next sequence number to use: after every record name found.
+    pub next_seq: u64,
+    /// Why the directory cannot be written now (a full or read-only disk): records are
+    /// recovered anyway, and new ones kept in memory until it can.
+    pub unwritable: Option<io::Error>,
 }
 
+const LOCK: &str = "lock";
+const QUARANTINE: &str = "quarantine";
+
 impl DiskStore {
-    /// Open (creating) `dir` and read back every record a previous run left.
-    pub fn open(dir: &Path, fsync: Fsync) -> io::Result<(DiskStore, Recovered)> {
-        fs::create_dir_all(dir)?;
-        // Prove we can write here now, not at the first event.
-        let probe = dir.join(".probe");
-        fs::write(&probe, b"")?;
-        fs::remove_file(&probe)?;
-        let mut rec = Recovered::default();
-        let mut files: Vec<(u64, PathBuf)> = Vec::new();
-        for entry in fs::read_dir(dir)? {
-            let path = entry?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if name.ends_with(".tmp") {
-                // A crash between write and rename: never accepted, never published.
-                let _ = fs::remove_file(&path);
-                continue;
-            }
-            if path.extension().is_none_or(|x| x != EXT) {
-                continue;
-            }
-            match path
-                .file_stem()
-                .and_then(|s| s.to_str()?.parse::<u64>().ok())
-            {
-                Some(seq) => files.push((seq, path)),
-                None => rec.quarantined.push((path, "unexpected file name".into())),
+    /// Open (creating) `dir`, lock it, and read back every record a previous run left.
+    /// Only a missing or unlistable directory, or another holder of the lock, fails the
+    /// open: a file that cannot be read is skipped, and a full disk still replays.
+    pub fn open(dir: &Path, fsync: Fsync) -> Result<(DiskStore, Recovered), OpenError> {
+        fs::create_dir_all(dir).map_err(OpenError::io(dir))?;
+        let lock = lock(dir)?;
+        let mut rec = Recovered {
+            unwritable: probe(dir).err(),
+            ..Recovered::default()
+        };
+        let mut highest = 0;
+        for (seq, path) in list(dir, &mut rec).map_err(OpenError::io(dir))? {
+            highest = highest.max(seq);
+            match read_record(&path, seq) {
+                Ok(r) => rec.records.push(r),
+                Err(why) => rec.quarantined.push((path, why)),
             }
         }
-        files.sort();
-        for (seq, path) in files {
-            let problem = match fs::read(&path) {
-                Ok(bytes) => match decode(&bytes) {
-                    Ok(r) if r.seq == seq => {
-                        rec.records.push(r);
-                        continue;
-                    }
-                    Ok(r) => format!("holds seq {} under the name of {seq}", r.seq),
-                    Err(e) => e.to_string(),
-                },
-                Err(e) => format!("unreadable: {e}"),
-            };
-            rec.quarantined.push((path, problem));
-        }
-        if !rec.quarantined.is_empty() {
-            let q = dir.join("quarantine");
-            fs::create_dir_all(&q)?;
-            for (path, _) in &mut rec.quarantined {
-                let to = q.join(path.file_name().unwrap_or_default());
-                fs::rename(&*path, &to)?;
-                *path = to;
+        rec.next_seq = highest + 1;
+        let store = DiskStore {
+            dir: dir.to_path_buf(),
+            fsync,
+            unsynced: Vec::new(),
+            _lock: lock,
+        };
+        for (path, why) in &mut rec.quarantined {
+            match store.move_aside(path) {
+                Ok(to) => *path = to,
+                Err(e) => why.push_str(&format!("; left in place, cannot move it: {e}")),
             }
         }
-        Ok((
-            DiskStore {
-                dir: dir.to_path_buf(),
-                fsync,
-                unsynced: Vec::new(),
-            },
-            rec,
-        ))
+        Ok((store, rec))
     }
 
     fn path(&self, seq: u64) -> PathBuf {
         self.dir.join(format!("{seq:020}.{EXT}"))
+    }
+
+    /// Move `path` into `quarantine/`; the new path.
+    fn move_aside(&self, path: &Path) -> io::Result<PathBuf> {
+        let q = self.dir.join(QUARANTINE);
+        fs::create_dir_all(&q)?;
+        let to = q.join(path.file_name().unwrap_or_default());
+        fs::rename(path, &to)?;
+        Ok(to)
+    }
+}
+
+/// Take the directory's lock, or say who holds it. The holder's pid is written into the
+/// file for that message only; the lock itself is the flock.
+fn lock(dir: &Path) -> Result<fs::File, OpenError> {
+    use std::io::{Read, Seek};
+    let path = dir.join(LOCK);
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(OpenError::io(dir))?;
+    match f.try_lock() {
+        Ok(()) => {
+            // Best effort (a full disk may refuse it): only the message uses it.
+            let _ = f
+                .set_len(0)
+                .and_then(|()| f.rewind())
+                .and_then(|()| writeln!(f, "{}", std::process::id()));
+            Ok(f)
+        }
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = f.read_to_string(&mut pid);
+            Err(OpenError::Locked {
+                dir: dir.to_path_buf(),
+                holder: pid.trim().parse().ok(),
+            })
+        }
+        Err(fs::TryLockError::Error(e)) => Err(OpenError::io(dir)(e)),
+    }
+}
+
+/// Fail as [`DiskStore::open`] would if another process holds `dir` (creating it); the
+/// lock is released again at once.
+pub fn ensure_free(dir: &Path) -> Result<(), OpenError> {
+    fs::create_dir_all(dir).map_err(OpenError::io(dir))?;
+    lock(dir).map(drop)
+}
+
+/// Can a record be written here now?
+fn probe(dir: &Path) -> io::Result<()> {
+    let probe = dir.join(".probe");
+    let written = fs::write(&probe, b"probe");
+    let _ = fs::remove_file(&probe);
+    written
+}
+
+/// The record files in `dir`, oldest first. Torn temporary files are removed; entries that
+/// cannot be read, and names that are not a sequence number, are noted in `rec`.
+fn list(dir: &Path, rec: &mut Recovered) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = match entry {
+            Ok(e) => e.path(),
+            Err(e) => {
+                rec.skipped
+                    .push((dir.to_path_buf(), format!("entry unreadable: {e}")));
+                continue;
+            }
+        };
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.ends_with(".tmp") {
+            // A crash between write and rename: never accepted, never published.
+            let _ = fs::remove_file(&path);
+            continue;
+        }
+        if path.extension().is_none_or(|x| x != EXT) {
+            continue;
+        }
+        match path
+            .file_stem()
+            .and_then(|s| s.to_str()?.parse::<u64>().ok())
+        {
+            Some(seq) if seq < MAX_SEQ => files.push((seq, path)),
+            Some(seq) => rec.quarantined.push((path, Poison::Seq(seq).to_string())),
+            None => rec.quarantined.push((path, "unexpected file name".into())),
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// The record in `path`, named `seq`, or why it cannot be replayed.
+fn read_record(path: &Path, seq: u64) -> Result<Record, String> {
+    let bytes = fs::read(path).map_err(|e| format!("unreadable: {e}"))?;
+    let r = decode(&bytes).map_err(|e| e.to_string())?;
+    if r.seq != seq {
+        return Err(format!("holds seq {} under the name of {seq}", r.seq));
+    }
+    match poison(&r) {
+        Some(p) => Err(format!("poison: {p}")),
+        None => Ok(r),
     }
 }
 
@@ -249,6 +411,10 @@ impl Store for DiskStore {
         }
     }
 
+    fn quarantine(&mut self, seq: u64) -> io::Result<PathBuf> {
+        self.move_aside(&self.path(seq))
+    }
+
     fn sync(&mut self) -> io::Result<()> {
         if self.unsynced.is_empty() {
             return Ok(());
@@ -260,6 +426,10 @@ impl Store for DiskStore {
             }
         }
         sync_dir(&self.dir)
+    }
+
+    fn set_fsync(&mut self, fsync: Fsync) {
+        self.fsync = fsync;
     }
 
     fn describe(&self) -> String {
