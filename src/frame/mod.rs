@@ -135,6 +135,15 @@ pub enum JpegFault {
     Incomplete,
     #[error("decoder returned a short image")]
     ShortImage,
+    /// The header claims more than the camera's mode: decoding it would allocate what
+    /// the header says (a 65535x65535 header is 12 GB of RGB), so it is refused unread.
+    #[error("header says {width}x{height}, larger than the frame's {max_width}x{max_height}")]
+    Oversized {
+        width: usize,
+        height: usize,
+        max_width: u32,
+        max_height: u32,
+    },
     /// libjpeg's own words (it reports errors by unwinding; see `decode_jpeg`).
     #[error("{0}")]
     Decoder(String),
@@ -193,23 +202,41 @@ fn jpeg_is_complete(data: &[u8]) -> bool {
     data.starts_with(&[0xFF, 0xD8]) && data[..end].ends_with(&[0xFF, 0xD9])
 }
 
-/// Decode a JPEG at `numerator`/8 of its size to packed RGB: (width, height, bytes).
+/// A decoded JPEG: width, height, packed RGB.
+type Decoded = (u32, u32, Vec<u8>);
+
+/// How far a JPEG header may exceed the frame's mode: some cameras round up to whole
+/// 16-pixel blocks (1920x1088 for 1080p).
+const JPEG_SLACK: u32 = 16;
+
+/// Decode a JPEG at `numerator`/8 of its size to packed RGB: (width, height, bytes),
+/// refusing one whose header is larger than `max` (the frame's mode) before anything is
+/// allocated for it.
 ///
 /// libjpeg reports fatal errors by unwinding out of the C code (mozjpeg's design); we
 /// catch that here, so a garbage frame is an error, not a crash. This is why the release
 /// profile keeps `panic = "unwind"` and `main` installs a hook that aborts on real panics.
-fn decode_jpeg(data: &[u8], numerator: u8) -> Result<(u32, u32, Vec<u8>), JpegFault> {
-    let run = || -> std::io::Result<(u32, u32, Vec<u8>)> {
+fn decode_jpeg(data: &[u8], numerator: u8, max: (u32, u32)) -> Result<Decoded, JpegFault> {
+    let run = || -> std::io::Result<Result<Decoded, JpegFault>> {
         let mut d = mozjpeg::Decompress::new_mem(data)?;
+        let (width, height) = d.size();
+        if width > (max.0 + JPEG_SLACK) as usize || height > (max.1 + JPEG_SLACK) as usize {
+            return Ok(Err(JpegFault::Oversized {
+                width,
+                height,
+                max_width: max.0,
+                max_height: max.1,
+            }));
+        }
         d.scale(numerator);
         let mut d = d.rgb()?;
         let (w, h) = (d.width() as u32, d.height() as u32);
         let px = d.read_scanlines::<u8>()?;
         d.finish()?;
-        Ok((w, h, px))
+        Ok(Ok((w, h, px)))
     };
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
-        Ok(Ok(r)) => Ok(r),
+        Ok(Ok(r)) => r,
         Ok(Err(e)) => Err(JpegFault::Decoder(e.to_string())),
         Err(payload) => Err(JpegFault::Decoder(
             payload
@@ -280,7 +307,8 @@ impl RawFrame {
         let mut out = vec![0u8; w * h * 3];
         match self.format {
             RawFormat::Mjpeg => {
-                let (dw, dh, px) = decode_jpeg(&self.data, 8).map_err(|e| self.jpeg_error(e))?;
+                let (dw, dh, px) = decode_jpeg(&self.data, 8, (self.width, self.height))
+                    .map_err(|e| self.jpeg_error(e))?;
                 return RgbImage::from_raw(dw, dh, px)
                     .ok_or_else(|| self.jpeg_error(JpegFault::ShortImage));
             }
@@ -454,7 +482,8 @@ impl RawFrame {
                 .into_iter()
                 .find(|&n| scaled(full.2, n) >= ow && scaled(full.3, n) >= oh)
                 .unwrap_or(8);
-            let (dw, dh, px) = decode_jpeg(&self.data, n as u8).map_err(|e| self.jpeg_error(e))?;
+            let (dw, dh, px) = decode_jpeg(&self.data, n as u8, (self.width, self.height))
+                .map_err(|e| self.jpeg_error(e))?;
             if px.len() < dw as usize * dh as usize * 3 {
                 return Err(self.jpeg_error(JpegFault::ShortImage));
             }
@@ -674,6 +703,15 @@ mod tests {
         for b in &mut garbage_body[20..jpeg.len() - 2] {
             *b = 0xAB;
         }
+        // The same JPEG whose SOF header claims 65000x65000 (a 12 GB decode; libjpeg stops at 65500).
+        let mut huge_header = jpeg.clone();
+        let sof = huge_header
+            .windows(2)
+            .position(|w| w == [0xFF, 0xC0])
+            .expect("baseline SOF");
+        huge_header[sof + 5..sof + 9].copy_from_slice(&[0xFD, 0xE8, 0xFD, 0xE8]);
+        let bigger = RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8, y as u8, 7]));
+        let bigger = RawFrame::from_rgb(&bigger, RawFormat::Mjpeg).data;
         let cases: Vec<(RawFormat, Vec<u8>, &str)> = vec![
             (
                 RawFormat::Mjpeg,
@@ -683,6 +721,8 @@ mod tests {
             (RawFormat::Mjpeg, vec![0x12; 500], "no SOI/EOI"),
             (RawFormat::Mjpeg, vec![], "truncated"),
             (RawFormat::Mjpeg, garbage_body, "MJPEG frame 32x16"),
+            (RawFormat::Mjpeg, huge_header, "header says 65000x65000"),
+            (RawFormat::Mjpeg, bigger, "header says 64x64"),
             (RawFormat::Yuyv, vec![0; 32 * 16 * 2 - 1], "expected 1024"),
             (RawFormat::Nv12, vec![0; 10], "expected 768"),
             (RawFormat::Rgb, vec![0; 5], "expected 1536"),

@@ -10,7 +10,9 @@
 //! daemon, which validates the new configuration and loads its model *before* anything
 //! stops, so a bad one leaves the running daemon untouched.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, QoS};
 use serde_json::{Value, json};
@@ -21,7 +23,7 @@ use crate::config::Settings;
 use crate::mqtt::topics::result_topic;
 use crate::stats::control::Control;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Verb {
     Pause,
     Resume,
@@ -59,6 +61,15 @@ pub struct Rejection {
     pub error: Refusal,
 }
 
+impl Rejection {
+    /// What the log says of it. The verb is whatever a client put in the topic, newlines
+    /// included: quoted and escaped, so it cannot forge log lines (the refusal's own text
+    /// quotes what it repeats).
+    pub fn log_line(&self) -> String {
+        format!("command {:?}: {}", self.verb, self.error)
+    }
+}
+
 /// Why a command was refused before it ran: what the rejection's `error` says.
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
@@ -80,6 +91,45 @@ pub enum Refusal {
     UnknownCamera { name: String, names: Vec<String> },
     #[error("\"camera\" must be a string, not {0}")]
     CameraNotAString(Value),
+    #[error("too many {verb} commands: try again in {} s", wait.as_secs_f64().ceil())]
+    TooSoon { verb: &'static str, wait: Duration },
+}
+
+/// How often the costly commands may run: a burst, then one per period. A reload loads
+/// a model (seconds of CPU on a Pi) and a snapshot encodes a JPEG, and anyone who can
+/// publish on the command topic can ask; the burst lets a user fix a typo and retry.
+const LIMITS: [(Verb, u32, Duration); 2] = [
+    (Verb::Reload, 3, Duration::from_secs(10)),
+    (Verb::Snapshot, 3, Duration::from_secs(1)),
+];
+
+/// Token buckets per (verb, camera) for the verbs in [`LIMITS`]. Pure: the caller says
+/// what time it is.
+#[derive(Debug, Default)]
+pub struct Limiter {
+    buckets: HashMap<(Verb, usize), (f64, Instant)>,
+}
+
+impl Limiter {
+    /// Admit `req` at `now`, or say how long to wait.
+    pub fn admit(&mut self, req: &Request, now: Instant) -> Result<(), Refusal> {
+        let Some(&(verb, burst, every)) = LIMITS.iter().find(|l| l.0 == req.verb) else {
+            return Ok(());
+        };
+        let key = (verb, req.cameras.first().copied().unwrap_or(0));
+        let (tokens, at) = self.buckets.entry(key).or_insert((burst as f64, now));
+        let refill = now.saturating_duration_since(*at).as_secs_f64() / every.as_secs_f64();
+        *tokens = (*tokens + refill).min(burst as f64);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            return Ok(());
+        }
+        Err(Refusal::TooSoon {
+            verb: verb.name(),
+            wait: every.mul_f64(1.0 - *tokens),
+        })
+    }
 }
 
 /// Parse the command `verb` with `payload` (empty, or a JSON object with optional
@@ -216,10 +266,21 @@ pub async fn serve(
     mut rx: mpsc::Receiver<(String, Vec<u8>)>,
 ) {
     let topic = result_topic(&settings);
+    let mut limiter = Limiter::default();
     while let Some((verb, payload)) = rx.recv().await {
-        let (name, id, result) = match parse(&settings, &verb, &payload) {
+        let parsed = parse(&settings, &verb, &payload).and_then(|req| {
+            match limiter.admit(&req, Instant::now()) {
+                Ok(()) => Ok(req),
+                Err(error) => Err(Rejection {
+                    verb: req.verb.name().into(),
+                    id: req.id,
+                    error,
+                }),
+            }
+        });
+        let (name, id, result) = match parsed {
             Err(r) => {
-                warn!("command {}: {}", r.verb, r.error);
+                warn!("{}", r.log_line());
                 (r.verb, r.id, Err(CommandError::Invalid(r.error)))
             }
             Ok(req) => {
@@ -328,6 +389,51 @@ mod tests {
                 (w, g) => panic!("{verb} {payload}: want {w:?}, got {g:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_rejected_command_cannot_forge_log_lines() {
+        let s = settings();
+        for (verb, payload) in [
+            (
+                "x\n2026-12-05T00:00:00Z INFO edgesight: command reload applied",
+                "",
+            ),
+            ("pause", "{\"camera\":\"a\\nINFO forged\"}"),
+            ("pause", "{\"x\\r\\n\":1}"),
+            ("pause", "\"\\nINFO forged\""),
+            ("pause", "{\"camera\": \"\n"),
+        ] {
+            let line = parse(&s, verb, payload.as_bytes()).unwrap_err().log_line();
+            assert!(!line.contains(['\n', '\r']), "{line}");
+        }
+    }
+
+    #[test]
+    fn reloads_and_snapshots_are_rate_limited_per_camera() {
+        let s = settings();
+        let req = |verb: &str, payload: &str| parse(&s, verb, payload.as_bytes()).unwrap();
+        let (reload, front) = (req("reload", ""), req("snapshot", "{\"camera\":\"front\"}"));
+        let back = req("snapshot", "{\"camera\":\"back\"}");
+        let mut l = Limiter::default();
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        for _ in 0..3 {
+            l.admit(&reload, t0).unwrap();
+            l.admit(&front, t0).unwrap();
+        }
+        let e = l.admit(&reload, at(1)).unwrap_err().to_string();
+        assert!(
+            e.contains("too many reload commands: try again in 10 s"),
+            "{e}"
+        );
+        assert!(l.admit(&front, at(1)).is_err());
+        l.admit(&back, at(1)).unwrap(); // another camera, another bucket
+        l.admit(&req("pause", ""), at(1)).unwrap(); // not limited
+        l.admit(&front, at(1001)).unwrap(); // one per second comes back
+        assert!(l.admit(&front, at(1002)).is_err());
+        assert!(l.admit(&reload, at(9_000)).is_err());
+        l.admit(&reload, at(10_001)).unwrap();
     }
 
     #[test]

@@ -189,7 +189,7 @@ impl Driver {
             && let Some(tx) = &self.commands
             && tx.try_send((verb.to_string(), p.payload.to_vec())).is_err()
         {
-            warn!("mqtt: command {verb} dropped: too many commands waiting");
+            warn!("mqtt: command {verb:?} dropped: too many commands waiting");
         }
     }
 
