@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use edgesight::capture::Slots;
 use edgesight::capture::{
-    self, Backend, CameraCtx, CameraInfo, CameraStatus, CaptureError, FrameStream, Mode, Request,
+    self, Backend, CameraCtx, CameraInfo, CameraStatus, CaptureError, FrameStream, Mode,
+    ReaderGuard, Readers, Request,
 };
 use edgesight::config::{CameraSettings, PixelFormat, SourceSettings, V4l2Device};
 use edgesight::frame::{RawFormat, RawFrame};
@@ -27,6 +28,9 @@ enum Step {
         every: Duration,
         then_stall: bool,
     },
+    /// Opens; of `frames` frames every other one is flagged corrupt by the driver; then
+    /// goes silent.
+    Flaky { frames: u32, every: Duration },
 }
 
 const MODES: [Mode; 2] = [
@@ -49,14 +53,33 @@ struct Fake {
     script: Mutex<VecDeque<Step>>,
     opens: Mutex<Vec<Instant>>,
     next_calls: Arc<AtomicU64>,
+    /// The reader "threads" of abandoned streams that never came back from the driver.
+    stuck: Stuck,
 }
+
+type Stuck = Arc<Mutex<Vec<ReaderGuard>>>;
 
 struct FakeStream {
     mode: Mode,
     left: u32,
     every: Duration,
     then_stall: bool,
+    /// Every other frame is flagged corrupt.
+    flaky: bool,
     calls: Arc<AtomicU64>,
+    /// Held like a V4L2 reader thread holds its guard: while it is stuck in the driver
+    /// (stalled), dropping the stream leaves it in `stuck`.
+    guard: Option<ReaderGuard>,
+    stalled: bool,
+    stuck: Stuck,
+}
+
+impl Drop for FakeStream {
+    fn drop(&mut self) {
+        if let (true, Some(g)) = (self.stalled, self.guard.take()) {
+            self.stuck.lock().unwrap().push(g);
+        }
+    }
 }
 
 impl Backend for Fake {
@@ -84,7 +107,12 @@ impl Backend for Fake {
         ])
     }
 
-    async fn open(&self, _name: &str, r: &Request) -> Result<FakeStream, CaptureError> {
+    async fn open(
+        &self,
+        _name: &str,
+        r: &Request,
+        readers: &Readers,
+    ) -> Result<FakeStream, CaptureError> {
         self.opens.lock().unwrap().push(Instant::now());
         let step = self
             .script
@@ -92,26 +120,32 @@ impl Backend for Fake {
             .unwrap()
             .pop_front()
             .unwrap_or(Step::Unplugged);
-        match step {
-            Step::Unplugged => Err(CaptureError::NoDevice("/dev/video0".into())),
+        let (frames, every, then_stall, flaky) = match step {
+            Step::Unplugged => return Err(CaptureError::NoDevice("/dev/video0".into())),
             Step::Stream {
                 frames,
                 every,
                 then_stall,
-            } => Ok(FakeStream {
-                mode: capture::choose_mode(&MODES, r.width, r.height, r.fps, r.format).ok_or_else(
-                    || CaptureError::NoMode {
-                        node: "/dev/video0".into(),
-                        format: r.format.name(),
-                        offered: MODES.map(|m| m.format.to_string()).join(", "),
-                    },
-                )?,
-                left: frames,
-                every,
-                then_stall,
-                calls: self.next_calls.clone(),
-            }),
-        }
+            } => (frames, every, then_stall, false),
+            Step::Flaky { frames, every } => (frames, every, true, true),
+        };
+        Ok(FakeStream {
+            mode: capture::choose_mode(&MODES, r.width, r.height, r.fps, r.format).ok_or_else(
+                || CaptureError::NoMode {
+                    node: "/dev/video0".into(),
+                    format: r.format.name(),
+                    offered: MODES.map(|m| m.format.to_string()).join(", "),
+                },
+            )?,
+            left: frames,
+            every,
+            then_stall,
+            flaky,
+            calls: self.next_calls.clone(),
+            guard: Some(readers.enter()),
+            stalled: false,
+            stuck: self.stuck.clone(),
+        })
     }
 }
 
@@ -124,6 +158,7 @@ impl FrameStream for FakeStream {
         if self.left == 0 {
             if self.then_stall {
                 // A driver that stops delivering without an error: frame() never returns.
+                self.stalled = true;
                 std::future::pending::<()>().await;
             }
             // What a V4L2 read returns once the camera is unplugged (ENODEV).
@@ -132,6 +167,11 @@ impl FrameStream for FakeStream {
         }
         tokio::time::sleep(self.every).await;
         self.left -= 1;
+        if self.flaky && self.left % 2 == 1 {
+            return Err(CaptureError::Flagged {
+                sequence: self.left,
+            });
+        }
         let img = image::RgbImage::from_pixel(8, 8, image::Rgb([200, 40, 40]));
         Ok(RawFrame::from_rgb(&img, RawFormat::Yuyv))
     }
@@ -346,4 +386,72 @@ fn camera_listing_names_every_mode_and_skipped_node() {
         capture::describe(&[]),
         "no V4L2 cameras found (no /dev/video* nodes)\n"
     );
+}
+
+/// Readers stuck in the driver (abandoned after a stall, never returning) are capped:
+/// past `MAX_READERS` the camera is not opened again, and says why, until one returns.
+#[tokio::test(start_paused = true)]
+async fn stuck_readers_are_capped_and_the_camera_waits_for_one_to_return() {
+    let every = Duration::from_millis(100);
+    let stall = Step::Stream {
+        frames: 1,
+        every,
+        then_stall: true,
+    };
+    let mut script = vec![stall; capture::supervisor::MAX_READERS];
+    // After the release: streams, stalls, and is stuck again (capped again).
+    script.push(Step::Stream {
+        frames: 10,
+        every,
+        then_stall: true,
+    });
+    let run = start(script);
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    let opens = run.fake.opens.lock().unwrap().len();
+    assert_eq!(
+        opens,
+        capture::supervisor::MAX_READERS,
+        "opened past the cap"
+    );
+    let last = run.log.lock().unwrap().last().unwrap().1.clone();
+    assert_eq!(last.state, CameraState::Waiting);
+    let why = last.reason.unwrap();
+    assert!(
+        why.contains("3 capture threads are stuck in the driver"),
+        "{why}"
+    );
+    // One comes back from the driver: the camera is opened again and streams.
+    run.fake.stuck.lock().unwrap().pop();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    run.cancel.cancel();
+    run.task.await.unwrap();
+    assert_eq!(run.fake.opens.lock().unwrap().len(), opens + 1);
+    let log = run.log.lock().unwrap().clone();
+    let streaming = log
+        .iter()
+        .filter(|(_, s)| s.state == CameraState::Streaming);
+    assert_eq!(
+        streaming.count(),
+        capture::supervisor::MAX_READERS + 1,
+        "{log:#?}"
+    );
+    assert_eq!(run.stats.camera(0).captured.load(Ordering::Relaxed), 3 + 10);
+}
+
+/// A frame the driver flags as corrupt (V4L2_BUF_FLAG_ERROR) is dropped and counted; the
+/// stream is not reopened for it.
+#[tokio::test(start_paused = true)]
+async fn a_frame_the_driver_flags_is_dropped_counted_and_the_stream_goes_on() {
+    let run = start(vec![Step::Flaky {
+        frames: 10,
+        every: Duration::from_millis(200),
+    }]);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    run.cancel.cancel();
+    run.task.await.unwrap();
+    let cs = run.stats.camera(0);
+    assert_eq!(cs.bad_frames.load(Ordering::Relaxed), 5);
+    assert_eq!(cs.captured.load(Ordering::Relaxed), 5);
+    assert_eq!(cs.errors.load(Ordering::Relaxed), 0);
+    assert_eq!(run.fake.opens.lock().unwrap().len(), 1);
 }

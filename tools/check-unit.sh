@@ -17,6 +17,10 @@ if [ -n "$ours" ]; then
     printf 'systemd-analyze verify:\n%s\n' "$ours" >&2
     exit 1
 fi
+# A wedged camera driver must not be able to take the board's threads or memory.
+for key in TasksMax MemoryMax; do
+    grep -q "^$key=" systemd/edgesight.service || { echo "edgesight.service: no $key=" >&2; exit 1; }
+done
 score=$(systemd-analyze security --offline=true systemd/edgesight.service 2>/dev/null \
     | sed -n 's/.*Overall exposure level for edgesight.service: \([0-9.]*\).*/\1/p')
 [ -n "$score" ] || { echo "no exposure score from systemd-analyze security" >&2; exit 1; }

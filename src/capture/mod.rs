@@ -24,6 +24,7 @@ use std::fmt;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio_util::sync::CancellationToken;
 
@@ -108,6 +109,10 @@ pub enum CaptureError {
     /// A running stream failed to deliver a frame.
     #[error("{0}")]
     Read(Box<dyn std::error::Error + Send + Sync>),
+    /// The driver marked the buffer as corrupt (`V4L2_BUF_FLAG_ERROR`): this frame is
+    /// dropped and counted, the stream goes on.
+    #[error("the driver flagged frame {sequence} as corrupt (V4L2_BUF_FLAG_ERROR)")]
+    Flagged { sequence: u32 },
     /// The reader thread is gone (it ends after reporting the error that stopped it).
     #[error("capture thread ended{}", if *.opening { " while opening" } else { "" })]
     ThreadEnded { opening: bool },
@@ -161,16 +166,44 @@ pub struct CameraInfo {
     pub skipped: Option<String>,
 }
 
+/// The reader threads of one camera still alive, abandoned ones included: a driver that
+/// never returns from its blocking read keeps the thread (and its file descriptor) until
+/// it does. The supervisor stops reopening past [`supervisor::MAX_READERS`].
+#[derive(Debug, Clone, Default)]
+pub struct Readers(Arc<AtomicUsize>);
+
+/// One reader counted in, until it drops (at the end of the reader's thread).
+#[derive(Debug)]
+pub struct ReaderGuard(Arc<AtomicUsize>);
+
+impl Readers {
+    pub fn live(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+    pub fn enter(&self) -> ReaderGuard {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        ReaderGuard(self.0.clone())
+    }
+}
+
+impl Drop for ReaderGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A source of cameras: V4L2 through nokhwa, or a script in tests.
 pub trait Backend: Send + Sync + 'static {
     type Stream: FrameStream;
     /// Every capture device with its modes (blocking; for `edgesight cameras`).
     fn list(&self) -> Result<Vec<CameraInfo>, CaptureError>;
-    /// Open the camera `request` names in the closest mode it offers, streaming.
+    /// Open the camera `request` names in the closest mode it offers, streaming. A reader
+    /// that may outlive the stream (a blocking thread) holds one of `readers`' guards.
     fn open(
         &self,
         name: &str,
         request: &Request,
+        readers: &Readers,
     ) -> impl Future<Output = Result<Self::Stream, CaptureError>> + Send;
 }
 

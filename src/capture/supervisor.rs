@@ -19,10 +19,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::capture::slots::Frame;
-use crate::capture::{Backend, CameraCtx, FrameStream, Request};
+use crate::capture::{Backend, CameraCtx, CaptureError, FrameStream, Readers, Request};
 use crate::stats::CameraState;
 use crate::stats::status::CameraStatus;
-use crate::util::Backoff;
+use crate::util::{Backoff, worth_logging};
 
 /// Sleep `d` unless cancelled first; false when cancelled.
 async fn nap(d: Duration, cancel: &CancellationToken) -> bool {
@@ -34,6 +34,11 @@ async fn nap(d: Duration, cancel: &CancellationToken) -> bool {
 
 /// How long an open may take before it counts as failed (a wedged driver).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reader threads one camera may have alive, abandoned ones included. Each abandoned
+/// reader is stuck in the driver with a thread and a file descriptor; past this the camera
+/// is not reopened (and says why) until one of them returns.
+pub const MAX_READERS: usize = 3;
 
 /// Run one V4L2 camera until `ctx.cancel`: open, stream into the camera's slot, and on an
 /// error or a stall report `offline` and reopen with back-off. Never returns early: a
@@ -52,10 +57,23 @@ pub async fn supervise<B: Backend>(backend: Arc<B>, request: Request, ctx: Camer
         last_reason: String::new(),
         ctx: &ctx,
     };
+    let readers = Readers::default();
     ctx.report(&s.status);
     while !ctx.cancel.is_cancelled() {
+        if readers.live() >= MAX_READERS {
+            let why = format!(
+                "{} capture threads are stuck in the driver (a read that never returned); \
+                 not reopening until one of them returns",
+                readers.live()
+            );
+            if !s.wait_to_reopen(why).await {
+                break;
+            }
+            continue;
+        }
+        let open = backend.open(&s.name, &request, &readers);
         let opened = tokio::select! {
-            r = tokio::time::timeout(OPEN_TIMEOUT, backend.open(&s.name, &request)) => r,
+            r = tokio::time::timeout(OPEN_TIMEOUT, open) => r,
             _ = ctx.cancel.cancelled() => break,
         };
         let cs = ctx.stats.camera(ctx.index);
@@ -120,6 +138,14 @@ impl Supervisor<'_> {
                 Err(_) => {
                     cs.stalls.fetch_add(1, Ordering::Relaxed);
                     return Some(format!("stalled: no frame for {:?}", self.stall));
+                }
+                Ok(Err(e @ CaptureError::Flagged { .. })) => {
+                    // One corrupt buffer, not a broken stream.
+                    let n = cs.bad_frames.fetch_add(1, Ordering::Relaxed) + 1;
+                    if worth_logging(n) {
+                        warn!("camera {}: {e}; dropped ({n} bad frames so far)", self.name);
+                    }
+                    continue;
                 }
                 Ok(Err(e)) => {
                     cs.errors.fetch_add(1, Ordering::Relaxed);

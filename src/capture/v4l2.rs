@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use tokio::sync::{mpsc, oneshot};
 use tracing::info;
 
-use crate::capture::{Backend, CameraInfo, CaptureError, FrameStream, Mode, Request, choose_mode};
+use crate::capture::{
+    Backend, CameraInfo, CaptureError, FrameStream, Mode, Readers, Request, choose_mode,
+};
 use crate::config::V4l2Device;
 use crate::frame::{RawFormat, RawFrame};
 
@@ -80,8 +82,12 @@ fn nokhwa_modes(cam: &mut nokhwa::Camera) -> Result<Vec<Mode>, nokhwa::NokhwaErr
         .collect())
 }
 
-/// Open and start `request`'s camera (on the calling thread: nokhwa's camera is not Send).
-fn open_blocking(name: &str, request: &Request) -> Result<(nokhwa::Camera, Mode), CaptureError> {
+/// Open and start `request`'s camera (on the calling thread: nokhwa's camera is not Send),
+/// with the means to ask the driver about each frame when there is one.
+fn open_blocking(
+    name: &str,
+    request: &Request,
+) -> Result<(nokhwa::Camera, Mode, Option<HeldBuffer>), CaptureError> {
     use nokhwa::pixel_format::RgbFormat;
     use nokhwa::utils::{
         CameraFormat, CameraIndex, RequestedFormat, RequestedFormatType, Resolution,
@@ -93,6 +99,7 @@ fn open_blocking(name: &str, request: &Request) -> Result<(nokhwa::Camera, Mode)
         what: what.into(),
         err: e.into(),
     };
+    let before = fds_on(&node);
     let none = RequestedFormat::new::<RgbFormat>(RequestedFormatType::None);
     let mut cam = nokhwa::Camera::new(CameraIndex::Index(n), none).map_err(|e| at("open", e))?;
     let modes = nokhwa_modes(&mut cam).map_err(|e| at("listing modes", e))?;
@@ -131,7 +138,115 @@ fn open_blocking(name: &str, request: &Request) -> Result<(nokhwa::Camera, Mode)
         cam.info().human_name(),
         f.name(),
     );
-    Ok((cam, mode))
+    let held = HeldBuffer::find(&node, &before);
+    if held.is_none() {
+        info!(
+            "camera {name}: cannot ask the driver for frame lengths; frames are checked by content only"
+        );
+    }
+    Ok((cam, mode, held))
+}
+
+// ------------------------------------------------------- what the driver says of a frame
+
+/// The most buffers a V4L2 queue has (VIDEO_MAX_FRAME).
+const MAX_BUFFERS: u32 = 32;
+
+/// The state of the buffer nokhwa holds: how many bytes the driver filled, and its flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufState {
+    pub bytesused: u32,
+    pub flags: u32,
+    pub sequence: u32,
+}
+
+/// Asks the driver about the frame nokhwa just returned. nokhwa hands on the whole mmap
+/// buffer (v4l's stream slices nothing), so a short frame would carry the previous
+/// frame's tail, and a frame the driver flagged as corrupt would look whole. nokhwa keeps
+/// the buffer dequeued until its next `frame()`: it is the one neither queued nor done.
+/// The query goes through nokhwa's own file descriptor (found as the one its open
+/// added), because uvcvideo answers VIDIOC_QUERYBUF only on the streaming handle.
+pub struct HeldBuffer {
+    fd: std::os::raw::c_int,
+}
+
+impl HeldBuffer {
+    /// nokhwa's descriptor for `node`: the one open now that was not in `before`.
+    fn find(node: &Path, before: &[std::os::raw::c_int]) -> Option<HeldBuffer> {
+        let mut new: Vec<_> = fds_on(node)
+            .into_iter()
+            .filter(|fd| !before.contains(fd))
+            .collect();
+        let fd = new.pop()?;
+        // Two new ones: not ours alone to tell apart (another open of the node raced).
+        let held = new.is_empty().then_some(HeldBuffer { fd })?;
+        held.query().map(|_| held)
+    }
+
+    /// The buffer userspace holds (the newest, should there be several), if any.
+    fn query(&self) -> Option<BufState> {
+        use v4l::v4l_sys::{
+            V4L2_BUF_FLAG_DONE, V4L2_BUF_FLAG_QUEUED, v4l2_buf_type_V4L2_BUF_TYPE_VIDEO_CAPTURE,
+            v4l2_buffer, v4l2_memory_V4L2_MEMORY_MMAP,
+        };
+        let mut held: Option<BufState> = None;
+        for index in 0..MAX_BUFFERS {
+            // SAFETY: v4l2_buffer is a plain C struct (integers and a union of integers
+            // and pointers) for which all zeroes is a valid value.
+            let mut b: v4l2_buffer = unsafe { std::mem::zeroed() };
+            b.index = index;
+            b.type_ = v4l2_buf_type_V4L2_BUF_TYPE_VIDEO_CAPTURE;
+            b.memory = v4l2_memory_V4L2_MEMORY_MMAP;
+            // SAFETY: VIDIOC_QUERYBUF reads and writes one v4l2_buffer, which `b` is, on a
+            // descriptor that stays open while nokhwa's camera (owned by this thread) lives.
+            let asked = unsafe {
+                v4l::v4l2::ioctl(
+                    self.fd,
+                    v4l::v4l2::vidioc::VIDIOC_QUERYBUF,
+                    &mut b as *mut v4l2_buffer as *mut std::os::raw::c_void,
+                )
+            };
+            if asked.is_err() {
+                break; // past the last buffer
+            }
+            let userspace = b.flags & (V4L2_BUF_FLAG_QUEUED | V4L2_BUF_FLAG_DONE) == 0;
+            if userspace && held.is_none_or(|h| b.sequence >= h.sequence) {
+                held = Some(BufState {
+                    bytesused: b.bytesused,
+                    flags: b.flags,
+                    sequence: b.sequence,
+                });
+            }
+        }
+        held
+    }
+}
+
+/// This process's descriptors open on `node`.
+fn fds_on(node: &Path) -> Vec<std::os::raw::c_int> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let e = e.ok()?;
+        let fd = e.file_name().to_str()?.parse().ok()?;
+        (std::fs::read_link(e.path()).ok()? == node).then_some(fd)
+    })
+    .collect()
+}
+
+/// The frame as the driver delivered it: the bytes it filled, or an error when it flagged
+/// the buffer as corrupt. Without the driver's word (`None`) the buffer passes whole and
+/// the frame's own checks (length, JPEG markers) are all there is.
+pub fn as_delivered(buffer: &[u8], state: Option<BufState>) -> Result<&[u8], CaptureError> {
+    use v4l::v4l_sys::V4L2_BUF_FLAG_ERROR;
+    match state {
+        None => Ok(buffer),
+        Some(s) if s.flags & V4L2_BUF_FLAG_ERROR != 0 => Err(CaptureError::Flagged {
+            sequence: s.sequence,
+        }),
+        Some(s) => Ok(&buffer[..buffer.len().min(s.bytesused as usize)]),
+    }
 }
 
 /// An open V4L2 camera: its reader thread's channel.
@@ -159,16 +274,24 @@ impl Backend for V4l2Backend {
         list_v4l2()
     }
 
-    async fn open(&self, name: &str, request: &Request) -> Result<V4l2Stream, CaptureError> {
+    async fn open(
+        &self,
+        name: &str,
+        request: &Request,
+        readers: &Readers,
+    ) -> Result<V4l2Stream, CaptureError> {
         let (ready_tx, ready_rx) = oneshot::channel();
         // Two frames in flight at most: the supervisor keeps only the newest anyway.
         let (tx, rx) = mpsc::channel(2);
         let (thread_name, name, request) =
             (format!("v4l2-{name}"), name.to_string(), request.clone());
+        let guard = readers.enter();
         std::thread::Builder::new()
             .name(thread_name)
             .spawn(move || {
-                let (mut cam, mode) = match open_blocking(&name, &request) {
+                // Counted until this thread ends, however long the driver keeps it.
+                let _guard = guard;
+                let (mut cam, mode, held) = match open_blocking(&name, &request) {
                     Ok(c) => c,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -182,16 +305,18 @@ impl Backend for V4l2Backend {
                     let item = match cam.frame() {
                         Ok(buf) => {
                             let res = buf.resolution();
-                            Ok(RawFrame {
+                            let state = held.as_ref().and_then(HeldBuffer::query);
+                            as_delivered(buf.buffer(), state).map(|data| RawFrame {
                                 format: mode.format,
                                 width: res.width(),
                                 height: res.height(),
-                                data: buf.buffer().to_vec(),
+                                data: data.to_vec(),
                             })
                         }
                         Err(e) => Err(CaptureError::Read(e.into())),
                     };
-                    let failed = item.is_err();
+                    let failed =
+                        matches!(&item, Err(e) if !matches!(e, CaptureError::Flagged { .. }));
                     // The receiver is gone once the supervisor gave up on this stream.
                     if tx.blocking_send(item).is_err() || failed {
                         break;
@@ -328,6 +453,63 @@ mod tests {
             let got = open_error(node, Error::new(kind, "busy")).to_string();
             assert!(got.starts_with(want), "{kind:?}: {got}");
         }
+    }
+
+    /// nokhwa hands on the whole mmap buffer: a frame cut short by the camera, written
+    /// over a longer earlier one, ends with the earlier frame's tail and EOI, and looked
+    /// whole. With the driver's byte count it is refused; a flagged one is an error.
+    #[test]
+    fn frames_are_cut_to_what_the_driver_filled_and_flagged_ones_refused() {
+        use v4l::v4l_sys::V4L2_BUF_FLAG_ERROR;
+        let noise = |seed: u32| {
+            image::RgbImage::from_fn(64, 48, |x, y| {
+                let v = (x * 7 + y * 13 + seed).wrapping_mul(2_654_435_761) >> 24;
+                image::Rgb([v as u8, (v >> 1) as u8, (v * 3) as u8])
+            })
+        };
+        let jpeg = |img| RawFrame::from_rgb(&img, RawFormat::Mjpeg).data;
+        let (old, new) = (jpeg(noise(1)), jpeg(noise(2)));
+        let cut = new.len() / 2;
+        // The mmap buffer is as large as the largest frame can be; the driver wrote the
+        // earlier frame, then `cut` bytes of this one over it.
+        let mut mmap = vec![0u8; old.len().max(new.len()) + 4096];
+        mmap[..old.len()].copy_from_slice(&old);
+        let mut buffer = mmap.clone();
+        buffer[..cut].copy_from_slice(&new[..cut]);
+        let frame = |data: &[u8]| RawFrame {
+            format: RawFormat::Mjpeg,
+            width: 64,
+            height: 48,
+            data: data.to_vec(),
+        };
+        assert!(
+            frame(&buffer).check().is_ok(),
+            "the whole buffer looks whole"
+        );
+        let state = |bytesused: usize, flags: u32| {
+            Some(BufState {
+                bytesused: bytesused as u32,
+                flags,
+                sequence: 7,
+            })
+        };
+        let delivered = as_delivered(&buffer, state(cut, 0)).unwrap();
+        assert_eq!(delivered.len(), cut);
+        let e = frame(delivered).check().unwrap_err().to_string();
+        assert!(e.contains("truncated"), "{e}");
+        // A whole frame passes at its own length; without the driver's word, whole.
+        let mut whole = mmap.clone();
+        whole[..new.len()].copy_from_slice(&new);
+        let delivered = as_delivered(&whole, state(new.len(), 0)).unwrap();
+        assert_eq!(delivered, &new[..]);
+        assert_eq!(as_delivered(&whole, None).unwrap().len(), whole.len());
+        assert_eq!(as_delivered(&whole, state(1 << 30, 0)).unwrap(), &whole[..]);
+        let e = as_delivered(&whole, state(new.len(), V4L2_BUF_FLAG_ERROR)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("flagged frame 7 as corrupt (V4L2_BUF_FLAG_ERROR)"),
+            "{e}"
+        );
     }
 
     #[test]
