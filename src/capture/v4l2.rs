@@ -82,13 +82,11 @@ fn nokhwa_modes(cam: &mut nokhwa::Camera) -> Result<Vec<Mode>, nokhwa::NokhwaErr
         .collect())
 }
 
-/// Open and start `request`'s camera (on the calling thread: nokhwa's camera is not Send),
-/// with the means to ask the driver about each frame when there is one.
-fn open_blocking(
-    name: &str,
-    request: &Request,
-) -> Result<(nokhwa::Camera, Mode, Option<HeldBuffer>), CaptureError> {
-    use nokhwa::pixel_format::RgbFormat;
+/// Open and start `request`'s camera (on the calling thread: nokhwa's camera is not Send).
+fn open_blocking(name: &str, request: &Request) -> Result<(nokhwa::Camera, Mode), CaptureError> {
+    // The decoder type only filters the formats nokhwa agrees to open (frames are taken
+    // raw, see the reader): LumaFormat's list has them all, RgbFormat's lacks GREY.
+    use nokhwa::pixel_format::LumaFormat as AnyFormat;
     use nokhwa::utils::{
         CameraFormat, CameraIndex, RequestedFormat, RequestedFormatType, Resolution,
     };
@@ -99,8 +97,7 @@ fn open_blocking(
         what: what.into(),
         err: e.into(),
     };
-    let before = fds_on(&node);
-    let none = RequestedFormat::new::<RgbFormat>(RequestedFormatType::None);
+    let none = RequestedFormat::new::<AnyFormat>(RequestedFormatType::None);
     let mut cam = nokhwa::Camera::new(CameraIndex::Index(n), none).map_err(|e| at("open", e))?;
     let modes = nokhwa_modes(&mut cam).map_err(|e| at("listing modes", e))?;
     let (w, h, fps, f) = (request.width, request.height, request.fps, request.format);
@@ -118,7 +115,7 @@ fn open_blocking(
         to_nokhwa(mode.format),
         mode.fps,
     );
-    cam.set_camera_requset(RequestedFormat::new::<RgbFormat>(
+    cam.set_camera_requset(RequestedFormat::new::<AnyFormat>(
         RequestedFormatType::Exact(exact),
     ))
     .map_err(|e| at(&format!("setting {mode}"), e))?;
@@ -138,115 +135,22 @@ fn open_blocking(
         cam.info().human_name(),
         f.name(),
     );
-    let held = HeldBuffer::find(&node, &before);
-    if held.is_none() {
-        info!(
-            "camera {name}: cannot ask the driver for frame lengths; frames are checked by content only"
-        );
+    Ok((cam, mode))
+}
+
+/// A failed `frame()`. The patched backend (vendor/nokhwa-bindings-linux) cuts each frame
+/// to the bytes the driver filled and refuses a buffer flagged V4L2_BUF_FLAG_ERROR with
+/// its FLAGGED marker: that is one bad frame, and the stream goes on; anything else ends
+/// the stream.
+fn read_error(e: nokhwa::NokhwaError) -> CaptureError {
+    if let nokhwa::NokhwaError::ReadFrameError(m) = &e
+        && let Some(sequence) = m
+            .strip_prefix(nokhwa_bindings_linux::FLAGGED)
+            .and_then(|n| n.parse().ok())
+    {
+        return CaptureError::Flagged { sequence };
     }
-    Ok((cam, mode, held))
-}
-
-// ------------------------------------------------------- what the driver says of a frame
-
-/// The most buffers a V4L2 queue has (VIDEO_MAX_FRAME).
-const MAX_BUFFERS: u32 = 32;
-
-/// The state of the buffer nokhwa holds: how many bytes the driver filled, and its flags.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BufState {
-    pub bytesused: u32,
-    pub flags: u32,
-    pub sequence: u32,
-}
-
-/// Asks the driver about the frame nokhwa just returned. nokhwa hands on the whole mmap
-/// buffer (v4l's stream slices nothing), so a short frame would carry the previous
-/// frame's tail, and a frame the driver flagged as corrupt would look whole. nokhwa keeps
-/// the buffer dequeued until its next `frame()`: it is the one neither queued nor done.
-/// The query goes through nokhwa's own file descriptor (found as the one its open
-/// added), because uvcvideo answers VIDIOC_QUERYBUF only on the streaming handle.
-pub struct HeldBuffer {
-    fd: std::os::raw::c_int,
-}
-
-impl HeldBuffer {
-    /// nokhwa's descriptor for `node`: the one open now that was not in `before`.
-    fn find(node: &Path, before: &[std::os::raw::c_int]) -> Option<HeldBuffer> {
-        let mut new: Vec<_> = fds_on(node)
-            .into_iter()
-            .filter(|fd| !before.contains(fd))
-            .collect();
-        let fd = new.pop()?;
-        // Two new ones: not ours alone to tell apart (another open of the node raced).
-        let held = new.is_empty().then_some(HeldBuffer { fd })?;
-        held.query().map(|_| held)
-    }
-
-    /// The buffer userspace holds (the newest, should there be several), if any.
-    fn query(&self) -> Option<BufState> {
-        use v4l::v4l_sys::{
-            V4L2_BUF_FLAG_DONE, V4L2_BUF_FLAG_QUEUED, v4l2_buf_type_V4L2_BUF_TYPE_VIDEO_CAPTURE,
-            v4l2_buffer, v4l2_memory_V4L2_MEMORY_MMAP,
-        };
-        let mut held: Option<BufState> = None;
-        for index in 0..MAX_BUFFERS {
-            // SAFETY: v4l2_buffer is a plain C struct (integers and a union of integers
-            // and pointers) for which all zeroes is a valid value.
-            let mut b: v4l2_buffer = unsafe { std::mem::zeroed() };
-            b.index = index;
-            b.type_ = v4l2_buf_type_V4L2_BUF_TYPE_VIDEO_CAPTURE;
-            b.memory = v4l2_memory_V4L2_MEMORY_MMAP;
-            // SAFETY: VIDIOC_QUERYBUF reads and writes one v4l2_buffer, which `b` is, on a
-            // descriptor that stays open while nokhwa's camera (owned by this thread) lives.
-            let asked = unsafe {
-                v4l::v4l2::ioctl(
-                    self.fd,
-                    v4l::v4l2::vidioc::VIDIOC_QUERYBUF,
-                    &mut b as *mut v4l2_buffer as *mut std::os::raw::c_void,
-                )
-            };
-            if asked.is_err() {
-                break; // past the last buffer
-            }
-            let userspace = b.flags & (V4L2_BUF_FLAG_QUEUED | V4L2_BUF_FLAG_DONE) == 0;
-            if userspace && held.is_none_or(|h| b.sequence >= h.sequence) {
-                held = Some(BufState {
-                    bytesused: b.bytesused,
-                    flags: b.flags,
-                    sequence: b.sequence,
-                });
-            }
-        }
-        held
-    }
-}
-
-/// This process's descriptors open on `node`.
-fn fds_on(node: &Path) -> Vec<std::os::raw::c_int> {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| {
-        let e = e.ok()?;
-        let fd = e.file_name().to_str()?.parse().ok()?;
-        (std::fs::read_link(e.path()).ok()? == node).then_some(fd)
-    })
-    .collect()
-}
-
-/// The frame as the driver delivered it: the bytes it filled, or an error when it flagged
-/// the buffer as corrupt. Without the driver's word (`None`) the buffer passes whole and
-/// the frame's own checks (length, JPEG markers) are all there is.
-pub fn as_delivered(buffer: &[u8], state: Option<BufState>) -> Result<&[u8], CaptureError> {
-    use v4l::v4l_sys::V4L2_BUF_FLAG_ERROR;
-    match state {
-        None => Ok(buffer),
-        Some(s) if s.flags & V4L2_BUF_FLAG_ERROR != 0 => Err(CaptureError::Flagged {
-            sequence: s.sequence,
-        }),
-        Some(s) => Ok(&buffer[..buffer.len().min(s.bytesused as usize)]),
-    }
+    CaptureError::Read(e.into())
 }
 
 /// An open V4L2 camera: its reader thread's channel.
@@ -291,7 +195,7 @@ impl Backend for V4l2Backend {
             .spawn(move || {
                 // Counted until this thread ends, however long the driver keeps it.
                 let _guard = guard;
-                let (mut cam, mode, held) = match open_blocking(&name, &request) {
+                let (mut cam, mode) = match open_blocking(&name, &request) {
                     Ok(c) => c,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -305,15 +209,14 @@ impl Backend for V4l2Backend {
                     let item = match cam.frame() {
                         Ok(buf) => {
                             let res = buf.resolution();
-                            let state = held.as_ref().and_then(HeldBuffer::query);
-                            as_delivered(buf.buffer(), state).map(|data| RawFrame {
+                            Ok(RawFrame {
                                 format: mode.format,
                                 width: res.width(),
                                 height: res.height(),
-                                data: data.to_vec(),
+                                data: buf.buffer().to_vec(),
                             })
                         }
-                        Err(e) => Err(CaptureError::Read(e.into())),
+                        Err(e) => Err(read_error(e)),
                     };
                     let failed =
                         matches!(&item, Err(e) if !matches!(e, CaptureError::Flagged { .. }));
@@ -335,7 +238,7 @@ impl Backend for V4l2Backend {
 /// Every `/dev/videoN`, in N order, with its modes; nodes that cannot capture are listed
 /// as skipped.
 fn list_v4l2() -> Result<Vec<CameraInfo>, CaptureError> {
-    use nokhwa::pixel_format::RgbFormat;
+    use nokhwa::pixel_format::LumaFormat as AnyFormat;
     use nokhwa::utils::{CameraIndex, RequestedFormat, RequestedFormatType};
     let mut nodes: Vec<(u32, PathBuf)> = std::fs::read_dir("/dev")
         .map_err(|err| CaptureError::List {
@@ -367,7 +270,7 @@ fn list_v4l2() -> Result<Vec<CameraInfo>, CaptureError> {
             Ok(caps) => {
                 info.name = caps.card;
                 info.bus = caps.bus;
-                let req = RequestedFormat::new::<RgbFormat>(RequestedFormatType::None);
+                let req = RequestedFormat::new::<AnyFormat>(RequestedFormatType::None);
                 match nokhwa::Camera::new(CameraIndex::Index(n), req)
                     .and_then(|mut c| nokhwa_modes(&mut c))
                 {
@@ -455,12 +358,14 @@ mod tests {
         }
     }
 
-    /// nokhwa hands on the whole mmap buffer: a frame cut short by the camera, written
-    /// over a longer earlier one, ends with the earlier frame's tail and EOI, and looked
-    /// whole. With the driver's byte count it is refused; a flagged one is an error.
+    /// v4l's mmap stream hands on the whole buffer: a frame cut short over a longer
+    /// earlier one ended with the earlier frame's tail and EOI, and looked whole. The
+    /// patched backend cuts it to what the driver filled (then it is refused), and a buffer
+    /// the driver flagged is a counted bad frame, not the end of the stream.
     #[test]
     fn frames_are_cut_to_what_the_driver_filled_and_flagged_ones_refused() {
-        use v4l::v4l_sys::V4L2_BUF_FLAG_ERROR;
+        use nokhwa_bindings_linux::delivered;
+        use v4l::buffer::{Flags, Metadata};
         let noise = |seed: u32| {
             image::RgbImage::from_fn(64, 48, |x, y| {
                 let v = (x * 7 + y * 13 + seed).wrapping_mul(2_654_435_761) >> 24;
@@ -486,30 +391,35 @@ mod tests {
             frame(&buffer).check().is_ok(),
             "the whole buffer looks whole"
         );
-        let state = |bytesused: usize, flags: u32| {
-            Some(BufState {
-                bytesused: bytesused as u32,
-                flags,
-                sequence: 7,
-            })
+        let meta = |bytesused: usize, flags: Flags| Metadata {
+            bytesused: bytesused as u32,
+            flags,
+            sequence: 7,
+            ..Metadata::default()
         };
-        let delivered = as_delivered(&buffer, state(cut, 0)).unwrap();
-        assert_eq!(delivered.len(), cut);
-        let e = frame(delivered).check().unwrap_err().to_string();
+        let got = delivered(&buffer, &meta(cut, Flags::MAPPED)).unwrap();
+        assert_eq!(got.len(), cut);
+        let e = frame(got).check().unwrap_err().to_string();
         assert!(e.contains("truncated"), "{e}");
-        // A whole frame passes at its own length; without the driver's word, whole.
+        // A whole frame passes at its own length; a count of 0 means the whole buffer.
         let mut whole = mmap.clone();
         whole[..new.len()].copy_from_slice(&new);
-        let delivered = as_delivered(&whole, state(new.len(), 0)).unwrap();
-        assert_eq!(delivered, &new[..]);
-        assert_eq!(as_delivered(&whole, None).unwrap().len(), whole.len());
-        assert_eq!(as_delivered(&whole, state(1 << 30, 0)).unwrap(), &whole[..]);
-        let e = as_delivered(&whole, state(new.len(), V4L2_BUF_FLAG_ERROR)).unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("flagged frame 7 as corrupt (V4L2_BUF_FLAG_ERROR)"),
-            "{e}"
+        let got = delivered(&whole, &meta(new.len(), Flags::MAPPED)).unwrap();
+        assert_eq!(got, &new[..]);
+        assert!(frame(got).check().is_ok());
+        assert_eq!(
+            delivered(&whole, &meta(0, Flags::MAPPED)).unwrap().len(),
+            whole.len()
         );
+        assert_eq!(
+            delivered(&whole, &meta(1 << 30, Flags::MAPPED)).unwrap(),
+            &whole[..]
+        );
+        let flagged = delivered(&whole, &meta(new.len(), Flags::ERROR)).unwrap_err();
+        let e = read_error(flagged);
+        assert!(matches!(e, CaptureError::Flagged { sequence: 7 }), "{e}");
+        let other = read_error(nokhwa::NokhwaError::ReadFrameError("No such device".into()));
+        assert!(matches!(other, CaptureError::Read(_)), "{other}");
     }
 
     #[test]

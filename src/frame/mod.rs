@@ -71,7 +71,7 @@ impl RawFormat {
             RawFormat::Mjpeg => "MJPEG",
             RawFormat::Yuyv => "YUYV",
             RawFormat::Nv12 => "NV12",
-            RawFormat::Gray => "GRAY",
+            RawFormat::Gray => "GREY",
             RawFormat::Rgb => "RGB3",
             RawFormat::Bgr => "BGR3",
         }

@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # Boot Debian's kernel under qemu-system with a busybox initramfs, load the `vivid` V4L2
-# driver (a real camera driver, no camera needed) as six cameras, run edgesight on all of
+# driver (a real camera driver, no camera needed) as seven cameras, run edgesight on all of
 # them with its embedded broker, unplug and replug them mid-stream (unbinding the `vivid`
 # platform device removes every instance, like pulling a USB hub), and check from the
 # host, through a qemu hostfwd port bound to 127.0.0.1, what arrived over MQTT:
 #   - every pixel format vivid offers through nokhwa (YUYV, NV12, RGB3, BGR3) is captured
 #     and classified, each camera in the mode it asked for;
 #   - mode negotiation: a camera asking for 1000x600 gets vivid's closest, 1280x720 YUYV;
-#   - a camera asking for GRAY, which nokhwa 0.10 cannot open on V4L2 (it asks the driver
-#     for fourcc "GRAY"; V4L2's is "GREY"), is offline with a reason naming what the device
-#     offers, and stops nothing else;
+#   - GREY, which nokhwa 0.10 itself could not open (it asked drivers for "GRAY"; fixed in
+#     vendor/nokhwa-bindings-linux);
+#   - a camera asking for MJPEG, which vivid does not offer, is offline with a reason
+#     naming what the device offers, and stops nothing else;
+#   - a driver that stops delivering (vivid's dropped-buffers control at 100 %) stalls the
+#     camera without piling up reader threads (the thread count is sampled twice), and it
+#     streams again at 0 %; buffers the driver flags as corrupt (vivid's error injection)
+#     are dropped and counted without taking the camera offline;
 #   - unplugged cameras go offline (retained availability + status with the reason) and
 #     come back online after the replug, found again through their by-id links;
 #   - the device's own availability is online, then offline after SIGTERM, exit code 0.
@@ -38,12 +43,14 @@ case "$arch" in
         console=ttyAMA0
         libdir=/usr/aarch64-linux-gnu/lib
         strip=aarch64-linux-gnu-strip
+        cc=aarch64-linux-gnu-gcc
         ;;
     amd64)
         qemu=(qemu-system-x86_64 -cpu max -smp 2)
         console=ttyS0
         libdir=/lib/x86_64-linux-gnu
         strip=strip
+        cc=gcc
         ;;
     *) echo "unknown arch $arch" >&2; exit 2 ;;
 esac
@@ -79,7 +86,9 @@ order=$(load_order virtio_pci virtio_net vivid)
 rd=$work/initramfs
 rm -rf "$rd" && mkdir -p "$rd"/{bin,sbin,proc,sys,dev,tmp,lib,lib64,modules,etc}
 cp "$work/root/bin/busybox" "$rd/bin/busybox"
-for a in sh mount insmod ip ls cat echo sleep poweroff mkdir ln basename kill; do ln -sf busybox "$rd/bin/$a"; done
+for a in sh mount insmod ip ls cat echo sleep poweroff mkdir ln basename kill wc readlink; do ln -sf busybox "$rd/bin/$a"; done
+# Sets vivid's controls (busybox has no v4l2-ctl): static, from the target's gcc.
+$cc -static -O2 -o "$rd/bin/v4l2-ctl" tests/vm/v4l2-ctl.c
 n=0
 for m in $order; do
     n=$((n + 1))
@@ -106,6 +115,7 @@ level = "info"
 host = "0.0.0.0"
 port = 1883
 embedded_broker = true
+stats_interval_secs = 5
 [model]
 path = "/model.onnx"
 labels = "/labels.txt"
@@ -122,6 +132,7 @@ gray 2 gray 320 180 5
 rgb 3 rgb 320 180 5
 bgr 4 bgr 320 180 5
 auto 5 auto 1000 600 1
+mjpeg 6 mjpeg 320 180 5
 EOF
 } > "$rd/config.toml"
 echo "settle=$settle" > "$rd/settle"
@@ -133,9 +144,9 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for m in /modules/*.ko; do
     case "$m" in
-        # Six instances: the first with vivid's default nodes (so there are metadata and
+        # Seven instances: the first with vivid's default nodes (so there are metadata and
         # output nodes to skip), the others video capture only.
-        *vivid.ko) insmod "$m" n_devs=6 node_types=0xe1d3d,0x1,0x1,0x1,0x1,0x1 ;;
+        *vivid.ko) insmod "$m" n_devs=7 node_types=0xe1d3d,0x1,0x1,0x1,0x1,0x1,0x1 ;;
         *) insmod "$m" ;;
     esac || echo "edgesight-vm: insmod $m failed"
 done
@@ -152,7 +163,7 @@ link() {
         fi
     done
 }
-for k in 0 1 2 3 4 5; do link $k; done
+for k in 0 1 2 3 4 5 6; do link $k; done
 echo "edgesight-vm: video nodes: $(ls /dev/video*)"
 /bin/edgesight cameras
 echo "edgesight-vm: starting edgesight"
@@ -163,8 +174,30 @@ echo "edgesight-vm: unplug vivid.0"
 echo vivid.0 > /sys/bus/platform/drivers/vivid/unbind
 sleep 10
 echo vivid.0 > /sys/bus/platform/drivers/vivid/bind
-for k in 0 1 2 3 4 5; do link $k; done
+for k in 0 1 2 3 4 5 6; do link $k; done
 echo "edgesight-vm: replug vivid.0 -> $(ls -l /dev/v4l/by-id/vivid-0)"
+sleep "$settle"
+# A driver that stops delivering: nv12's reader blocks in the driver, the camera stalls
+# and is retried; its threads must not pile up. Then it delivers again.
+threads() { ls /proc/$pid/task | wc -l; }
+# vivid's controls (drivers/media/test-drivers/vivid/vivid-ctrls.h): VIVID_CID_VIVID_BASE
+# 0x00f0f000 + 64 = percentage of dropped buffers, + 66 = the next buffer flagged ERROR.
+dropped=0x00f0f040
+flag_error=0x00f0f042
+echo "edgesight-vm: threads before the drops: $(threads)"
+/bin/v4l2-ctl /dev/v4l/by-id/vivid-1 $dropped 100
+sleep 20
+echo "edgesight-vm: threads while nv12 drops everything: $(threads)"
+sleep 20
+echo "edgesight-vm: threads while nv12 drops everything: $(threads)"
+/bin/v4l2-ctl /dev/v4l/by-id/vivid-1 $dropped 0
+echo "edgesight-vm: nv12 delivers again"
+# Buffers flagged V4L2_BUF_FLAG_ERROR on rgb: dropped, counted, the camera stays online.
+for i in 1 2 3 4 5 6 7 8; do
+    /bin/v4l2-ctl /dev/v4l/by-id/vivid-3 $flag_error 1 || break
+    sleep 1
+done
+echo "edgesight-vm: flagged 8 rgb buffers"
 sleep "$settle"
 echo "edgesight-vm: stopping edgesight"
 kill -TERM $pid
