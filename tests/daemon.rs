@@ -222,28 +222,88 @@ async fn sighup_reloads_a_good_config_and_keeps_running_on_a_bad_one() {
     while rx.try_recv().is_ok() {}
     assert_eq!(top_len(common::next(&mut rx, "classification").await), 3);
 
-    // A model that panics inside tract while it loads (util::panics): rejected, and the
-    // running daemon (whose panic hook aborts on any other panic) goes on.
-    let crafted = common::crafted::write(dir.path(), common::crafted::case("tract_panics_inside"));
+    // Every crafted model (tests/common/crafted.rs; one panics inside tract while it
+    // loads, util::panics): each reload is rejected naming what is wrong, and the running
+    // daemon (whose panic hook aborts on any other panic) goes on classifying.
     let fixture = format!(
         "{}/tests/fixtures/models/shapes_int8_qlinear.onnx",
         common::root().display()
     );
     assert!(good.contains(&fixture));
-    std::fs::write(&cfg, good.replace(&fixture, crafted.to_str().unwrap())).unwrap();
-    d.signal("HUP");
-    let log = d.wait_for_log("a panic while loading the model");
-    assert!(log.contains("reload rejected"), "{log}");
-    while rx.try_recv().is_ok() {}
-    assert_eq!(
-        top_len(common::next(&mut rx, "classification after the crafted model").await),
-        3
-    );
+    for (n, c) in common::crafted::CASES.iter().enumerate() {
+        let crafted = common::crafted::write(dir.path(), c);
+        std::fs::write(&cfg, good.replace(&fixture, crafted.to_str().unwrap())).unwrap();
+        d.signal("HUP");
+        // The first rejection above, then one per crafted model.
+        let log = loop {
+            let log = d.wait_for_log("reload rejected");
+            if log.matches("reload rejected").count() > n + 1 {
+                break log;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        let last = log.rsplit("reload rejected").next().unwrap();
+        assert!(last.contains(c.error), "{}: {last}", c.name);
+        while rx.try_recv().is_ok() {}
+        assert_eq!(
+            top_len(common::next(&mut rx, "classification after a crafted model").await),
+            3,
+            "{}",
+            c.name
+        );
+    }
 
     // A good change (top_k 3 -> 1): applied in place.
     std::fs::write(&cfg, good.replace("[model]\n", "[model]\ntop_k = 1\n")).unwrap();
     d.signal("HUP");
     while top_len(common::next(&mut rx, "classification after the reload").await) != 1 {}
+    d.stop();
+}
+
+/// Cameras pointed at what is not a camera (/dev/null, a path that is no video node):
+/// each is offline with the reason in its retained status, and the daemon and its other
+/// camera go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cameras_on_dev_null_are_offline_with_a_reason_and_the_rest_runs() {
+    let (host, port) = common::broker();
+    let dir = tempfile::tempdir().unwrap();
+    let device = format!("null-{}", std::process::id());
+    let cameras = format!(
+        "{}[[camera]]\nname = \"null\"\nsource = \"v4l2\"\ndevice = \"/dev/null\"\n\
+         [[camera]]\nname = \"zero\"\nsource = \"v4l2\"\ndevice = \"/dev/zero\"\n",
+        common::samples_camera(10, true)
+    );
+    let cfg = common::config_file(dir.path(), &host, port, &device, &cameras);
+    let base = format!("edgesight/{device}");
+    let mut rx =
+        common::subscribe(&host, port, &format!("{device}-sub"), &format!("{base}/#")).await;
+    let d = common::Daemon::start(&cfg);
+    let mut why = std::collections::BTreeMap::new();
+    let mut classified = 0;
+    while why.len() < 2 || classified < 3 {
+        let m = common::next(&mut rx, "statuses and classifications").await;
+        if m.topic == format!("{base}/front/classification") {
+            classified += 1;
+        }
+        for cam in ["null", "zero"] {
+            if m.topic == format!("{base}/{cam}/status") {
+                let v: serde_json::Value = serde_json::from_str(&m.payload).unwrap();
+                if let Some(r) = v["reason"].as_str() {
+                    assert_eq!(v["online"], false, "{v}");
+                    why.insert(cam, r.to_string());
+                }
+            }
+            assert_ne!(m.topic, format!("{base}/{cam}/classification"));
+        }
+    }
+    assert!(
+        why["null"].contains("/dev/null is not a /dev/videoN node"),
+        "{why:?}"
+    );
+    assert!(
+        why["zero"].contains("/dev/zero is not a /dev/videoN node"),
+        "{why:?}"
+    );
     d.stop();
 }
 

@@ -60,6 +60,13 @@ check(
     f"mjpeg (vivid has none): offline, saying why: {why[:1]}",
 )
 
+out = [json.loads(p).get("reason") or "" for p in payloads(f"{base}/output/status")]
+why = [r for r in out if "/dev/video1 (vivid) cannot capture video" in r]
+check(
+    not payloads(f"{base}/output/classification") and bool(why),
+    f"output (a node that cannot capture): offline, saying why: {why[:1]}",
+)
+
 # The drops: the reader stuck in the driver is not joined by more of them.
 threads = [int(n) for n in re.findall(r"threads while nv12 drops everything: (\d+)", console)]
 before = re.findall(r"threads before the drops: (\d+)", console)

@@ -134,6 +134,8 @@ bgr 4 bgr 320 180 5
 auto 5 auto 1000 600 1
 mjpeg 6 mjpeg 320 180 5
 EOF
+    # vivid-000's video output node: a V4L2 node that cannot capture.
+    printf '[[camera]]\nname = "output"\nsource = "v4l2"\ndevice = "/dev/video1"\n'
 } > "$rd/config.toml"
 echo "settle=$settle" > "$rd/settle"
 cat > "$rd/init" <<'EOF'
