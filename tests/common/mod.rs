@@ -165,6 +165,51 @@ pub struct Proxy {
     pub port: u16,
     upstream: (String, u16),
     tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    /// With [`Proxy::tapped`]: (topic, payload) of the QoS 1 PUBLISHes the broker
+    /// acknowledged (PUBACK) through this proxy, in order.
+    pub acked: Option<Tap>,
+}
+
+pub type Tap = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// One MQTT packet off the front of `buf`, if whole: (type and flags byte, body).
+fn mqtt_packet(buf: &mut Vec<u8>) -> Option<(u8, Vec<u8>)> {
+    let (mut len, mut shift, mut i) = (0usize, 0, 1);
+    loop {
+        let b = *buf.get(i)?;
+        len |= ((b & 0x7f) as usize) << shift;
+        i += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+    }
+    if buf.len() < i + len {
+        return None;
+    }
+    let first = buf[0];
+    let body = buf[i..i + len].to_vec();
+    buf.drain(..i + len);
+    Some((first, body))
+}
+
+/// Relay `from` to `to`, handing every whole MQTT packet to `seen` on the way.
+async fn relay_watching(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut seen: impl FnMut(u8, &[u8]) + Send,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut chunk, mut pending) = (vec![0u8; 65536], Vec::new());
+    while let Ok(n) = from.read(&mut chunk).await {
+        if n == 0 || to.write_all(&chunk[..n]).await.is_err() {
+            break;
+        }
+        pending.extend_from_slice(&chunk[..n]);
+        while let Some((first, body)) = mqtt_packet(&mut pending) {
+            seen(first, &body);
+        }
+    }
 }
 
 impl Proxy {
@@ -174,6 +219,16 @@ impl Proxy {
             port: free_port(),
             upstream: (host.to_string(), port),
             tasks: Default::default(),
+            acked: None,
+        }
+    }
+
+    /// A proxy that also records what the broker acknowledged: our side of the line
+    /// between the daemon's losses and the broker's.
+    pub fn tapped(host: &str, port: u16) -> Proxy {
+        Proxy {
+            acked: Some(Default::default()),
+            ..Proxy::new(host, port)
         }
     }
 
@@ -193,14 +248,48 @@ impl Proxy {
         };
         let upstream = self.upstream.clone();
         let tasks = self.tasks.clone();
+        let acked = self.acked.clone();
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 let upstream = upstream.clone();
-                let relay = tokio::spawn(async move {
-                    if let Ok(mut out) = tokio::net::TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                    }
-                });
+                let acked = acked.clone();
+                let relay =
+                    tokio::spawn(async move {
+                        let Ok(mut out) = tokio::net::TcpStream::connect(upstream).await else {
+                            return;
+                        };
+                        let Some(acked) = acked else {
+                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                            return;
+                        };
+                        // QoS 1 PUBLISHes out (packet id -> payload), PUBACKs back.
+                        let sent = std::sync::Arc::new(std::sync::Mutex::new(
+                            std::collections::HashMap::<u16, (String, Vec<u8>)>::new(),
+                        ));
+                        let (ir, iw) = inbound.into_split();
+                        let (or, ow) = out.into_split();
+                        let s = sent.clone();
+                        let up = relay_watching(ir, ow, move |first, body| {
+                            if first >> 4 == 3 && (first >> 1) & 3 == 1 && body.len() >= 2 {
+                                let tlen = u16::from_be_bytes([body[0], body[1]]) as usize;
+                                if body.len() >= 4 + tlen {
+                                    let id = u16::from_be_bytes([body[2 + tlen], body[3 + tlen]]);
+                                    let topic = String::from_utf8_lossy(&body[2..2 + tlen]);
+                                    let payload = body[4 + tlen..].to_vec();
+                                    s.lock().unwrap().insert(id, (topic.into_owned(), payload));
+                                }
+                            }
+                        });
+                        let down = relay_watching(or, iw, move |first, body| {
+                            if first >> 4 == 4 && body.len() >= 2 {
+                                let id = u16::from_be_bytes([body[0], body[1]]);
+                                if let Some(p) = sent.lock().unwrap().remove(&id) {
+                                    acked.lock().unwrap().push(p);
+                                }
+                            }
+                        });
+                        tokio::join!(up, down);
+                    });
                 tasks.lock().unwrap().push(relay.abort_handle());
             }
         });
