@@ -127,12 +127,14 @@ fn is_quantised(n: &NodeProto) -> bool {
 }
 
 /// Convolution and pooling attributes: sides, strides and dilations in 1..=MAX_SPATIAL,
-/// pads in 0..=MAX_SPATIAL, a group of at least 1.
+/// pads in 0..=MAX_SPATIAL, a group of at least 1, and lists of lengths that agree (one
+/// value per spatial axis, two pads per axis: tract indexes one by the other's length).
 fn check_spatial(n: &NodeProto) -> Result<(), BadModel> {
     let spatial = n.op_type.contains("Conv") || n.op_type.ends_with("Pool");
     if !spatial {
         return Ok(());
     }
+    check_ranks(n)?;
     for a in &n.attribute {
         let min = match a.name.as_str() {
             "kernel_shape" | "strides" | "dilations" => 1,
@@ -153,6 +155,30 @@ fn check_spatial(n: &NodeProto) -> Result<(), BadModel> {
                     a.name, a.ints
                 ),
             ));
+        }
+    }
+    Ok(())
+}
+
+/// The spatial rank each list attribute implies (pads: half its length) must be one.
+fn check_ranks(n: &NodeProto) -> Result<(), BadModel> {
+    let mut rank: Option<(&str, usize)> = None;
+    for a in &n.attribute {
+        let r = match a.name.as_str() {
+            "kernel_shape" | "strides" | "dilations" | "output_padding" => a.ints.len(),
+            "pads" if a.ints.len() % 2 == 0 => a.ints.len() / 2,
+            "pads" => {
+                let why = format!("pads {:?}: an odd count (two per axis)", a.ints);
+                return Err(node_error(n, why));
+            }
+            _ => continue,
+        };
+        match rank {
+            Some((other, r0)) if r0 != r => {
+                let why = format!("{} {:?} is for {r} axes, {other} for {r0}", a.name, a.ints);
+                return Err(node_error(n, why));
+            }
+            _ => rank = Some((a.name.as_str(), r)),
         }
     }
     Ok(())

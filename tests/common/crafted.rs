@@ -55,6 +55,20 @@ fn empty_initializer(g: &mut GraphProto, name: &str) {
 }
 
 pub const CASES: &[Crafted] = &[
+    // Found by tests/fuzz.rs: tract indexed the pads by the strides' length
+    // (tract-core cnn/padding.rs: index out of bounds).
+    Crafted {
+        name: "strides_for_one_axis",
+        base: "shapes_fp32.onnx",
+        break_it: |g| set_ints(node(g, "Conv"), "strides", &[2]),
+        error: r#"node "/stem/stem.0/Conv" (Conv): strides [2] is for 1 axes"#,
+    },
+    Crafted {
+        name: "odd_pads",
+        base: "shapes_int8_qop.onnx",
+        break_it: |g| set_ints(node(g, "QLinearConv"), "pads", &[1, 1, 1]),
+        error: r#"(QLinearConv): pads [1, 1, 1]: an odd count"#,
+    },
     Crafted {
         name: "stride_zero",
         base: "shapes_int8_qlinear.onnx",
