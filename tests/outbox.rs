@@ -33,6 +33,12 @@ fn config(dir: &Path, port: u16, device: &str) -> std::path::PathBuf {
     f
 }
 
+/// A subscriber to `device`'s detection events.
+async fn detections(host: &str, port: u16, device: &str) -> UnboundedReceiver<common::Msg> {
+    let filter = format!("edgesight/{device}/+/detection");
+    common::subscribe(host, port, &format!("{device}-sub"), &filter).await
+}
+
 /// (id, type) of a detection message, checking its shape on the way.
 fn event(m: &common::Msg, device: &str) -> (String, String) {
     let v: Value = serde_json::from_str(&m.payload).unwrap();
@@ -113,13 +119,7 @@ async fn broker_outages_lose_no_detection_event() {
     proxy.up().await;
     let f = config(dir.path(), proxy.port, &device);
     let settings = Settings::load_with_env(&f, vec![]).unwrap();
-    let mut rx = common::subscribe(
-        &host,
-        port,
-        &format!("{device}-sub"),
-        &format!("edgesight/{device}/+/detection"),
-    )
-    .await;
+    let mut rx = detections(&host, port, &device).await;
     // The link to the broker is cut (every connection closed, the port refusing) and
     // restored.
     let outage = async || {
@@ -441,13 +441,7 @@ async fn sigkill_while_the_broker_is_down_then_restart_delivers_the_buffered_eve
     assert!(buffered.len() >= 6, "{buffered:?}");
 
     proxy.up().await;
-    let mut rx = common::subscribe(
-        &host,
-        port,
-        &format!("{device}-sub"),
-        &format!("edgesight/{device}/+/detection"),
-    )
-    .await;
+    let mut rx = detections(&host, port, &device).await;
     let daemon = common::Daemon::start(&f);
     let got = receive_all(&mut rx, &device, &buffered).await;
     daemon.stop(); // SIGTERM, exit 0
@@ -561,13 +555,7 @@ async fn a_second_daemon_on_the_same_outbox_is_refused_and_the_first_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let device = format!("twice-{}", std::process::id());
     let f = config(dir.path(), port, &device);
-    let mut rx = common::subscribe(
-        &host,
-        port,
-        &format!("{device}-sub"),
-        &format!("edgesight/{device}/+/detection"),
-    )
-    .await;
+    let mut rx = detections(&host, port, &device).await;
     let mut first = common::Daemon::start(&f);
     let m = common::next(&mut rx, "the first daemon's detection").await;
     let (id, _) = event(&m, &device);
@@ -666,13 +654,7 @@ async fn reloads_hand_the_outbox_over_and_refuse_a_directory_in_use() {
 
     let buffered = records_in(&outbox);
     assert!(buffered.len() >= 4, "{buffered:?}");
-    let mut rx = common::subscribe(
-        &host,
-        port,
-        &format!("{device}-sub"),
-        &format!("edgesight/{device}/+/detection"),
-    )
-    .await;
+    let mut rx = detections(&host, port, &device).await;
     proxy.up().await;
     let got = receive_all(&mut rx, &device, &buffered).await;
     assert_in_order(&got);
