@@ -154,6 +154,24 @@ pub const CASES: &[Crafted] = &[
         break_it: |g| set_ints(node(g, "QLinearConv"), "dilations", &[4000, 4000]),
         error: "a panic while loading the model",
     },
+    Crafted {
+        // Found by tests/fuzz.rs: a Flatten axis past the input's rank panics inside
+        // tract-hir (flatten.rs: slice range); the rank is not known before tract's
+        // analysis, so the second wall catches it.
+        name: "flatten_past_the_rank",
+        base: "shapes_fp32.onnx",
+        break_it: |g| {
+            let n = node(g, "Flatten");
+            n.attribute.retain(|a| a.name != "axis");
+            n.attribute.push(AttributeProto {
+                name: "axis".into(),
+                r#type: pb::attribute_proto::AttributeType::Int as i32,
+                i: 1 << 40,
+                ..Default::default()
+            });
+        },
+        error: "a panic while loading the model",
+    },
 ];
 
 /// The fixture `base` with `break_it` applied, written to `dir/<name>.onnx`.
