@@ -105,7 +105,9 @@ def received(path):
 
 
 def on_disk(outbox):
-    """(id, type) of the records in the outbox directory."""
+    """(id, type) of the records in the outbox directory. The record layout is
+    src/mqtt/outbox/store.rs's: magic 4, crc 4, seq 8, topic length 2, payload length 4
+    (little-endian), topic, payload."""
     out = set()
     for name in os.listdir(outbox):
         if name.endswith(".rec"):
