@@ -323,11 +323,12 @@ mod tests {
     }
 
     /// One conv: our op (every kernel, and the fastest on 2 threads) against the portable
-    /// kernel, bit for bit, and against tract's lowering: bit for bit with per-channel
-    /// weights; with per-tensor weights tract fuses the requantisation into its matmul
-    /// kernel with rounding of its own, which the random geometries showed can differ
-    /// from onnxruntime's f32 arithmetic (ours) by one step on a tie (e.g. 1 -> 1
-    /// channels, 5x5 input, 2x5 kernel, left pad 4, i8 in, u8 out: 122 against 123).
+    /// kernel, bit for bit, and within one step of tract's lowering. Not bit for bit with
+    /// tract: our requantisation is onnxruntime's f32 arithmetic, and tract's rounds some
+    /// ties the other way. The random geometries found one per-tensor case (1 -> 1
+    /// channels, 5x5 input, 2x5 kernel, left pad 4, i8 in, u8 out: 122 against 123) and,
+    /// in 100 000 geometries, a per-channel one (1 -> 16 channels, 1x1 input, 2x1 kernel,
+    /// top pad 1, i8 in, u8 out). Which side onnxruntime takes there is not checked here.
     fn check_against_tract(what: &str, c: &Case, rng: &mut Rng) {
         let model = conv_model(c, rng);
         let input = rng.bytes(c.cin * c.hw.0 * c.hw.1);
@@ -368,8 +369,7 @@ mod tests {
             .map(|(a, b)| (a - b).abs())
             .max()
             .unwrap_or(0);
-        let allowed = if c.per_channel { 0 } else { 1 };
-        assert!(worst <= allowed, "{what}: {worst} steps from tract's conv");
+        assert!(worst <= 1, "{what}: {worst} steps from tract's conv");
         // Every kernel on one thread, and the fastest with its channel blocks shared out
         // over a 2-thread pool: the same integers as the portable one.
         let fastest = *kernels().last().unwrap();
