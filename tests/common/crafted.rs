@@ -184,8 +184,3 @@ pub fn write(dir: &Path, c: &Crafted) -> PathBuf {
     std::fs::write(&out, m.encode_to_vec()).expect("write crafted model");
     out
 }
-
-/// One case by name.
-pub fn case(name: &str) -> &'static Crafted {
-    CASES.iter().find(|c| c.name == name).expect("crafted case")
-}
