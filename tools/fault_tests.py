@@ -118,6 +118,25 @@ def on_disk(outbox):
     return out
 
 
+def fill_disk(d):
+    """`d`, once the disk has refused a record (and a moment more)."""
+    wait_for("the disk to refuse a record", lambda: "kept in memory" in d.log())
+    time.sleep(2)
+    return d
+
+
+def replay(d, kept, broker, msgs, before):
+    """A restarted daemon `d` replays `kept` (what was on disk) once the broker is back:
+    (kept, d's counters)."""
+    wait_for("the restart to replay", lambda: "from a previous run" in d.log())
+    broker.start()
+    wait_for("the replayed records", lambda: kept <= set(received(msgs)[before:]), 120)
+    time.sleep(2)
+    counters = d.stop()
+    time.sleep(1)  # the broker forwards the last ones
+    return kept, counters
+
+
 def in_order(got):
     first, seen, state = [], set(), {}
     for e in got:
@@ -188,18 +207,9 @@ labels = "{ROOT}/tests/fixtures/labels.txt"\n
         # 2. Outage again; the disk fills; restart while it is still full.
         broker.stop()
         before = len(got)
-        d = Daemon(binary, config, os.path.join(work, "run2.log"))
-        wait_for("the disk to refuse a record", lambda: "kept in memory" in d.log())
-        time.sleep(2)
-        c2 = d.stop()
-        kept = on_disk(outbox)
-        d = Daemon(binary, config, os.path.join(work, "run3.log"))
-        wait_for("the restart to replay", lambda: "from a previous run" in d.log())
-        broker.start()
-        wait_for("the replayed records", lambda: kept <= set(received(msgs)[before:]), 120)
-        time.sleep(2)
-        c3 = d.stop()
-        time.sleep(1)
+        c2 = fill_disk(Daemon(binary, config, os.path.join(work, "run2.log"))).stop()
+        kept, c3 = replay(Daemon(binary, config, os.path.join(work, "run3.log")),
+                          on_disk(outbox), broker, msgs, before)
         got2 = received(msgs)[before:]
         lost = c2["accepted"] - c2["delivered"] - len(kept)
         print(f"2. restart with the disk full: run 2 accepted {c2['accepted']} (memory-only "
@@ -218,19 +228,12 @@ labels = "{ROOT}/tests/fixtures/labels.txt"\n
         #    loses nothing.
         broker.stop()
         before = len(received(msgs))
-        d = Daemon(binary, config, os.path.join(work, "run4.log"))
-        wait_for("the disk to refuse a record", lambda: "kept in memory" in d.log())
-        time.sleep(2)
+        d = fill_disk(Daemon(binary, config, os.path.join(work, "run4.log")))
         subprocess.run(["mount", "-o", "remount,size=4m", outbox], check=True)
         wait_for("the memory-only records on disk", lambda: "takes records again" in d.log())
         c4 = d.stop()
-        kept = on_disk(outbox)
-        d = Daemon(binary, config, os.path.join(work, "run5.log"))
-        wait_for("the restart to replay", lambda: "from a previous run" in d.log())
-        broker.start()
-        wait_for("the replayed records", lambda: kept <= set(received(msgs)[before:]), 120)
-        time.sleep(2)
-        d.stop()
+        kept, _ = replay(Daemon(binary, config, os.path.join(work, "run5.log")),
+                         on_disk(outbox), broker, msgs, before)
         print(f"3. the disk has room again: run 4 accepted {c4['accepted']}, memory-only "
               f"{c4['memory_only']}, written late {c4['written_late']}; {len(kept)} on disk "
               f"at the restart, all delivered by run 5; lost: "
