@@ -123,6 +123,14 @@ pub enum CaptureError {
     List { dir: PathBuf, err: std::io::Error },
 }
 
+impl CaptureError {
+    /// Whether the stream it came from is over. A buffer the driver flagged is one bad
+    /// frame: the stream goes on.
+    pub fn ends_stream(&self) -> bool {
+        !matches!(self, CaptureError::Flagged { .. })
+    }
+}
+
 /// What a camera is asked for (a `[[camera]]` with `source = "v4l2"`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {

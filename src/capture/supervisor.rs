@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::capture::slots::Frame;
-use crate::capture::{Backend, CameraCtx, CaptureError, FrameStream, Readers, Request};
+use crate::capture::{Backend, CameraCtx, FrameStream, Readers, Request};
 use crate::stats::CameraState;
 use crate::stats::status::CameraStatus;
 use crate::util::{Backoff, worth_logging};
@@ -139,7 +139,7 @@ impl Supervisor<'_> {
                     cs.stalls.fetch_add(1, Ordering::Relaxed);
                     return Some(format!("stalled: no frame for {:?}", self.stall));
                 }
-                Ok(Err(e @ CaptureError::Flagged { .. })) => {
+                Ok(Err(e)) if !e.ends_stream() => {
                     // One corrupt buffer, not a broken stream.
                     let n = cs.bad_frames.fetch_add(1, Ordering::Relaxed) + 1;
                     if worth_logging(n) {

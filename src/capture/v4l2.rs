@@ -218,8 +218,7 @@ impl Backend for V4l2Backend {
                         }
                         Err(e) => Err(read_error(e)),
                     };
-                    let failed =
-                        matches!(&item, Err(e) if !matches!(e, CaptureError::Flagged { .. }));
+                    let failed = matches!(&item, Err(e) if e.ends_stream());
                     // The receiver is gone once the supervisor gave up on this stream.
                     if tx.blocking_send(item).is_err() || failed {
                         break;

@@ -3,7 +3,6 @@
 //! pipeline is touched. Asked for by SIGHUP (systemd's `ExecReload`) or the `reload`
 //! command; a rejected one is logged (and replied to) and the running one kept.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Result;
@@ -41,11 +40,12 @@ pub enum ReloadError {
     Task(#[from] tokio::task::JoinError),
 }
 
-/// Read `file` again and load its model; the error says why it was rejected. `running`
-/// is the configuration in use: an outbox directory it does not hold already must be free.
-pub async fn prepare(file: PathBuf, running: Arc<Settings>) -> Result<Loaded, ReloadError> {
+/// Read the running configuration's file again and load its model; the error says why
+/// it was rejected. An outbox directory the running configuration does not hold already
+/// must be free.
+pub async fn prepare(running: Arc<Settings>) -> Result<Loaded, ReloadError> {
     tokio::task::spawn_blocking(move || -> Result<Loaded, ReloadError> {
-        let settings = Settings::load(&file)?;
+        let settings = Settings::load(&running.file)?;
         let classifier = load_model(&settings).map_err(ReloadError::Model)?;
         if settings.detection.enabled {
             Rules::for_model(&settings.detection, classifier.labels())?;
@@ -77,7 +77,7 @@ pub async fn watch(
             Some(r) = requests.recv() => Some(r),
             _ = stop.cancelled() => return None,
         };
-        match prepare(running.file.clone(), running.clone()).await {
+        match prepare(running.clone()).await {
             Ok(loaded) => {
                 if let Some(r) = reply {
                     let _ = r.send(Ok(loaded.classifier.file_name().to_string()));

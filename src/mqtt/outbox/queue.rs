@@ -229,11 +229,7 @@ impl Outbox {
 
     /// Take `seq` out of the queue, if it is there.
     fn take(&self, g: &mut Inner, seq: u64) -> Option<Arc<Record>> {
-        let i = g.queue.partition_point(|r| r.seq < seq);
-        if g.queue.get(i).is_none_or(|r| r.seq != seq) {
-            return None;
-        }
-        let r = g.queue.remove(i)?;
+        let r = g.queue.remove(position(&g.queue, seq)?)?;
         g.bytes -= r.size();
         g.unpersisted.remove(&seq);
         self.gauge(g);
@@ -291,8 +287,7 @@ impl Outbox {
     /// Write the records the disk refused, oldest first, until it refuses again.
     fn persist(&self, g: &mut Inner) {
         while let Some(&seq) = g.unpersisted.first() {
-            let i = g.queue.partition_point(|r| r.seq < seq);
-            let Some(r) = g.queue.get(i).filter(|r| r.seq == seq).cloned() else {
+            let Some(r) = position(&g.queue, seq).and_then(|i| g.queue.get(i).cloned()) else {
                 g.unpersisted.remove(&seq);
                 continue;
             };
@@ -359,6 +354,12 @@ impl Outbox {
     pub fn snapshot(&self) -> Vec<Arc<Record>> {
         self.lock().queue.iter().cloned().collect()
     }
+}
+
+/// Where record `seq` is in the queue (kept in sequence order), if it is there.
+fn position(queue: &VecDeque<Arc<Record>>, seq: u64) -> Option<usize> {
+    let i = queue.partition_point(|r| r.seq < seq);
+    queue.get(i).is_some_and(|r| r.seq == seq).then_some(i)
 }
 
 /// Log what opening `dir` found.
