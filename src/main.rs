@@ -130,12 +130,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 edgesight::detect::Rules::for_model(&settings.detection, model.labels())?;
             }
             for cam in &settings.camera {
-                if let edgesight::config::SourceSettings::Images { path, .. } = &cam.source {
-                    let n = edgesight::capture::images::image_files(path).map_err(|e| {
-                        ConfigError::new(format!("camera {:?} path: {e:#}", cam.name))
-                    })?;
-                    println!("# camera {}: {} image(s)", cam.name, n.len());
-                }
+                check_source(cam)?;
             }
             let spec = model.input_spec();
             println!("# configuration {} is valid", config.display());
@@ -167,12 +162,33 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Cameras => {
             init_logging("warn");
-            use edgesight::capture::Backend;
             let cams = edgesight::capture::V4l2Backend.list()?;
             print!("{}", edgesight::capture::describe(&cams));
+            if let Some(text) = edgesight::capture::stream::list_libcamera() {
+                print!("\n{text}");
+            }
             Ok(())
         }
     }
+}
+
+/// What `check` can know of a camera's source without opening it: the images are there,
+/// a stream source's program is installed.
+fn check_source(cam: &edgesight::config::CameraSettings) -> Result<()> {
+    use edgesight::capture::StreamRequest;
+    if let edgesight::config::SourceSettings::Images { path, .. } = &cam.source {
+        let n = edgesight::capture::images::image_files(path)
+            .map_err(|e| ConfigError::new(format!("camera {:?} path: {e:#}", cam.name)))?;
+        println!("# camera {}: {} image(s)", cam.name, n.len());
+    }
+    if let Some(request) = StreamRequest::from_settings(cam) {
+        match request.program() {
+            Ok(Some(p)) => println!("# camera {}: runs {}", cam.name, p.display()),
+            Ok(None) => {}
+            Err(e) => return Err(ConfigError::new(format!("camera {:?}: {e}", cam.name)).into()),
+        }
+    }
+    Ok(())
 }
 
 fn classify(

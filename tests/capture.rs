@@ -82,9 +82,8 @@ impl Drop for FakeStream {
     }
 }
 
-impl Backend for Fake {
-    type Stream = FakeStream;
-
+impl Fake {
+    /// What `edgesight cameras` would list.
     fn list(&self) -> Result<Vec<CameraInfo>, CaptureError> {
         Ok(vec![
             CameraInfo {
@@ -106,6 +105,11 @@ impl Backend for Fake {
             },
         ])
     }
+}
+
+impl Backend for Fake {
+    type Request = Request;
+    type Stream = FakeStream;
 
     async fn open(
         &self,

@@ -439,6 +439,7 @@ fn any_frame_is_prepared_or_refused() {
         prop_oneof![
             Just(RawFormat::Yuyv),
             Just(RawFormat::Nv12),
+            Just(RawFormat::I420),
             Just(RawFormat::Gray),
             Just(RawFormat::Rgb),
             Just(RawFormat::Bgr)

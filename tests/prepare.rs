@@ -127,6 +127,7 @@ fn one_pass_preparation_stays_close_to_the_reference_path() {
         (RawFormat::Bgr, (640, 360), (224, 224), ResizeMode::CenterCrop, 1.0, 0.01),
         (RawFormat::Yuyv, (1920, 1080), (224, 224), ResizeMode::CenterCrop, 1.0, 0.25),
         (RawFormat::Nv12, (1920, 1080), (224, 224), ResizeMode::Stretch, 1.0, 0.25),
+        (RawFormat::I420, (1280, 720), (224, 224), ResizeMode::CenterCrop, 1.0, 0.25),
         (RawFormat::Yuyv, (160, 120), (224, 224), ResizeMode::Stretch, 1.0, 0.25),
         (RawFormat::Mjpeg, (640, 480), (64, 64), ResizeMode::Stretch, 12.0, 0.5),
         (RawFormat::Mjpeg, (1920, 1080), (224, 224), ResizeMode::CenterCrop, 12.0, 0.5),

@@ -1,20 +1,28 @@
 //! Capture: every camera source, supervised, delivering into its latest-frame slot.
 //!
 //! * [`slots`]: the hand-off to inference ([`Slots`], [`Frame`]).
-//! * [`supervisor`]: one async task per V4L2 camera: open with back-off, stall detection,
-//!   pacing, status reports. Runs against any [`Backend`].
-//! * [`v4l2`]: the real backend (nokhwa), device resolution, `edgesight cameras`.
+//! * [`supervisor`]: one async task per V4L2 or stream camera: open with back-off, stall
+//!   detection, pacing, status reports. Runs against any [`Backend`].
+//! * [`v4l2`]: the V4L2 backend (nokhwa), device resolution, `edgesight cameras`.
+//! * [`stream`]: the byte-stream backend: a child program's stdout ([`child`]: `pipe`,
+//!   `picamera`, `rtsp`) or an HTTP multipart stream ([`http`]), cut into frames by
+//!   [`framing`].
 //! * [`images`]: the image-file source, on its own OS thread.
 //!
 //! May use: config, util, stats, frame. Never mqtt or infer: status changes leave through
 //! the [`StatusSink`] the daemon hands in.
 
+pub mod child;
+pub mod framing;
+pub mod http;
 pub mod images;
 pub mod slots;
+pub mod stream;
 pub mod supervisor;
 pub mod v4l2;
 
 pub use slots::{Frame, Slots};
+pub use stream::{StreamBackend, StreamRequest};
 pub use supervisor::supervise;
 pub use v4l2::{V4l2Backend, describe, resolve};
 
@@ -121,13 +129,42 @@ pub enum CaptureError {
     /// The directory that lists the devices could not be read.
     #[error("{}: {err}", .dir.display())]
     List { dir: PathBuf, err: std::io::Error },
+    /// A stream source's program is not installed.
+    #[error("{programs}: not found on PATH{}", if .hint.is_empty() { String::new() } else { format!("; {}", .hint) })]
+    MissingProgram {
+        programs: String,
+        hint: &'static str,
+    },
+    #[error("cannot start {program}: {err}")]
+    StartProgram {
+        program: String,
+        err: std::io::Error,
+    },
+    /// A stream source's program closed its output.
+    #[error("{program} ended ({status}){}", .last.as_ref().map(|l| format!(": {l}")).unwrap_or_default())]
+    Exited {
+        program: String,
+        status: String,
+        last: Option<String>,
+    },
+    /// An HTTP camera's failure; `url` is shown without its password.
+    #[error("{url}: {what}")]
+    Http { url: String, what: String },
+    /// Bytes of a stream that were not a whole frame: dropped and counted, the stream goes
+    /// on (unless it carries no JPEG at all).
+    #[error("{0}")]
+    Damaged(framing::Broken),
 }
 
 impl CaptureError {
-    /// Whether the stream it came from is over. A buffer the driver flagged is one bad
-    /// frame: the stream goes on.
+    /// Whether the stream it came from is over. A buffer the driver flagged, or a damaged
+    /// piece of a byte stream, is one bad frame: the stream goes on.
     pub fn ends_stream(&self) -> bool {
-        !matches!(self, CaptureError::Flagged { .. })
+        match self {
+            CaptureError::Flagged { .. } => false,
+            CaptureError::Damaged(b) => b.ends_stream(),
+            _ => true,
+        }
     }
 }
 
@@ -157,7 +194,7 @@ impl Request {
                 fps: *fps,
                 format: *format,
             }),
-            SourceSettings::Images { .. } => None,
+            _ => None,
         }
     }
 }
@@ -200,17 +237,17 @@ impl Drop for ReaderGuard {
     }
 }
 
-/// A source of cameras: V4L2 through nokhwa, or a script in tests.
+/// A source of cameras: V4L2 through nokhwa, byte streams, or a script in tests.
 pub trait Backend: Send + Sync + 'static {
+    /// What a camera asks the backend for.
+    type Request: Send + Sync + 'static;
     type Stream: FrameStream;
-    /// Every capture device with its modes (blocking; for `edgesight cameras`).
-    fn list(&self) -> Result<Vec<CameraInfo>, CaptureError>;
     /// Open the camera `request` names in the closest mode it offers, streaming. A reader
     /// that may outlive the stream (a blocking thread) holds one of `readers`' guards.
     fn open(
         &self,
         name: &str,
-        request: &Request,
+        request: &Self::Request,
         readers: &Readers,
     ) -> impl Future<Output = Result<Self::Stream, CaptureError>> + Send;
 }
@@ -235,7 +272,7 @@ pub fn choose_mode(
     let rank = |f: RawFormat| match f {
         RawFormat::Mjpeg => 0,
         RawFormat::Yuyv => 1,
-        RawFormat::Nv12 => 2,
+        RawFormat::Nv12 | RawFormat::I420 => 2,
         RawFormat::Rgb | RawFormat::Bgr => 3,
         RawFormat::Gray => 4,
     };

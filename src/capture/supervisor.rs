@@ -1,4 +1,4 @@
-//! The camera supervisor: one async task per V4L2 camera owns the camera's life.
+//! The camera supervisor: one async task per V4L2 or stream camera owns its life.
 //!
 //! nokhwa's `frame()` blocks with no timeout, and its callback camera busy-spins after an
 //! unplug, so the backend owns a reader thread per open camera that does nothing but
@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::capture::slots::Frame;
-use crate::capture::{Backend, CameraCtx, FrameStream, Readers, Request};
+use crate::capture::{Backend, CameraCtx, FrameStream, Readers};
 use crate::stats::CameraState;
 use crate::stats::status::CameraStatus;
 use crate::util::{Backoff, worth_logging};
@@ -40,14 +40,14 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// is not reopened (and says why) until one of them returns.
 pub const MAX_READERS: usize = 3;
 
-/// Run one V4L2 camera until `ctx.cancel`: open, stream into the camera's slot, and on an
-/// error or a stall report `offline` and reopen with back-off. Never returns early: a
-/// camera that never opens keeps retrying (slowly) and stops nothing else.
-pub async fn supervise<B: Backend>(backend: Arc<B>, request: Request, ctx: CameraCtx) {
+/// Run one V4L2 or stream camera until `ctx.cancel`: open, stream into the camera's slot,
+/// and on an error or a stall report `offline` and reopen with back-off. Never returns
+/// early: a camera that never opens keeps retrying (slowly) and stops nothing else.
+pub async fn supervise<B: Backend>(backend: Arc<B>, request: B::Request, ctx: CameraCtx) {
     let mut s = Supervisor {
         name: ctx.settings.name.clone(),
         stall: ctx.settings.stall_after(),
-        min_gap: Duration::from_secs_f64(0.9 / request.fps.max(1) as f64),
+        min_gap: Duration::from_secs_f64(0.9 / ctx.settings.source.fps()),
         backoff: Backoff::new(
             Duration::from_millis(ctx.settings.reopen_min_ms),
             Duration::from_millis(ctx.settings.reopen_max_ms),

@@ -110,11 +110,13 @@ fn open_blocking(name: &str, request: &Request) -> Result<(nokhwa::Camera, Mode)
             offered: offered.into_iter().collect::<Vec<_>>().join(", "),
         }
     })?;
-    let exact = CameraFormat::new(
-        Resolution::new(mode.width, mode.height),
-        to_nokhwa(mode.format),
-        mode.fps,
-    );
+    // The mode is one nokhwa listed, so it has a nokhwa format.
+    let format = to_nokhwa(mode.format).ok_or_else(|| CaptureError::NoMode {
+        node: node.clone(),
+        format: f.name(),
+        offered: mode.format.to_string(),
+    })?;
+    let exact = CameraFormat::new(Resolution::new(mode.width, mode.height), format, mode.fps);
     cam.set_camera_requset(RequestedFormat::new::<AnyFormat>(
         RequestedFormatType::Exact(exact),
     ))
@@ -171,12 +173,16 @@ impl FrameStream for V4l2Stream {
     }
 }
 
-impl Backend for V4l2Backend {
-    type Stream = V4l2Stream;
-
-    fn list(&self) -> Result<Vec<CameraInfo>, CaptureError> {
+impl V4l2Backend {
+    /// Every capture device with its modes (blocking; for `edgesight cameras`).
+    pub fn list(&self) -> Result<Vec<CameraInfo>, CaptureError> {
         list_v4l2()
     }
+}
+
+impl Backend for V4l2Backend {
+    type Request = Request;
+    type Stream = V4l2Stream;
 
     async fn open(
         &self,
@@ -307,7 +313,7 @@ pub fn describe(cameras: &[CameraInfo]) -> String {
     out
 }
 
-/// nokhwa's name for a format, and back: one to one, so both are total.
+/// nokhwa's name for a format, and back (I420 comes from pipe sources only).
 fn from_nokhwa(f: nokhwa::utils::FrameFormat) -> RawFormat {
     use nokhwa::utils::FrameFormat as F;
     match f {
@@ -320,16 +326,17 @@ fn from_nokhwa(f: nokhwa::utils::FrameFormat) -> RawFormat {
     }
 }
 
-fn to_nokhwa(f: RawFormat) -> nokhwa::utils::FrameFormat {
+fn to_nokhwa(f: RawFormat) -> Option<nokhwa::utils::FrameFormat> {
     use nokhwa::utils::FrameFormat as F;
-    match f {
+    Some(match f {
         RawFormat::Mjpeg => F::MJPEG,
         RawFormat::Yuyv => F::YUYV,
         RawFormat::Nv12 => F::NV12,
         RawFormat::Gray => F::GRAY,
         RawFormat::Rgb => F::RAWRGB,
         RawFormat::Bgr => F::RAWBGR,
-    }
+        RawFormat::I420 => return None,
+    })
 }
 
 #[cfg(test)]

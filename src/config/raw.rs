@@ -11,7 +11,10 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use serde_aux::serde_introspection::serde_introspect as fields;
 
-use super::settings::{LogLevel, PixelFormat, Preprocess, PublishMode, ResizeMode, V4l2Device};
+use super::settings::{
+    LogLevel, PixelFormat, Preprocess, PublishMode, ResizeMode, RtspTransport, StreamFormat,
+    V4l2Device,
+};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -273,23 +276,43 @@ pub(super) enum SourceKind {
     #[default]
     Images,
     V4l2,
+    Pipe,
+    Picamera,
+    Rtsp,
+    #[serde(rename = "http-mjpeg")]
+    HttpMjpeg,
 }
 
 impl SourceKind {
-    pub const ALL: [SourceKind; 2] = [SourceKind::Images, SourceKind::V4l2];
+    pub const ALL: [SourceKind; 6] = [
+        SourceKind::Images,
+        SourceKind::V4l2,
+        SourceKind::Pipe,
+        SourceKind::Picamera,
+        SourceKind::Rtsp,
+        SourceKind::HttpMjpeg,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             SourceKind::Images => "images",
             SourceKind::V4l2 => "v4l2",
+            SourceKind::Pipe => "pipe",
+            SourceKind::Picamera => "picamera",
+            SourceKind::Rtsp => "rtsp",
+            SourceKind::HttpMjpeg => "http-mjpeg",
         }
     }
 
-    /// The keys only this source has.
+    /// The keys this source has besides the common ones (several sources share some).
     pub fn keys(self) -> &'static [&'static str] {
         match self {
             SourceKind::Images => fields::<RawImages>(),
             SourceKind::V4l2 => fields::<RawV4l2>(),
+            SourceKind::Pipe => fields::<RawPipe>(),
+            SourceKind::Picamera => fields::<RawPicamera>(),
+            SourceKind::Rtsp => fields::<RawRtsp>(),
+            SourceKind::HttpMjpeg => fields::<RawHttpMjpeg>(),
         }
     }
 }
@@ -298,6 +321,10 @@ impl SourceKind {
 pub(super) enum RawSource {
     Images(RawImages),
     V4l2(RawV4l2),
+    Pipe(RawPipe),
+    Picamera(RawPicamera),
+    Rtsp(RawRtsp),
+    HttpMjpeg(RawHttpMjpeg),
 }
 
 #[derive(Debug, Deserialize)]
@@ -368,6 +395,116 @@ impl Default for RawV4l2 {
             height: 480,
             fps: 30.0,
             format: PixelFormat::Auto,
+        }
+    }
+}
+
+/// A command line: one string (split as a POSIX shell would, without running one) or the
+/// argument list itself.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawCommand {
+    Line(String),
+    Args(Vec<String>),
+}
+
+/// `source = "pipe"`: any program that writes MJPEG (or raw NV12 / YUV420 frames of a
+/// configured size) to its stdout.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawPipe {
+    /// Required.
+    pub command: Option<RawCommand>,
+    pub format: StreamFormat,
+    /// Required for the raw formats; for MJPEG each frame says its own size.
+    pub width: Option<i64>,
+    pub height: Option<i64>,
+    /// Frames faster than this are skipped (the program sets its own rate).
+    pub fps: f64,
+}
+
+impl Default for RawPipe {
+    fn default() -> Self {
+        RawPipe {
+            command: None,
+            format: StreamFormat::Mjpeg,
+            width: None,
+            height: None,
+            fps: 5.0,
+        }
+    }
+}
+
+/// `source = "picamera"`: the Raspberry Pi Camera Module through libcamera
+/// (`rpicam-vid`, or `libcamera-vid` on releases before bookworm), as MJPEG.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawPicamera {
+    /// libcamera's camera index (`rpicam-hello --list-cameras`).
+    pub camera: i64,
+    pub width: i64,
+    pub height: i64,
+    pub fps: f64,
+    /// More arguments for rpicam-vid (e.g. `["--hflip", "--vflip"]`).
+    pub args: Vec<String>,
+}
+
+impl Default for RawPicamera {
+    fn default() -> Self {
+        RawPicamera {
+            camera: 0,
+            width: 1280,
+            height: 720,
+            fps: 5.0,
+            args: Vec::new(),
+        }
+    }
+}
+
+/// `source = "rtsp"`: an IP camera's RTSP stream, decoded and re-encoded as MJPEG by
+/// ffmpeg at `fps` (and scaled to `width` x `height` when set).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawRtsp {
+    /// Required. May carry credentials (`rtsp://user:password@host/...`): never logged.
+    pub url: Option<String>,
+    pub transport: RtspTransport,
+    pub width: Option<i64>,
+    pub height: Option<i64>,
+    pub fps: f64,
+    /// More ffmpeg input arguments, placed before `-i`.
+    pub args: Vec<String>,
+}
+
+impl Default for RawRtsp {
+    fn default() -> Self {
+        RawRtsp {
+            url: None,
+            transport: RtspTransport::Tcp,
+            width: None,
+            height: None,
+            fps: 5.0,
+            args: Vec::new(),
+        }
+    }
+}
+
+/// `source = "http-mjpeg"`: a camera serving `multipart/x-mixed-replace` JPEGs over
+/// HTTP, read directly (no child process).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawHttpMjpeg {
+    /// Required. `http://[user:password@]host[:port]/path`; credentials are sent as HTTP
+    /// basic authentication and never logged.
+    pub url: Option<String>,
+    pub fps: f64,
+}
+
+impl Default for RawHttpMjpeg {
+    fn default() -> Self {
+        RawHttpMjpeg {
+            url: None,
+            fps: 5.0,
         }
     }
 }

@@ -322,6 +322,242 @@ pub enum SourceSettings {
         fps: u32,
         format: PixelFormat,
     },
+    /// A program's stdout: `command` is the argument list, `command[0]` looked up on PATH.
+    Pipe {
+        command: Vec<String>,
+        format: StreamFormat,
+        /// Both set for the raw formats; for MJPEG each frame says its own size.
+        width: Option<u32>,
+        height: Option<u32>,
+        fps: f64,
+    },
+    /// The Camera Module through rpicam-vid (or libcamera-vid), as MJPEG.
+    Picamera {
+        camera: u32,
+        width: u32,
+        height: u32,
+        fps: f64,
+        args: Vec<String>,
+    },
+    /// An RTSP camera through ffmpeg, as MJPEG.
+    Rtsp {
+        url: SourceUrl,
+        transport: RtspTransport,
+        width: Option<u32>,
+        height: Option<u32>,
+        fps: f64,
+        args: Vec<String>,
+    },
+    /// `multipart/x-mixed-replace` JPEGs over HTTP, read directly.
+    #[serde(rename = "http-mjpeg")]
+    HttpMjpeg { url: SourceUrl, fps: f64 },
+}
+
+impl SourceSettings {
+    /// The frame rate asked for: frames faster than this are skipped.
+    pub fn fps(&self) -> f64 {
+        match self {
+            SourceSettings::V4l2 { fps, .. } => *fps as f64,
+            SourceSettings::Images { fps, .. }
+            | SourceSettings::Pipe { fps, .. }
+            | SourceSettings::Picamera { fps, .. }
+            | SourceSettings::Rtsp { fps, .. }
+            | SourceSettings::HttpMjpeg { fps, .. } => *fps,
+        }
+    }
+
+    /// Whether a supervisor task owns the source (opened, watched for stalls and reopened
+    /// with back-off): every source but image files.
+    pub fn supervised(&self) -> bool {
+        !matches!(self, SourceSettings::Images { .. })
+    }
+}
+
+/// What a pipe source's program writes to stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamFormat {
+    /// Concatenated JPEGs (what `rpicam-vid --codec mjpeg -o -` and `ffmpeg -f mjpeg -`
+    /// write), split on their markers.
+    Mjpeg,
+    /// Raw frames of `width` x `height`: a Y plane, then interleaved U V.
+    Nv12,
+    /// Raw frames of `width` x `height`: Y, U and V planes (I420, what
+    /// `rpicam-vid --codec yuv420` writes).
+    Yuv420,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RtspTransport {
+    /// Interleaved in the RTSP connection: works through NAT and firewalls.
+    Tcp,
+    Udp,
+}
+
+impl RtspTransport {
+    pub fn name(self) -> &'static str {
+        match self {
+            RtspTransport::Tcp => "tcp",
+            RtspTransport::Udp => "udp",
+        }
+    }
+}
+
+/// A camera's URL, which may carry credentials (`scheme://user:password@host/...`):
+/// `Display`, `Debug` and `Serialize` show it with the password replaced, so it can be
+/// logged and printed by `edgesight check`; [`SourceUrl::expose`] gives it whole.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SourceUrl {
+    full: String,
+    shown: String,
+    /// Byte range of the `user[:password]` part in `full`, without the `@`.
+    userinfo: Option<(usize, usize)>,
+}
+
+impl SourceUrl {
+    /// Parse `scheme://[user[:password]@]host[:port][/path]`; the error says what is
+    /// missing without repeating the URL (it may hold a password).
+    pub fn parse(full: &str, schemes: &[&str]) -> Result<SourceUrl, String> {
+        let (scheme, rest) = full
+            .split_once("://")
+            .ok_or("is not a URL (scheme://host/path)")?;
+        if !schemes.contains(&scheme) {
+            return Err(format!(
+                "has scheme \"{scheme}\"; expected {}",
+                schemes
+                    .iter()
+                    .map(|s| format!("\"{s}\""))
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            ));
+        }
+        if full.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err("contains white space or control characters".into());
+        }
+        let start = scheme.len() + 3;
+        let authority_end = rest.find(['/', '?', '#']).map_or(full.len(), |i| start + i);
+        let authority = &full[start..authority_end];
+        let userinfo = authority.rfind('@').map(|at| (start, start + at));
+        let host = userinfo.map_or(authority, |(_, at)| &full[at + 1..authority_end]);
+        if host.is_empty() || host.starts_with(':') {
+            return Err("has no host".into());
+        }
+        let shown = match userinfo {
+            Some((a, b)) => {
+                let user = full[a..b].split(':').next().unwrap_or("");
+                format!("{}{user}:***{}", &full[..a], &full[b..])
+            }
+            None => full.to_string(),
+        };
+        Ok(SourceUrl {
+            full: full.to_string(),
+            shown,
+            userinfo,
+        })
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.full
+    }
+
+    pub fn scheme(&self) -> &str {
+        self.full.split_once("://").map_or("", |(s, _)| s)
+    }
+
+    /// The URL without its credentials.
+    pub fn without_credentials(&self) -> String {
+        match self.userinfo {
+            Some((a, b)) => format!("{}{}", &self.full[..a], &self.full[b + 1..]),
+            None => self.full.clone(),
+        }
+    }
+
+    /// `host[:port]`.
+    pub fn authority(&self) -> &str {
+        let start = self
+            .userinfo
+            .map_or(self.scheme().len() + 3, |(_, b)| b + 1);
+        let rest = &self.full[start..];
+        &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())]
+    }
+
+    /// The path and query (at least "/").
+    pub fn path(&self) -> &str {
+        let start = self.scheme().len() + 3;
+        match self.full[start..].find(['/', '?', '#']) {
+            Some(i) => {
+                let p = &self.full[start + i..];
+                let p = &p[..p.find('#').unwrap_or(p.len())];
+                if p.starts_with('/') { p } else { "/" }
+            }
+            None => "/",
+        }
+    }
+
+    /// The user and password, percent-decoded, when the URL has them.
+    pub fn credentials(&self) -> Option<(String, String)> {
+        let (a, b) = self.userinfo?;
+        let (user, password) = full_split(&self.full[a..b]);
+        Some((percent_decode(user), percent_decode(password)))
+    }
+
+    /// Every form the password may take in a program's output (as written, decoded), for
+    /// scrubbing a child's messages; empty without one.
+    pub fn secrets(&self) -> Vec<String> {
+        let Some((a, b)) = self.userinfo else {
+            return Vec::new();
+        };
+        let (_, password) = full_split(&self.full[a..b]);
+        let mut v = vec![password.to_string(), percent_decode(password)];
+        v.retain(|s| !s.is_empty());
+        v.dedup();
+        v
+    }
+}
+
+fn full_split(userinfo: &str) -> (&str, &str) {
+    userinfo.split_once(':').unwrap_or((userinfo, ""))
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                b.get(i + 1).and_then(|&c| hex(c)),
+                b.get(i + 2).and_then(|&c| hex(c)),
+            )
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl fmt::Display for SourceUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl fmt::Debug for SourceUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.shown)
+    }
+}
+
+impl Serialize for SourceUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.shown)
+    }
 }
 
 /// `device = 0` or `device = "/dev/v4l/by-id/..."`.

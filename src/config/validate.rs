@@ -6,14 +6,15 @@ use std::time::Duration;
 
 use super::error::ConfigError;
 use super::raw::{
-    DEFAULT_FSYNC_INTERVAL_MS, FsyncPolicy, RawCamera, RawCameraCommon, RawCommands, RawConfig,
-    RawDetection, RawHomeAssistant, RawImages, RawModel, RawMqtt, RawOutbox, RawSource, RawV4l2,
-    SourceKind,
+    DEFAULT_FSYNC_INTERVAL_MS, FsyncPolicy, RawCamera, RawCameraCommon, RawCommand, RawCommands,
+    RawConfig, RawDetection, RawHomeAssistant, RawHttpMjpeg, RawImages, RawModel, RawMqtt,
+    RawOutbox, RawPicamera, RawPipe, RawRtsp, RawSource, RawV4l2, SourceKind,
 };
 use super::settings::{
     CameraSettings, ClassificationSettings, CommandSettings, DetectionSettings, DeviceSettings,
     Fsync, HomeAssistantSettings, LogSettings, MQTT_MAX_PACKET, ModelSettings, MqttSettings,
-    OutboxSettings, SYSTEM_CA_FILE, Secret, Settings, SourceSettings, TlsSettings,
+    OutboxSettings, SYSTEM_CA_FILE, Secret, Settings, SourceSettings, SourceUrl, StreamFormat,
+    TlsSettings,
 };
 use super::sources::Sources;
 
@@ -352,11 +353,18 @@ impl Validator<'_> {
                 continue;
             };
             if !kind.keys().contains(key) {
-                let owner = SourceKind::ALL.iter().find(|k| k.keys().contains(key));
-                let owner = owner.map_or("another source", |k| k.name());
+                let owners: Vec<String> = SourceKind::ALL
+                    .iter()
+                    .filter(|k| k.keys().contains(key))
+                    .map(|k| format!("\"{}\"", k.name()))
+                    .collect();
                 return Err(self.err(
                     &format!("{at}.{key}"),
-                    format!("only applies to source = \"{owner}\""),
+                    format!(
+                        "only applies to source = {} (this camera's source is \"{}\")",
+                        owners.join(" or "),
+                        kind.name()
+                    ),
                 ));
             }
             own.insert(key.to_string(), v);
@@ -365,6 +373,10 @@ impl Validator<'_> {
         let source = match kind {
             SourceKind::Images => RawSource::Images(self.src.deserialize(&at, own.into())?),
             SourceKind::V4l2 => RawSource::V4l2(self.src.deserialize(&at, own.into())?),
+            SourceKind::Pipe => RawSource::Pipe(self.src.deserialize(&at, own.into())?),
+            SourceKind::Picamera => RawSource::Picamera(self.src.deserialize(&at, own.into())?),
+            SourceKind::Rtsp => RawSource::Rtsp(self.src.deserialize(&at, own.into())?),
+            SourceKind::HttpMjpeg => RawSource::HttpMjpeg(self.src.deserialize(&at, own.into())?),
         };
         Ok(RawCamera { common, source })
     }
@@ -393,6 +405,10 @@ impl Validator<'_> {
             source: match raw.source {
                 RawSource::Images(s) => self.images(&k, s)?,
                 RawSource::V4l2(s) => self.v4l2(&k, s)?,
+                RawSource::Pipe(s) => self.pipe(&k, s)?,
+                RawSource::Picamera(s) => self.picamera(&k, s)?,
+                RawSource::Rtsp(s) => self.rtsp(&k, s)?,
+                RawSource::HttpMjpeg(s) => self.http_mjpeg(&k, s)?,
             },
             max_age_ms: self.range(&k("max_age_ms"), c.max_age_ms, 1, 3_600_000)? as u64,
             stall_secs: self.positive(&k("stall_secs"), c.stall_secs, 3600.0)?,
@@ -431,6 +447,135 @@ impl Validator<'_> {
             height: self.range(&k("height"), s.height, 16, 8192)? as u32,
             fps: s.fps as u32,
             format: s.format,
+        })
+    }
+}
+
+/// Frame rates a stream source may ask for.
+const STREAM_FPS_MAX: f64 = 120.0;
+
+impl Validator<'_> {
+    fn pipe(&self, k: &dyn Fn(&str) -> String, s: RawPipe) -> Result<SourceSettings, ConfigError> {
+        let required = || self.err(&k("command"), "is required for source = \"pipe\"");
+        let command = match s.command.ok_or_else(required)? {
+            RawCommand::Args(v) => v,
+            RawCommand::Line(line) => shlex::split(&line).ok_or_else(|| {
+                self.err(
+                    &k("command"),
+                    "has an unclosed quote or a trailing backslash",
+                )
+            })?,
+        };
+        if command.first().is_none_or(|p| p.trim().is_empty()) {
+            return Err(self.err(&k("command"), "names no program"));
+        }
+        if command.iter().any(|a| a.contains('\0')) {
+            return Err(self.err(&k("command"), "contains a NUL byte"));
+        }
+        let (width, height) = self.stream_size(k, s.width, s.height)?;
+        if s.format != StreamFormat::Mjpeg {
+            let Some((w, h)) = width.zip(height) else {
+                return Err(self.err(
+                    &k("width"),
+                    "width and height are required for raw formats (nv12, yuv420)",
+                ));
+            };
+            if w % 2 != 0 || h % 2 != 0 {
+                return Err(self.err(
+                    &k("width"),
+                    format!("{w}x{h}: raw 4:2:0 frames need an even width and height"),
+                ));
+            }
+        }
+        Ok(SourceSettings::Pipe {
+            command,
+            format: s.format,
+            width,
+            height,
+            fps: self.positive(&k("fps"), s.fps, STREAM_FPS_MAX)?,
+        })
+    }
+
+    /// An optional frame size: both or neither.
+    fn stream_size(
+        &self,
+        k: &dyn Fn(&str) -> String,
+        w: Option<i64>,
+        h: Option<i64>,
+    ) -> Result<(Option<u32>, Option<u32>), ConfigError> {
+        match (w, h) {
+            (Some(w), Some(h)) => Ok((
+                Some(self.range(&k("width"), w, 16, 8192)? as u32),
+                Some(self.range(&k("height"), h, 16, 8192)? as u32),
+            )),
+            (None, None) => Ok((None, None)),
+            (Some(_), None) => Err(self.err(&k("height"), "is required when width is set")),
+            (None, Some(_)) => Err(self.err(&k("width"), "is required when height is set")),
+        }
+    }
+
+    fn args(&self, key: &str, args: Vec<String>) -> Result<Vec<String>, ConfigError> {
+        if args.iter().any(|a| a.contains('\0')) {
+            return Err(self.err(key, "contains a NUL byte"));
+        }
+        Ok(args)
+    }
+
+    fn picamera(
+        &self,
+        k: &dyn Fn(&str) -> String,
+        s: RawPicamera,
+    ) -> Result<SourceSettings, ConfigError> {
+        Ok(SourceSettings::Picamera {
+            camera: self.range(&k("camera"), s.camera, 0, 63)? as u32,
+            width: self.range(&k("width"), s.width, 16, 8192)? as u32,
+            height: self.range(&k("height"), s.height, 16, 8192)? as u32,
+            fps: self.positive(&k("fps"), s.fps, STREAM_FPS_MAX)?,
+            args: self.args(&k("args"), s.args)?,
+        })
+    }
+
+    fn url(
+        &self,
+        key: &str,
+        url: Option<String>,
+        source: &str,
+        schemes: &[&str],
+    ) -> Result<SourceUrl, ConfigError> {
+        let url =
+            url.ok_or_else(|| self.err(key, format!("is required for source = \"{source}\"")))?;
+        // The message never repeats the URL: it may hold a password.
+        SourceUrl::parse(&url, schemes).map_err(|why| self.err(key, why))
+    }
+
+    fn rtsp(&self, k: &dyn Fn(&str) -> String, s: RawRtsp) -> Result<SourceSettings, ConfigError> {
+        let (width, height) = self.stream_size(k, s.width, s.height)?;
+        Ok(SourceSettings::Rtsp {
+            url: self.url(&k("url"), s.url, "rtsp", &["rtsp", "rtsps"])?,
+            transport: s.transport,
+            width,
+            height,
+            fps: self.positive(&k("fps"), s.fps, STREAM_FPS_MAX)?,
+            args: self.args(&k("args"), s.args)?,
+        })
+    }
+
+    fn http_mjpeg(
+        &self,
+        k: &dyn Fn(&str) -> String,
+        s: RawHttpMjpeg,
+    ) -> Result<SourceSettings, ConfigError> {
+        let url = self.url(&k("url"), s.url, "http-mjpeg", &["http", "https"])?;
+        if url.scheme() == "https" {
+            return Err(self.err(
+                &k("url"),
+                "https is not read directly; use source = \"pipe\" with \
+                 command = \"ffmpeg -i <url> -f mjpeg -\"",
+            ));
+        }
+        Ok(SourceSettings::HttpMjpeg {
+            url,
+            fps: self.positive(&k("fps"), s.fps, STREAM_FPS_MAX)?,
         })
     }
 }

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::capture::{self, CameraCtx, Slots, V4l2Backend};
+use crate::capture::{self, CameraCtx, Slots, StreamBackend, StreamRequest, V4l2Backend};
 use crate::config::{ConfigError, Settings};
 use crate::daemon::notify::Notifier;
 use crate::daemon::reload::{self, Loaded};
@@ -277,13 +277,15 @@ impl Wiring {
         outbox
     }
 
-    /// Start every camera: a supervisor task per V4L2 camera, a thread per image source.
+    /// Start every camera: a supervisor task per V4L2 or stream camera, a thread per image
+    /// source.
     fn start_cameras(&self, slots: &Arc<Slots>, retained: &Arc<Retained>) -> Result<Cameras> {
         let mut cameras = Cameras {
             threads: Vec::new(),
             supervisors: TaskTracker::new(),
         };
         let v4l2 = Arc::new(V4l2Backend);
+        let streams = Arc::new(StreamBackend);
         for (i, cam) in self.settings.camera.iter().enumerate() {
             let status = mqtt::status_sink(
                 self.settings.clone(),
@@ -299,20 +301,23 @@ impl Wiring {
                 status,
                 cancel: self.stops.pipeline.clone(),
             };
-            match capture::Request::from_settings(cam) {
-                Some(request) => {
-                    let (backend, slots) = (v4l2.clone(), slots.clone());
-                    cameras.supervisors.spawn(async move {
-                        capture::supervise(backend, request, ctx).await;
-                        slots.source_finished();
-                    });
-                }
-                None => {
-                    let thread = capture::images::spawn_images(ctx).with_context(|| {
-                        format!("starting capture thread for camera {}", cam.name)
-                    })?;
-                    cameras.threads.push(thread);
-                }
+            let slots = slots.clone();
+            if let Some(request) = capture::Request::from_settings(cam) {
+                let backend = v4l2.clone();
+                cameras.supervisors.spawn(async move {
+                    capture::supervise(backend, request, ctx).await;
+                    slots.source_finished();
+                });
+            } else if let Some(request) = StreamRequest::from_settings(cam) {
+                let backend = streams.clone();
+                cameras.supervisors.spawn(async move {
+                    capture::supervise(backend, request, ctx).await;
+                    slots.source_finished();
+                });
+            } else {
+                let thread = capture::images::spawn_images(ctx)
+                    .with_context(|| format!("starting capture thread for camera {}", cam.name))?;
+                cameras.threads.push(thread);
             }
         }
         cameras.supervisors.close();

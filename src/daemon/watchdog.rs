@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::config::{Settings, SourceSettings};
+use crate::config::Settings;
 use crate::daemon::notify::Notifier;
 use crate::stats::{CameraState, Stats};
 
@@ -26,12 +26,13 @@ pub const STALL_AFTER: Duration = Duration::from_secs(5);
 /// whole daemon for what a camera reopen fixes.
 pub fn stall_limit(settings: &Settings, i: usize) -> Duration {
     let cam = &settings.camera[i];
-    let (fps, supervised) = match &cam.source {
-        SourceSettings::Images { fps, .. } => (*fps, Duration::ZERO),
-        SourceSettings::V4l2 { fps, .. } => (*fps as f64, cam.stall_after() + STALL_AFTER),
+    let supervised = if cam.source.supervised() {
+        cam.stall_after() + STALL_AFTER
+    } else {
+        Duration::ZERO
     };
     STALL_AFTER
-        .max(Duration::from_secs_f64(3.0 / fps))
+        .max(Duration::from_secs_f64(3.0 / cam.source.fps()))
         .max(supervised)
 }
 

@@ -35,6 +35,9 @@ pub enum RawFormat {
     Yuyv,
     /// YUV 4:2:0: a Y plane, then one interleaved U V plane at half resolution.
     Nv12,
+    /// YUV 4:2:0: Y, U and V planes, U and V at half resolution (YU12; what
+    /// `rpicam-vid --codec yuv420` writes). No V4L2 camera is opened in it.
+    I420,
     Gray,
     /// RGB24.
     Rgb,
@@ -57,10 +60,11 @@ impl RawFormat {
         }
     }
 
-    pub const ALL: [RawFormat; 6] = [
+    pub const ALL: [RawFormat; 7] = [
         RawFormat::Mjpeg,
         RawFormat::Yuyv,
         RawFormat::Nv12,
+        RawFormat::I420,
         RawFormat::Gray,
         RawFormat::Rgb,
         RawFormat::Bgr,
@@ -71,6 +75,7 @@ impl RawFormat {
             RawFormat::Mjpeg => "MJPEG",
             RawFormat::Yuyv => "YUYV",
             RawFormat::Nv12 => "NV12",
+            RawFormat::I420 => "YU12",
             RawFormat::Gray => "GREY",
             RawFormat::Rgb => "RGB3",
             RawFormat::Bgr => "BGR3",
@@ -83,7 +88,7 @@ impl RawFormat {
         match self {
             RawFormat::Mjpeg => None,
             RawFormat::Yuyv => Some(px * 2),
-            RawFormat::Nv12 => Some(px + px / 2),
+            RawFormat::Nv12 | RawFormat::I420 => Some(px + px / 2),
             RawFormat::Gray => Some(px),
             RawFormat::Rgb | RawFormat::Bgr => Some(px * 3),
         }
@@ -264,8 +269,9 @@ impl RawFrame {
                 height,
             });
         }
-        if matches!(format, RawFormat::Yuyv | RawFormat::Nv12) && (width % 2 != 0)
-            || format == RawFormat::Nv12 && height % 2 != 0
+        let planar = matches!(format, RawFormat::Nv12 | RawFormat::I420);
+        if matches!(format, RawFormat::Yuyv) && width % 2 != 0
+            || planar && (width % 2 != 0 || height % 2 != 0)
         {
             return Err(FrameError::OddSize {
                 format,
@@ -373,6 +379,14 @@ impl RawFrame {
                     o.copy_from_slice(&p);
                 }
             }
+            RawFormat::I420 => {
+                let (us, vs) = self.i420_chroma_rows(y);
+                for (i, o) in out[..n * 3].chunks_exact_mut(3).enumerate() {
+                    let x = x0 + i;
+                    let (u, v) = (us[x / 2] as i32, vs[x / 2] as i32);
+                    o.copy_from_slice(&yuv_to_rgb(d[y * w + x] as i32, u, v));
+                }
+            }
             RawFormat::Mjpeg => unreachable!("MJPEG rows come from the decoder"),
         }
     }
@@ -400,8 +414,25 @@ impl RawFrame {
                     o.copy_from_slice(&[ys[x], uv[x & !1], uv[(x & !1) + 1]]);
                 }
             }
+            RawFormat::I420 => {
+                let ys = &d[y * w..(y + 1) * w];
+                let (us, vs) = self.i420_chroma_rows(y);
+                for (i, o) in out[..n * 3].chunks_exact_mut(3).enumerate() {
+                    let x = x0 + i;
+                    o.copy_from_slice(&[ys[x], us[x / 2], vs[x / 2]]);
+                }
+            }
             _ => self.row_rgb_u8(y, x0, n, out),
         }
+    }
+
+    /// The U and V rows an I420 frame's row `y` uses (checked frames only).
+    fn i420_chroma_rows(&self, y: usize) -> (&[u8], &[u8]) {
+        let (w, h) = (self.width as usize, self.height as usize);
+        let (cw, ch) = (w / 2, h / 2);
+        let u = w * h + (y / 2) * cw;
+        let v = w * h + cw * ch + (y / 2) * cw;
+        (&self.data[u..u + cw], &self.data[v..v + cw])
     }
 
     /// `img` re-encoded as a frame of `format` (recorded frames for tests and benchmarks).
@@ -431,21 +462,30 @@ impl RawFrame {
                 }
                 d
             }
-            RawFormat::Nv12 => {
+            RawFormat::Nv12 | RawFormat::I420 => {
                 let mut d: Vec<u8> = (0..h)
                     .flat_map(|y| (0..w).map(move |x| (y, x)))
                     .map(|(y, x)| rgb_to_yuv(px(x, y))[0])
                     .collect();
+                let (mut us, mut vs) = (Vec::new(), Vec::new());
                 for y in (0..h & !1).step_by(2) {
                     for x in (0..w & !1).step_by(2) {
                         let q = [px(x, y), px(x + 1, y), px(x, y + 1), px(x + 1, y + 1)]
                             .map(rgb_to_yuv);
-                        for c in [1, 2] {
+                        let avg = |c: usize| {
                             let s: u32 = q.iter().map(|p| p[c] as u32).sum();
-                            d.push(((s + 2) / 4) as u8);
+                            ((s + 2) / 4) as u8
+                        };
+                        if format == RawFormat::Nv12 {
+                            d.extend_from_slice(&[avg(1), avg(2)]);
+                        } else {
+                            us.push(avg(1));
+                            vs.push(avg(2));
                         }
                     }
                 }
+                d.extend_from_slice(&us);
+                d.extend_from_slice(&vs);
                 d
             }
             RawFormat::Mjpeg => {
@@ -529,7 +569,10 @@ impl RawFrame {
         // YUV formats are filtered as Y, U, V and converted once per *output* pixel: the
         // conversion is affine, so this equals converting first, except where the reference
         // clamps an out-of-gamut pixel; and it saves converting every source pixel.
-        let yuv = matches!(self.format, RawFormat::Yuyv | RawFormat::Nv12);
+        let yuv = matches!(
+            self.format,
+            RawFormat::Yuyv | RawFormat::Nv12 | RawFormat::I420
+        );
         let mut row = vec![0u8; cw * 3];
         let mut hrow = vec![0f32; ow * 3];
         let mut out = vec![0f32; ow * oh * 3];
