@@ -3,7 +3,10 @@
 # tools/test.sh; .ci/run installs the full list up front.
 EDGESIGHT_BUILD_DEBS=(libclang-dev nasm)         # nokhwa's V4L2 bindings (bindgen); libjpeg-turbo SIMD
 EDGESIGHT_DEMO_DEBS=(mosquitto-clients)          # mosquitto_sub, to watch the demo
-EDGESIGHT_TEST_DEBS=(mosquitto openssl)          # the second broker the MQTT tests run against; test certificates
+EDGESIGHT_TEST_DEBS=(mosquitto openssl           # the second broker the MQTT tests run against; test certificates
+    ffmpeg                                       # stream cameras: MJPEG/YUV on stdout, HTTP MJPEG, RTSP client
+    python3-gi gir1.2-gst-rtsp-server-1.0        # a real RTSP server (tests/tools/rtsp_server.py)
+    gstreamer1.0-plugins-base gstreamer1.0-plugins-good)
 
 edgesight_deps() {
     local missing=()

@@ -15,6 +15,12 @@ use crate::frame::{RawFormat, RawFrame};
 /// is dropped and counted: a stream that never ends a frame cannot grow the buffer.
 pub const MAX_JPEG: usize = 16 << 20;
 
+/// The largest frame size accepted from a stream: a JPEG's header sets the size its frame
+/// is decoded at, so a header past these (up to 65535x65535, 12 GB of RGB) is refused
+/// before anything is decoded. 8192 per side, as the configuration allows, and 8K's area.
+pub const MAX_SIDE: u32 = 8192;
+pub const MAX_PIXELS: u64 = 7680 * 4320;
+
 /// How much is read at a time (a pipe holds 64 KiB).
 pub const READ_CHUNK: usize = 64 << 10;
 
@@ -37,6 +43,8 @@ pub enum Broken {
     NoFrameHeader,
     #[error("a JPEG longer than {} MiB", MAX_JPEG >> 20)]
     Oversized,
+    #[error("a JPEG whose header says {0}x{1} (at most {MAX_SIDE} a side and 8K's area)")]
+    BadSize(u32, u32),
     /// Ends the stream: whatever the source writes, it is not MJPEG.
     #[error("no JPEG start in the last {} MiB of the stream: is it MJPEG?", MAX_JPEG >> 20)]
     NotJpeg,
@@ -232,6 +240,14 @@ impl Jpeg {
                                 let h = buf.get(self.pos + 5..self.pos + 9)?;
                                 let height = u16::from_be_bytes([h[0], h[1]]) as u32;
                                 let width = u16::from_be_bytes([h[2], h[3]]) as u32;
+                                if width == 0
+                                    || height == 0
+                                    || width.max(height) > MAX_SIDE
+                                    || width as u64 * height as u64 > MAX_PIXELS
+                                {
+                                    let why = Broken::BadSize(width, height);
+                                    return Some(self.resync(buf, 1, why));
+                                }
                                 self.size = Some((width, height));
                             }
                             self.pos += 2 + len;
@@ -353,6 +369,9 @@ mod tests {
         let mut bad_marker = b.clone();
         let second = 4 + u16::from_be_bytes([b[4], b[5]]) as usize;
         bad_marker[second] = 0x12;
+        let mut huge = b.clone();
+        let sof = b.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        huge[sof + 5..sof + 9].copy_from_slice(&[0xFF; 4]);
         type Case<'a> = (&'a str, Vec<u8>, Vec<Result<(u32, u32, usize), Broken>>);
         let cases: Vec<Case> = vec![
             (
@@ -388,6 +407,11 @@ mod tests {
                 "a damaged segment marker, then a whole frame",
                 cat(&[&bad_marker, &a]),
                 vec![Err(Broken::BadMarker(0x12)), Ok((32, 24, a.len()))],
+            ),
+            (
+                "a header claiming 65535x65535",
+                cat(&[&huge, &a]),
+                vec![Err(Broken::BadSize(65535, 65535)), Ok((32, 24, a.len()))],
             ),
             (
                 "SOI and EOI alone",

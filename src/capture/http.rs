@@ -90,10 +90,12 @@ pub async fn open(url: &SourceUrl) -> Result<HttpStream, CaptureError> {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
-    if !(kind.starts_with("multipart/") || kind.starts_with("image/jpeg")) {
+    // A web page or an API, not a stream: say so. Anything else (cameras and ffmpeg's
+    // server do send application/octet-stream) is left to the framer, which refuses a
+    // stream without JPEGs in it.
+    if kind.starts_with("text/") || kind.contains("json") {
         return Err(fail(format!(
-            "serves {:?}, not MJPEG (multipart/x-mixed-replace)",
-            kind
+            "serves {kind:?}, not MJPEG (multipart/x-mixed-replace)"
         )));
     }
     Ok(HttpStream {

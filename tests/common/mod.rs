@@ -32,11 +32,22 @@ pub fn broker() -> (String, u16) {
     ("127.0.0.1".to_string(), port)
 }
 
+/// A loopback port nothing listens on, and that no other test of this binary was given:
+/// the port is free when asked for, and the tests running beside this one (which bind
+/// theirs a moment later) must not be handed it too.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -357,10 +368,16 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(config: &Path) -> Daemon {
+        Daemon::start_with_env(config, &[])
+    }
+
+    /// [`Daemon::start`] with more environment variables (e.g. a `PATH` with stand-ins).
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Daemon {
         use std::io::Read;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edgesight"))
             .args(["run", "--config"])
             .arg(config)
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -379,6 +396,11 @@ impl Daemon {
             }
         });
         Daemon { child, stderr }
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn log(&self) -> String {
+        self.stderr.lock().unwrap().clone()
     }
 
     /// Wait (a liveness bound, not a timing claim) until stderr contains `what`.
