@@ -137,10 +137,10 @@ const CASES: &[Case] = &[
     },
     Case {
         name: "bad source",
-        edit: &[("name = \"front\"", "name = \"front\"\nsource = \"rtsp\"")],
+        edit: &[("name = \"front\"", "name = \"front\"\nsource = \"webrtc\"")],
         env: &[],
         dropin: None,
-        expect: &["camera[0].source", "rtsp"],
+        expect: &["camera[0].source", "webrtc"],
     },
     Case {
         name: "bad value in a drop-in",
@@ -274,13 +274,89 @@ const CASES: &[Case] = &[
         dropin: None,
         expect: &["detection.labels", "dog", "circle"],
     },
+    Case {
+        name: "rtsp camera without a url",
+        edit: &[("path = \"SAMPLES\"", "source = \"rtsp\"")],
+        env: &[],
+        dropin: None,
+        expect: &["camera[0].url", "is required for source = \"rtsp\""],
+    },
+    Case {
+        name: "a key of another source",
+        edit: &[("", "url = \"rtsp://cam/live\"\n")],
+        env: &[],
+        dropin: None,
+        expect: &[
+            "camera[0].url",
+            "only applies to source = \"rtsp\" or \"http-mjpeg\"",
+            "\"images\"",
+        ],
+    },
+    Case {
+        name: "unknown source",
+        edit: &[("path = \"SAMPLES\"", "source = \"onvif\"")],
+        env: &[],
+        dropin: None,
+        expect: &["camera[0].source", "onvif", "picamera", "http-mjpeg"],
+    },
+    Case {
+        name: "http-mjpeg over https",
+        edit: &[(
+            "path = \"SAMPLES\"",
+            "source = \"http-mjpeg\"\nurl = \"https://cam.local/video\"",
+        )],
+        env: &[],
+        dropin: None,
+        expect: &["camera[0].url", "https", "source = \"pipe\""],
+    },
+    Case {
+        name: "rtsp url with the wrong scheme",
+        edit: &[(
+            "path = \"SAMPLES\"",
+            "source = \"rtsp\"\nurl = \"http://admin:hunter2@cam/live\"",
+        )],
+        env: &[],
+        dropin: None,
+        expect: &["camera[0].url", "scheme \"http\"", "FILE"],
+    },
+    Case {
+        name: "raw pipe frames without a size",
+        edit: &[(
+            "path = \"SAMPLES\"",
+            "source = \"pipe\"\ncommand = \"cam --yuv\"\nformat = \"yuv420\"",
+        )],
+        env: &[],
+        dropin: None,
+        expect: &["camera[0].width", "raw formats"],
+    },
+    Case {
+        name: "pipe command with an open quote",
+        edit: &[(
+            "path = \"SAMPLES\"",
+            "source = \"pipe\"\ncommand = \"ffmpeg -i 'rtsp://x -\"",
+        )],
+        env: &[],
+        dropin: None,
+        expect: &["camera[0].command", "unclosed quote"],
+    },
+    Case {
+        name: "picamera preset without rpicam-vid or libcamera-vid",
+        edit: &[("path = \"SAMPLES\"", "source = \"picamera\"")],
+        env: &[("PATH", "/nonexistent")],
+        dropin: None,
+        expect: &[
+            "camera \"front\"",
+            "rpicam-vid or libcamera-vid",
+            "rpicam-apps",
+        ],
+    },
 ];
 
 #[test]
 fn bad_configs_exit_78_naming_the_key() {
     let root = common::root();
-    let good = GOOD
-        .replace(
+    let fill = |text: &str| {
+        text.replace(
             "MODEL",
             &root
                 .join("tests/fixtures/models/shapes_int8_qlinear.onnx")
@@ -294,7 +370,9 @@ fn bad_configs_exit_78_naming_the_key() {
         .replace(
             "SAMPLES",
             &root.join("tests/fixtures/samples").display().to_string(),
-        );
+        )
+    };
+    let good = fill(GOOD);
     // The good config itself passes, so each case's failure is its own edit's doing.
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("edgesight.toml");
@@ -309,11 +387,16 @@ fn bad_configs_exit_78_naming_the_key() {
     for case in CASES {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("edgesight.toml");
-        let mut text = good.clone();
+        // An edit applies to the template where it names a placeholder's line (`path =
+        // "SAMPLES"`), else to the filled-in text.
+        let mut text = GOOD.to_string();
         for (from, to) in case.edit {
             if from.is_empty() {
                 text.push_str(to);
             } else {
+                if !text.contains(from) {
+                    text = fill(&text);
+                }
                 assert!(
                     text.contains(from),
                     "{}: {from:?} not in the config",
@@ -322,7 +405,7 @@ fn bad_configs_exit_78_naming_the_key() {
                 text = text.replacen(from, to, 1);
             }
         }
-        std::fs::write(&file, &text).unwrap();
+        std::fs::write(&file, fill(&text)).unwrap();
         let dropin = dir.path().join("config.d/50-bad.toml");
         if let Some(d) = case.dropin {
             std::fs::create_dir_all(dropin.parent().unwrap()).unwrap();
@@ -347,6 +430,28 @@ fn bad_configs_exit_78_naming_the_key() {
                 case.name
             );
         }
+    }
+}
+
+/// A camera URL's password is not repeated by any error about it.
+#[test]
+fn a_bad_camera_url_is_reported_without_its_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("edgesight.toml");
+    for url in [
+        "ftp://admin:hunter2@cam/live",
+        "rtsp://admin:hunter2@",
+        "rtsp://admin:hunter2@cam/live feed",
+    ] {
+        let text = format!(
+            "[mqtt]\nhost = \"h\"\n[model]\npath = \"m.onnx\"\n[[camera]]\nname = \"c\"\nsource = \"rtsp\"\nurl = \"{url}\"\n"
+        );
+        std::fs::write(&file, text).unwrap();
+        let out = check(&file, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{url}: {err}");
+        assert!(err.contains("camera[0].url"), "{url}: {err}");
+        assert!(!err.contains("hunter2"), "{url}: the password shown: {err}");
     }
 }
 

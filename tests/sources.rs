@@ -405,7 +405,38 @@ async fn the_picamera_preset_runs_rpicam_vid_from_path() {
     );
     let cameras = "[[camera]]\nname = \"pi\"\nsource = \"picamera\"\nwidth = 640\nheight = 480\n\
                    fps = 5\nargs = [\"--hflip\"]\n";
+    // `edgesight cameras` lists libcamera's cameras through rpicam-hello: a stand-in that
+    // prints what the real one prints for a Camera Module 3.
+    let hello = bin.join("rpicam-hello");
+    std::fs::write(
+        &hello,
+        "#!/bin/sh\n[ \"$1\" = --list-cameras ] || exit 2\necho 'Available cameras'\n\
+         echo '0 : imx708 [4608x2592 10-bit RGGB] (/base/soc/i2c0mux/i2c@1/imx708@1a)'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&hello, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let listed = Command::new(env!("CARGO_BIN_EXE_edgesight"))
+        .arg("cameras")
+        .env("PATH", &path)
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.contains("0 : imx708 [4608x2592"), "{listed}");
+    assert!(listed.contains("source = \"picamera\""), "{listed}");
     let (daemon, mut rx) = start(dir.path(), "picam", cameras, &[("PATH", &path)]).await;
+    // `check` names the program the preset will run.
+    let checked = Command::new(env!("CARGO_BIN_EXE_edgesight"))
+        .args(["check", "--config"])
+        .arg(dir.path().join("edgesight.toml"))
+        .env("PATH", &path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&checked.stdout);
+    assert!(checked.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("# camera pi: runs {}", stand_in.display())),
+        "{text}"
+    );
     let mut seen = Vec::new();
     expect_class(&mut rx, &mut seen, "pi", "vstripes", 3).await;
     daemon.stop();
