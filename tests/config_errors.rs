@@ -483,6 +483,44 @@ fn shipped_configs_check_clean() {
     }
 }
 
+/// The commented-out camera examples in config/edgesight.toml, uncommented, are valid
+/// configuration: the documentation of every source stays true.
+#[test]
+fn the_shipped_camera_examples_are_valid() {
+    let text = std::fs::read_to_string(common::root().join("config/edgesight.toml")).unwrap();
+    let mut blocks: Vec<String> = Vec::new();
+    let mut block: Option<String> = None;
+    for line in text.lines() {
+        if line == "# [[camera]]" {
+            block = Some(String::new());
+        }
+        match (&mut block, line.strip_prefix("# ")) {
+            (Some(b), Some(l)) => {
+                b.push_str(l);
+                b.push('\n');
+            }
+            (Some(_), None) => blocks.extend(block.take()),
+            _ => {}
+        }
+    }
+    blocks.extend(block);
+    let dir = tempfile::tempdir().unwrap();
+    let mut sources = Vec::new();
+    for b in &blocks {
+        let file = dir.path().join("example.toml");
+        std::fs::write(&file, format!("[model]\npath = \"m.onnx\"\n{b}")).unwrap();
+        let settings = edgesight::config::Settings::load(&file)
+            .unwrap_or_else(|e| panic!("{e}\nin the example:\n{b}"));
+        let source = serde_json::to_value(&settings.camera[0]).unwrap()["source"].clone();
+        sources.push(source.as_str().unwrap().to_string());
+    }
+    assert_eq!(
+        sources,
+        ["v4l2", "picamera", "rtsp", "http-mjpeg", "pipe"],
+        "one example per source"
+    );
+}
+
 fn check(file: &std::path::Path, env: &[(&str, &str)]) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgesight"));
     cmd.args(["check", "--config"]).arg(file);

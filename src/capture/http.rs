@@ -53,7 +53,7 @@ pub async fn open(url: &SourceUrl) -> Result<HttpStream, CaptureError> {
     let conn = tokio::spawn(async move {
         let _ = conn.await;
     });
-    let mut req = hyper::Request::get(url.path())
+    let mut req = hyper::Request::get(url.path().as_str())
         .header(hyper::header::HOST, authority)
         .header(
             hyper::header::USER_AGENT,

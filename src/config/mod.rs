@@ -192,4 +192,86 @@ mod tests {
         assert!(!s.to_redacted_toml().contains("hunter2"));
         assert!(!format!("{s:?}").contains("hunter2"));
     }
+
+    #[test]
+    fn camera_url_passwords_are_never_rendered() {
+        let d = tempfile::tempdir().unwrap();
+        let f = write(
+            d.path(),
+            "c.toml",
+            "[model]\npath = \"m.onnx\"\n[[camera]]\nname = \"c\"\nsource = \"rtsp\"\n\
+             url = \"rtsp://admin:hunter2@cam:554/live\"\n\
+             [[camera]]\nname = \"d\"\nsource = \"http-mjpeg\"\n\
+             url = \"http://u:p%40hunter2@cam/video.mjpg\"\n",
+        );
+        let s = Settings::load_with_env(&f, vec![]).unwrap();
+        let toml = s.to_redacted_toml();
+        assert!(toml.contains("rtsp://admin:***@cam:554/live"), "{toml}");
+        assert!(!toml.contains("hunter2"), "{toml}");
+        assert!(!format!("{s:?}").contains("hunter2"));
+        let SourceSettings::HttpMjpeg { url, .. } = &s.camera[1].source else {
+            panic!("http-mjpeg")
+        };
+        // What the source itself uses: whole, and the credentials decoded.
+        assert_eq!(url.expose(), "http://u:p%40hunter2@cam/video.mjpg");
+        let creds = Some(("u".to_string(), "p@hunter2".to_string()));
+        assert_eq!(url.credentials(), creds);
+        assert_eq!(
+            (url.authority(), url.path().as_str()),
+            ("cam", "/video.mjpg")
+        );
+        assert_eq!(url.secrets(), ["p%40hunter2", "p@hunter2"]);
+    }
+
+    /// Data-driven: URL, then its shown form, authority, path and credentials.
+    #[test]
+    fn camera_urls_are_taken_apart_as_written() {
+        type Case<'a> = (
+            &'a str,
+            &'a str,
+            &'a str,
+            &'a str,
+            Option<(&'a str, &'a str)>,
+        );
+        let cases: &[Case] = &[
+            ("rtsp://cam/live", "rtsp://cam/live", "cam", "/live", None),
+            ("http://cam:8080", "http://cam:8080", "cam:8080", "/", None),
+            (
+                "rtsp://u:p@ss@10.0.0.2:554/a?b=c#f",
+                "rtsp://u:***@10.0.0.2:554/a?b=c#f",
+                "10.0.0.2:554",
+                "/a?b=c",
+                Some(("u", "p@ss")),
+            ),
+            (
+                "http://user@[fe80::1]:81/v",
+                "http://user:***@[fe80::1]:81/v",
+                "[fe80::1]:81",
+                "/v",
+                Some(("user", "")),
+            ),
+            ("http://cam?x=1", "http://cam?x=1", "cam", "/?x=1", None),
+            ("http://cam#top", "http://cam#top", "cam", "/", None),
+        ];
+        for &(url, shown, authority, path, creds) in cases {
+            let u = SourceUrl::parse(url, &["rtsp", "http"]).unwrap();
+            assert_eq!(u.to_string(), shown, "{url}");
+            assert_eq!(
+                (u.authority(), u.path().as_str()),
+                (authority, path),
+                "{url}"
+            );
+            let creds = creds.map(|(a, b)| (a.to_string(), b.to_string()));
+            assert_eq!(u.credentials(), creds, "{url}");
+        }
+        for bad in [
+            "cam/live",
+            "ftp://cam/x",
+            "rtsp://",
+            "rtsp://u:p@/x",
+            "rtsp://c m/x",
+        ] {
+            assert!(SourceUrl::parse(bad, &["rtsp"]).is_err(), "{bad}");
+        }
+    }
 }

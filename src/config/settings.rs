@@ -482,16 +482,18 @@ impl SourceUrl {
         &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())]
     }
 
-    /// The path and query (at least "/").
-    pub fn path(&self) -> &str {
+    /// The path and query as a request names them (at least "/"; no fragment).
+    pub fn path(&self) -> String {
         let start = self.scheme().len() + 3;
-        match self.full[start..].find(['/', '?', '#']) {
-            Some(i) => {
-                let p = &self.full[start + i..];
-                let p = &p[..p.find('#').unwrap_or(p.len())];
-                if p.starts_with('/') { p } else { "/" }
-            }
-            None => "/",
+        let p = match self.full[start..].find(['/', '?', '#']) {
+            Some(i) => &self.full[start + i..],
+            None => "",
+        };
+        let p = &p[..p.find('#').unwrap_or(p.len())];
+        if p.starts_with('/') {
+            p.to_string()
+        } else {
+            format!("/{p}")
         }
     }
 
