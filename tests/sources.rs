@@ -53,7 +53,8 @@ impl Drop for Program {
 }
 
 /// Start the daemon on `cameras`, logging at info, with stats every second, and a
-/// subscriber on everything it publishes.
+/// subscriber on everything it publishes (its own topics only: in CI the broker is one
+/// Mosquitto for every test).
 async fn start(
     dir: &Path,
     device: &str,
@@ -61,7 +62,8 @@ async fn start(
     env: &[(&str, &str)],
 ) -> (Daemon, UnboundedReceiver<Msg>) {
     let (host, port) = common::broker();
-    let rx = common::subscribe(&host, port, &format!("sub-{device}"), "#").await;
+    let filter = format!("edgesight/{device}/#");
+    let rx = common::subscribe(&host, port, &format!("sub-{device}"), &filter).await;
     let config = common::config_file(dir, &host, port, device, cameras);
     let mut env = env.to_vec();
     env.extend([

@@ -13,5 +13,5 @@ printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$port
 mosq=$!
 trap 'kill $mosq 2>/dev/null; rm -f "$conf"' EXIT
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
-echo "== end-to-end and outbox MQTT tests against Mosquitto on 127.0.0.1:$port"
-EDGESIGHT_TEST_BROKER=127.0.0.1:$port cargo test --locked --test e2e --test outbox
+echo "== end-to-end, outbox and stream-camera MQTT tests against Mosquitto on 127.0.0.1:$port"
+EDGESIGHT_TEST_BROKER=127.0.0.1:$port cargo test --locked --test e2e --test outbox --test sources

@@ -33,6 +33,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -242,6 +243,9 @@ pub trait Backend: Send + Sync + 'static {
     /// What a camera asks the backend for.
     type Request: Send + Sync + 'static;
     type Stream: FrameStream;
+    /// How long an open may take before it counts as failed (a wedged driver, a camera
+    /// program that never delivers a frame).
+    const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
     /// Open the camera `request` names in the closest mode it offers, streaming. A reader
     /// that may outlive the stream (a blocking thread) holds one of `readers`' guards.
     fn open(

@@ -5,6 +5,7 @@
 //! MJPEG (or raw 4:2:0) until inference prepares them, like a V4L2 camera's.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use tracing::info;
 
@@ -239,6 +240,10 @@ impl SourceStream {
 impl Backend for StreamBackend {
     type Request = StreamRequest;
     type Stream = SourceStream;
+    /// An open lasts until the first frame: for an RTSP camera that is ffmpeg probing the
+    /// stream (5 s by default) and waiting for a key frame (H.264 cameras send one every
+    /// 2-10 s), more than a V4L2 open ever needs.
+    const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
     /// Start the program (or connect) and read up to the first whole frame, which gives
     /// the mode; broken pieces before it are skipped.

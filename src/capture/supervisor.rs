@@ -32,9 +32,6 @@ async fn nap(d: Duration, cancel: &CancellationToken) -> bool {
     }
 }
 
-/// How long an open may take before it counts as failed (a wedged driver).
-const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Reader threads one camera may have alive, abandoned ones included. Each abandoned
 /// reader is stuck in the driver with a thread and a file descriptor; past this the camera
 /// is not reopened (and says why) until one of them returns.
@@ -73,7 +70,7 @@ pub async fn supervise<B: Backend>(backend: Arc<B>, request: B::Request, ctx: Ca
         }
         let open = backend.open(&s.name, &request, &readers);
         let opened = tokio::select! {
-            r = tokio::time::timeout(OPEN_TIMEOUT, open) => r,
+            r = tokio::time::timeout(B::OPEN_TIMEOUT, open) => r,
             _ = ctx.cancel.cancelled() => break,
         };
         let cs = ctx.stats.camera(ctx.index);
@@ -88,7 +85,7 @@ pub async fn supervise<B: Backend>(backend: Arc<B>, request: B::Request, ctx: Ca
             }
             Err(_) => {
                 cs.errors.fetch_add(1, Ordering::Relaxed);
-                format!("open did not finish within {OPEN_TIMEOUT:?}")
+                format!("open did not finish within {:?}", B::OPEN_TIMEOUT)
             }
         };
         if !s.wait_to_reopen(reason).await {
