@@ -340,6 +340,16 @@ const CASES: &[Case] = &[
         expect: &["camera[0].command", "unclosed quote"],
     },
     Case {
+        name: "picamera yuv420 at a width rpicam-vid pads",
+        edit: &[(
+            "path = \"SAMPLES\"",
+            "source = \"picamera\"\nformat = \"yuv420\"\nwidth = 1000\nheight = 600",
+        )],
+        env: &[],
+        dropin: None,
+        expect: &["camera[0].width", "1000x600", "multiple of 64"],
+    },
+    Case {
         name: "picamera preset without rpicam-vid or libcamera-vid",
         edit: &[("path = \"SAMPLES\"", "source = \"picamera\"")],
         env: &[("PATH", "/nonexistent")],

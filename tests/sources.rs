@@ -166,20 +166,29 @@ async fn ffmpeg_mjpeg_raw_yuv_and_http_multipart_are_classified() {
         "[[camera]]\nname = \"stdout\"\nsource = \"pipe\"\ncommand = \"{}\"\n\
          [[camera]]\nname = \"raw\"\nsource = \"pipe\"\nformat = \"yuv420\"\n\
          width = 128\nheight = 128\ncommand = \"{}\"\n\
+         [[camera]]\nname = \"nv12\"\nsource = \"pipe\"\nformat = \"nv12\"\n\
+         width = 128\nheight = 128\ncommand = \"{}\"\n\
          [[camera]]\nname = \"http\"\nsource = \"http-mjpeg\"\n\
          url = \"http://127.0.0.1:{http_port}/cam.mjpg\"\n",
         ffmpeg_loop("cross", "-f mjpeg -q:v 3 -"),
         ffmpeg_loop("square", "-pix_fmt yuv420p -f rawvideo -"),
+        ffmpeg_loop("circle", "-pix_fmt nv12 -f rawvideo -"),
     );
     let (daemon, mut rx) = start(dir.path(), "streams", &cameras, &[]).await;
     let mut seen = Vec::new();
-    for (camera, class) in [("stdout", "cross"), ("raw", "square"), ("http", "triangle")] {
+    for (camera, class) in [
+        ("stdout", "cross"),
+        ("raw", "square"),
+        ("nv12", "circle"),
+        ("http", "triangle"),
+    ] {
         expect_class(&mut rx, &mut seen, camera, class, 3).await;
     }
     // The mode each camera reports: the format and size of what it delivers.
     for (camera, mode) in [
         ("stdout", "MJPEG 128x128 @ 5 fps"),
         ("raw", "YU12 128x128 @ 5 fps"),
+        ("nv12", "NV12 128x128 @ 5 fps"),
         ("http", "MJPEG 128x128 @ 5 fps"),
     ] {
         let status = seen
@@ -299,6 +308,17 @@ fn gone(pid: u32) -> bool {
         .unwrap_or(true)
 }
 
+/// Wait (a liveness bound) for `pid` to be gone; whether it went.
+fn ends(pid: u32) -> bool {
+    for _ in 0..100 {
+        if gone(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_stopped_or_garbling_program_is_detected_and_recovered_from() {
     let good = sample("cross");
@@ -346,14 +366,8 @@ async fn a_killed_stopped_or_garbling_program_is_detected_and_recovered_from() {
     let third = wait_for_new_pid(&daemon, "kid", Some(second));
     assert_ne!(third, first);
     expect_class(&mut rx, &mut seen, "kid", "hstripes", 2).await;
-    for _ in 0..100 {
-        if gone(second) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
     assert!(
-        gone(second),
+        ends(second),
         "the stopped program {second} was left running"
     );
 
@@ -365,16 +379,17 @@ async fn a_killed_stopped_or_garbling_program_is_detected_and_recovered_from() {
             .is_some_and(|n| n > 0)
     })
     .await;
+    // A reload (SIGHUP) restarts the pipeline: the programs of the old one are stopped
+    // and new ones started.
+    daemon.signal("HUP");
+    let reloaded = wait_for_new_pid(&daemon, "kid", Some(third));
+    assert!(ends(third), "the program {third} outlived the reload");
+    expect_class(&mut rx, &mut seen, "kid", "hstripes", 2).await;
     let last = last_pid(&daemon.log(), "kid").unwrap();
+    assert_eq!(last, reloaded);
     daemon.stop();
     // Shutdown ends the camera programs too.
-    for _ in 0..100 {
-        if gone(last) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(gone(last), "camera program {last} outlived the daemon");
+    assert!(ends(last), "camera program {last} outlived the daemon");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -383,15 +398,17 @@ async fn the_picamera_preset_runs_rpicam_vid_from_path() {
     let bin = dir.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
     let args_file = dir.path().join("args");
-    // A stand-in rpicam-vid: records its arguments and streams a sample as MJPEG, as the
-    // real one does with `--codec mjpeg -o -`.
+    // A stand-in rpicam-vid: records its arguments and streams a sample as the real one
+    // does with `--codec mjpeg -o -` (MJPEG) or `--codec yuv420 -o -` (raw I420 frames).
     let stand_in = bin.join("rpicam-vid");
     std::fs::write(
         &stand_in,
         format!(
-            "#!/bin/sh\necho \"$@\" > {}\nexec {}\n",
+            "#!/bin/sh\necho \"$@\" >> {}\ncase \"$*\" in\n\
+             *\"--codec yuv420\"*) exec {} ;;\n*) exec {} ;;\nesac\n",
             args_file.display(),
-            ffmpeg_loop("vstripes", "-f mjpeg -q:v 3 -")
+            ffmpeg_loop("checker", "-pix_fmt yuv420p -f rawvideo -"),
+            ffmpeg_loop("vstripes", "-f mjpeg -q:v 3 -"),
         ),
     )
     .unwrap();
@@ -406,7 +423,9 @@ async fn the_picamera_preset_runs_rpicam_vid_from_path() {
         std::env::var("PATH").unwrap_or_default()
     );
     let cameras = "[[camera]]\nname = \"pi\"\nsource = \"picamera\"\nwidth = 640\nheight = 480\n\
-                   fps = 5\nargs = [\"--hflip\"]\n";
+                   fps = 5\nargs = [\"--hflip\"]\n\
+                   [[camera]]\nname = \"pi-raw\"\nsource = \"picamera\"\ncamera = 1\n\
+                   format = \"yuv420\"\nwidth = 128\nheight = 128\n";
     // `edgesight cameras` lists libcamera's cameras through rpicam-hello: a stand-in that
     // prints what the real one prints for a Camera Module 3.
     let hello = bin.join("rpicam-hello");
@@ -441,9 +460,20 @@ async fn the_picamera_preset_runs_rpicam_vid_from_path() {
     );
     let mut seen = Vec::new();
     expect_class(&mut rx, &mut seen, "pi", "vstripes", 3).await;
+    expect_class(&mut rx, &mut seen, "pi-raw", "checker", 3).await;
     daemon.stop();
+    let mut runs: Vec<String> = std::fs::read_to_string(&args_file)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    runs.sort();
+    runs.dedup();
     assert_eq!(
-        std::fs::read_to_string(&args_file).unwrap().trim(),
-        "-t 0 -n --codec mjpeg --camera 0 --width 640 --height 480 --framerate 5 --hflip -o -"
+        runs,
+        [
+            "-t 0 -n --codec mjpeg --camera 0 --width 640 --height 480 --framerate 5 --hflip -o -",
+            "-t 0 -n --codec yuv420 --camera 1 --width 128 --height 128 --framerate 5 -o -",
+        ]
     );
 }

@@ -97,6 +97,11 @@ impl ChildProgram {
             .process_group(0)
             // A backstop if the stop below never runs (the runtime gone first).
             .kill_on_drop(true);
+        // libcamera (under rpicam-vid) logs every start at INFO, a dozen lines: keep its
+        // warnings and errors, unless the user's environment says otherwise.
+        if std::env::var_os("LIBCAMERA_LOG_LEVELS").is_none() {
+            cmd.env("LIBCAMERA_LOG_LEVELS", "*:WARN");
+        }
         // SAFETY: prctl is async-signal-safe and touches no memory of ours. It kills the
         // program when the thread that spawned it ends: a tokio worker, which lives as
         // long as the daemon, so in effect when the daemon dies without stopping it (a

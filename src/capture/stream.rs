@@ -77,15 +77,23 @@ impl StreamRequest {
                 fps: *fps,
                 secrets: Vec::new(),
             },
-            SourceSettings::Picamera { .. } => mjpeg(
-                Origin::Program {
+            SourceSettings::Picamera {
+                width,
+                height,
+                format,
+                fps,
+                ..
+            } => StreamRequest {
+                origin: Origin::Program {
                     programs: PICAMERA_PROGRAMS.map(String::from).to_vec(),
                     args: picamera_args(&c.source),
                     hint: PICAMERA_HINT,
                 },
-                c.source.fps(),
-                Vec::new(),
-            ),
+                format: *format,
+                size: Some((*width, *height)),
+                fps: *fps,
+                secrets: Vec::new(),
+            },
             SourceSettings::Rtsp { url, .. } => mjpeg(
                 Origin::Program {
                     programs: vec!["ffmpeg".into()],
@@ -126,20 +134,25 @@ impl StreamRequest {
     }
 }
 
-/// `rpicam-vid` (or `libcamera-vid`, same options) writing MJPEG to stdout, forever,
-/// without a preview window.
+/// `rpicam-vid` (or `libcamera-vid`, same options) writing MJPEG or YUV420 to stdout,
+/// forever, without a preview window.
 fn picamera_args(source: &SourceSettings) -> Vec<String> {
     let SourceSettings::Picamera {
         camera,
         width,
         height,
         fps,
+        format,
         args,
     } = source
     else {
         return Vec::new();
     };
-    let mut v: Vec<String> = ["-t", "0", "-n", "--codec", "mjpeg"]
+    let codec = match format {
+        StreamFormat::Yuv420 => "yuv420",
+        _ => "mjpeg",
+    };
+    let mut v: Vec<String> = ["-t", "0", "-n", "--codec", codec]
         .map(String::from)
         .to_vec();
     v.extend([
@@ -368,10 +381,24 @@ mod tests {
                     width: 1280,
                     height: 720,
                     fps: 5.0,
+                    format: StreamFormat::Mjpeg,
                     args: vec!["--hflip".into()],
                 },
                 "rpicam-vid|libcamera-vid -t 0 -n --codec mjpeg --camera 1 --width 1280 \
                  --height 720 --framerate 5 --hflip -o -",
+                vec![],
+            ),
+            (
+                SourceSettings::Picamera {
+                    camera: 0,
+                    width: 640,
+                    height: 480,
+                    fps: 2.5,
+                    format: StreamFormat::Yuv420,
+                    args: vec![],
+                },
+                "rpicam-vid|libcamera-vid -t 0 -n --codec yuv420 --camera 0 --width 640 \
+                 --height 480 --framerate 2.5 -o -",
                 vec![],
             ),
             (

@@ -445,6 +445,9 @@ pub(super) struct RawPicamera {
     pub width: i64,
     pub height: i64,
     pub fps: f64,
+    /// mjpeg, or yuv420: raw frames, no JPEG encoding in rpicam-vid (a Pi 5 has no
+    /// hardware JPEG encoder) nor decoding here.
+    pub format: StreamFormat,
     /// More arguments for rpicam-vid (e.g. `["--hflip", "--vflip"]`).
     pub args: Vec<String>,
 }
@@ -456,6 +459,7 @@ impl Default for RawPicamera {
             width: 1280,
             height: 720,
             fps: 5.0,
+            format: StreamFormat::Mjpeg,
             args: Vec::new(),
         }
     }

@@ -331,12 +331,13 @@ pub enum SourceSettings {
         height: Option<u32>,
         fps: f64,
     },
-    /// The Camera Module through rpicam-vid (or libcamera-vid), as MJPEG.
+    /// The Camera Module through rpicam-vid (or libcamera-vid), as MJPEG or raw YUV420.
     Picamera {
         camera: u32,
         width: u32,
         height: u32,
         fps: f64,
+        format: StreamFormat,
         args: Vec<String>,
     },
     /// An RTSP camera through ffmpeg, as MJPEG.

@@ -526,11 +526,35 @@ impl Validator<'_> {
         k: &dyn Fn(&str) -> String,
         s: RawPicamera,
     ) -> Result<SourceSettings, ConfigError> {
+        let width = self.range(&k("width"), s.width, 16, 8192)? as u32;
+        let height = self.range(&k("height"), s.height, 16, 8192)? as u32;
+        match s.format {
+            StreamFormat::Mjpeg => {}
+            // rpicam-vid pads YUV420 rows to its buffers' stride (a multiple of 64 bytes
+            // for the luma): only unpadded sizes can be read as packed frames.
+            StreamFormat::Yuv420 if width.is_multiple_of(64) && height.is_multiple_of(2) => {}
+            StreamFormat::Yuv420 => {
+                return Err(self.err(
+                    &k("width"),
+                    format!(
+                        "{width}x{height}: format = \"yuv420\" needs a width that is a \
+                         multiple of 64 and an even height (rpicam-vid pads other rows)"
+                    ),
+                ));
+            }
+            StreamFormat::Nv12 => {
+                return Err(self.err(
+                    &k("format"),
+                    "rpicam-vid writes \"mjpeg\" or \"yuv420\", not \"nv12\"",
+                ));
+            }
+        }
         Ok(SourceSettings::Picamera {
             camera: self.range(&k("camera"), s.camera, 0, 63)? as u32,
-            width: self.range(&k("width"), s.width, 16, 8192)? as u32,
-            height: self.range(&k("height"), s.height, 16, 8192)? as u32,
+            width,
+            height,
             fps: self.positive(&k("fps"), s.fps, STREAM_FPS_MAX)?,
+            format: s.format,
             args: self.args(&k("args"), s.args)?,
         })
     }
