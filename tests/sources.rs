@@ -139,7 +139,7 @@ async fn expect(
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn ffmpeg_mjpeg_raw_yuv_and_http_multipart_are_classified() {
+async fn ffmpeg_mjpeg_raw_yuv_http_multipart_and_snapshots_are_classified() {
     let dir = tempfile::tempdir().unwrap();
     let http_port = common::free_port();
     // ffmpeg's HTTP server: multipart/x-mixed-replace (its mpjpeg muxer), one client.
@@ -162,8 +162,28 @@ async fn ffmpeg_mjpeg_raw_yuv_and_http_multipart_are_classified() {
             .spawn()
             .unwrap(),
     );
+    // A snapshot URL: Python's own HTTP server handing out one JPEG file per request.
+    let snap_port = common::free_port();
+    let _snapshots = Program(
+        Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                &snap_port.to_string(),
+            ])
+            .arg("--directory")
+            .arg(common::fixture("samples/checker"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let cameras = format!(
-        "[[camera]]\nname = \"stdout\"\nsource = \"pipe\"\ncommand = \"{}\"\n\
+        "[[camera]]\nname = \"snap\"\nsource = \"http-mjpeg\"\nfps = 4\n\
+         url = \"http://127.0.0.1:{snap_port}/01.jpg\"\n\
+         [[camera]]\nname = \"stdout\"\nsource = \"pipe\"\ncommand = \"{}\"\n\
          [[camera]]\nname = \"raw\"\nsource = \"pipe\"\nformat = \"yuv420\"\n\
          width = 128\nheight = 128\ncommand = \"{}\"\n\
          [[camera]]\nname = \"nv12\"\nsource = \"pipe\"\nformat = \"nv12\"\n\
@@ -181,6 +201,7 @@ async fn ffmpeg_mjpeg_raw_yuv_and_http_multipart_are_classified() {
         ("raw", "square"),
         ("nv12", "circle"),
         ("http", "triangle"),
+        ("snap", "checker"),
     ] {
         expect_class(&mut rx, &mut seen, camera, class, 3).await;
     }
@@ -190,6 +211,7 @@ async fn ffmpeg_mjpeg_raw_yuv_and_http_multipart_are_classified() {
         ("raw", "YU12 128x128 @ 5 fps"),
         ("nv12", "NV12 128x128 @ 5 fps"),
         ("http", "MJPEG 128x128 @ 5 fps"),
+        ("snap", "MJPEG 128x128 @ 4 fps"),
     ] {
         let status = seen
             .iter()

@@ -1,7 +1,10 @@
 //! `source = "http-mjpeg"`: a camera serving JPEGs as `multipart/x-mixed-replace` over
 //! HTTP/1.1, read directly through hyper's client (no child program). The body is handed
 //! to the JPEG framer as it arrives; the multipart boundaries and part headers between the
-//! JPEGs are skipped by it.
+//! JPEGs are skipped by it. A URL that answers with one `image/jpeg` (a camera's snapshot
+//! URL) is asked again at the camera's `fps`, so it streams too.
+
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -19,6 +22,14 @@ pub struct HttpStream {
     body: Incoming,
     conn: JoinHandle<()>,
     url: String,
+    /// A snapshot URL (one `image/jpeg` per response): asked again every `period`.
+    snapshot: Option<Snapshots>,
+}
+
+struct Snapshots {
+    url: SourceUrl,
+    period: Duration,
+    asked: tokio::time::Instant,
 }
 
 impl Drop for HttpStream {
@@ -27,8 +38,23 @@ impl Drop for HttpStream {
     }
 }
 
-/// Connect to `url` and start the stream. The errors name the URL without its password.
-pub async fn open(url: &SourceUrl) -> Result<HttpStream, CaptureError> {
+/// Connect to `url` and start the stream; a snapshot URL is asked again every 1/`fps`.
+/// The errors name the URL without its password.
+pub async fn open(url: &SourceUrl, fps: f64) -> Result<HttpStream, CaptureError> {
+    let asked = tokio::time::Instant::now();
+    let (mut stream, single) = request(url).await?;
+    if single {
+        stream.snapshot = Some(Snapshots {
+            url: url.clone(),
+            period: Duration::from_secs_f64(1.0 / fps),
+            asked,
+        });
+    }
+    Ok(stream)
+}
+
+/// One GET of `url`: the response, and whether it is a single JPEG (a snapshot URL).
+async fn request(url: &SourceUrl) -> Result<(HttpStream, bool), CaptureError> {
     let shown = url.to_string();
     let fail = |what: String| CaptureError::Http {
         url: shown.clone(),
@@ -98,18 +124,22 @@ pub async fn open(url: &SourceUrl) -> Result<HttpStream, CaptureError> {
             "serves {kind:?}, not MJPEG (multipart/x-mixed-replace)"
         )));
     }
-    Ok(HttpStream {
+    let stream = HttpStream {
         body: resp.into_body(),
         conn,
         url: shown,
-    })
+        snapshot: None,
+    };
+    Ok((stream, kind.starts_with("image/jpeg")))
 }
 
 impl HttpStream {
-    /// Append the next piece of the body to `buf`; 0 at its end.
+    /// Append the next piece of the body to `buf`; 0 at its end (for a snapshot URL, only
+    /// when asking again fails).
     pub async fn read(&mut self, buf: &mut Vec<u8>) -> Result<usize, CaptureError> {
         loop {
             match self.body.frame().await {
+                None if self.snapshot.is_some() => self.ask_again().await?,
                 None => return Ok(0),
                 Some(Err(e)) => {
                     return Err(CaptureError::Http {
@@ -128,6 +158,26 @@ impl HttpStream {
                 }
             }
         }
+    }
+
+    /// The next snapshot: one period after the last was asked for.
+    async fn ask_again(&mut self) -> Result<(), CaptureError> {
+        let Some(mut s) = self.snapshot.take() else {
+            return Ok(());
+        };
+        tokio::time::sleep_until(s.asked + s.period).await;
+        s.asked = tokio::time::Instant::now();
+        let (mut next, single) = request(&s.url).await?;
+        if !single {
+            return Err(CaptureError::Http {
+                url: self.url.clone(),
+                what: "no longer serves single JPEGs".into(),
+            });
+        }
+        next.snapshot = Some(s);
+        // The old response's connection task is aborted as it drops.
+        *self = next;
+        Ok(())
     }
 
     /// Why the stream ended (the body closed).

@@ -278,7 +278,7 @@ impl Backend for StreamBackend {
             }
             Origin::Http(url) => {
                 info!("camera {name}: connecting to {url}");
-                Feed::Http(http::open(url).await?)
+                Feed::Http(http::open(url, request.fps).await?)
             }
         };
         let mut framer = request.framer();
