@@ -245,6 +245,8 @@ async fn rtsp_with_credentials_is_classified_and_the_password_never_shown() {
     let port = common::free_port();
     // A password with characters URLs must escape, as users' passwords have.
     let (user, password, wrong) = ("viewer", "p@ss:w0rd", "n0t-it");
+    // A URL inside a pipe source's own command line is kept out of the log too.
+    let pipe_wrong = "n0r-th1s";
     let mut server = Command::new("/usr/bin/python3")
         .arg(&server_script)
         .args([
@@ -268,7 +270,10 @@ async fn rtsp_with_credentials_is_classified_and_the_password_never_shown() {
         "[[camera]]\nname = \"door\"\nsource = \"rtsp\"\n\
          url = \"rtsp://{user}:p%40ss%3Aw0rd@127.0.0.1:{port}/cam\"\n\
          [[camera]]\nname = \"yard\"\nsource = \"rtsp\"\nreopen_min_ms = 2000\n\
-         url = \"rtsp://{user}:{wrong}@127.0.0.1:{port}/cam\"\n"
+         url = \"rtsp://{user}:{wrong}@127.0.0.1:{port}/cam\"\n\
+         [[camera]]\nname = \"porch\"\nsource = \"pipe\"\nreopen_min_ms = 2000\n\
+         command = \"ffmpeg -loglevel error -i rtsp://{user}:{pipe_wrong}@127.0.0.1:{port}/cam \
+         -f mjpeg -\"\n"
     );
     let dir = tempfile::tempdir().unwrap();
     let (daemon, mut rx) = start(dir.path(), "rtsp", &cameras, &[]).await;
@@ -281,10 +286,16 @@ async fn rtsp_with_credentials_is_classified_and_the_password_never_shown() {
     .await;
     let reason = status["reason"].as_str().unwrap();
     assert!(reason.contains(&format!("{user}:***@")), "{reason}");
+    let status = expect(&mut rx, &mut seen, "/porch/status", "porch refused", |v| {
+        v["online"] == false && v["reason"].as_str().is_some_and(|r| r.contains("401"))
+    })
+    .await;
+    let reason = status["reason"].as_str().unwrap();
+    assert!(reason.contains(&format!("{user}:***@")), "{reason}");
     let log = daemon.log();
     daemon.stop();
     let published: String = seen.iter().map(|m| m.payload.as_str()).collect();
-    for secret in [password, "p%40ss%3Aw0rd", wrong] {
+    for secret in [password, "p%40ss%3Aw0rd", wrong, pipe_wrong] {
         assert!(!log.contains(secret), "{secret:?} in the log:\n{log}");
         assert!(!published.contains(secret), "{secret:?} published");
     }

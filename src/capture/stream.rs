@@ -13,7 +13,7 @@ use crate::capture::child::{ChildProgram, find_program};
 use crate::capture::framing::{Framer, Piece};
 use crate::capture::http::{self, HttpStream};
 use crate::capture::{Backend, CaptureError, FrameStream, Mode, Readers};
-use crate::config::{CameraSettings, SourceSettings, SourceUrl, StreamFormat};
+use crate::config::{CameraSettings, SourceSettings, SourceUrl, StreamFormat, url_passwords};
 use crate::frame::{RawFormat, RawFrame};
 
 /// Where a stream camera's bytes come from.
@@ -68,14 +68,15 @@ impl StreamRequest {
                 fps,
             } => StreamRequest {
                 origin: Origin::Program {
-                    programs: command[..1].to_vec(),
-                    args: command[1..].to_vec(),
+                    programs: command.0[..1].to_vec(),
+                    args: command.0[1..].to_vec(),
                     hint: "",
                 },
                 format: *format,
                 size: width.zip(*height),
                 fps: *fps,
-                secrets: Vec::new(),
+                // A command line may hold a camera's URL with its password too.
+                secrets: url_passwords(&command.0.join(" ")),
             },
             SourceSettings::Picamera {
                 width,
@@ -346,7 +347,7 @@ pub fn list_libcamera() -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{RtspTransport, SourceUrl};
+    use crate::config::{CommandLine, RtspTransport, SourceUrl};
 
     fn camera(source: SourceSettings) -> CameraSettings {
         CameraSettings {
@@ -417,7 +418,7 @@ mod tests {
             ),
             (
                 SourceSettings::Pipe {
-                    command: vec!["my-cam".into(), "--out".into(), "-".into()],
+                    command: CommandLine(vec!["my-cam".into(), "--out".into(), "-".into()]),
                     format: StreamFormat::Yuv420,
                     width: Some(64),
                     height: Some(48),
@@ -425,6 +426,22 @@ mod tests {
                 },
                 "my-cam --out -",
                 vec![],
+            ),
+            (
+                SourceSettings::Pipe {
+                    command: CommandLine(
+                        "ffmpeg -i rtsp://cam:p%3Ass@10.0.0.9/h264 -f mjpeg -"
+                            .split(' ')
+                            .map(String::from)
+                            .collect(),
+                    ),
+                    format: StreamFormat::Mjpeg,
+                    width: None,
+                    height: None,
+                    fps: 5.0,
+                },
+                "ffmpeg -i rtsp://cam:p%3Ass@10.0.0.9/h264 -f mjpeg -",
+                vec!["p%3Ass".to_string(), "p:ss".to_string()],
             ),
         ];
         for (source, want, secrets) in cases {

@@ -202,7 +202,9 @@ mod tests {
             "[model]\npath = \"m.onnx\"\n[[camera]]\nname = \"c\"\nsource = \"rtsp\"\n\
              url = \"rtsp://admin:hunter2@cam:554/live\"\n\
              [[camera]]\nname = \"d\"\nsource = \"http-mjpeg\"\n\
-             url = \"http://u:p%40hunter2@cam/video.mjpg\"\n",
+             url = \"http://u:p%40hunter2@cam/video.mjpg\"\n\
+             [[camera]]\nname = \"e\"\nsource = \"pipe\"\n\
+             command = \"ffmpeg -i rtsp://u:hunter2@cam/x -f mjpeg -\"\n",
         );
         let s = Settings::load_with_env(&f, vec![]).unwrap();
         let toml = s.to_redacted_toml();

@@ -324,7 +324,7 @@ pub enum SourceSettings {
     },
     /// A program's stdout: `command` is the argument list, `command[0]` looked up on PATH.
     Pipe {
-        command: Vec<String>,
+        command: CommandLine,
         format: StreamFormat,
         /// Both set for the raw formats; for MJPEG each frame says its own size.
         width: Option<u32>,
@@ -516,6 +516,63 @@ impl SourceUrl {
         v.retain(|s| !s.is_empty());
         v.dedup();
         v
+    }
+}
+
+/// The passwords of the URLs with credentials (`scheme://user:password@host`) anywhere in
+/// `text`, as written and percent-decoded: what must never be logged of a command line.
+pub fn url_passwords(text: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        rest = &rest[i + 3..];
+        let end = rest
+            .find(|c: char| {
+                c == '/' || c == '?' || c == '#' || c.is_whitespace() || c == '"' || c == '\''
+            })
+            .unwrap_or(rest.len());
+        if let Some(at) = rest[..end].rfind('@') {
+            let (_, password) = full_split(&rest[..at]);
+            for p in [password.to_string(), percent_decode(password)] {
+                if !p.is_empty() && !found.contains(&p) {
+                    found.push(p);
+                }
+            }
+        }
+        rest = &rest[end..];
+    }
+    found
+}
+
+/// A pipe source's command line: the program, then its arguments. `Debug` and
+/// `Serialize` show it with the passwords of any URLs in it replaced by `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CommandLine(pub Vec<String>);
+
+impl CommandLine {
+    /// The arguments as shown: URL passwords replaced.
+    pub fn scrubbed(&self) -> Vec<String> {
+        let secrets = url_passwords(&self.0.join(" "));
+        self.0
+            .iter()
+            .map(|a| {
+                secrets
+                    .iter()
+                    .fold(a.clone(), |a, p| a.replace(p.as_str(), "***"))
+            })
+            .collect()
+    }
+}
+
+impl fmt::Debug for CommandLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.scrubbed().fmt(f)
+    }
+}
+
+impl Serialize for CommandLine {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.scrubbed().serialize(s)
     }
 }
 

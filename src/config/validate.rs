@@ -11,10 +11,10 @@ use super::raw::{
     RawOutbox, RawPicamera, RawPipe, RawRtsp, RawSource, RawV4l2, SourceKind,
 };
 use super::settings::{
-    CameraSettings, ClassificationSettings, CommandSettings, DetectionSettings, DeviceSettings,
-    Fsync, HomeAssistantSettings, LogSettings, MQTT_MAX_PACKET, ModelSettings, MqttSettings,
-    OutboxSettings, SYSTEM_CA_FILE, Secret, Settings, SourceSettings, SourceUrl, StreamFormat,
-    TlsSettings,
+    CameraSettings, ClassificationSettings, CommandLine, CommandSettings, DetectionSettings,
+    DeviceSettings, Fsync, HomeAssistantSettings, LogSettings, MQTT_MAX_PACKET, ModelSettings,
+    MqttSettings, OutboxSettings, SYSTEM_CA_FILE, Secret, Settings, SourceSettings, SourceUrl,
+    StreamFormat, TlsSettings,
 };
 use super::sources::Sources;
 
@@ -488,7 +488,7 @@ impl Validator<'_> {
             }
         }
         Ok(SourceSettings::Pipe {
-            command,
+            command: CommandLine(command),
             format: s.format,
             width,
             height,
