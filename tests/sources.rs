@@ -42,6 +42,24 @@ fn ffmpeg_loop(class: &str, out: &str) -> String {
     )
 }
 
+/// Write an executable shell script at `path`.
+fn write_script(path: &Path, body: &str) {
+    std::fs::write(path, format!("#!/bin/sh\n{body}")).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
+/// Start `command` (through sh), its output discarded.
+fn serve(command: &str) -> Program {
+    let child = Command::new("sh")
+        .args(["-c", &format!("exec {command}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Program(child)
+}
+
 /// A process the test started, killed when the test ends however it ends.
 struct Program(Child);
 
@@ -143,43 +161,19 @@ async fn ffmpeg_mjpeg_raw_yuv_http_multipart_and_snapshots_are_classified() {
     let dir = tempfile::tempdir().unwrap();
     let http_port = common::free_port();
     // ffmpeg's HTTP server: multipart/x-mixed-replace (its mpjpeg muxer), one client.
-    let _server = Program(
-        Command::new("sh")
-            .args([
-                "-c",
-                &format!(
-                    "exec {}",
-                    ffmpeg_loop(
-                        "triangle",
-                        &format!(
-                            "-f mpjpeg -content_type 'multipart/x-mixed-replace;boundary=ffmpeg' \
-                             -listen 1 http://127.0.0.1:{http_port}/cam.mjpg"
-                        )
-                    )
-                ),
-            ])
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _server = serve(&ffmpeg_loop(
+        "triangle",
+        &format!(
+            "-f mpjpeg -content_type 'multipart/x-mixed-replace;boundary=ffmpeg' \
+             -listen 1 http://127.0.0.1:{http_port}/cam.mjpg"
+        ),
+    ));
     // A snapshot URL: Python's own HTTP server handing out one JPEG file per request.
     let snap_port = common::free_port();
-    let _snapshots = Program(
-        Command::new("python3")
-            .args([
-                "-m",
-                "http.server",
-                "--bind",
-                "127.0.0.1",
-                &snap_port.to_string(),
-            ])
-            .arg("--directory")
-            .arg(common::fixture("samples/checker"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _snapshots = serve(&format!(
+        "python3 -m http.server --bind 127.0.0.1 {snap_port} --directory {}",
+        common::fixture("samples/checker").display()
+    ));
     let cameras = format!(
         "[[camera]]\nname = \"snap\"\nsource = \"http-mjpeg\"\nfps = 4\n\
          url = \"http://127.0.0.1:{snap_port}/01.jpg\"\n\
@@ -434,22 +428,16 @@ async fn the_picamera_preset_runs_rpicam_vid_from_path() {
     // A stand-in rpicam-vid: records its arguments and streams a sample as the real one
     // does with `--codec mjpeg -o -` (MJPEG) or `--codec yuv420 -o -` (raw I420 frames).
     let stand_in = bin.join("rpicam-vid");
-    std::fs::write(
+    write_script(
         &stand_in,
-        format!(
-            "#!/bin/sh\necho \"$@\" >> {}\ncase \"$*\" in\n\
+        &format!(
+            "echo \"$@\" >> {}\ncase \"$*\" in\n\
              *\"--codec yuv420\"*) exec {} ;;\n*) exec {} ;;\nesac\n",
             args_file.display(),
             ffmpeg_loop("checker", "-pix_fmt yuv420p -f rawvideo -"),
             ffmpeg_loop("vstripes", "-f mjpeg -q:v 3 -"),
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        &stand_in,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    );
     let path = format!(
         "{}:{}",
         bin.display(),
@@ -461,14 +449,11 @@ async fn the_picamera_preset_runs_rpicam_vid_from_path() {
                    format = \"yuv420\"\nwidth = 128\nheight = 128\n";
     // `edgesight cameras` lists libcamera's cameras through rpicam-hello: a stand-in that
     // prints what the real one prints for a Camera Module 3.
-    let hello = bin.join("rpicam-hello");
-    std::fs::write(
-        &hello,
-        "#!/bin/sh\n[ \"$1\" = --list-cameras ] || exit 2\necho 'Available cameras'\n\
+    write_script(
+        &bin.join("rpicam-hello"),
+        "[ \"$1\" = --list-cameras ] || exit 2\necho 'Available cameras'\n\
          echo '0 : imx708 [4608x2592 10-bit RGGB] (/base/soc/i2c0mux/i2c@1/imx708@1a)'\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&hello, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    );
     let listed = Command::new(env!("CARGO_BIN_EXE_edgesight"))
         .arg("cameras")
         .env("PATH", &path)

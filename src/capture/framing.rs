@@ -88,7 +88,8 @@ enum Kind {
 #[derive(Debug)]
 struct Jpeg {
     state: State,
-    /// Parse position in the buffer; in `Marker` and `Scan` the frame starts at 0.
+    /// Parse position in the buffer; in `Marker` and `Scan` the frame starts at 0 (in
+    /// `Seek` nothing before the start marker is kept).
     pos: usize,
     /// The frame's size from its SOF segment.
     size: Option<(u32, u32)>,
@@ -185,101 +186,125 @@ fn is_sof(m: u8) -> bool {
     matches!(m, 0xC0..=0xCF) && !matches!(m, 0xC4 | 0xC8 | 0xCC)
 }
 
+/// What one parsing step of a JPEG stream came to.
+enum Step {
+    /// Parse on.
+    Go,
+    /// More bytes are needed.
+    Wait,
+    Out(Piece),
+}
+
 impl Jpeg {
     fn next(&mut self, buf: &mut Vec<u8>) -> Option<Piece> {
         loop {
             if self.state != State::Seek && self.pos > MAX_JPEG {
                 return Some(self.resync(buf, self.pos.min(buf.len()), Broken::Oversized));
             }
-            match self.state {
-                State::Seek => {
-                    let found = memchr::memmem::find(&buf[self.pos..], &[0xFF, 0xD8, 0xFF]);
-                    let Some(i) = found else {
-                        // Keep the last two bytes: they may be the start of a marker.
-                        let drop = buf.len().saturating_sub(2);
-                        self.skipped += drop;
-                        buf.drain(..drop);
-                        self.pos = 0;
-                        if self.skipped > MAX_JPEG {
-                            self.skipped = 0;
-                            return Some(Piece::Broken(Broken::NotJpeg));
-                        }
-                        return None;
-                    };
-                    let at = self.pos + i;
-                    self.skipped += at;
-                    buf.drain(..at);
-                    self.pos = 2;
-                    self.size = None;
-                    self.state = State::Marker;
+            let step = match self.state {
+                State::Seek => self.seek(buf),
+                State::Marker => self.marker(buf),
+                State::Scan => self.scan(buf),
+            };
+            match step {
+                Step::Go => {}
+                Step::Wait => return None,
+                Step::Out(piece) => return Some(piece),
+            }
+        }
+    }
+
+    /// Drop what comes before the next start of image.
+    fn seek(&mut self, buf: &mut Vec<u8>) -> Step {
+        let Some(at) = memchr::memmem::find(buf, &[0xFF, 0xD8, 0xFF]) else {
+            // Keep the last two bytes: they may be the start of a marker.
+            let drop = buf.len().saturating_sub(2);
+            self.skipped += drop;
+            buf.drain(..drop);
+            if self.skipped > MAX_JPEG {
+                self.skipped = 0;
+                return Step::Out(Piece::Broken(Broken::NotJpeg));
+            }
+            return Step::Wait;
+        };
+        self.skipped += at;
+        buf.drain(..at);
+        self.pos = 2;
+        self.size = None;
+        self.state = State::Marker;
+        Step::Go
+    }
+
+    /// The marker at `pos`: the end of the frame, or a segment to step over.
+    fn marker(&mut self, buf: &mut Vec<u8>) -> Step {
+        let Some(&[ff, m]) = buf.get(self.pos..self.pos + 2) else {
+            return Step::Wait;
+        };
+        if ff != 0xFF {
+            return Step::Out(self.resync(buf, 1, Broken::BadMarker(ff)));
+        }
+        match m {
+            0xFF => self.pos += 1, // fill byte
+            0xD9 => return Step::Out(self.frame(buf)),
+            // A new frame began: the one before was cut short.
+            0xD8 => return Step::Out(self.resync(buf, self.pos, Broken::Truncated)),
+            0x01 | 0xD0..=0xD7 => self.pos += 2,
+            _ => {
+                let Some(seg) = buf.get(self.pos + 2..self.pos + 4) else {
+                    return Step::Wait;
+                };
+                let len = u16::from_be_bytes([seg[0], seg[1]]) as usize;
+                if len < 2 {
+                    return Step::Out(self.resync(buf, 1, Broken::BadMarker(m)));
                 }
-                State::Marker => {
-                    let Some(&[ff, m]) = buf.get(self.pos..self.pos + 2) else {
-                        return None;
+                if is_sof(m) {
+                    // SOF: length, precision, height, width.
+                    let Some(h) = buf.get(self.pos + 5..self.pos + 9) else {
+                        return Step::Wait;
                     };
-                    if ff != 0xFF {
-                        return Some(self.resync(buf, 1, Broken::BadMarker(ff)));
+                    let height = u16::from_be_bytes([h[0], h[1]]) as u32;
+                    let width = u16::from_be_bytes([h[2], h[3]]) as u32;
+                    if width == 0
+                        || height == 0
+                        || width.max(height) > MAX_SIDE
+                        || width as u64 * height as u64 > MAX_PIXELS
+                    {
+                        let why = Broken::BadSize(width, height);
+                        return Step::Out(self.resync(buf, 1, why));
                     }
-                    match m {
-                        0xFF => self.pos += 1, // fill byte
-                        0xD9 => return Some(self.frame(buf)),
-                        0xD8 => {
-                            // A new frame began: the one before was cut short.
-                            let at = self.pos;
-                            return Some(self.resync(buf, at, Broken::Truncated));
-                        }
-                        0x01 | 0xD0..=0xD7 => self.pos += 2,
-                        _ => {
-                            let seg = buf.get(self.pos + 2..self.pos + 4)?;
-                            let len = u16::from_be_bytes([seg[0], seg[1]]) as usize;
-                            if len < 2 {
-                                return Some(self.resync(buf, 1, Broken::BadMarker(m)));
-                            }
-                            if is_sof(m) {
-                                // SOF: length, precision, height, width.
-                                let h = buf.get(self.pos + 5..self.pos + 9)?;
-                                let height = u16::from_be_bytes([h[0], h[1]]) as u32;
-                                let width = u16::from_be_bytes([h[2], h[3]]) as u32;
-                                if width == 0
-                                    || height == 0
-                                    || width.max(height) > MAX_SIDE
-                                    || width as u64 * height as u64 > MAX_PIXELS
-                                {
-                                    let why = Broken::BadSize(width, height);
-                                    return Some(self.resync(buf, 1, why));
-                                }
-                                self.size = Some((width, height));
-                            }
-                            self.pos += 2 + len;
-                            if m == 0xDA {
-                                self.state = State::Scan;
-                            }
-                        }
-                    }
+                    self.size = Some((width, height));
                 }
-                State::Scan => {
-                    let rest = buf.get(self.pos..).unwrap_or_default();
-                    let Some(i) = memchr::memchr(0xFF, rest) else {
-                        self.pos = self.pos.max(buf.len());
-                        return None;
-                    };
-                    let at = self.pos + i;
-                    let Some(&next) = buf.get(at + 1) else {
-                        self.pos = at;
-                        return None;
-                    };
-                    match next {
-                        // Stuffed 0xFF, restart markers, fill: still the scan.
-                        0x00 | 0xD0..=0xD7 => self.pos = at + 2,
-                        0xFF => self.pos = at + 1,
-                        _ => {
-                            self.pos = at;
-                            self.state = State::Marker;
-                        }
-                    }
+                self.pos += 2 + len;
+                if m == 0xDA {
+                    self.state = State::Scan;
                 }
             }
         }
+        Step::Go
+    }
+
+    /// Entropy-coded data: on to the next marker that is not part of it.
+    fn scan(&mut self, buf: &mut [u8]) -> Step {
+        let rest = buf.get(self.pos..).unwrap_or_default();
+        let Some(i) = memchr::memchr(0xFF, rest) else {
+            self.pos = self.pos.max(buf.len());
+            return Step::Wait;
+        };
+        let at = self.pos + i;
+        let Some(&next) = buf.get(at + 1) else {
+            self.pos = at;
+            return Step::Wait;
+        };
+        match next {
+            // Stuffed 0xFF, restart markers, fill: still the scan.
+            0x00 | 0xD0..=0xD7 => self.pos = at + 2,
+            0xFF => self.pos = at + 1,
+            _ => {
+                self.pos = at;
+                self.state = State::Marker;
+            }
+        }
+        Step::Go
     }
 
     /// The frame ending at the EOI at `pos`.

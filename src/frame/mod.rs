@@ -82,6 +82,11 @@ impl RawFormat {
         }
     }
 
+    /// YUV formats, which preparation filters as Y, U, V before converting.
+    pub fn is_yuv(self) -> bool {
+        matches!(self, RawFormat::Yuyv | RawFormat::Nv12 | RawFormat::I420)
+    }
+
     /// Bytes of an uncompressed `width` x `height` frame; `None` for MJPEG.
     pub fn frame_len(self, width: u32, height: u32) -> Option<usize> {
         let px = width as usize * height as usize;
@@ -569,10 +574,7 @@ impl RawFrame {
         // YUV formats are filtered as Y, U, V and converted once per *output* pixel: the
         // conversion is affine, so this equals converting first, except where the reference
         // clamps an out-of-gamut pixel; and it saves converting every source pixel.
-        let yuv = matches!(
-            self.format,
-            RawFormat::Yuyv | RawFormat::Nv12 | RawFormat::I420
-        );
+        let yuv = self.format.is_yuv();
         let mut row = vec![0u8; cw * 3];
         let mut hrow = vec![0f32; ow * 3];
         let mut out = vec![0f32; ow * oh * 3];
