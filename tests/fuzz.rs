@@ -2,7 +2,7 @@
 //! generates the inputs and shrinks a failure to a minimal one. Every input that an
 //! attacker, a broken camera or a full disk can shape goes through here: outbox records
 //! and directories, push/ack/replay sequences against a model of the queue, commands,
-//! configuration files, camera frames, and mutated models. Each target must return an
+//! configuration files, camera frames, camera streams (the framer), and mutated models. Each target must return an
 //! error or a value that keeps its invariants; a panic is a failure.
 //!
 //! `EDGESIGHT_FUZZ_CASES=N` sets the cases per target (CI runs the defaults, a few
@@ -467,6 +467,73 @@ fn any_frame_is_prepared_or_refused() {
             Err(e) => assert!(!e.to_string().is_empty()),
         },
     );
+}
+
+/// (c) Camera streams: the fixture JPEGs concatenated with damage, cuts and garbage
+/// between them, fed to the framer in pieces of any size, as a camera program's stdout or
+/// an HTTP body arrive. It never panics, its buffer stays bounded, and every frame it
+/// hands out is a whole JPEG (start and end markers) of a size it may be decoded at, which
+/// preparation then uses or refuses.
+#[test]
+fn any_stream_is_cut_into_whole_frames() {
+    use edgesight::capture::framing::{Framer, MAX_JPEG, MAX_PIXELS, MAX_SIDE, Piece};
+    let jpegs: Vec<Vec<u8>> = ["circle/01.jpg", "checker/03.jpg", "cross/05.jpg"]
+        .iter()
+        .map(|f| std::fs::read(common::fixture(&format!("samples/{f}"))).unwrap())
+        .collect();
+    let spec = edgesight::frame::preprocess::InputSpec {
+        width: 32,
+        height: 32,
+        layout: edgesight::frame::preprocess::Layout::Nchw,
+        preprocess: edgesight::config::Preprocess::Torchvision,
+        resize: edgesight::config::ResizeMode::Stretch,
+    };
+    // A part: a fixture JPEG (damaged or cut, sometimes) or bytes of any kind.
+    let part = prop_oneof![
+        3 => (
+            0usize..3,
+            proptest::collection::vec((any::<usize>(), any::<u8>()), 0..4),
+            prop_oneof![3 => Just(None), 1 => any::<usize>().prop_map(Some)],
+        )
+            .prop_map(move |(which, flips, cut)| {
+                let mut data = jpegs[which].clone();
+                for (i, x) in flips {
+                    let n = data.len();
+                    data[i % n] ^= x;
+                }
+                if let Some(c) = cut {
+                    data.truncate(c % (data.len() + 1));
+                }
+                data
+            }),
+        1 => proptest::collection::vec(any::<u8>(), 0..64),
+        1 => Just(b"\r\n--frame\r\nContent-Type: image/jpeg\r\n\r\n".to_vec()),
+    ];
+    let stream = (
+        proptest::collection::vec(part, 1..8),
+        proptest::collection::vec(1usize..5000, 1..8),
+    );
+    fuzz("streams", cases(1000), stream, |(parts, chunks)| {
+        let bytes = parts.concat();
+        let mut framer = Framer::jpeg();
+        let (mut at, mut k) = (0, 0);
+        while at < bytes.len() {
+            let n = chunks[k % chunks.len()].min(bytes.len() - at);
+            framer.buffer().extend_from_slice(&bytes[at..at + n]);
+            (at, k) = (at + n, k + 1);
+            while let Some(piece) = framer.next_piece() {
+                let Piece::Frame(f) = piece else { continue };
+                assert_eq!(f.data[..2], [0xFF, 0xD8]);
+                assert_eq!(f.data[f.data.len() - 2..], [0xFF, 0xD9]);
+                assert!(f.width.max(f.height) <= MAX_SIDE && f.width.min(f.height) > 0);
+                assert!(f.width as u64 * f.height as u64 <= MAX_PIXELS);
+                if let Ok(t) = f.prepare(&spec) {
+                    assert_eq!(t.shape(), &[1, 3, 32, 32]);
+                }
+            }
+            assert!(framer.buffered() <= MAX_JPEG + (64 << 10) + 5000);
+        }
+    });
 }
 
 // ------------------------------------------------------------------------------ models
