@@ -116,9 +116,9 @@ impl Framer {
 
     /// Raw frames of `format` (NV12 or I420), `width` x `height` (even).
     pub fn raw(format: RawFormat, width: u32, height: u32) -> Framer {
-        let len = format
-            .frame_len(width, height)
-            .expect("raw formats have a fixed frame length");
+        // The 4:2:0 length, for a format given that has none (MJPEG is not raw).
+        let px = width as usize * height as usize;
+        let len = format.frame_len(width, height).unwrap_or(px + px / 2);
         Framer {
             buf: Vec::with_capacity(len + READ_CHUNK),
             kind: Kind::Raw {
