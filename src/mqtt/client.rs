@@ -66,20 +66,102 @@ pub fn client(settings: &Settings) -> (AsyncClient, EventLoop) {
 const TLS_HINT: &str = "check mqtt.ca_file, mqtt.client_cert_file and mqtt.client_key_file, \
      and that mqtt.host is a name or address in the broker's certificate";
 
+/// The one setting a TLS failure points at, read off rustls' words for it (they are
+/// rustls' enum names, stable across its versions); the general hint when it is none of
+/// these.
+fn tls_hint(error: &str) -> &'static str {
+    const CASES: &[(&[&str], &str)] = &[
+        (
+            &["UnknownIssuer", "BadSignature", "Expired", "NotValidYet"],
+            "the broker's certificate is not one mqtt.ca_file trusts (not signed by that CA, \
+             or out of date)",
+        ),
+        (
+            &["NotValidForName", "not valid for name"],
+            "mqtt.host is not a name or address in the broker's certificate",
+        ),
+        (
+            &["CertificateRequired", "HandshakeFailure"],
+            "the broker wants a client certificate: set mqtt.client_cert_file and \
+             mqtt.client_key_file",
+        ),
+        (
+            &[
+                "BadCertificate",
+                "UnknownCA",
+                "CertificateUnknown",
+                "DecryptError",
+            ],
+            "the broker refused the client certificate in mqtt.client_cert_file (not \
+             signed by a CA it trusts?)",
+        ),
+    ];
+    CASES
+        .iter()
+        .find(|(words, _)| words.iter().any(|w| error.contains(w)))
+        .map_or(TLS_HINT, |(_, hint)| hint)
+}
+
 pub fn describe(e: &ConnectionError) -> String {
     match e {
         ConnectionError::Io(io) => format!("connection failed: {io}"),
         ConnectionError::ConnectionRefused(code) => format!("broker refused connection: {code:?}"),
-        ConnectionError::Tls(t) => format!("TLS failed: {t} ({TLS_HINT})"),
+        ConnectionError::Tls(t) => {
+            let s = t.to_string();
+            format!("TLS failed: {s} ({})", tls_hint(&s))
+        }
         other => {
             // A broker that rejects our certificate (or wants one) answers with a TLS alert
             // after the handshake, which rumqttc reports as a read error.
             let s = other.to_string();
             if s.contains("fatal alert") {
-                format!("TLS failed: {s} ({TLS_HINT})")
+                format!("TLS failed: {s} ({})", tls_hint(&s))
             } else {
                 format!("connection error: {s}")
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Data-driven: rustls' words for each TLS failure (as rumqttc prints them) point at
+    /// the one setting to fix.
+    #[test]
+    fn each_tls_failure_names_its_setting() {
+        for (error, want) in [
+            (
+                "invalid peer certificate: UnknownIssuer",
+                "not one mqtt.ca_file trusts",
+            ),
+            (
+                "invalid peer certificate: Expired",
+                "not one mqtt.ca_file trusts",
+            ),
+            (
+                "invalid peer certificate: NotValidForName",
+                "mqtt.host is not a name",
+            ),
+            (
+                "IO: received fatal alert: CertificateRequired",
+                "set mqtt.client_cert_file",
+            ),
+            (
+                "IO: received fatal alert: UnknownCA",
+                "refused the client certificate in mqtt.client_cert_file",
+            ),
+            (
+                "IO: received corrupt message",
+                "check mqtt.ca_file, mqtt.client_cert_file",
+            ),
+        ] {
+            assert!(
+                tls_hint(error).contains(want),
+                "{error}: {}",
+                tls_hint(error)
+            );
         }
     }
 }
