@@ -70,7 +70,9 @@ async fn every_frame_is_classified_and_published_in_order() {
             ts.ends_with('Z') && ts.len() == 24 && &ts[19..20] == ".",
             "RFC 3339 ms UTC: {ts}"
         );
-        assert!(v["inference_ms"].as_f64().unwrap() >= 0.0);
+        // Measured, not a placeholder: a real run takes some time, and not minutes.
+        let ms = v["inference_ms"].as_f64().unwrap();
+        assert!(ms > 0.0 && ms < 60_000.0, "inference_ms {ms}");
         let top = v["top"].as_array().unwrap();
         assert_eq!(top.len(), 3);
         let scores: Vec<f64> = top.iter().map(|p| p["score"].as_f64().unwrap()).collect();
@@ -124,8 +126,15 @@ async fn every_frame_is_classified_and_published_in_order() {
         frames.windows(2).all(|w| w[0] < w[1]),
         "frames in capture order"
     );
-    // How many are skipped depends on the machine's load, so no bound on it here.
-    assert!(!frames.is_empty());
+    // How many are skipped depends on the machine's load; a loaded CI machine still
+    // classifies most of the frames of a 64x64 model at this rate, and a bug that skips
+    // them all (or most) must not pass.
+    assert!(
+        frames.len() * 2 >= files.len(),
+        "{} of {} frames classified, {skipped} skipped",
+        frames.len(),
+        files.len()
+    );
     assert!(
         right * 100 >= frames.len() * 95,
         "{right}/{} labelled right",
@@ -456,7 +465,11 @@ async fn commands_pause_snapshot_resume_reload_and_reject_bad_input() {
         between <= 1,
         "{between} classified after the pause was acknowledged"
     );
-    assert!(snapshot.is_some(), "the JPEG comes before its reply");
+    // The snapshot is a JPEG of the camera's frame (the fixture samples are 128x128).
+    let jpeg = snapshot.expect("the JPEG comes before its reply").bytes;
+    let img = image::load_from_memory_with_format(&jpeg, image::ImageFormat::Jpeg)
+        .expect("the snapshot decodes as a JPEG");
+    assert_eq!((img.width(), img.height()), (128, 128));
     cmd("resume", "").await;
     loop {
         let m = common::next(&mut rx, "resume reply, then classifications").await;
@@ -487,12 +500,18 @@ async fn commands_pause_snapshot_resume_reload_and_reject_bad_input() {
         ("reload".into(), true.into()),
         "{r}"
     );
-    loop {
-        let v = next_on(&mut rx, &format!("{base}/front/classification")).await;
-        if v["top"].as_array().unwrap().len() == 1 {
-            break;
+    // A liveness bound: classifications keep coming whether or not the reload applied.
+    let applied = async {
+        loop {
+            let v = next_on(&mut rx, &format!("{base}/front/classification")).await;
+            if v["top"].as_array().unwrap().len() == 1 {
+                break;
+            }
         }
-    }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), applied)
+        .await
+        .expect("the reload (top_k 3 -> 1) applied within 60 s");
     shutdown.cancel();
     run.await.unwrap().unwrap();
 }

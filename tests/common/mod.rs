@@ -53,7 +53,10 @@ pub fn free_port() -> u16 {
 #[derive(Debug, Clone)]
 pub struct Msg {
     pub topic: String,
+    /// The payload as text (lossy: for JSON payloads).
     pub payload: String,
+    /// The payload's bytes (for binary payloads: snapshots).
+    pub bytes: Vec<u8>,
     pub retain: bool,
 }
 
@@ -105,6 +108,7 @@ pub async fn subscribe_with(
                     let m = Msg {
                         topic: p.topic.clone(),
                         payload: String::from_utf8_lossy(&p.payload).into_owned(),
+                        bytes: p.payload.to_vec(),
                         retain: p.retain,
                     };
                     if tx.send(m).is_err() {
