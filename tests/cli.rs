@@ -73,13 +73,19 @@ fn cameras_without_cameras_says_so() {
         .unwrap()
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.strip_prefix("video").is_some_and(|i| i.parse::<u32>().is_ok()))
+        .filter(|n| {
+            n.strip_prefix("video")
+                .is_some_and(|i| i.parse::<u32>().is_ok())
+        })
         .collect();
     if nodes.is_empty() {
         assert!(stdout.contains("no V4L2 cameras found"), "{stdout}");
     } else {
         for n in &nodes {
-            assert!(stdout.contains(&format!("/dev/{n}")), "{n} not listed: {stdout}");
+            assert!(
+                stdout.contains(&format!("/dev/{n}")),
+                "{n} not listed: {stdout}"
+            );
         }
         assert!(!stdout.contains("no V4L2 cameras found"), "{stdout}");
     }

@@ -358,6 +358,72 @@ async fn home_assistant_discovery_is_published_and_answers_ha_birth() {
     run.await.unwrap().unwrap();
 }
 
+/// Retained are exactly the topics that say what is true now: the device's and each
+/// camera's availability, each camera's status, and the discovery document; a late
+/// subscriber gets each of them, flagged retained and current (a camera that ended after
+/// the connect shows it). Classifications and stats are events: a late subscriber never
+/// gets an old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_topics_are_retained_and_events_are_not() {
+    let (host, port) = common::broker();
+    let dir = tempfile::tempdir().unwrap();
+    let device = format!("ret-{}", std::process::id());
+    // "front" loops; "once" plays six images and ends while the daemon runs on.
+    let cameras = common::samples_camera(5, true)
+        + "[[camera]]\nname = \"once\"\npath = \"{samples}/circle\"\nfps = 10\nloop = false\n";
+    let f = common::config_file(dir.path(), &host, port, &device, &cameras);
+    let text = std::fs::read_to_string(&f).unwrap() + "[homeassistant]\ndiscovery = true\n";
+    let text = text.replace("[mqtt]\nhost", "[mqtt]\nstats_interval_secs = 1\nhost");
+    std::fs::write(&f, text).unwrap();
+    let settings = Settings::load_with_env(&f, vec![]).unwrap();
+    let base = format!("edgesight/{device}");
+    let mut rx =
+        common::subscribe(&host, port, &format!("{device}-sub"), &format!("{base}/#")).await;
+    let shutdown = CancellationToken::new();
+    let _stop_on_panic = shutdown.clone().drop_guard();
+    let run = tokio::spawn(edgesight::run(settings, shutdown.clone()));
+    // Classifications and a stats message published, and "once" ended.
+    let (mut classified, mut stats, mut ended) = (false, false, false);
+    while !(classified && stats && ended) {
+        let m = common::next(&mut rx, "classifications, stats, and once's end").await;
+        classified |= m.topic.ends_with("/classification");
+        stats |= m.topic == format!("{base}/stats");
+        ended |= m.topic == format!("{base}/once/status") && m.payload.contains("\"ended\"");
+    }
+    let retained = [
+        (format!("{base}/availability"), "online"),
+        (format!("{base}/front/availability"), "online"),
+        (format!("{base}/front/status"), "\"state\":\"streaming\""),
+        (format!("{base}/once/availability"), "offline"),
+        (format!("{base}/once/status"), "\"state\":\"ended\""),
+        (
+            format!("homeassistant/device/edgesight_{device}/config"),
+            "front_label",
+        ),
+    ];
+    for (i, (topic, now)) in retained.iter().enumerate() {
+        let mut late = common::subscribe(&host, port, &format!("{device}-late-{i}"), topic).await;
+        let m = common::next(&mut late, &format!("retained {topic}")).await;
+        assert_eq!(&m.topic, topic);
+        assert!(m.retain, "{topic} is not retained");
+        assert!(m.payload.contains(now), "{topic}: {}", m.payload);
+    }
+    // Events: a late subscriber's first message on them is a fresh one, never retained.
+    for (i, topic) in [
+        format!("{base}/front/classification"),
+        format!("{base}/stats"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut late = common::subscribe(&host, port, &format!("{device}-ev-{i}"), topic).await;
+        let m = common::next(&mut late, &format!("a fresh {topic}")).await;
+        assert!(!m.retain, "{topic} was retained: {}", m.payload);
+    }
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+}
+
 /// Next message on `topic` (others are skipped), parsed.
 async fn next_on(rx: &mut tokio::sync::mpsc::UnboundedReceiver<common::Msg>, topic: &str) -> Value {
     loop {
