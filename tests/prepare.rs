@@ -243,3 +243,63 @@ fn truncated_and_garbage_mjpeg_frames_are_dropped_and_counted() {
     assert_eq!(cs.bad_frames.load(Ordering::Relaxed), 3);
     assert_eq!(cs.stale.load(Ordering::Relaxed), 1);
 }
+
+/// Raw frames made outside the crate: ffmpeg's `testsrc2` pattern (64x48, colour bars,
+/// gradients, text), converted by ffmpeg from `pattern.png` into each raw format
+/// (tests/fixtures/frames/; `ffmpeg -i pattern.png -pix_fmt FMT -f rawvideo pattern.FMT`,
+/// ffmpeg 5.1, BT.601 limited range as cameras send). Each is read back by our own
+/// conversion and compared, pixel by pixel, with the PNG's RGB (the grey one with its
+/// BT.601 luma): a swapped U and V, a wrong plane order or a wrong range would move whole
+/// colours, far past the chroma subsampling's blur at edges that the bounds allow.
+#[test]
+fn frames_converted_by_ffmpeg_read_back_as_their_colours() {
+    let dir = common::fixture("frames");
+    let png = image::open(dir.join("pattern.png")).unwrap().into_rgb8();
+    let (w, h) = png.dimensions();
+    let spec = InputSpec {
+        width: w,
+        height: h,
+        layout: Layout::Nhwc,
+        preprocess: Preprocess::Raw,
+        resize: ResizeMode::Stretch,
+    };
+    let luma = |p: &image::Rgb<u8>| 0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32;
+    // file, format, mean and max |difference| allowed (levels of 255); measured (ffmpeg
+    // 5.1): 0/0, 0.24/0.5, 0.75/43, 2.2/38, 2.2/38 (the max at colour edges, where
+    // ffmpeg and we subsample and interpolate chroma differently).
+    let cases = [
+        ("pattern.bgr24", RawFormat::Bgr, 0.5, 1.0),
+        ("pattern.gray", RawFormat::Gray, 0.5, 1.0),
+        ("pattern.yuyv422", RawFormat::Yuyv, 1.5, 60.0),
+        ("pattern.nv12", RawFormat::Nv12, 3.5, 60.0),
+        ("pattern.yuv420p", RawFormat::I420, 3.5, 60.0),
+    ];
+    for (file, format, mean_bound, max_bound) in cases {
+        let frame = RawFrame {
+            format,
+            width: w,
+            height: h,
+            data: std::fs::read(dir.join(file)).unwrap(),
+        };
+        let px = frame.prepare_pixels(&spec).unwrap();
+        let (mut sum, mut max) = (0f32, 0f32);
+        for (i, p) in png.pixels().enumerate() {
+            for c in 0..3 {
+                let want = if format == RawFormat::Gray {
+                    luma(p)
+                } else {
+                    p[c] as f32
+                };
+                let d = (px.rgb[i * 3 + c] - want).abs();
+                sum += d;
+                max = max.max(d);
+            }
+        }
+        let mean = sum / (w * h * 3) as f32;
+        println!("{file}: mean {mean:.2}, max {max:.1}");
+        assert!(
+            mean <= mean_bound && max <= max_bound,
+            "{file}: mean {mean:.2}, max {max:.1}"
+        );
+    }
+}
