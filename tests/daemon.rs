@@ -357,3 +357,49 @@ async fn the_embedded_broker_carries_packets_up_to_the_daemons_limit() {
     let m = common::next(&mut rx, "the large message").await;
     assert_eq!(m.payload.len(), payload.len());
 }
+
+/// `edgesight run` on a model it cannot load exits 78 (EX_CONFIG, which the unit does not
+/// restart) naming the model, having published nothing: not even `online`, so nobody sees
+/// a device come up that was never going to classify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_with_a_bad_model_exits_78_and_publishes_nothing() {
+    let (host, port) = common::broker();
+    let dir = tempfile::tempdir().unwrap();
+    let device = format!("badmodel-{}", std::process::id());
+    let cfg = common::config_file(
+        dir.path(),
+        &host,
+        port,
+        &device,
+        &common::samples_camera(5, true),
+    );
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("shapes_int8_qlinear.onnx", "unsupported_op.onnx");
+    std::fs::write(&cfg, text).unwrap();
+    let mut rx = common::subscribe(&host, port, &format!("{device}-sub"), "edgesight/#").await;
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_edgesight"))
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("unsupported_op.onnx"), "{stderr}");
+    // Anything it had published would have reached the subscriber by now, in order
+    // before the broker saw the connection close; give the broker a moment to forward.
+    let extra = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            let m = rx.recv().await.expect("subscriber ended");
+            if m.topic.contains(&device) {
+                return m;
+            }
+        }
+    })
+    .await;
+    assert!(extra.is_err(), "published: {:?}", extra.map(|m| m.topic));
+}
