@@ -328,6 +328,7 @@ async fn home_assistant_discovery_is_published_and_answers_ha_birth() {
     let _stop_on_panic = shutdown.clone().drop_guard();
     let run = tokio::spawn(edgesight::run(settings, shutdown.clone()));
     let m = common::next(&mut rx, "discovery").await;
+    common::check_schema("discovery", &m.payload);
     let v: Value = serde_json::from_str(&m.payload).unwrap();
     assert_eq!(v["dev"]["ids"][0], format!("edgesight_{device}"));
     let cmps = v["cmps"].as_object().unwrap();
@@ -580,6 +581,22 @@ async fn commands_pause_snapshot_resume_reload_and_reject_bad_input() {
         .expect("the reload (top_k 3 -> 1) applied within 60 s");
     shutdown.cancel();
     run.await.unwrap().unwrap();
+}
+
+/// The discovery schema catches a component Home Assistant would drop (an event without
+/// its event types).
+#[test]
+#[should_panic(expected = "violates")]
+fn schemas_reject_an_event_entity_without_event_types() {
+    common::check_schema(
+        "discovery",
+        r#"{"dev":{"ids":["edgesight_pi"],"name":"edgesight pi","mf":"edgesight","mdl":"m","sw":"0.1.0"},
+            "o":{"name":"edgesight","sw":"0.1.0"},"qos":1,
+            "cmps":{"edgesight_pi_front_detection":{"p":"event","name":"front detection",
+              "unique_id":"edgesight_pi_front_detection","default_entity_id":"event.edgesight_pi_front_detection",
+              "state_topic":"edgesight/pi/front/detection","value_template":"{{ value_json.type }}",
+              "availability":[{"topic":"a"},{"topic":"b"}],"availability_mode":"all"}}}"#,
+    );
 }
 
 /// The schemas are strict enough to catch a broken payload (so the checks above mean

@@ -290,10 +290,13 @@ fn settings_with_commands() -> Settings {
 }
 
 /// (e) Commands: any verb and payload parse to a request or a refusal; a refusal's log
-/// line is one line; a reply is JSON.
+/// line is one line; a reply is JSON that its documented schema (cmd-result) accepts; and
+/// a payload the daemon accepts is one the documented request schema (cmd-request) allows.
 #[test]
 fn any_command_is_parsed_or_refused_in_one_line() {
     let s = settings_with_commands();
+    let (request_schema, result_schema) =
+        (common::schema("cmd-request"), common::schema("cmd-result"));
     let verb = prop_oneof![
         "(pause|resume|snapshot|reload)",
         any::<String>(),
@@ -310,7 +313,15 @@ fn any_command_is_parsed_or_refused_in_one_line() {
         (verb, payload),
         |(verb, payload)| {
             let (name, id, result) = match commands::parse(&s, &verb, &payload) {
-                Ok(r) => (r.verb.name().to_string(), r.id, Ok(serde_json::Value::Null)),
+                Ok(r) => {
+                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&payload) {
+                        assert!(
+                            request_schema.is_valid(&v),
+                            "accepted, not in the schema: {v}"
+                        );
+                    }
+                    (r.verb.name().to_string(), r.id, Ok(serde_json::Value::Null))
+                }
                 Err(r) => {
                     let line = r.log_line();
                     assert!(!line.contains(['\n', '\r']), "{line:?}");
@@ -318,7 +329,11 @@ fn any_command_is_parsed_or_refused_in_one_line() {
                 }
             };
             let reply = commands::reply(&name, &id, result);
-            serde_json::from_slice::<serde_json::Value>(&reply).expect("reply is JSON");
+            let reply = serde_json::from_slice::<serde_json::Value>(&reply).expect("reply is JSON");
+            assert!(
+                result_schema.is_valid(&reply),
+                "reply outside cmd-result: {reply}"
+            );
         },
     );
 }

@@ -342,14 +342,21 @@ pub async fn publish(host: &str, port: u16, id: &str, topic: &str, payload: &[u8
     let _ = client.disconnect().await;
 }
 
+/// The validator of docs/schemas/`name`.schema.json, compiled once by the caller (for
+/// checks in a loop).
+pub fn schema(name: &str) -> jsonschema::Validator {
+    let path = root().join(format!("docs/schemas/{name}.schema.json"));
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    jsonschema::validator_for(&schema)
+        .unwrap_or_else(|e| panic!("{}: not a valid schema: {e}", path.display()))
+}
+
 /// Check `payload` against docs/schemas/`name`.schema.json (the schemas docs/mqtt.md
 /// documents); panics listing every violation.
 pub fn check_schema(name: &str, payload: &str) {
     let path = root().join(format!("docs/schemas/{name}.schema.json"));
-    let schema: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let validator = jsonschema::validator_for(&schema)
-        .unwrap_or_else(|e| panic!("{}: not a valid schema: {e}", path.display()));
+    let validator = schema(name);
     let instance: serde_json::Value = serde_json::from_str(payload)
         .unwrap_or_else(|e| panic!("{name} payload is not JSON ({e}): {payload}"));
     let errors: Vec<String> = validator
