@@ -116,7 +116,7 @@ const CASES: &[Case] = &[
         )],
         env: &[],
         dropin: None,
-        expect: &["camera[0].reopen_max_ms", "camera[0].reopen_min_ms"],
+        expect: &["camera[0].reopen_max_ms", "camera[0].reopen_min_ms", "FILE"],
     },
     Case {
         name: "change threshold out of range",
@@ -126,7 +126,7 @@ const CASES: &[Case] = &[
         )],
         env: &[],
         dropin: None,
-        expect: &["camera[0].change_threshold", "300"],
+        expect: &["camera[0].change_threshold", "300", "FILE"],
     },
     Case {
         name: "camera name with slash",
@@ -140,7 +140,7 @@ const CASES: &[Case] = &[
         edit: &[("name = \"front\"", "name = \"front\"\nsource = \"webrtc\"")],
         env: &[],
         dropin: None,
-        expect: &["camera[0].source", "webrtc"],
+        expect: &["camera[0].source", "webrtc", "FILE"],
     },
     Case {
         name: "bad value in a drop-in",
@@ -192,7 +192,7 @@ const CASES: &[Case] = &[
         )],
         env: &[],
         dropin: None,
-        expect: &["mqtt.password_file", "/nonexistent/pw"],
+        expect: &["mqtt.password_file", "/nonexistent/pw", "FILE"],
     },
     Case {
         name: "missing model",
@@ -244,7 +244,7 @@ const CASES: &[Case] = &[
         edit: &[("port = 1883", "port = 1883\nca_file = \"/x.pem\"")],
         env: &[],
         dropin: None,
-        expect: &["mqtt.ca_file", "TLS is off"],
+        expect: &["mqtt.ca_file", "TLS is off", "FILE"],
     },
     Case {
         name: "fsync policy typo",
@@ -290,6 +290,7 @@ const CASES: &[Case] = &[
             "camera[0].url",
             "only applies to source = \"rtsp\" or \"http-mjpeg\"",
             "\"images\"",
+            "FILE",
         ],
     },
     Case {
@@ -297,7 +298,13 @@ const CASES: &[Case] = &[
         edit: &[("path = \"SAMPLES\"", "source = \"onvif\"")],
         env: &[],
         dropin: None,
-        expect: &["camera[0].source", "onvif", "picamera", "http-mjpeg"],
+        expect: &[
+            "camera[0].source",
+            "onvif",
+            "picamera",
+            "http-mjpeg",
+            "FILE",
+        ],
     },
     Case {
         name: "http-mjpeg over https",
@@ -307,7 +314,7 @@ const CASES: &[Case] = &[
         )],
         env: &[],
         dropin: None,
-        expect: &["camera[0].url", "https", "source = \"pipe\""],
+        expect: &["camera[0].url", "https", "source = \"pipe\"", "FILE"],
     },
     Case {
         name: "rtsp url with the wrong scheme",
@@ -327,7 +334,7 @@ const CASES: &[Case] = &[
         )],
         env: &[],
         dropin: None,
-        expect: &["camera[0].width", "raw formats"],
+        expect: &["camera[0].format", "\"yuv420\" is a raw format", "FILE"],
     },
     Case {
         name: "pipe command with an open quote",
@@ -337,7 +344,7 @@ const CASES: &[Case] = &[
         )],
         env: &[],
         dropin: None,
-        expect: &["camera[0].command", "unclosed quote"],
+        expect: &["camera[0].command", "unclosed quote", "FILE"],
     },
     Case {
         name: "picamera yuv420 at a width rpicam-vid pads",
@@ -347,7 +354,7 @@ const CASES: &[Case] = &[
         )],
         env: &[],
         dropin: None,
-        expect: &["camera[0].width", "1000x600", "multiple of 64"],
+        expect: &["camera[0].width", "1000x600", "multiple of 64", "FILE"],
     },
     Case {
         name: "picamera preset without rpicam-vid or libcamera-vid",

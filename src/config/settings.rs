@@ -388,6 +388,17 @@ pub enum StreamFormat {
     Yuv420,
 }
 
+impl StreamFormat {
+    /// The name the configuration uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            StreamFormat::Mjpeg => "mjpeg",
+            StreamFormat::Nv12 => "nv12",
+            StreamFormat::Yuv420 => "yuv420",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RtspTransport {

@@ -475,9 +475,13 @@ impl Validator<'_> {
         let (width, height) = self.stream_size(k, s.width, s.height)?;
         if s.format != StreamFormat::Mjpeg {
             let Some((w, h)) = width.zip(height) else {
+                // Named by the key that was set, so the message says where.
                 return Err(self.err(
-                    &k("width"),
-                    "width and height are required for raw formats (nv12, yuv420)",
+                    &k("format"),
+                    format!(
+                        "\"{}\" is a raw format: width and height are required with it",
+                        s.format.name()
+                    ),
                 ));
             };
             if w % 2 != 0 || h % 2 != 0 {
