@@ -425,6 +425,48 @@ async fn state_topics_are_retained_and_events_are_not() {
     run.await.unwrap().unwrap();
 }
 
+/// Change gating: a camera showing the same scene frame after frame is classified once,
+/// then gated (counted, not classified) until the heartbeat; the stats message says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_scene_is_gated_and_counted() {
+    let (host, port) = common::broker();
+    let dir = tempfile::tempdir().unwrap();
+    let device = format!("gate-{}", std::process::id());
+    let cameras = "[[camera]]\nname = \"still\"\npath = \"{samples}/cross/01.jpg\"\nfps = 10\n\
+                   change_threshold = 4\nheartbeat_secs = 3600\n";
+    let f = common::config_file(dir.path(), &host, port, &device, cameras);
+    let text = std::fs::read_to_string(&f).unwrap();
+    let text = text.replace("[mqtt]\nhost", "[mqtt]\nstats_interval_secs = 1\nhost");
+    std::fs::write(&f, text).unwrap();
+    let settings = Settings::load_with_env(&f, vec![]).unwrap();
+    let base = format!("edgesight/{device}");
+    let mut rx =
+        common::subscribe(&host, port, &format!("{device}-sub"), &format!("{base}/#")).await;
+    let shutdown = CancellationToken::new();
+    let _stop_on_panic = shutdown.clone().drop_guard();
+    let run = tokio::spawn(edgesight::run(settings, shutdown.clone()));
+    // Wait for a stats message after at least 10 frames of the one image.
+    let cam = loop {
+        let v = next_on(&mut rx, &format!("{base}/stats")).await;
+        let cam = v["cameras"]["still"].clone();
+        if cam["captured"].as_u64().unwrap_or(0) >= 10 {
+            break cam;
+        }
+    };
+    let (captured, classified, gated, skipped) = (
+        cam["captured"].as_u64().unwrap(),
+        cam["classified"].as_u64().unwrap(),
+        cam["gated"].as_u64().unwrap(),
+        cam["skipped"].as_u64().unwrap(),
+    );
+    assert_eq!(classified, 1, "the same scene classified again: {cam}");
+    assert!(gated >= 8, "{cam}");
+    // Every frame is accounted for: classified, gated, skipped, or the one in flight.
+    assert!(captured.abs_diff(classified + gated + skipped) <= 1, "{cam}");
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+}
+
 /// Next message on `topic` (others are skipped), parsed.
 async fn next_on(rx: &mut tokio::sync::mpsc::UnboundedReceiver<common::Msg>, topic: &str) -> Value {
     loop {
