@@ -21,6 +21,11 @@ fi
 for key in TasksMax MemoryMax; do
     grep -q "^$key=" systemd/edgesight.service || { echo "edgesight.service: no $key=" >&2; exit 1; }
 done
+# A crash (a panic aborts) is restarted; a configuration error (exit 78) is not: the
+# same configuration would fail again, every RestartSec, forever.
+for line in "Restart=on-failure" "RestartPreventExitStatus=78" "Type=notify"; do
+    grep -qx "$line" systemd/edgesight.service || { echo "edgesight.service: no $line" >&2; exit 1; }
+done
 score=$(systemd-analyze security --offline=true systemd/edgesight.service 2>/dev/null \
     | sed -n 's/.*Overall exposure level for edgesight.service: \([0-9.]*\).*/\1/p')
 [ -n "$score" ] || { echo "no exposure score from systemd-analyze security" >&2; exit 1; }
