@@ -403,3 +403,52 @@ async fn run_with_a_bad_model_exits_78_and_publishes_nothing() {
     .await;
     assert!(extra.is_err(), "published: {:?}", extra.map(|m| m.topic));
 }
+
+/// A camera's retained state is current after a reconnect: the broker is cut off (a relay
+/// in between goes down), the camera's state changes meanwhile (its images run out) while
+/// the client's queue is full, and once the line is back a newcomer reads the new state,
+/// not the one from before the cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_camera_state_is_current_after_a_reconnect() {
+    let (host, port) = common::broker();
+    let proxy = common::Proxy::new(&host, port);
+    proxy.up().await;
+    let dir = tempfile::tempdir().unwrap();
+    let device = format!("recon-{}", std::process::id());
+    // "once" plays its six images at 2 fps: it ends three seconds in, during the cut.
+    let cameras = common::samples_camera(5, true)
+        + "[[camera]]\nname = \"once\"\npath = \"{samples}/circle\"\nfps = 2\nloop = false\n";
+    let cfg = common::config_file(dir.path(), "127.0.0.1", proxy.port, &device, &cameras);
+    // A small client queue, which front's classifications fill during the cut: once's
+    // last status cannot wait in it, only the daemon's own record of what it retains
+    // (re-sent after every connect) can bring it to the broker.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("[mqtt]\nhost", "[mqtt]\nqueue = 4\nhost"),
+    )
+    .unwrap();
+    let status = format!("edgesight/{device}/once/status");
+    let mut rx = common::subscribe(&host, port, &format!("{device}-sub"), &status).await;
+    let d = common::Daemon::start_with_env(&cfg, &[("EDGESIGHT__LOG__LEVEL", "info")]);
+    loop {
+        let m = common::next(&mut rx, "once streaming").await;
+        if m.payload.contains("\"streaming\"") {
+            break;
+        }
+    }
+    proxy.down();
+    d.wait_for_log("camera once: end of images");
+    proxy.up().await;
+    // Through the restored line: the daemon re-sends what it retains.
+    loop {
+        let m = common::next(&mut rx, "once ended, after the reconnect").await;
+        if m.payload.contains("\"ended\"") {
+            break;
+        }
+    }
+    let mut late = common::subscribe(&host, port, &format!("{device}-late"), &status).await;
+    let m = common::next(&mut late, "retained once status").await;
+    assert!(m.retain && m.payload.contains("\"ended\""), "{}", m.payload);
+    d.stop();
+}

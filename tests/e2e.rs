@@ -462,7 +462,10 @@ async fn an_unchanged_scene_is_gated_and_counted() {
     assert_eq!(classified, 1, "the same scene classified again: {cam}");
     assert!(gated >= 8, "{cam}");
     // Every frame is accounted for: classified, gated, skipped, or the one in flight.
-    assert!(captured.abs_diff(classified + gated + skipped) <= 1, "{cam}");
+    assert!(
+        captured.abs_diff(classified + gated + skipped) <= 1,
+        "{cam}"
+    );
     shutdown.cancel();
     run.await.unwrap().unwrap();
 }
