@@ -182,22 +182,16 @@ impl FrameStream for FakeStream {
 }
 
 fn camera() -> CameraSettings {
-    CameraSettings {
-        name: "door".into(),
-        source: SourceSettings::V4l2 {
+    CameraSettings::with_defaults(
+        "door",
+        SourceSettings::V4l2 {
             device: V4l2Device::Index(0),
             width: 640,
             height: 480,
             fps: 10,
             format: PixelFormat::Auto,
         },
-        max_age_ms: 2000,
-        stall_secs: 5.0,
-        reopen_min_ms: 500,
-        reopen_max_ms: 30_000,
-        change_threshold: 0.0,
-        heartbeat_secs: 60.0,
-    }
+    )
 }
 
 type Log = Arc<Mutex<Vec<(Duration, CameraStatus)>>>;

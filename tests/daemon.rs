@@ -422,12 +422,7 @@ async fn retained_camera_state_is_current_after_a_reconnect() {
     // A small client queue, which front's classifications fill during the cut: once's
     // last status cannot wait in it, only the daemon's own record of what it retains
     // (re-sent after every connect) can bring it to the broker.
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(
-        &cfg,
-        text.replace("[mqtt]\nhost", "[mqtt]\nqueue = 4\nhost"),
-    )
-    .unwrap();
+    common::set_mqtt(&cfg, "queue = 4");
     let status = format!("edgesight/{device}/once/status");
     let mut rx = common::subscribe(&host, port, &format!("{device}-sub"), &status).await;
     let d = common::Daemon::start_with_env(&cfg, &[("EDGESIGHT__LOG__LEVEL", "info")]);

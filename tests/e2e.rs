@@ -374,8 +374,8 @@ async fn state_topics_are_retained_and_events_are_not() {
         + "[[camera]]\nname = \"once\"\npath = \"{samples}/circle\"\nfps = 10\nloop = false\n";
     let f = common::config_file(dir.path(), &host, port, &device, &cameras);
     let text = std::fs::read_to_string(&f).unwrap() + "[homeassistant]\ndiscovery = true\n";
-    let text = text.replace("[mqtt]\nhost", "[mqtt]\nstats_interval_secs = 1\nhost");
     std::fs::write(&f, text).unwrap();
+    common::set_mqtt(&f, "stats_interval_secs = 1");
     let settings = Settings::load_with_env(&f, vec![]).unwrap();
     let base = format!("edgesight/{device}");
     let mut rx =
@@ -435,9 +435,7 @@ async fn an_unchanged_scene_is_gated_and_counted() {
     let cameras = "[[camera]]\nname = \"still\"\npath = \"{samples}/cross/01.jpg\"\nfps = 10\n\
                    change_threshold = 4\nheartbeat_secs = 3600\n";
     let f = common::config_file(dir.path(), &host, port, &device, cameras);
-    let text = std::fs::read_to_string(&f).unwrap();
-    let text = text.replace("[mqtt]\nhost", "[mqtt]\nstats_interval_secs = 1\nhost");
-    std::fs::write(&f, text).unwrap();
+    common::set_mqtt(&f, "stats_interval_secs = 1");
     let settings = Settings::load_with_env(&f, vec![]).unwrap();
     let base = format!("edgesight/{device}");
     let mut rx =

@@ -407,6 +407,17 @@ fn any_configuration_loads_or_is_refused_naming_the_file() {
 
 // ------------------------------------------------------------------------------ frames
 
+/// The input the frame targets prepare for: small, so a case is cheap.
+fn small_input() -> edgesight::frame::preprocess::InputSpec {
+    edgesight::frame::preprocess::InputSpec {
+        width: 32,
+        height: 32,
+        layout: edgesight::frame::preprocess::Layout::Nchw,
+        preprocess: edgesight::config::Preprocess::Torchvision,
+        resize: edgesight::config::ResizeMode::Stretch,
+    }
+}
+
 /// (c) Frames: the fixture JPEGs damaged, and raw frames of any size and length, are
 /// prepared or refused; none panics or allocates past what its mode allows.
 #[test]
@@ -419,13 +430,7 @@ fn any_frame_is_prepared_or_refused() {
             (std::fs::read(path).unwrap(), dims)
         })
         .collect();
-    let spec = edgesight::frame::preprocess::InputSpec {
-        width: 32,
-        height: 32,
-        layout: edgesight::frame::preprocess::Layout::Nchw,
-        preprocess: edgesight::config::Preprocess::Torchvision,
-        resize: edgesight::config::ResizeMode::Stretch,
-    };
+    let spec = small_input();
     let mjpeg = (
         0usize..3,
         proptest::collection::vec((any::<usize>(), any::<u8>()), 0..8),
@@ -496,13 +501,7 @@ fn any_stream_is_cut_into_whole_frames() {
         .iter()
         .map(|f| std::fs::read(common::fixture(&format!("samples/{f}"))).unwrap())
         .collect();
-    let spec = edgesight::frame::preprocess::InputSpec {
-        width: 32,
-        height: 32,
-        layout: edgesight::frame::preprocess::Layout::Nchw,
-        preprocess: edgesight::config::Preprocess::Torchvision,
-        resize: edgesight::config::ResizeMode::Stretch,
-    };
+    let spec = small_input();
     // A part: a fixture JPEG (damaged or cut, sometimes) or bytes of any kind.
     let part = prop_oneof![
         3 => (

@@ -20,13 +20,9 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 /// A program the test needs, or a failure saying how to get it.
 fn require(program: &str, package: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!("{program} is not installed: tools/test.sh installs it (apt install {package})")
-        })
+    edgesight::capture::child::find_program(program).unwrap_or_else(|| {
+        panic!("{program} is not installed: tools/test.sh installs it (apt install {package})")
+    })
 }
 
 fn sample(class: &str) -> PathBuf {

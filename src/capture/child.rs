@@ -14,6 +14,7 @@ use tokio::process::{Child, ChildStdout, Command};
 use tracing::{info, warn};
 
 use crate::capture::CaptureError;
+use crate::config::scrub;
 use crate::util::worth_logging;
 
 /// How long a program has to exit after SIGTERM before its group gets SIGKILL.
@@ -56,14 +57,6 @@ pub fn widen_pipe(fd: &impl std::os::fd::AsRawFd) {
 }
 
 const PIPE_SIZE: libc::c_int = 1 << 20;
-
-/// `line` with every secret replaced by `***`.
-pub fn scrub(line: &str, secrets: &[String]) -> String {
-    secrets
-        .iter()
-        .filter(|s| !s.is_empty())
-        .fold(line.to_string(), |l, s| l.replace(s.as_str(), "***"))
-}
 
 /// A running camera program. Dropping it stops the program's whole process group.
 pub struct ChildProgram {

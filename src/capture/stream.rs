@@ -350,16 +350,7 @@ mod tests {
     use crate::config::{CommandLine, RtspTransport, SourceUrl};
 
     fn camera(source: SourceSettings) -> CameraSettings {
-        CameraSettings {
-            name: "c".into(),
-            source,
-            max_age_ms: 2000,
-            stall_secs: 5.0,
-            reopen_min_ms: 500,
-            reopen_max_ms: 30_000,
-            change_threshold: 0.0,
-            heartbeat_secs: 60.0,
-        }
+        CameraSettings::with_defaults("c", source)
     }
 
     fn args(r: &StreamRequest) -> String {

@@ -519,14 +519,7 @@ impl SourceUrl {
     /// Every form the password may take in a program's output (as written, decoded), for
     /// scrubbing a child's messages; empty without one.
     pub fn secrets(&self) -> Vec<String> {
-        let Some((a, b)) = self.userinfo else {
-            return Vec::new();
-        };
-        let (_, password) = full_split(&self.full[a..b]);
-        let mut v = vec![password.to_string(), percent_decode(password)];
-        v.retain(|s| !s.is_empty());
-        v.dedup();
-        v
+        url_passwords(&self.full)
     }
 }
 
@@ -555,6 +548,14 @@ pub fn url_passwords(text: &str) -> Vec<String> {
     found
 }
 
+/// `text` with every secret replaced by `***`.
+pub fn scrub(text: &str, secrets: &[String]) -> String {
+    secrets
+        .iter()
+        .filter(|s| !s.is_empty())
+        .fold(text.to_string(), |t, s| t.replace(s.as_str(), "***"))
+}
+
 /// A pipe source's command line: the program, then its arguments. `Debug` and
 /// `Serialize` show it with the passwords of any URLs in it replaced by `***`.
 #[derive(Clone, PartialEq, Eq)]
@@ -564,14 +565,7 @@ impl CommandLine {
     /// The arguments as shown: URL passwords replaced.
     pub fn scrubbed(&self) -> Vec<String> {
         let secrets = url_passwords(&self.0.join(" "));
-        self.0
-            .iter()
-            .map(|a| {
-                secrets
-                    .iter()
-                    .fold(a.clone(), |a, p| a.replace(p.as_str(), "***"))
-            })
-            .collect()
+        self.0.iter().map(|a| scrub(a, &secrets)).collect()
     }
 }
 

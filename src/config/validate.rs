@@ -608,6 +608,24 @@ impl Validator<'_> {
     }
 }
 
+impl CameraSettings {
+    /// Camera `name` on `source`, the raw layer's defaults for the rest (tests and tools
+    /// that build a camera without a config file).
+    pub fn with_defaults(name: &str, source: SourceSettings) -> CameraSettings {
+        let d = RawCameraCommon::default();
+        CameraSettings {
+            name: name.to_string(),
+            source,
+            max_age_ms: d.max_age_ms as u64,
+            stall_secs: d.stall_secs,
+            reopen_min_ms: d.reopen_min_ms as u64,
+            reopen_max_ms: d.reopen_max_ms as u64,
+            change_threshold: d.change_threshold as f32,
+            heartbeat_secs: d.heartbeat_secs,
+        }
+    }
+}
+
 impl ModelSettings {
     /// The raw layer's defaults, for a model file given on the command line (no config
     /// file).

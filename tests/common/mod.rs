@@ -159,6 +159,21 @@ pub fn config_file(dir: &Path, host: &str, port: u16, device: &str, cameras: &st
     f
 }
 
+/// Add `line` (a `key = value`) to the `[mqtt]` table of a file [`config_file`] wrote.
+pub fn set_mqtt(file: &Path, line: &str) {
+    let text = std::fs::read_to_string(file).unwrap();
+    assert!(
+        text.contains("[mqtt]\nhost"),
+        "not a config_file: {}",
+        file.display()
+    );
+    std::fs::write(
+        file,
+        text.replace("[mqtt]\nhost", &format!("[mqtt]\n{line}\nhost")),
+    )
+    .unwrap();
+}
+
 /// `[[camera]]` "front" replaying the fixture samples.
 pub fn samples_camera(fps: u32, looped: bool) -> String {
     format!("[[camera]]\nname = \"front\"\npath = \"{{samples}}\"\nfps = {fps}\nloop = {looped}\n")
