@@ -662,3 +662,66 @@ async fn reloads_hand_the_outbox_over_and_refuse_a_directory_in_use() {
     assert!(!log.contains("still running after the drain"), "{log}");
     d.stop();
 }
+
+/// A broker that stops answering (the connection open, nothing acknowledged) holds the
+/// shutdown for `DRAIN_TIMEOUT`, not for ever, and loses nothing: SIGTERM still exits 0,
+/// and the events it did not acknowledge stay on disk, delivered by the next run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_stops_answering_holds_the_shutdown_only_for_the_drain_time() {
+    let (host, port) = common::broker();
+    let dir = tempfile::tempdir().unwrap();
+    let device = format!("frozen-{}", std::process::id());
+    let proxy = common::Proxy::new(&host, port);
+    proxy.up().await;
+    let f = config(dir.path(), proxy.port, &device);
+    let outbox = dir.path().join("outbox");
+    let mut rx = detections(&host, port, &device).await;
+    let mut daemon = common::Daemon::start_with_env(&f, &[("EDGESIGHT__LOG__LEVEL", "info")]);
+    let first = event(
+        &common::next(&mut rx, "a first detection event").await,
+        &device,
+    );
+    proxy.freeze();
+    // Events keep coming while nothing is acknowledged.
+    let mut pending = HashSet::new();
+    for _ in 0..600 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        pending = records_in(&outbox);
+        if pending.len() >= 4 {
+            break;
+        }
+    }
+    assert!(pending.len() >= 4, "{pending:?}");
+    daemon.signal("TERM");
+    let mut status = None;
+    // A liveness bound: the drain's caps add up to about 11 s; without them the keep-alive
+    // gives up after about 60 s.
+    for _ in 0..300 {
+        status = daemon.child.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = daemon.log();
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "no exit 0 within 30 s: {log}"
+    );
+    assert!(log.contains("kept for the next run"), "{log}");
+    let kept = records_in(&outbox);
+    assert!(
+        pending.is_subset(&kept),
+        "lost {:?}",
+        pending.difference(&kept)
+    );
+
+    proxy.down();
+    proxy.thaw();
+    proxy.up().await;
+    let daemon = common::Daemon::start(&f);
+    let got = receive_all(&mut rx, &device, &kept).await;
+    daemon.stop();
+    assert_in_order(&[vec![first], got].concat());
+}

@@ -122,8 +122,16 @@ struct Wiring {
 pub struct Pipeline {
     w: Wiring,
     cameras: Cameras,
-    inference: JoinHandle<()>,
+    inference: InferenceThread,
     reload: JoinHandle<Option<Loaded>>,
+}
+
+/// The inference stage runs on a thread of its own named `inference` (a name `top -H`,
+/// gdb and the watchdog test find). Not a `spawn_blocking` task: a wedged one would hold
+/// the runtime's shutdown, and so the process, forever.
+struct InferenceThread {
+    /// Resolves when the thread ends (its sender is dropped with the thread's closure).
+    done: tokio::sync::oneshot::Receiver<()>,
 }
 
 impl Pipeline {
@@ -176,7 +184,12 @@ impl Pipeline {
             classifier.file_name()
         ));
         w.start_reporters(daemon);
-        let inference = w.start_inference(classifier, slots, outbox, rules);
+        let inference = w
+            .start_inference(classifier, slots, outbox, rules)
+            .inspect_err(|_| {
+                w.stops.pipeline.cancel();
+                w.stops.network.cancel();
+            })?;
         Ok(Pipeline {
             w,
             cameras,
@@ -187,9 +200,7 @@ impl Pipeline {
 
     /// Wait for inference to end (cancelled, reloaded, or out of frames), then drain.
     pub async fn finish(mut self, daemon: &Daemon) -> Outcome {
-        if let Err(e) = (&mut self.inference).await {
-            warn!("inference thread ended abnormally: {e}");
-        }
+        self.inference.ended(&self.w.stops.pipeline).await;
         daemon.notifier.notify("STOPPING=1\nSTATUS=draining");
         let stats = self.w.drain(self.cameras).await;
         match self.reload.await {
@@ -348,7 +359,7 @@ impl Wiring {
         slots: Arc<Slots>,
         outbox: Option<Arc<Outbox>>,
         rules: Option<Rules>,
-    ) -> JoinHandle<()> {
+    ) -> Result<InferenceThread> {
         let cameras = self.settings.camera.len();
         let durable = outbox.map(|outbox| infer::Durable {
             trackers: rules.map_or(vec![], |r| vec![Tracker::new(r); cameras]),
@@ -364,7 +375,15 @@ impl Wiring {
             durable,
         };
         let cancel = self.stops.pipeline.clone();
-        tokio::task::spawn_blocking(move || Inference::new(ctx).run(&cancel))
+        let (tx, done) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("inference".into())
+            .spawn(move || {
+                let _ended = tx;
+                Inference::new(ctx).run(&cancel)
+            })
+            .context("starting the inference thread")?;
+        Ok(InferenceThread { done })
     }
 
     /// The shutdown order (ARCHITECTURE.md, "Shutdown drains in order"). Inference has
@@ -452,6 +471,25 @@ impl HeldOutbox {
             let _ = self.sender.await;
         }
         self.outbox
+    }
+}
+
+impl InferenceThread {
+    /// Until the thread ends by itself (its sources ran out), or, once the pipeline is
+    /// stopped, for at most [`DRAIN_TIMEOUT`] while it finishes the frame in flight. A
+    /// thread wedged past that is left behind (the process exit ends it): the drain must
+    /// still publish `offline` and close the connection.
+    async fn ended(&mut self, stop: &CancellationToken) {
+        tokio::select! {
+            _ = &mut self.done => return,
+            _ = stop.cancelled() => {}
+        }
+        if tokio::time::timeout(DRAIN_TIMEOUT, &mut self.done)
+            .await
+            .is_err()
+        {
+            warn!("inference still busy {DRAIN_TIMEOUT:?} after the stop; draining without it");
+        }
     }
 }
 

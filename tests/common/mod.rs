@@ -198,6 +198,8 @@ pub struct Proxy {
     /// With [`Proxy::tapped`]: (topic, payload) of the QoS 1 PUBLISHes the broker
     /// acknowledged (PUBACK) through this proxy, in order.
     pub acked: Option<Tap>,
+    /// Set by [`Proxy::freeze`]: relays stop passing bytes but keep their connections.
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub type Tap = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
@@ -223,15 +225,23 @@ fn mqtt_packet(buf: &mut Vec<u8>) -> Option<(u8, Vec<u8>)> {
     Some((first, body))
 }
 
-/// Relay `from` to `to`, handing every whole MQTT packet to `seen` on the way.
+/// Relay `from` to `to`, handing every whole MQTT packet to `seen` on the way; while
+/// `frozen`, nothing is read (and so nothing passed on).
 async fn relay_watching(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
     mut seen: impl FnMut(u8, &[u8]) + Send,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut chunk, mut pending) = (vec![0u8; 65536], Vec::new());
-    while let Ok(n) = from.read(&mut chunk).await {
+    loop {
+        while frozen.load(std::sync::atomic::Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let Ok(n) = from.read(&mut chunk).await else {
+            break;
+        };
         if n == 0 || to.write_all(&chunk[..n]).await.is_err() {
             break;
         }
@@ -250,6 +260,7 @@ impl Proxy {
             upstream: (host.to_string(), port),
             tasks: Default::default(),
             acked: None,
+            frozen: Default::default(),
         }
     }
 
@@ -279,27 +290,32 @@ impl Proxy {
         let upstream = self.upstream.clone();
         let tasks = self.tasks.clone();
         let acked = self.acked.clone();
+        let frozen = self.frozen.clone();
         let accept = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 let upstream = upstream.clone();
                 let acked = acked.clone();
+                let frozen = frozen.clone();
                 let relay =
                     tokio::spawn(async move {
-                        let Ok(mut out) = tokio::net::TcpStream::connect(upstream).await else {
+                        let Ok(out) = tokio::net::TcpStream::connect(upstream).await else {
                             return;
                         };
+                        let (ir, iw) = inbound.into_split();
+                        let (or, ow) = out.into_split();
                         let Some(acked) = acked else {
-                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                            tokio::join!(
+                                relay_watching(ir, ow, frozen.clone(), |_, _| {}),
+                                relay_watching(or, iw, frozen, |_, _| {})
+                            );
                             return;
                         };
                         // QoS 1 PUBLISHes out (packet id -> payload), PUBACKs back.
                         let sent = std::sync::Arc::new(std::sync::Mutex::new(
                             std::collections::HashMap::<u16, (String, Vec<u8>)>::new(),
                         ));
-                        let (ir, iw) = inbound.into_split();
-                        let (or, ow) = out.into_split();
                         let s = sent.clone();
-                        let up = relay_watching(ir, ow, move |first, body| {
+                        let up = relay_watching(ir, ow, frozen.clone(), move |first, body| {
                             if first >> 4 == 3 && (first >> 1) & 3 == 1 && body.len() >= 2 {
                                 let tlen = u16::from_be_bytes([body[0], body[1]]) as usize;
                                 if body.len() >= 4 + tlen {
@@ -310,7 +326,7 @@ impl Proxy {
                                 }
                             }
                         });
-                        let down = relay_watching(or, iw, move |first, body| {
+                        let down = relay_watching(or, iw, frozen, move |first, body| {
                             if first >> 4 == 4 && body.len() >= 2 {
                                 let id = u16::from_be_bytes([body[0], body[1]]);
                                 if let Some(p) = sent.lock().unwrap().remove(&id) {
@@ -324,6 +340,18 @@ impl Proxy {
             }
         });
         self.tasks.lock().unwrap().push(accept.abort_handle());
+    }
+
+    /// A broker that stops answering with the connection still open (a dead NAT path, a
+    /// hung broker): nothing passes either way until [`Proxy::thaw`].
+    pub fn freeze(&self) {
+        self.frozen
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn thaw(&self) {
+        self.frozen
+            .store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Stop listening and close every relayed connection.
@@ -466,4 +494,101 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// One thread of a child process held still, the rest of the process running on: what a
+/// deadlock or an endless loop in that thread looks like from outside. The thread is
+/// found by its name (`/proc/PID/task/*/comm`), ptrace-seized and interrupted; dropping
+/// the hold detaches it, and it runs again.
+pub struct Wedge {
+    release: Option<std::sync::mpsc::Sender<()>>,
+    holder: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Wedge {
+    pub fn thread(pid: u32, name: &str) -> Wedge {
+        let tid = thread_id(pid, name);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        // Every ptrace request must come from the thread that attached.
+        let holder = std::thread::spawn(move || {
+            let hold = || -> Result<(), String> {
+                // SAFETY: plain syscalls on a thread id; no memory is shared.
+                unsafe {
+                    if libc::ptrace(libc::PTRACE_SEIZE, tid, 0, 0) != 0 {
+                        return Err(format!(
+                            "PTRACE_SEIZE {tid}: {}",
+                            std::io::Error::last_os_error()
+                        ));
+                    }
+                    if libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0) != 0 {
+                        return Err(format!(
+                            "PTRACE_INTERRUPT {tid}: {}",
+                            std::io::Error::last_os_error()
+                        ));
+                    }
+                    let mut status = 0;
+                    if libc::waitpid(tid, &mut status, libc::__WALL) != tid {
+                        return Err(format!(
+                            "waitpid {tid}: {}",
+                            std::io::Error::last_os_error()
+                        ));
+                    }
+                }
+                Ok(())
+            };
+            let held = hold();
+            let ok = held.is_ok();
+            let _ = ready_tx.send(held);
+            if !ok {
+                return;
+            }
+            // Until released. Meanwhile reap the thread should the process end (its
+            // parent cannot see the process exit while we hold a dead thread unreaped).
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                released.recv_timeout(Duration::from_millis(100))
+            {
+                let mut status = 0;
+                // SAFETY: as above.
+                let r = unsafe { libc::waitpid(tid, &mut status, libc::__WALL | libc::WNOHANG) };
+                if r == tid && (libc::WIFEXITED(status) || libc::WIFSIGNALED(status)) || r < 0 {
+                    return;
+                }
+            }
+            // SAFETY: as above; the thread is in a ptrace stop.
+            unsafe { libc::ptrace(libc::PTRACE_DETACH, tid, 0, 0) };
+        });
+        ready_rx
+            .recv()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("holding thread {name:?} of {pid}: {e}"));
+        Wedge {
+            release: Some(release),
+            holder: Some(holder),
+        }
+    }
+}
+
+impl Drop for Wedge {
+    fn drop(&mut self) {
+        drop(self.release.take());
+        if let Some(h) = self.holder.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The id of `pid`'s thread named `name`, waiting (a liveness bound) for it to start.
+fn thread_id(pid: u32, name: &str) -> i32 {
+    for _ in 0..300 {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+        for t in tasks.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if comm.trim_end() == name {
+                return t.file_name().to_string_lossy().parse().unwrap();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("process {pid} has no thread named {name:?}");
 }
