@@ -59,20 +59,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    // A panic anywhere is fatal: print it, then abort, so systemd restarts the daemon
-    // whole instead of leaving it with a dead stage. (Not `panic = "abort"`: libjpeg's
-    // errors unwind out of the C decoder and are caught as errors, see src/frame/mod.rs; that
-    // unwinding does not call this hook.)
-    let report = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        // Except while a model loads: there a panic means a bad file, and becomes the
-        // load's error (util::panics).
-        if edgesight::util::panics::absorb(info) {
-            return;
-        }
-        report(info);
-        std::process::abort();
-    }));
+    // A panic anywhere is fatal (systemd restarts us whole), except while a model loads.
+    edgesight::util::panics::abort_on_panic();
     let cli = Cli::parse();
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -614,3 +614,124 @@ async fn sigterm_with_a_wedged_inference_thread_still_drains() {
     }
     drop(wedge);
 }
+
+/// What rumqttc held when the connection broke (clean session: its queue and its
+/// unacknowledged publishes) is lost, and counted: the stats message's `mqtt.lost` is the
+/// sum of what the log reported lost, and not zero after a frozen line is cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_lost_with_a_broken_connection_are_counted() {
+    let (host, port) = common::broker();
+    let proxy = common::Proxy::new(&host, port);
+    proxy.up().await;
+    let dir = tempfile::tempdir().unwrap();
+    let device = format!("lost-{}", std::process::id());
+    let cfg = common::config_file(
+        dir.path(),
+        "127.0.0.1",
+        proxy.port,
+        &device,
+        &common::samples_camera(20, true),
+    );
+    common::set_mqtt(&cfg, "stats_interval_secs = 1");
+    let mut rx = common::subscribe(
+        &host,
+        port,
+        &format!("{device}-sub"),
+        &format!("edgesight/{device}/#"),
+    )
+    .await;
+    let d = common::Daemon::start(&cfg);
+    while !common::next(&mut rx, "a classification")
+        .await
+        .topic
+        .ends_with("/classification")
+    {}
+    // Classifications go out and nothing comes back; then the line is cut.
+    proxy.freeze();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.down();
+    let log = d.wait_for_log("queued message(s)); retrying");
+    proxy.thaw();
+    proxy.up().await;
+    let reported: u64 = log
+        .lines()
+        .filter_map(|l| {
+            l.split("(lost ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert!(reported > 0, "{log}");
+    let stats = format!("edgesight/{device}/stats");
+    loop {
+        let m = common::next(&mut rx, "a stats message after the reconnect").await;
+        if m.topic == stats {
+            let v: serde_json::Value = serde_json::from_str(&m.payload).unwrap();
+            if v["mqtt"]["reconnects"].as_u64() >= Some(1) {
+                assert_eq!(
+                    v["mqtt"]["lost"].as_u64(),
+                    Some(reported),
+                    "{}\n{}",
+                    m.payload,
+                    d.log()
+                );
+                break;
+            }
+        }
+    }
+    d.stop();
+}
+
+/// The process's panic policy (`util::panics::abort_on_panic`, which `main` installs): a
+/// panic on any thread, here one like a pipeline stage's, aborts the whole process
+/// (SIGABRT, which the unit's `Restart=on-failure` restarts) after printing where it
+/// was; one inside `catching` (a model load) is an error instead. This test runs itself
+/// again as the process that panics.
+#[test]
+fn a_panic_on_any_thread_aborts_the_process() {
+    use std::os::unix::process::ExitStatusExt;
+    const CHILD: &str = "EDGESIGHT_TEST_PANIC_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        edgesight::util::panics::abort_on_panic();
+        let caught = edgesight::util::panics::catching("loading a model", || panic!("bad file"));
+        println!("caught: {}", caught.unwrap_err());
+        let _ = std::thread::Builder::new()
+            .name("stage".into())
+            .spawn(|| panic!("a stage's bug"))
+            .unwrap()
+            .join();
+        println!("still running after a stage panicked");
+        return;
+    }
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_panic_on_any_thread_aborts_the_process",
+            "--nocapture",
+        ])
+        .env(CHILD, "1")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGABRT),
+        "{:?}\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(
+        stderr.contains("thread 'stage'") && stderr.contains("a stage's bug"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("caught: a panic while loading a model") && stdout.contains("bad file"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("still running"), "{stdout}");
+}

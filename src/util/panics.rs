@@ -39,6 +39,24 @@ pub fn catching<R>(what: &'static str, f: impl FnOnce() -> R) -> Result<R, Panic
     })
 }
 
+/// The process's panic policy, installed first thing by `main`: a panic anywhere is fatal.
+/// It is printed (with the default hook's message and location), then the process aborts
+/// (SIGABRT), so systemd restarts the daemon whole instead of leaving it with a dead stage.
+/// Except inside [`catching`]: there the panic is recorded and unwinds into an error.
+///
+/// Not `panic = "abort"` in the profile: libjpeg's errors unwind out of the C decoder and
+/// are caught as errors (src/frame/mod.rs); that unwinding does not call this hook.
+pub fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if absorb(info) {
+            return;
+        }
+        report(info);
+        std::process::abort();
+    }));
+}
+
 /// For the process's panic hook: if this thread is inside [`catching`], remember the
 /// panic (message and location) and return true, so that the hook lets it unwind instead
 /// of aborting.

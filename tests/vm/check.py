@@ -24,8 +24,37 @@ def payloads(topic):
 check(
     "/dev/video0: vivid (platform:vivid-000)" in console
     and "/dev/video1: skipped: /dev/video1 (vivid) cannot capture video" in console,
-    "edgesight cameras: vivid's capture nodes with their modes, output/metadata nodes skipped",
+    "edgesight cameras: vivid's capture nodes, output/metadata nodes skipped",
 )
+
+
+def modes_listed(node):
+    """The mode lines `edgesight cameras` printed under `node` (before the run starts)."""
+    text = console.split("edgesight-vm: starting edgesight")[0].replace("\r", "")
+    block = re.search(re.escape(node) + r": vivid \(platform:vivid-\d+\)\n((?:    .*\n)+)", text)
+    return [line.strip() for line in block.group(1).splitlines()] if block else []
+
+
+modes = modes_listed("/dev/video0")
+want = ["YUYV 320x180 @ 5 fps", "NV12 320x180 @ 5 fps", "GREY 320x180 @ 5 fps",
+        "RGB3 320x180 @ 5 fps", "BGR3 320x180 @ 5 fps", "YUYV 1280x720 @ 1 fps"]
+check(all(m in modes for m in want),
+      f"edgesight cameras: /dev/video0's {len(modes)} modes include {want}")
+check(all(modes_listed(f"/dev/video{n}") for n in range(4, 10)),
+      "edgesight cameras: every other vivid capture node lists its modes")
+
+
+def index_of_replug(cam):
+    """Index in `msgs` of the camera's `online` after its first online -> offline."""
+    want = ["online", "offline", "online"]
+    for i, (t, p) in enumerate(msgs):
+        if t == f"{base}/{cam}/availability" and p == want[0]:
+            want.pop(0)
+            if not want:
+                return i
+    return None
+
+
 # Each camera asked for a format (and size); mode negotiation must deliver it.
 expect = {
     "yuyv": "YUYV 320x180",
@@ -50,8 +79,19 @@ for cam, mode in expect.items():
     # others, rgb with its flagged buffers included, stay online until the shutdown.
     after = ["offline", "online", "offline"] if cam == "nv12" else ["offline"]
     check(since_up[3:] == after, f"{cam}: then {after}: {since_up[3:]}")
+    r = index_of_replug(cam)
+    after = sum(1 for t, _ in msgs[r or len(msgs):] if t == f"{base}/{cam}/classification")
+    check(r is not None and after > 0, f"{cam}: {after} classification(s) after the replug")
     reasons = [s.get("reason") for s in status if s["state"] == "waiting"]
-    check(bool(reasons), f"{cam}: offline with a reason: {reasons[:1]}")
+    unplugged = [r for r in reasons if isinstance(r, str) and f"/dev/v4l/by-id/vivid-" in r
+                 and "(camera unplugged?)" in r]
+    check(bool(reasons) and all(isinstance(r, str) and r for r in reasons) and bool(unplugged),
+          f"{cam}: offline with a reason, naming the device: {unplugged[:1]}")
+
+moved = re.search(r"vivid-5 was (/dev/video\d+), now (/dev/video\d+)", console)
+check(bool(moved) and moved.group(1) != moved.group(2),
+      f"auto: replugged under a new node, found through its by-id link: "
+      f"{moved.groups() if moved else None}")
 
 mjpeg = [json.loads(p).get("reason") or "" for p in payloads(f"{base}/mjpeg/status")]
 why = [r for r in mjpeg if 'no mode in format "mjpeg" (it offers:' in r]

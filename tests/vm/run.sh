@@ -16,7 +16,8 @@
 #     streams again at 0 %; buffers the driver flags as corrupt (vivid's error injection)
 #     are dropped and counted without taking the camera offline;
 #   - unplugged cameras go offline (retained availability + status with the reason) and
-#     come back online after the replug, found again through their by-id links;
+#     come back online and classifying after the replug, found again through their by-id
+#     links, one of them (held open meanwhile) under a new /dev/videoN;
 #   - the device's own availability is online, then offline after SIGTERM, exit code 0.
 #
 #   tests/vm/run.sh ARCH BINARY
@@ -172,12 +173,18 @@ echo "edgesight-vm: starting edgesight"
 /bin/edgesight run --config /config.toml &
 pid=$!
 sleep "$settle"
+# vivid-5's capture node is held open across the unplug: its number stays taken until the
+# last close, so that camera comes back under a new /dev/videoN (as a USB camera does in
+# another port) and only its by-id link leads to it.
+was=$(readlink /dev/v4l/by-id/vivid-5)
+exec 9<"$was"
 echo "edgesight-vm: unplug vivid.0"
 echo vivid.0 > /sys/bus/platform/drivers/vivid/unbind
 sleep 10
 echo vivid.0 > /sys/bus/platform/drivers/vivid/bind
 for k in 0 1 2 3 4 5 6; do link $k; done
-echo "edgesight-vm: replug vivid.0 -> $(ls -l /dev/v4l/by-id/vivid-0)"
+exec 9<&-
+echo "edgesight-vm: replug vivid.0: vivid-5 was $was, now $(readlink /dev/v4l/by-id/vivid-5)"
 sleep "$settle"
 # A driver that stops delivering: nv12's reader blocks in the driver, the camera stalls
 # and is retried; its threads must not pile up. Then it delivers again.
