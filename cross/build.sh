@@ -5,8 +5,11 @@
 #
 #   cross/build.sh setup aarch64|armv7        install the toolchain for a target
 #   cross/build.sh build aarch64|armv7        release binary + .deb (target/cross/...)
-#   cross/build.sh test  aarch64|armv7 [CPU]  lib, model-parity and end-to-end tests under
-#                                             qemu-user (QEMU_CPU=CPU, e.g. cortex-a72)
+#   cross/build.sh test  aarch64|armv7 [CPU [all]]
+#                                             lib, model-parity and end-to-end tests under
+#                                             qemu-user (QEMU_CPU=CPU, e.g. cortex-a72); with
+#                                             `all` also the daemon, outbox, CLI, config
+#                                             and capture-supervisor tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cmd=${1:?setup|build|test}
@@ -75,6 +78,14 @@ cross_env() {
     fi
 }
 
+# Tests run the edgesight binary they built (a foreign one): the kernel hands it to qemu
+# through binfmt_misc, registered here from qemu-user-static's own entry if it is not.
+binfmt() {
+    local reg=/proc/sys/fs/binfmt_misc name=${qemu%-static}
+    [ -e "$reg/register" ] || "${sudo[@]}" mount -t binfmt_misc binfmt_misc "$reg"
+    [ -e "$reg/$name" ] || "${sudo[@]}" sh -c "cat /usr/lib/binfmt.d/$name.conf > $reg/register"
+}
+
 case "$cmd" in
     setup) setup ;;
     build)
@@ -86,15 +97,22 @@ case "$cmd" in
     test)
         cross_env
         if [ -n "${3:-}" ]; then export QEMU_CPU="$3"; fi
+        binfmt
         echo "== tests for $triple under $qemu${QEMU_CPU:+ (QEMU_CPU=$QEMU_CPU)}"
-        # Tests that spawn the edgesight binary need binfmt_misc for foreign binaries; the
-        # library, model-parity and end-to-end tests run it in-process.
         # Dependencies at opt-level 1 without debuginfo: a cold build takes 11 min instead
-        # of 20+ here, and the fixture model stays quick enough under emulation (68 s of
-        # tests on cortex-a72).
+        # of 20+ here, and the fixture model stays quick enough under emulation.
+        # `all` adds the tests that run the daemon's binary and its outbox, supervisor and
+        # CLI (one core is enough for them: they do not depend on the int8 kernels). The
+        # wedge tests hold a thread with ptrace, which qemu-user does not emulate.
+        tests=(--lib --test model --test hostile_models --test e2e --test prepare)
+        skip=()
+        if [ "${4:-}" = all ]; then
+            tests+=(--test outbox --test daemon --test cli --test config_errors --test capture)
+            skip=(--skip wedged)
+        fi
         $CARGO test --locked --target "$triple" "${build_std[@]}" \
             --config 'profile.dev.package."*".opt-level=1' --config 'profile.dev.debug=0' \
-            --lib --test model --test hostile_models --test e2e --test prepare -- --nocapture
+            "${tests[@]}" -- --nocapture "${skip[@]}"
         ;;
     *) echo "unknown command $cmd" >&2; exit 2 ;;
 esac

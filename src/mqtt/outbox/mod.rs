@@ -17,6 +17,8 @@
 //!
 //! May use: config, util, stats, and the mqtt client options (crate::mqtt::client).
 
+#[cfg(test)]
+mod powerloss;
 mod queue;
 mod sender;
 mod store;

@@ -197,12 +197,59 @@ impl OpenError {
     }
 }
 
+/// The file-system calls that change what a crash leaves behind, as the write path makes
+/// them. [`RealFs`] is `std::fs`; the outbox's power-loss model (`powerloss.rs`, a test)
+/// stands behind it to crash the write path after every step.
+pub trait Fs: Send + std::fmt::Debug {
+    /// Create `path` (or truncate it) holding `bytes`; with `sync`, its data is on stable
+    /// storage before this returns (its directory entry is not: see [`Fs::sync_dir`]).
+    fn create(&mut self, path: &Path, bytes: &[u8], sync: bool) -> io::Result<()>;
+    /// Make the data of an existing file durable.
+    fn sync_file(&mut self, path: &Path) -> io::Result<()>;
+    fn rename(&mut self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Make `dir`'s entries (creations, renames, removals) durable.
+    fn sync_dir(&mut self, dir: &Path) -> io::Result<()>;
+    fn remove(&mut self, path: &Path) -> io::Result<()>;
+}
+
+#[derive(Debug)]
+pub struct RealFs;
+
+impl Fs for RealFs {
+    fn create(&mut self, path: &Path, bytes: &[u8], sync: bool) -> io::Result<()> {
+        let mut f = fs::File::create(path)?;
+        f.write_all(bytes)?;
+        if sync {
+            f.sync_data()?;
+        }
+        Ok(())
+    }
+
+    fn sync_file(&mut self, path: &Path) -> io::Result<()> {
+        fs::File::open(path)?.sync_data()
+    }
+
+    fn rename(&mut self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
+    }
+
+    fn sync_dir(&mut self, dir: &Path) -> io::Result<()> {
+        fs::File::open(dir)?.sync_all()
+    }
+
+    fn remove(&mut self, path: &Path) -> io::Result<()> {
+        fs::remove_file(path)
+    }
+}
+
 /// One file per record in `dir`; unreadable ones moved to `dir/quarantine/`. Holds an
 /// exclusive lock on `dir/lock` while open.
 #[derive(Debug)]
 pub struct DiskStore {
     dir: PathBuf,
     fsync: Fsync,
+    /// Where the write path's calls go (the power-loss model swaps it).
+    pub(super) fs: Box<dyn Fs>,
     /// Files renamed into place but not yet fsynced (`Fsync::Interval`).
     unsynced: Vec<PathBuf>,
     /// The flock on `dir/lock`: released when the store is dropped (or the process dies).
@@ -252,6 +299,7 @@ impl DiskStore {
         let store = DiskStore {
             dir: dir.to_path_buf(),
             fsync,
+            fs: Box::new(RealFs),
             unsynced: Vec::new(),
             _lock: lock,
         };
@@ -374,28 +422,24 @@ fn read_record(path: &Path, seq: u64) -> Result<Record, String> {
     }
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    fs::File::open(dir)?.sync_all()
-}
-
 impl Store for DiskStore {
     fn put(&mut self, rec: &Record) -> io::Result<()> {
         let path = self.path(rec.seq);
         let tmp = path.with_extension("tmp");
-        let mut f = fs::File::create(&tmp)?;
-        let written = f.write_all(&encode(rec)).and_then(|()| {
-            if self.fsync == Fsync::Always {
-                f.sync_data()?;
-            }
-            fs::rename(&tmp, &path)
-        });
+        let always = self.fsync == Fsync::Always;
+        // Written whole under a temporary name, then renamed: a crash leaves the record
+        // complete or absent (a torn `.tmp` is removed when the store opens).
+        let written = self
+            .fs
+            .create(&tmp, &encode(rec), always)
+            .and_then(|()| self.fs.rename(&tmp, &path));
         if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
+            let _ = self.fs.remove(&tmp);
             return Err(e);
         }
         match self.fsync {
             // The rename is durable only once the directory is.
-            Fsync::Always => sync_dir(&self.dir)?,
+            Fsync::Always => self.fs.sync_dir(&self.dir)?,
             Fsync::Interval(_) => self.unsynced.push(path),
             Fsync::Never => {}
         }
@@ -405,7 +449,7 @@ impl Store for DiskStore {
     fn remove(&mut self, seq: u64) -> io::Result<()> {
         // No fsync: an acknowledged record that reappears after a crash is delivered twice,
         // which at-least-once allows.
-        match fs::remove_file(self.path(seq)) {
+        match self.fs.remove(&self.path(seq)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
@@ -419,13 +463,14 @@ impl Store for DiskStore {
         if self.unsynced.is_empty() {
             return Ok(());
         }
-        for p in self.unsynced.drain(..) {
+        for p in std::mem::take(&mut self.unsynced) {
             // Already acknowledged and removed: nothing to make durable.
-            if let Ok(f) = fs::File::open(&p) {
-                f.sync_data()?;
+            match self.fs.sync_file(&p) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
             }
         }
-        sync_dir(&self.dir)
+        self.fs.sync_dir(&self.dir)
     }
 
     fn set_fsync(&mut self, fsync: Fsync) {
