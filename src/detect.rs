@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
-use crate::config::{ConfigError, DetectionSettings};
+use crate::config::{ConfigError, Settings};
 
 /// Validated `[detection]` settings, with labels already resolved to class indices.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,23 +25,27 @@ pub struct Rules {
 }
 
 impl Rules {
-    /// The `[detection]` rules for a model with `labels`, or a configuration error naming
-    /// a label the model does not have.
-    pub fn for_model(d: &DetectionSettings, labels: &[String]) -> Result<Rules, ConfigError> {
+    /// The `[detection]` rules of `settings` for a model with `labels`, or a configuration
+    /// error naming a label the model does not have (and where that label was set).
+    pub fn for_model(settings: &Settings, labels: &[String]) -> Result<Rules, ConfigError> {
+        let d = &settings.detection;
         let known = |key: &str, l: &str| {
             if labels.iter().any(|m| m == l) {
                 Ok(())
             } else {
                 let some: Vec<&str> = labels.iter().take(8).map(String::as_str).collect();
-                Err(ConfigError::new(format!(
-                    "{key}: {l:?} is not a label of the model (labels: {}{})",
-                    some.join(", "),
-                    if labels.len() > 8 { ", ..." } else { "" }
-                )))
+                Err(settings.error_at(
+                    key,
+                    format!(
+                        "{l:?} is not a label of the model (labels: {}{})",
+                        some.join(", "),
+                        if labels.len() > 8 { ", ..." } else { "" }
+                    ),
+                ))
             }
         };
-        for l in &d.labels {
-            known("detection.labels", l)?;
+        for (i, l) in d.labels.iter().enumerate() {
+            known(&format!("detection.labels[{i}]"), l)?;
         }
         for l in d.thresholds.keys() {
             known(&format!("detection.thresholds.{l}"), l)?;

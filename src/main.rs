@@ -115,10 +115,10 @@ fn dispatch(cli: Cli) -> Result<()> {
             let t0 = std::time::Instant::now();
             let model = edgesight::load_model(&settings)?;
             if settings.detection.enabled {
-                edgesight::detect::Rules::for_model(&settings.detection, model.labels())?;
+                edgesight::detect::Rules::for_model(&settings, model.labels())?;
             }
-            for cam in &settings.camera {
-                check_source(cam)?;
+            for (i, cam) in settings.camera.iter().enumerate() {
+                check_source(&settings, i, cam)?;
             }
             let spec = model.input_spec();
             println!("# configuration {} is valid", config.display());
@@ -162,18 +162,27 @@ fn dispatch(cli: Cli) -> Result<()> {
 
 /// What `check` can know of a camera's source without opening it: the images are there,
 /// a stream source's program is installed.
-fn check_source(cam: &edgesight::config::CameraSettings) -> Result<()> {
+fn check_source(
+    settings: &Settings,
+    i: usize,
+    cam: &edgesight::config::CameraSettings,
+) -> Result<()> {
     use edgesight::capture::StreamRequest;
     if let edgesight::config::SourceSettings::Images { path, .. } = &cam.source {
         let n = edgesight::capture::images::image_files(path)
-            .map_err(|e| ConfigError::new(format!("camera {:?} path: {e:#}", cam.name)))?;
+            .map_err(|e| settings.error_at(&format!("camera[{i}].path"), format!("{e:#}")))?;
         println!("# camera {}: {} image(s)", cam.name, n.len());
     }
     if let Some(request) = StreamRequest::from_settings(cam) {
         match request.program() {
             Ok(Some(p)) => println!("# camera {}: runs {}", cam.name, p.display()),
             Ok(None) => {}
-            Err(e) => return Err(ConfigError::new(format!("camera {:?}: {e}", cam.name)).into()),
+            Err(e) => {
+                let key = format!("camera[{i}].source");
+                return Err(settings
+                    .error_at(&key, format!("camera {:?}: {e}", cam.name))
+                    .into());
+            }
         }
     }
     Ok(())

@@ -64,7 +64,7 @@ const CASES: &[Case] = &[
         edit: &[("", "")],
         env: &[("EDGESIGHT__MQTT__QOS", "3")],
         dropin: None,
-        expect: &["mqtt.qos", "environment"],
+        expect: &["mqtt.qos", "EDGESIGHT__MQTT__QOS"],
     },
     Case {
         name: "bad preset",
@@ -199,21 +199,21 @@ const CASES: &[Case] = &[
         edit: &[("shapes_int8_qlinear.onnx", "no_such_model.onnx")],
         env: &[],
         dropin: None,
-        expect: &["model.path", "no_such_model.onnx"],
+        expect: &["model.path", "no_such_model.onnx", "FILE"],
     },
     Case {
         name: "unsupported model op",
         edit: &[("shapes_int8_qlinear", "unsupported_op")],
         env: &[],
         dropin: None,
-        expect: &["model.path", "QLinearSigmoid"],
+        expect: &["model.path", "QLinearSigmoid", "FILE"],
     },
     Case {
         name: "no images",
         edit: &[("fixtures/samples", "fixtures/no_such_dir")],
         env: &[],
         dropin: None,
-        expect: &["front", "no_such_dir"],
+        expect: &["camera[0].path", "no_such_dir", "FILE"],
     },
     Case {
         name: "port 8883 means TLS: its CA file must exist",
@@ -258,7 +258,10 @@ const CASES: &[Case] = &[
         edit: &[("", "")],
         env: &[("EDGESIGHT__OUTBOX__FSYNC_INTERVAL_MS", "500")],
         dropin: None,
-        expect: &["outbox.fsync_interval_ms", "environment"],
+        expect: &[
+            "outbox.fsync_interval_ms",
+            "EDGESIGHT__OUTBOX__FSYNC_INTERVAL_MS",
+        ],
     },
     Case {
         name: "per-label threshold out of range",
@@ -272,14 +275,14 @@ const CASES: &[Case] = &[
         edit: &[("", "[detection]\nlabels = [\"dog\"]\n")],
         env: &[],
         dropin: None,
-        expect: &["detection.labels", "dog", "circle"],
+        expect: &["detection.labels[0]", "dog", "circle", "FILE"],
     },
     Case {
         name: "rtsp camera without a url",
         edit: &[("path = \"SAMPLES\"", "source = \"rtsp\"")],
         env: &[],
         dropin: None,
-        expect: &["camera[0].url", "is required for source = \"rtsp\""],
+        expect: &["camera[0].url", "is required for source = \"rtsp\"", "FILE"],
     },
     Case {
         name: "a key of another source",
@@ -362,9 +365,11 @@ const CASES: &[Case] = &[
         env: &[("PATH", "/nonexistent")],
         dropin: None,
         expect: &[
+            "camera[0].source",
             "camera \"front\"",
             "rpicam-vid or libcamera-vid",
             "rpicam-apps",
+            "FILE",
         ],
     },
 ];
@@ -402,6 +407,14 @@ fn bad_configs_exit_78_naming_the_key() {
     );
 
     for case in CASES {
+        // Each case names where the bad value came from: a file, or its variable.
+        assert!(
+            case.expect.iter().any(|e| {
+                e.contains("FILE") || e.contains("DROPIN") || e.starts_with("EDGESIGHT__")
+            }),
+            "{}: the case asserts no origin",
+            case.name
+        );
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("edgesight.toml");
         // An edit applies to the template where it names a placeholder's line (`path =

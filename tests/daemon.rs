@@ -378,6 +378,7 @@ async fn run_with_a_bad_model_exits_78_and_publishes_nothing() {
         .replace("shapes_int8_qlinear.onnx", "unsupported_op.onnx");
     std::fs::write(&cfg, text).unwrap();
     let mut rx = common::subscribe(&host, port, &format!("{device}-sub"), "edgesight/#").await;
+    let origin = format!("model.path (in {})", cfg.display());
     let out = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_edgesight"))
             .args(["run", "--config"])
@@ -389,7 +390,10 @@ async fn run_with_a_bad_model_exits_78_and_publishes_nothing() {
     .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{stderr}");
-    assert!(stderr.contains("unsupported_op.onnx"), "{stderr}");
+    assert!(
+        stderr.contains("unsupported_op.onnx") && stderr.contains(&origin),
+        "{stderr}"
+    );
     // Anything it had published would have reached the subscriber by now, in order
     // before the broker saw the connection close; give the broker a moment to forward.
     let extra = tokio::time::timeout(Duration::from_millis(500), async {

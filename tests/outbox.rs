@@ -634,7 +634,7 @@ async fn a_second_daemon_on_the_same_outbox_is_refused_and_the_first_goes_on() {
     assert_eq!(second.status.code(), Some(78), "{err}");
     let outbox = dir.path().join("outbox");
     assert!(
-        err.contains("outbox.dir")
+        err.contains(&format!("outbox.dir (in {})", f.display()))
             && err.contains(&outbox.display().to_string())
             && err.contains(&format!("pid {}", first.child.id())),
         "{err}"

@@ -37,6 +37,14 @@ impl Settings {
         validate::Validator { src: &src }.settings(file, raw)
     }
 
+    /// A configuration error found after the load (the model lacks a label, the outbox
+    /// directory is held, the model file does not load) about the value at `key`
+    /// ("outbox.dir", "camera[1].path"), naming where that value came from as the load's
+    /// own errors do.
+    pub fn error_at(&self, key: &str, msg: impl std::fmt::Display) -> ConfigError {
+        self.origins.err(key, msg)
+    }
+
     pub fn base_topic(&self) -> String {
         self.mqtt.base_topic(&self.device.id)
     }

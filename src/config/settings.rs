@@ -27,6 +27,9 @@ pub struct Settings {
     pub classification: ClassificationSettings,
     pub homeassistant: HomeAssistantSettings,
     pub commands: CommandSettings,
+    /// Where each value came from, for [`Settings::error_at`].
+    #[serde(skip)]
+    pub(super) origins: std::sync::Arc<super::sources::Sources>,
 }
 
 /// `[commands]`: remote commands (`mqtt/commands.rs`), off by default.

@@ -23,11 +23,25 @@ pub fn dropin_dir(file: &Path) -> PathBuf {
         .join("config.d")
 }
 
-/// The layers read for one load, kept to name the origin of a value.
-pub(super) struct Sources {
+/// The layers read for one load, kept to name the origin of a value (the settings keep
+/// them too, for errors found after the load: a label the model lacks, a busy outbox).
+#[derive(Clone, Default)]
+pub struct Sources {
     /// Each file's own table, in layering order.
     files: Vec<(String, toml::Table)>,
     env: config::Map<String, String>,
+}
+
+/// Not the tables themselves: the environment may hold a password.
+impl fmt::Debug for Sources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let files: Vec<&str> = self.files.iter().map(|(f, _)| f.as_str()).collect();
+        write!(
+            f,
+            "Sources {{ files: {files:?}, {} variable(s) }}",
+            self.env.len()
+        )
+    }
 }
 
 impl Sources {
@@ -102,14 +116,22 @@ impl Sources {
         if self.env.contains_key(&var) {
             return format!("the environment, {var}");
         }
-        match self
-            .files
-            .iter()
-            .rev()
-            .find(|(_, t)| lookup(t, key).is_some())
-        {
-            Some((origin, _)) => origin.clone(),
-            None => "defaults".to_string(),
+        // A key no layer sets (a required one missing) is named by the table that lacks
+        // it: the file that declares `camera[0]` for `camera[0].url`.
+        let mut at = key;
+        loop {
+            let file = self
+                .files
+                .iter()
+                .rev()
+                .find(|(_, t)| lookup(t, at).is_some());
+            if let Some((origin, _)) = file {
+                return origin.clone();
+            }
+            match at.rfind(['.', '[']) {
+                Some(cut) if cut > 0 => at = &at[..cut],
+                _ => return "defaults".to_string(),
+            }
         }
     }
 }

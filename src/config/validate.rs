@@ -87,6 +87,7 @@ impl Validator<'_> {
             )));
         }
         Ok(Settings {
+            origins: std::sync::Arc::new(self.src.clone()),
             file: file.to_path_buf(),
             mqtt: self.mqtt(raw.mqtt, &device_id)?,
             device: DeviceSettings { id: device_id },

@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::capture::{self, CameraCtx, Slots, StreamBackend, StreamRequest, V4l2Backend};
-use crate::config::{ConfigError, Settings};
+use crate::config::Settings;
 use crate::daemon::notify::Notifier;
 use crate::daemon::reload::{self, Loaded};
 use crate::daemon::{report, watchdog};
@@ -143,7 +143,7 @@ impl Pipeline {
         log_model(&classifier);
         // Label names in [detection] are checked against the model: a typo is a config error.
         let rules = match settings.detection.enabled {
-            true => Some(Rules::for_model(&settings.detection, classifier.labels())?),
+            true => Some(Rules::for_model(&settings, classifier.labels())?),
             false => None,
         };
         // Before anything connects: a second daemon on this outbox must not announce itself.
@@ -433,7 +433,7 @@ async fn open_outbox(s: &Settings, held: &mut Option<HeldOutbox>) -> Result<Opti
     if !s.uses_outbox() {
         return Ok(None);
     }
-    let ob = Outbox::open(&s.outbox).map_err(|e| ConfigError::new(format!("outbox.dir: {e}")))?;
+    let ob = Outbox::open(&s.outbox).map_err(|e| s.error_at("outbox.dir", e))?;
     Ok(Some(Arc::new(ob)))
 }
 

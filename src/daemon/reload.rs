@@ -20,7 +20,7 @@ use crate::mqtt::outbox;
 /// does not load will not load after a restart either.
 pub fn load_model(settings: &Settings) -> Result<Classifier> {
     Classifier::load(&settings.model)
-        .map_err(|e| anyhow::Error::new(ConfigError::new(format!("model.path: {e:#}"))))
+        .map_err(|e| anyhow::Error::new(settings.error_at("model.path", format!("{e:#}"))))
 }
 
 /// A validated configuration and its loaded model: what a pipeline starts from.
@@ -48,11 +48,11 @@ pub async fn prepare(running: Arc<Settings>) -> Result<Loaded, ReloadError> {
         let settings = Settings::load(&running.file)?;
         let classifier = load_model(&settings).map_err(ReloadError::Model)?;
         if settings.detection.enabled {
-            Rules::for_model(&settings.detection, classifier.labels())?;
+            Rules::for_model(&settings, classifier.labels())?;
         }
         let dir = &settings.outbox.dir;
         if settings.uses_outbox() && !(running.uses_outbox() && running.outbox.dir == *dir) {
-            outbox::ensure_free(dir).map_err(|e| ConfigError::new(format!("outbox.dir: {e}")))?;
+            outbox::ensure_free(dir).map_err(|e| settings.error_at("outbox.dir", e))?;
         }
         Ok(Loaded {
             settings,
