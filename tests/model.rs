@@ -3,6 +3,7 @@
 mod common;
 
 use edgesight::config::ModelSettings;
+use edgesight::model::int8::qconv::Kernel;
 use edgesight::model::{Classifier, softmax};
 use serde_json::Value;
 
@@ -18,7 +19,7 @@ fn reference() -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-/// Largest |logit_edgesight - logit_onnxruntime| we accept, per form (logits span about
+/// Largest |logit_edgesight - logit_onnxruntime| we accept, on every form and conv path (logits span about
 /// [-15, 15] here; probabilities are compared too, and saturate, so logits are the
 /// sharper test).
 /// fp32: the same float graph; only summation order differs: ~1e-6 relative, measured
@@ -29,95 +30,103 @@ fn reference() -> Value {
 /// kernels differ, the integers do not). What is left is the float tail (pooling, Gemm):
 /// measured 3e-6. The same bound as fp32; one activation LSB off anywhere would move a
 /// logit by ~0.05.
-/// On a CPU without one of our int8 kernels (x86 without AVX-512 VNNI, 32-bit ARM) tract's
-/// convolutions run, whose per-tensor requantisation rounds in fixed point: a few LSB
-/// flips, bound 0.25 (a wrong zero point or scale moves logits by whole units).
-fn bound(form: &str) -> f32 {
-    if form.starts_with("fp32") || ours() {
-        1e-4
-    } else {
-        0.25
-    }
+/// tract's own convolutions (what a CPU without a vector kernel of ours runs: x86 without
+/// AVX-512 VNNI, 32-bit ARM) are held to the same bound: their per-tensor requantisation
+/// rounds as onnxruntime's does (src/model/int8/qconv: `matches_onnxruntimes_integers`,
+/// ties included), and the per-channel forms get the load's requantisation fix.
+const BOUND: f32 = 1e-4;
+
+/// Every int8 conv path this CPU has: each of edgesight's kernels (the portable reference
+/// everywhere, a vector one where the CPU has it), then tract's own convolutions.
+fn paths() -> Vec<Option<Kernel>> {
+    Kernel::available()
+        .into_iter()
+        .map(Some)
+        .chain([None])
+        .collect()
 }
 
 /// Whether this CPU runs edgesight's own int8 conv kernels.
 fn ours() -> bool {
-    edgesight::model::int8::qconv::Kernel::best().is_some()
+    Kernel::best().is_some()
 }
 
 #[test]
 fn tract_matches_onnxruntime_on_every_loadable_form() {
     let r = reference();
-    let inputs = std::fs::read(common::fixture("reference/inputs.bin")).unwrap();
-    let files = r["files"].as_array().unwrap();
-    let px = 64 * 64 * 3;
-    assert_eq!(inputs.len(), files.len() * px);
     let mut checked = 0;
     for (form, f) in r["forms"].as_object().unwrap() {
-        let s = settings(f["file"].as_str().unwrap());
-        let c = Classifier::load(&s).unwrap_or_else(|e| panic!("{form}: {e:#}"));
-        // Every int8 form must reach tract's integer kernels: the rewrites that get it
-        // there (src/model/int8/onnx_quant.rs, src/model/int8/mod.rs) must have fired, on every conv and add.
-        let r = c.int8_rewrites();
-        let want = expected_rewrites(form);
-        assert_eq!(
-            (
-                r.proto.qdq_convs,
-                r.proto.contrib_ops,
-                r.int8_convs,
-                r.scalar_zero_points,
-                r.fused_requant,
-                r.fused_adds,
-                r.residual_adds,
-            ),
-            want,
-            "{form}: rewrites (qdq convs, contrib ops, own int8 convs, scalar zero points, fused requant, fused adds, float residual adds)"
-        );
-        let spec = *c.input_spec();
-        let (mut max_diff, mut max_logit) = (0f32, 0f32);
-        for (i, want) in f["logits"].as_array().unwrap().iter().enumerate() {
-            let rgb =
-                image::RgbImage::from_raw(64, 64, inputs[i * px..(i + 1) * px].to_vec()).unwrap();
-            let mut got = c.raw_scores(spec.normalize(&rgb)).unwrap();
-            let mut want: Vec<f32> = want
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap() as f32)
-                .collect();
-            for (g, w) in got.iter().zip(&want) {
-                max_logit = max_logit.max((g - w).abs());
-            }
-            softmax(&mut got);
-            softmax(&mut want);
-            let top = |v: &[f32]| (0..v.len()).max_by(|a, b| v[*a].total_cmp(&v[*b])).unwrap();
+        for path in paths() {
+            let s = settings(f["file"].as_str().unwrap());
+            let c = Classifier::load_with_kernel(&s, true, path)
+                .unwrap_or_else(|e| panic!("{form} {path:?}: {e:#}"));
+            // Every int8 form must reach integer kernels: the rewrites that get it there
+            // (src/model/int8/onnx_quant.rs, src/model/int8/mod.rs) must have fired, on
+            // every conv and add.
+            let r = c.int8_rewrites();
             assert_eq!(
-                top(&got),
-                top(&want),
-                "{form}: top-1 differs on {}",
-                files[i]
+                (
+                    r.proto.qdq_convs,
+                    r.proto.contrib_ops,
+                    r.int8_convs,
+                    r.scalar_zero_points,
+                    r.fused_requant,
+                    r.fused_adds,
+                    r.residual_adds,
+                ),
+                expected_rewrites(form, path.is_some()),
+                "{form} {path:?}: rewrites (qdq convs, contrib ops, own int8 convs, scalar zero points, fused requant, fused adds, float residual adds)"
             );
-            for (g, w) in got.iter().zip(&want) {
-                max_diff = max_diff.max((g - w).abs());
-            }
+            let (max_logit, max_p) = differences(&c, f, form);
+            println!(
+                "{form} {path:?}: top-1 equal, max |logit diff| {max_logit:.2e}, max |p diff| {max_p:.2e}"
+            );
+            assert!(
+                max_logit <= BOUND && max_p <= BOUND,
+                "{form} {path:?}: max |logit diff| {max_logit}, |p diff| {max_p} > {}",
+                BOUND
+            );
         }
-        println!(
-            "{form}: {} samples, top-1 equal, max |logit diff| {max_logit:.2e}, max |p diff| {max_diff:.2e}",
-            files.len()
-        );
-        assert!(
-            max_logit <= bound(form),
-            "{form}: max |logit diff| {max_logit} > {}",
-            bound(form)
-        );
-        assert!(
-            max_diff <= bound(form),
-            "{form}: max |p diff| {max_diff} > {}",
-            bound(form)
-        );
         checked += 1;
     }
     assert_eq!(checked, 7, "every form in reference.json must load");
+}
+
+/// Classify every reference input with `c`: the top-1 must be onnxruntime's; the largest
+/// logit and probability differences from onnxruntime's.
+fn differences(c: &Classifier, f: &Value, form: &str) -> (f32, f32) {
+    let inputs = std::fs::read(common::fixture("reference/inputs.bin")).unwrap();
+    let files = reference()["files"].as_array().unwrap().clone();
+    let px = 64 * 64 * 3;
+    assert_eq!(inputs.len(), files.len() * px);
+    let spec = *c.input_spec();
+    let (mut max_p, mut max_logit) = (0f32, 0f32);
+    for (i, want) in f["logits"].as_array().unwrap().iter().enumerate() {
+        let rgb = image::RgbImage::from_raw(64, 64, inputs[i * px..(i + 1) * px].to_vec()).unwrap();
+        let mut got = c.raw_scores(spec.normalize(&rgb)).unwrap();
+        let mut want: Vec<f32> = want
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        for (g, w) in got.iter().zip(&want) {
+            max_logit = max_logit.max((g - w).abs());
+        }
+        softmax(&mut got);
+        softmax(&mut want);
+        let top = |v: &[f32]| (0..v.len()).max_by(|a, b| v[*a].total_cmp(&v[*b])).unwrap();
+        assert_eq!(
+            top(&got),
+            top(&want),
+            "{form}: top-1 differs on {}",
+            files[i]
+        );
+        for (g, w) in got.iter().zip(&want) {
+            max_p = max_p.max((g - w).abs());
+        }
+    }
+    (max_logit, max_p)
 }
 
 /// (QDQ convs -> QLinearConv, com.microsoft ops expanded, convs on edgesight's own int8
@@ -127,8 +136,8 @@ fn tract_matches_onnxruntime_on_every_loadable_form() {
 /// Every conv runs on our kernel, so tract's conv lowering (and the zero-point and
 /// requantisation fixes for it) has nothing left to do. The QLinearConv forms leave the
 /// last add in float (it feeds the float pooling), so 2 of their adds are quantised.
-fn expected_rewrites(form: &str) -> (usize, usize, usize, usize, usize, usize, usize) {
-    if !ours() {
+fn expected_rewrites(form: &str, ours: bool) -> (usize, usize, usize, usize, usize, usize, usize) {
+    if !ours {
         // tract's convs, with the zero-point and requantisation fixes on per-channel ones.
         return match form {
             "int8_qlinear" => (0, 0, 0, 0, 0, 2, 0),
