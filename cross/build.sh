@@ -108,7 +108,7 @@ case "$cmd" in
         skip=()
         if [ "${4:-}" = all ]; then
             tests+=(--test outbox --test daemon --test cli --test config_errors --test capture)
-            skip=(--skip wedged)
+            skip=(--skip wedged --skip stale)
         fi
         $CARGO test --locked --target "$triple" "${build_std[@]}" \
             --config 'profile.dev.package."*".opt-level=1' --config 'profile.dev.debug=0' \

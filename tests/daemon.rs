@@ -739,3 +739,37 @@ fn a_panic_on_any_thread_aborts_the_process() {
     );
     assert!(!stdout.contains("still running"), "{stdout}");
 }
+
+/// A frame that waited longer than `max_age_ms` for the model is dropped and counted
+/// stale, not classified late: inference held still (a frame waits in the camera's slot),
+/// then the camera (so no fresher frame replaces it), then inference let go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_older_than_max_age_is_counted_stale_not_classified() {
+    let (host, port) = common::broker();
+    let dir = tempfile::tempdir().unwrap();
+    let device = format!("stale-{}", std::process::id());
+    let cameras = common::samples_camera(20, true) + "max_age_ms = 300\n";
+    let cfg = common::config_file(dir.path(), &host, port, &device, &cameras);
+    common::set_mqtt(&cfg, "stats_interval_secs = 1");
+    let stats = format!("edgesight/{device}/stats");
+    let mut rx = common::subscribe(&host, port, &format!("{device}-sub"), &stats).await;
+    let d = common::Daemon::start(&cfg);
+    let pid = d.child.id();
+    common::next(&mut rx, "a first stats message").await;
+    let inference = common::Wedge::thread(pid, "inference");
+    tokio::time::sleep(Duration::from_millis(500)).await; // a frame is in the slot
+    let camera = common::Wedge::thread(pid, "images-front");
+    tokio::time::sleep(Duration::from_secs(1)).await; // and it is 1 s old
+    drop(inference);
+    let log = d.wait_for_log("stale so far");
+    assert!(log.contains("(max_age_ms 300); not classified"), "{log}");
+    loop {
+        let m = common::next(&mut rx, "stats counting the stale frame").await;
+        let v: serde_json::Value = serde_json::from_str(&m.payload).unwrap();
+        if v["cameras"]["front"]["stale"].as_u64() >= Some(1) {
+            break;
+        }
+    }
+    drop(camera);
+    d.stop();
+}

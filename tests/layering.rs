@@ -357,3 +357,83 @@ fn rules_catch_what_they_promise() {
         }
     }
 }
+
+/// The tests a `Tests:` line names: its code spans with a `::` (braces expanded:
+/// `a::{b, c}` is `a::b` and `a::c`) or a path under tools/ or tests/.
+fn named_tests(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for span in line.split('`').skip(1).step_by(2) {
+        let span: String = span.split_whitespace().collect();
+        if let Some((head, rest)) = span.split_once("::{") {
+            for leaf in rest.trim_end_matches('}').split(',') {
+                out.push(format!("{head}::{leaf}"));
+            }
+        } else if span.contains("::") || span.starts_with("tools/") || span.starts_with("tests/") {
+            out.push(span);
+        }
+    }
+    out
+}
+
+/// Whether the test `name` (`file::test` for tests/FILE.rs, `module::path::test` for a
+/// unit test, or a script's path) exists in the tree.
+fn test_exists(root: &Path, src: &[Source], name: &str) -> bool {
+    if name.starts_with("tools/") || name.starts_with("tests/") {
+        return root.join(name.split(' ').next().unwrap_or(name)).exists();
+    }
+    let parts: Vec<&str> = name.split("::").collect();
+    let (module, test) = (&parts[..parts.len() - 1], parts[parts.len() - 1]);
+    let def = format!("fn {test}(");
+    let integration = root.join("tests").join(format!("{}.rs", module[0]));
+    if module.len() == 1 && integration.exists() {
+        return std::fs::read_to_string(integration).unwrap().contains(&def);
+    }
+    let dir: Vec<&str> = module.iter().copied().filter(|m| *m != "tests").collect();
+    let prefix = dir.join("/");
+    src.iter()
+        .any(|s| s.path.starts_with(&prefix) && s.text.contains(&def))
+}
+
+/// ARCHITECTURE.md's invariants each name the tests that fail when they break, and every
+/// test named exists: renaming or deleting one breaks this, not the document silently.
+#[test]
+fn every_invariant_names_tests_that_exist() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
+    let section = doc
+        .split("\n## Invariants")
+        .nth(1)
+        .expect("ARCHITECTURE.md has an Invariants section");
+    let section = section.split("\n## ").next().unwrap();
+    let src = read_tree(&root.join("src"));
+    let bullets: Vec<&str> = section.split("\n* ").skip(1).collect();
+    assert!(bullets.len() >= 12, "{} invariants", bullets.len());
+    let mut missing = Vec::new();
+    for b in bullets {
+        let title = b.split("**").nth(1).unwrap_or(b);
+        if title == "Tests use real parts" {
+            continue; // the rule the others follow
+        }
+        let Some((_, tests)) = b.split_once("Tests:") else {
+            missing.push(format!("{title}: names no tests"));
+            continue;
+        };
+        let names = named_tests(tests);
+        if names.is_empty() {
+            missing.push(format!("{title}: names no tests"));
+        }
+        for n in names {
+            if !test_exists(&root, &src, &n) {
+                missing.push(format!("{title}: no test {n}"));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "{missing:#?}");
+    // The checker can tell: a made-up name is not found.
+    assert!(!test_exists(&root, &src, "daemon::no_such_test"));
+    assert!(!test_exists(
+        &root,
+        &src,
+        "mqtt::outbox::tests::no_such_test"
+    ));
+}

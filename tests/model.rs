@@ -32,7 +32,7 @@ fn reference() -> Value {
 /// logit by ~0.05.
 /// tract's own convolutions (what a CPU without a vector kernel of ours runs: x86 without
 /// AVX-512 VNNI, 32-bit ARM) are held to the same bound: their per-tensor requantisation
-/// rounds as onnxruntime's does (src/model/int8/qconv: `matches_onnxruntimes_integers`,
+/// rounds as onnxruntime's does (`model::tests::matches_onnxruntimes_integers`,
 /// ties included), and the per-channel forms get the load's requantisation fix.
 const BOUND: f32 = 1e-4;
 

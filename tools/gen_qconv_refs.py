@@ -12,7 +12,7 @@ those half to even (its requantisation is f32 `nearbyint`). The "random" cases u
 ordinary scales and biases. One case is the geometry the qconv fuzz target found tract's
 conv one step off on (1 -> 1 channel, 5x5 input, 2x5 kernel, left pad 4; i8 in and out
 here: onnxruntime has no QLinearConv with i8 in and u8 out).
-Read by src/model/int8/qconv/mod.rs (`matches_onnxruntimes_integers`).
+Read by src/model/mod.rs (`matches_onnxruntimes_integers`).
 
 Needs onnx, onnxruntime and numpy (tools/requirements.txt).
 """

@@ -5,7 +5,7 @@ import json
 import re
 import sys
 
-msgs = [line.rstrip("\n").split(" ", 1) for line in open(sys.argv[1]) if " " in line]
+msgs = [line.rstrip("\n").split(" ", 1) for line in open(sys.argv[1], errors="replace") if " " in line]
 console = open(sys.argv[2], errors="replace").read()
 base = "edgesight/qemu-pi"
 failed = []
@@ -44,15 +44,15 @@ check(all(modes_listed(f"/dev/video{n}") for n in range(4, 10)),
       "edgesight cameras: every other vivid capture node lists its modes")
 
 
-def index_of_replug(cam):
-    """Index in `msgs` of the camera's `online` after its first online -> offline."""
-    want = ["online", "offline", "online"]
-    for i, (t, p) in enumerate(msgs):
-        if t == f"{base}/{cam}/availability" and p == want[0]:
-            want.pop(0)
-            if not want:
-                return i
-    return None
+def timeline(cam):
+    """The camera's status messages in the order the daemon published them (by `ts`),
+    each once: a subscriber that reconnects is sent the retained one again, and one that
+    connects mid-start-up may get it ahead of older ones still in flight."""
+    seen = {}
+    for p in payloads(f"{base}/{cam}/status"):
+        s = json.loads(p)
+        seen[(s["ts"], s["state"])] = s
+    return [seen[k] for k in sorted(seen)]
 
 
 # Each camera asked for a format (and size); mode negotiation must deliver it.
@@ -70,23 +70,45 @@ for cam, mode in expect.items():
     modes = sorted({s.get("mode") for s in status} - {None})
     check(n > 0, f"{cam}: {n} classification(s)")
     check(any(m.startswith(mode) for m in modes), f"{cam}: streamed in {mode} (status: {modes})")
-    seq = payloads(f"{base}/{cam}/availability")
+    line = timeline(cam)
+    seq = ["online" if s["online"] else "offline" for s in line]
     collapsed = [a for i, a in enumerate(seq) if i == 0 or seq[i - 1] != a]
-    # A subscriber that is early also sees the `offline` of the camera's start-up.
-    since_up = collapsed[collapsed.index("online"):] if "online" in collapsed else []
+    up = collapsed.index("online") if "online" in collapsed else len(collapsed)
+    since_up = collapsed[up:]
     check(since_up[:3] == ["online", "offline", "online"], f"{cam}: unplug, replug: {collapsed}")
     # nv12 stalls once more (its driver drops everything for 40 s) and comes back; the
     # others, rgb with its flagged buffers included, stay online until the shutdown.
     after = ["offline", "online", "offline"] if cam == "nv12" else ["offline"]
     check(since_up[3:] == after, f"{cam}: then {after}: {since_up[3:]}")
-    r = index_of_replug(cam)
-    after = sum(1 for t, _ in msgs[r or len(msgs):] if t == f"{base}/{cam}/classification")
-    check(r is not None and after > 0, f"{cam}: {after} classification(s) after the replug")
+    avail = payloads(f"{base}/{cam}/availability")
+    check("online" in avail and avail[-1:] == ["offline"], f"{cam}: availability ends offline")
+    # The replug: the first streaming status after a waiting one.
+    replug = next((b["ts"] for a, b in zip(line, line[1:])
+                   if a["state"] == "waiting" and b["state"] == "streaming"), None)
+    classified = [json.loads(p)["ts"] for p in payloads(f"{base}/{cam}/classification")]
+    after = sum(1 for ts in classified if replug and ts > replug)
+    check(after > 0, f"{cam}: {after} classification(s) after the replug at {replug}")
     reasons = [s.get("reason") for s in status if s["state"] == "waiting"]
     unplugged = [r for r in reasons if isinstance(r, str) and f"/dev/v4l/by-id/vivid-" in r
                  and "(camera unplugged?)" in r]
     check(bool(reasons) and all(isinstance(r, str) and r for r in reasons) and bool(unplugged),
           f"{cam}: offline with a reason, naming the device: {unplugged[:1]}")
+
+# vivid's default pattern, 75% colour bars, left to right; GREY shows their luma, which
+# vivid computes with Rec. 709's weights (its colorspace at these sizes).
+BARS = [(191, 191, 191), (191, 191, 0), (0, 191, 191), (0, 191, 0),
+        (191, 0, 191), (191, 0, 0), (0, 0, 191), (0, 0, 0)]
+GREY = [round(0.2126 * r + 0.7152 * g + 0.0722 * b) for r, g, b in BARS]
+bars = {}
+for line in open(sys.argv[3]) if len(sys.argv) > 3 else []:
+    cam, *v = line.split()
+    bars[cam] = [tuple(int(x) for x in v[i:i + 3]) for i in range(0, len(v), 3)]
+for cam in expect:
+    got = bars.get(cam, [])
+    want = [(y, y, y) for y in GREY] if cam == "gray" else BARS
+    worst = max((abs(a - b) for g, w in zip(got, want) for a, b in zip(g, w)), default=None)
+    check(len(got) == 8 and worst <= 24,
+          f"{cam}: the snapshot shows vivid's colour bars (worst channel off by {worst}): {got}")
 
 moved = re.search(r"vivid-5 was (/dev/video\d+), now (/dev/video\d+)", console)
 check(bool(moved) and moved.group(1) != moved.group(2),

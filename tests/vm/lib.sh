@@ -13,7 +13,8 @@ subscribe_while_running() {
     local vm=$1 port=$2 file=$3 limit=$4 t0 sub
     t0=$(date +%s)
     while kill -0 "$vm" 2>/dev/null && [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do
-        mosquitto_sub -h 127.0.0.1 -p "$port" -t 'edgesight/#' -v >> "$file" 2>/dev/null &
+        mosquitto_sub -h 127.0.0.1 -p "$port" -t 'edgesight/#' -T 'edgesight/+/+/snapshot' -v \
+            >> "$file" 2>/dev/null &
         sub=$!
         while kill -0 $sub 2>/dev/null && kill -0 "$vm" 2>/dev/null; do sleep 1; done
         kill $sub 2>/dev/null || true

@@ -5,7 +5,8 @@
 # platform device removes every instance, like pulling a USB hub), and check from the
 # host, through a qemu hostfwd port bound to 127.0.0.1, what arrived over MQTT:
 #   - every pixel format vivid offers through nokhwa (YUYV, NV12, RGB3, BGR3) is captured
-#     and classified, each camera in the mode it asked for;
+#     and classified, each camera in the mode it asked for, and its snapshot (the
+#     `snapshot` command) shows vivid's colour bars in their colours;
 #   - mode negotiation: a camera asking for 1000x600 gets vivid's closest, 1280x720 YUYV;
 #   - GREY, which nokhwa 0.10 itself could not open (it asked drivers for "GRAY"; fixed in
 #     vendor/nokhwa-bindings-linux);
@@ -120,6 +121,8 @@ stats_interval_secs = 5
 [model]
 path = "/model.onnx"
 labels = "/labels.txt"
+[commands]
+enabled = true
 EOF
     # name, vivid instance, format, width, height, fps
     while read -r name k format w h fps; do
@@ -236,10 +239,41 @@ until grep -q "edgesight-vm: starting" "$log"; do
     [ $(( $(date +%s) - t0 )) -lt 300 ] || break
     sleep 1
 done
+# vivid's test pattern (75% colour bars) as each camera's snapshot shows it: a frame the
+# driver made in each pixel format, converted by edgesight, JPEG-encoded; taken halfway
+# into the first settle, before the unplug.
+snapshot() {
+    local cam=$1 out=$work/snap-$1.jpg try sub
+    for try in 1 2 3 4 5; do
+        timeout 30 mosquitto_sub -h 127.0.0.1 -p "$port" -t "edgesight/qemu-pi/$cam/snapshot" \
+            -C 1 -N > "$out" 2>/dev/null &
+        sub=$!
+        sleep 2
+        mosquitto_pub -h 127.0.0.1 -p "$port" -t edgesight/qemu-pi/cmd/snapshot \
+            -m "{\"camera\":\"$cam\",\"id\":$try}" 2>/dev/null || true
+        if wait $sub && [ -s "$out" ]; then return 0; fi
+        sleep 2
+    done
+    echo "no snapshot of $cam" >&2
+}
+rm -f "$work"/snap-*.jpg
+( sleep $(( settle / 2 )); for cam in yuyv nv12 gray rgb bgr auto; do snapshot $cam; done ) &
+snaps=$!
 subscribe_while_running $vm "$port" "$msgs" 900
 kill $vm 2>/dev/null || true
+wait $snaps || true
+# Each bar's mean colour: the bottom eighth of the frame (vivid's text covers the rest at
+# 320x180), averaged over eight columns.
+bars=$work/bars.txt
+: > "$bars"
+for f in "$work"/snap-*.jpg; do
+    [ -s "$f" ] || continue
+    cam=$(basename "$f" .jpg); cam=${cam#snap-}
+    echo "$cam $(ffmpeg -loglevel error -i "$f" -vf 'crop=iw:ih/8:0:ih*7/8,scale=8:1:flags=area' \
+        -f rawvideo -pix_fmt rgb24 - | od -An -v -tu1 | tr -s ' \n' ' ')" >> "$bars"
+done
 echo "--- console (edgesight cameras, then the run) ---"
 tr -d '\r' < "$log" | sed -n '/edgesight-vm: video nodes/,$p' | grep -v '^\s*$' | cut -c1-200 | tail -70
 echo "--- MQTT on the host ($(wc -l < "$msgs") messages in $(( $(date +%s) - t0 )) s) ---"
-python3 tests/vm/check.py "$msgs" "$log"
+python3 tests/vm/check.py "$msgs" "$log" "$bars"
 echo "PASS: $arch VM: vivid cameras captured through nokhwa in every format, unplug/replug recovered"
