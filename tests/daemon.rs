@@ -506,10 +506,14 @@ impl NotifySocket {
         while self.rx.try_recv().is_ok() {}
     }
 
-    /// The next `n` STATUS lines arrive with no WATCHDOG=1 among them. The tick in
-    /// flight when the fault began is skipped: it may still ping.
+    /// After the fault began: `n` STATUS lines arrive with no WATCHDOG=1 among them.
+    /// What was queued, and the tick in flight when the fault began (its STATUS, then
+    /// perhaps its ping, maybe still to come), are skipped: up to the second STATUS.
     fn withheld_for(&self, n: usize, why: &str) {
-        while !self.next().starts_with("STATUS=") {}
+        self.skip_queued();
+        for _ in 0..2 {
+            while !self.next().starts_with("STATUS=") {}
+        }
         for k in 0..n {
             loop {
                 let m = self.next();
@@ -562,7 +566,6 @@ fn a_wedged_inference_thread_or_stalled_camera_withholds_the_watchdog() {
     let wedge = common::Wedge::thread(pid, "images-front");
     let log = daemon.wait_for_log("stalled camera(s): [\"front\"]");
     assert!(log.contains("watchdog withheld: inference alive"), "{log}");
-    sock.skip_queued(); // the pings of the 5 s before
     sock.withheld_for(5, "a stalled camera");
     drop(wedge);
     sock.ping_within(10);

@@ -34,20 +34,25 @@ pub fn broker() -> (String, u16) {
 
 /// A loopback port nothing listens on, and that no other test of this binary was given:
 /// the port is free when asked for, and the tests running beside this one (which bind
-/// theirs a moment later) must not be handed it too.
+/// theirs a moment later) must not be handed it too. Taken below the kernel's ephemeral
+/// range (32768-60999 on Linux): a port from `bind(0)` could be handed to another test's
+/// outgoing connection as its local port before our broker binds it (seen once in a
+/// full run: "cannot listen on 127.0.0.1:33055").
 pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
-        if !given.contains(&port) {
-            given.push(port);
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static NEXT: std::sync::Mutex<Option<u32>> = std::sync::Mutex::new(None);
+    let mut next = NEXT.lock().unwrap_or_else(|e| e.into_inner());
+    // Each test binary starts somewhere else, so two running at once rarely meet.
+    let n = next.get_or_insert(std::process::id().wrapping_mul(7919) % COUNT);
+    for _ in 0..COUNT {
+        let port = (FIRST + *n) as u16;
+        *n = (*n + 1) % COUNT;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + COUNT);
 }
 
 #[derive(Debug, Clone)]

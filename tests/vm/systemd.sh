@@ -140,6 +140,10 @@ echo "booting $arch under systemd (${qemu[*]}); console: $log; MQTT on 127.0.0.1
 t0=$(date +%s)
 subscribe_while_running $vm "$port" "$msgs" 1200
 kill $vm 2>/dev/null || true
+wait $vm 2>/dev/null || true
+# debugfs reads the image as it is on disk: let e2fsck replay the journal first, or a
+# report still only in the guest's journal reads as empty (seen once).
+e2fsck -fy "$img" >/dev/null 2>&1 || true
 echo "--- what systemd saw (/var/log/pi-report.txt in the image) ---"
 debugfs -R "cat /var/log/pi-report.txt" "$img" 2>/dev/null > "$work/report.txt" || true
 cut -c1-220 "$work/report.txt"
