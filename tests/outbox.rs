@@ -743,22 +743,11 @@ async fn a_broker_that_stops_answering_holds_the_shutdown_only_for_the_drain_tim
     }
     assert!(pending.len() >= 4, "{pending:?}");
     daemon.signal("TERM");
-    let mut status = None;
     // A liveness bound: the drain's caps add up to about 11 s; without them the keep-alive
     // gives up after about 60 s.
-    for _ in 0..300 {
-        status = daemon.child.try_wait().unwrap();
-        if status.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let code = daemon.exit_code_within(Duration::from_secs(30)).await;
     let log = daemon.log();
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(0),
-        "no exit 0 within 30 s: {log}"
-    );
+    assert_eq!(code, Some(0), "no exit 0 within 30 s: {log}");
     assert!(log.contains("kept for the next run"), "{log}");
     let kept = records_in(&outbox);
     assert!(

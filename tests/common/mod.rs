@@ -477,6 +477,19 @@ impl Daemon {
         );
     }
 
+    /// The exit code once the process has ended, polling up to `limit` (a liveness bound,
+    /// not a timing claim); None if it is still running then (or died by a signal).
+    pub async fn exit_code_within(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+
     /// Send `signal` (e.g. "HUP", "TERM").
     pub fn signal(&self, signal: &str) {
         let ok = std::process::Command::new("kill")
