@@ -135,7 +135,7 @@ fn main() {
         width: 224,
         height: 224,
         layout: Layout::Nchw,
-        preprocess: Preprocess::Torchvision,
+        normalization: Preprocess::Torchvision.normalization(),
         resize: ResizeMode::CenterCrop,
     };
     let m = n.min(60);

@@ -66,7 +66,7 @@ fn main() {
         width: 224,
         height: 224,
         layout: Layout::Nchw,
-        preprocess: Preprocess::Torchvision,
+        normalization: Preprocess::Torchvision.normalization(),
         resize: ResizeMode::CenterCrop,
     };
     println!("| frame | format | bytes | naive ms | one-pass ms | speed-up |");

@@ -131,6 +131,16 @@ fn dispatch(cli: Cli) -> Result<()> {
                 model.labels().len(),
                 t0.elapsed().as_secs_f64() * 1e3
             );
+            println!(
+                "# preprocessing: {} to {}x{}, then {}",
+                match spec.resize {
+                    edgesight::config::ResizeMode::Stretch => "stretched",
+                    edgesight::config::ResizeMode::CenterCrop => "centre-cropped and scaled",
+                },
+                spec.width,
+                spec.height,
+                spec.normalization
+            );
             print!("{}", settings.to_redacted_toml());
             Ok(())
         }

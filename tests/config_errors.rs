@@ -372,6 +372,34 @@ const CASES: &[Case] = &[
             "FILE",
         ],
     },
+    Case {
+        name: "a mean of two channels",
+        edit: &[("[model]\n", "[model]\nmean = [0.5, 0.5]\n")],
+        env: &[],
+        dropin: None,
+        expect: &["model.mean", "2 values", "one per channel (3)", "FILE"],
+    },
+    Case {
+        name: "a std of zero",
+        edit: &[],
+        env: &[],
+        dropin: Some("[model]\nstd = [0.2, 0, 0.2]\n"),
+        expect: &["model.std", "0 is not a usable value (> 0", "DROPIN"],
+    },
+    Case {
+        name: "a negative scale from the environment",
+        edit: &[],
+        env: &[("EDGESIGHT__MODEL__SCALE", "-0.5")],
+        dropin: None,
+        expect: &["model.scale", "-0.5", "EDGESIGHT__MODEL__SCALE"],
+    },
+    Case {
+        name: "an unknown channel order",
+        edit: &[("[model]\n", "[model]\nchannel_order = \"grb\"\n")],
+        env: &[],
+        dropin: None,
+        expect: &["model.channel_order", "grb", "FILE"],
+    },
 ];
 
 #[test]
@@ -508,6 +536,11 @@ fn shipped_configs_check_clean() {
         );
         assert!(
             stdout.contains("[1, 3, 64, 64]") && stdout.contains("[1, 7]"),
+            "{stdout}"
+        );
+        // What the frames go through, as check says it.
+        assert!(
+            stdout.contains("# preprocessing: stretched to 64x64, then RGB, x * 0.003921569, mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225]"),
             "{stdout}"
         );
     }

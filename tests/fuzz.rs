@@ -413,7 +413,7 @@ fn small_input() -> edgesight::frame::preprocess::InputSpec {
         width: 32,
         height: 32,
         layout: edgesight::frame::preprocess::Layout::Nchw,
-        preprocess: edgesight::config::Preprocess::Torchvision,
+        normalization: edgesight::config::Preprocess::Torchvision.normalization(),
         resize: edgesight::config::ResizeMode::Stretch,
     }
 }

@@ -275,3 +275,38 @@ fn nhwc_models_get_nhwc_input() {
         .into_rgb8();
     assert_eq!(c.classify(&img).unwrap().0[0].label, "triangle");
 }
+
+/// The normalisation keys on their own reach what a preset does: the fp32 fixture loaded
+/// with `preprocess = "raw"` and torchvision's scale, mean and std set key by key gives
+/// the torchvision preset's logits, bit for bit, on every reference input; and the keys
+/// are not ignored (`channel_order = "bgr"` on top changes them).
+#[test]
+fn normalization_keys_reproduce_a_preset_on_a_real_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let load = |keys: &str| {
+        let f = dir.path().join("c.toml");
+        let text = format!(
+            "[model]\npath = \"{}\"\nlabels = \"{}\"\n{keys}\n[[camera]]\nname = \"a\"\npath = \"x\"\n",
+            common::fixture("models/shapes_fp32.onnx").display(),
+            common::fixture("labels.txt").display()
+        );
+        std::fs::write(&f, text).unwrap();
+        let s = edgesight::config::Settings::load_with_env(&f, vec![]).unwrap();
+        Classifier::load(&s.model).unwrap()
+    };
+    let preset = load("preprocess = \"torchvision\"");
+    let keys = "preprocess = \"raw\"\nscale = 0.00392156862745098\n\
+                mean = [0.485, 0.456, 0.406]\nstd = [0.229, 0.224, 0.225]";
+    let by_keys = load(keys);
+    let bgr = load(&format!("{keys}\nchannel_order = \"bgr\""));
+    let inputs = std::fs::read(common::fixture("reference/inputs.bin")).unwrap();
+    let px = 64 * 64 * 3;
+    let mut changed = 0;
+    for i in 0..inputs.len() / px {
+        let rgb = image::RgbImage::from_raw(64, 64, inputs[i * px..(i + 1) * px].to_vec()).unwrap();
+        let scores = |c: &Classifier| c.raw_scores(c.input_spec().normalize(&rgb)).unwrap();
+        assert_eq!(scores(&preset), scores(&by_keys), "sample {i}");
+        changed += (scores(&bgr) != scores(&preset)) as usize;
+    }
+    assert!(changed > 0, "channel_order = \"bgr\" changed nothing");
+}

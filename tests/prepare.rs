@@ -17,6 +17,7 @@ fn classifier(resize: ResizeMode) -> Classifier {
         path: common::fixture("models/shapes_int8_qlinear.onnx"),
         labels: Some(common::fixture("labels.txt")),
         preprocess: Preprocess::Torchvision,
+        normalization: Preprocess::Torchvision.normalization(),
         resize,
         top_k: 1,
         threshold: 0.0,
@@ -139,7 +140,7 @@ fn one_pass_preparation_stays_close_to_the_reference_path() {
             width: iw,
             height: ih,
             layout: Layout::Nhwc,
-            preprocess: Preprocess::Raw,
+            normalization: Preprocess::Raw.normalization(),
             resize,
         };
         let (mut worst, mut mean_sum) = (0f32, 0f32);
@@ -260,7 +261,7 @@ fn frames_converted_by_ffmpeg_read_back_as_their_colours() {
         width: w,
         height: h,
         layout: Layout::Nhwc,
-        preprocess: Preprocess::Raw,
+        normalization: Preprocess::Raw.normalization(),
         resize: ResizeMode::Stretch,
     };
     let luma = |p: &image::Rgb<u8>| 0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32;

@@ -165,6 +165,67 @@ mod tests {
         ));
     }
 
+    /// Data-driven: `[model]` keys -> the normalisation that runs. A preset gives all four
+    /// values; each key set on its own replaces the preset's; one number stands for all
+    /// three channels.
+    #[test]
+    fn normalization_is_the_preset_with_the_keys_set_applied() {
+        let tv = Preprocess::Torchvision.normalization();
+        let caffe = Preprocess::Caffe.normalization();
+        let raw = Preprocess::Raw.normalization();
+        let cases = [
+            ("", tv),
+            ("preprocess = \"caffe\"", caffe),
+            (
+                "preprocess = \"raw\"\nscale = 0.00784313725\nmean = 1",
+                Normalization {
+                    scale: 1.0 / 127.5,
+                    mean: [1.0; 3],
+                    ..raw
+                },
+            ),
+            (
+                "channel_order = \"bgr\"",
+                Normalization {
+                    channel_order: ChannelOrder::Bgr,
+                    ..tv
+                },
+            ),
+            (
+                "preprocess = \"caffe\"\nstd = [58.4, 57.1, 57.4]",
+                Normalization {
+                    std: [58.4, 57.1, 57.4],
+                    ..caffe
+                },
+            ),
+            (
+                "scale = 1.0\nmean = [123.675, 116.28, 103.53]\nstd = [58.395, 57.12, 57.375]",
+                Normalization {
+                    scale: 1.0,
+                    mean: [123.675, 116.28, 103.53],
+                    std: [58.395, 57.12, 57.375],
+                    ..tv
+                },
+            ),
+        ];
+        let d = tempfile::tempdir().unwrap();
+        for (keys, want) in cases {
+            let text = MIN.replace("[model]\n", &format!("[model]\n{keys}\n"));
+            let f = write(d.path(), "c.toml", &text);
+            let s = Settings::load_with_env(&f, vec![]).unwrap();
+            let got = s.model.normalization;
+            assert_eq!(got.channel_order, want.channel_order, "{keys}");
+            for (g, w) in [got.scale]
+                .iter()
+                .chain(&got.mean)
+                .chain(&got.std)
+                .zip([want.scale].iter().chain(&want.mean).chain(&want.std))
+            {
+                assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{keys}: {got:?}");
+            }
+        }
+    }
+
     #[test]
     fn dropins_then_env_override_in_order() {
         let d = tempfile::tempdir().unwrap();

@@ -12,8 +12,8 @@ use serde::Deserialize;
 use serde_aux::serde_introspection::serde_introspect as fields;
 
 use super::settings::{
-    LogLevel, PixelFormat, Preprocess, PublishMode, ResizeMode, RtspTransport, StreamFormat,
-    V4l2Device,
+    ChannelOrder, LogLevel, PixelFormat, Preprocess, PublishMode, ResizeMode, RtspTransport,
+    StreamFormat, V4l2Device,
 };
 
 #[derive(Debug, Default, Deserialize)]
@@ -88,6 +88,14 @@ impl Default for RawMqtt {
     }
 }
 
+/// One number for every channel, or one per channel.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum OneOrThree {
+    One(f64),
+    Each(Vec<f64>),
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawModel {
@@ -95,6 +103,11 @@ pub(super) struct RawModel {
     pub path: Option<PathBuf>,
     pub labels: Option<PathBuf>,
     pub preprocess: Preprocess,
+    /// Each overrides the preset's value (`Normalization`).
+    pub channel_order: Option<ChannelOrder>,
+    pub scale: Option<f64>,
+    pub mean: Option<OneOrThree>,
+    pub std: Option<OneOrThree>,
     pub resize: ResizeMode,
     pub top_k: i64,
     pub threshold: f64,
@@ -107,6 +120,10 @@ impl Default for RawModel {
             path: None,
             labels: None,
             preprocess: Preprocess::Torchvision,
+            channel_order: None,
+            scale: None,
+            mean: None,
+            std: None,
             resize: ResizeMode::Stretch,
             top_k: 3,
             threshold: 0.0,

@@ -251,6 +251,8 @@ impl Serialize for Secret {
     }
 }
 
+/// `model.preprocess`: a named set of the normalisation keys (`channel_order`, `scale`,
+/// `mean`, `std`), each of which may also be set on its own on top of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Preprocess {
@@ -260,6 +262,69 @@ pub enum Preprocess {
     Caffe,
     /// RGB 0..255 as float, untouched (models that normalise inside the graph).
     Raw,
+}
+
+/// `model.channel_order`: which of the frame's channels feeds the model's first input
+/// channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelOrder {
+    Rgb,
+    Bgr,
+}
+
+/// How a pixel becomes the model's input: input channel `c` is
+/// `(pixel[channel_order[c]] * scale - mean[c]) / std[c]`, the pixel 0..255. `mean` and
+/// `std` are per input channel of the model, in its channel order.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Normalization {
+    pub channel_order: ChannelOrder,
+    pub scale: f32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Preprocess {
+    /// The preset's values of the normalisation keys.
+    pub fn normalization(self) -> Normalization {
+        match self {
+            Preprocess::Torchvision => Normalization {
+                channel_order: ChannelOrder::Rgb,
+                scale: 1.0 / 255.0,
+                mean: [0.485, 0.456, 0.406],
+                std: [0.229, 0.224, 0.225],
+            },
+            // Keras "caffe" mode subtracts these from B, G, R on the 0..255 scale.
+            Preprocess::Caffe => Normalization {
+                channel_order: ChannelOrder::Bgr,
+                scale: 1.0,
+                mean: [103.939, 116.779, 123.68],
+                std: [1.0; 3],
+            },
+            Preprocess::Raw => Normalization {
+                channel_order: ChannelOrder::Rgb,
+                scale: 1.0,
+                mean: [0.0; 3],
+                std: [1.0; 3],
+            },
+        }
+    }
+}
+
+/// What `check` prints and the model's log line says: e.g. "RGB, x * 0.0039216, mean
+/// [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225]".
+impl std::fmt::Display for Normalization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let order = match self.channel_order {
+            ChannelOrder::Rgb => "RGB",
+            ChannelOrder::Bgr => "BGR",
+        };
+        write!(
+            f,
+            "{order}, x * {}, mean {:?}, std {:?}: input = (x * scale - mean) / std",
+            self.scale, self.mean, self.std
+        )
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -275,7 +340,11 @@ pub enum ResizeMode {
 pub struct ModelSettings {
     pub path: PathBuf,
     pub labels: Option<PathBuf>,
+    /// The preset the normalisation started from (shown; `normalization` is what runs).
     pub preprocess: Preprocess,
+    /// The preset's values with the keys set on their own applied.
+    #[serde(flatten)]
+    pub normalization: Normalization,
     pub resize: ResizeMode,
     pub top_k: usize,
     pub threshold: f32,

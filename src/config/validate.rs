@@ -6,15 +6,15 @@ use std::time::Duration;
 
 use super::error::ConfigError;
 use super::raw::{
-    DEFAULT_FSYNC_INTERVAL_MS, FsyncPolicy, RawCamera, RawCameraCommon, RawCommand, RawCommands,
-    RawConfig, RawDetection, RawHomeAssistant, RawHttpMjpeg, RawImages, RawModel, RawMqtt,
-    RawOutbox, RawPicamera, RawPipe, RawRtsp, RawSource, RawV4l2, SourceKind,
+    DEFAULT_FSYNC_INTERVAL_MS, FsyncPolicy, OneOrThree, RawCamera, RawCameraCommon, RawCommand,
+    RawCommands, RawConfig, RawDetection, RawHomeAssistant, RawHttpMjpeg, RawImages, RawModel,
+    RawMqtt, RawOutbox, RawPicamera, RawPipe, RawRtsp, RawSource, RawV4l2, SourceKind,
 };
 use super::settings::{
     CameraSettings, ClassificationSettings, CommandLine, CommandSettings, DetectionSettings,
     DeviceSettings, Fsync, HomeAssistantSettings, LogSettings, MQTT_MAX_PACKET, ModelSettings,
-    MqttSettings, OutboxSettings, SYSTEM_CA_FILE, Secret, Settings, SourceSettings, SourceUrl,
-    StreamFormat, TlsSettings,
+    MqttSettings, Normalization, OutboxSettings, SYSTEM_CA_FILE, Secret, Settings, SourceSettings,
+    SourceUrl, StreamFormat, TlsSettings,
 };
 use super::sources::Sources;
 
@@ -230,15 +230,74 @@ impl Validator<'_> {
     }
 
     fn model(&self, path: PathBuf, r: RawModel) -> Result<ModelSettings, ConfigError> {
+        let normalization = self.normalization(&r)?;
         Ok(ModelSettings {
             path,
             labels: r.labels,
             preprocess: r.preprocess,
+            normalization,
             resize: r.resize,
             top_k: self.range("model.top_k", r.top_k, 1, 1000)? as usize,
             threshold: self.unit("model.threshold", r.threshold)?,
             threads: self.range("model.threads", r.threads, 1, 64)? as usize,
         })
+    }
+
+    /// The preset's normalisation with the keys set on their own applied.
+    fn normalization(&self, r: &RawModel) -> Result<Normalization, ConfigError> {
+        let mut n = r.preprocess.normalization();
+        if let Some(order) = r.channel_order {
+            n.channel_order = order;
+        }
+        if let Some(scale) = r.scale {
+            n.scale = self.positive("model.scale", scale, 1e6)? as f32;
+        }
+        if let Some(mean) = &r.mean {
+            n.mean = self.per_channel("model.mean", mean, |_| true)?;
+        }
+        if let Some(std) = &r.std {
+            n.std = self.per_channel("model.std", std, |v| v > 0.0)?;
+        }
+        Ok(n)
+    }
+
+    /// One number for all three channels, or three; each finite, not too large and `ok`
+    /// (a std of 0 would divide by zero).
+    fn per_channel(
+        &self,
+        key: &str,
+        v: &OneOrThree,
+        ok: impl Fn(f64) -> bool,
+    ) -> Result<[f32; 3], ConfigError> {
+        let values = match v {
+            OneOrThree::One(x) => vec![*x; 3],
+            OneOrThree::Each(xs) if xs.len() == 3 => xs.clone(),
+            OneOrThree::Each(xs) => {
+                return Err(self.err(
+                    key,
+                    format!(
+                        "{} values; give one per channel (3) or one for all",
+                        xs.len()
+                    ),
+                ));
+            }
+        };
+        let mut out = [0f32; 3];
+        for (o, x) in out.iter_mut().zip(values) {
+            if !(x.is_finite() && x.abs() <= 1e6 && ok(x)) {
+                let want = if key.ends_with("std") {
+                    "> 0"
+                } else {
+                    "finite"
+                };
+                return Err(self.err(
+                    key,
+                    format!("{x} is not a usable value ({want}, at most 1e6)"),
+                ));
+            }
+            *o = x as f32;
+        }
+        Ok(out)
     }
 
     fn detection(&self, d: RawDetection) -> Result<DetectionSettings, ConfigError> {
@@ -636,6 +695,7 @@ impl ModelSettings {
             path,
             labels: d.labels,
             preprocess: d.preprocess,
+            normalization: d.preprocess.normalization(),
             resize: d.resize,
             top_k: d.top_k as usize,
             threshold: d.threshold as f32,

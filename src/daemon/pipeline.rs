@@ -444,13 +444,14 @@ fn log_model(classifier: &Classifier) {
     let spec = classifier.input_spec();
     let t = classifier.timing();
     info!(
-        "model {}: input {}x{} {:?}, {} classes, preprocess {:?}, loaded in {:.0} ms + optimised in {:.0} ms ({})",
+        "model {}: input {}x{} {:?}, {} classes, preprocess {}, resize {:?}, loaded in {:.0} ms + optimised in {:.0} ms ({})",
         classifier.file_name(),
         spec.width,
         spec.height,
         spec.layout,
         classifier.labels().len(),
-        spec.preprocess,
+        spec.normalization,
+        spec.resize,
         t.load_ms,
         t.optimize_ms,
         classifier.int8_rewrites()

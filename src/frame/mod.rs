@@ -777,7 +777,7 @@ mod tests {
             width: 8,
             height: 8,
             layout: crate::frame::preprocess::Layout::Nchw,
-            preprocess: crate::config::Preprocess::Raw,
+            normalization: crate::config::Preprocess::Raw.normalization(),
             resize: crate::config::ResizeMode::Stretch,
         };
         for (format, data, want) in cases {

@@ -5,7 +5,7 @@ use image::RgbImage;
 use image::imageops::{self, FilterType};
 use tract_onnx::prelude::*;
 
-use crate::config::{Preprocess, ResizeMode};
+use crate::config::{ChannelOrder, Normalization, ResizeMode};
 
 /// Memory order of the model's image input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,14 +22,9 @@ pub struct InputSpec {
     pub width: u32,
     pub height: u32,
     pub layout: Layout,
-    pub preprocess: Preprocess,
+    pub normalization: Normalization,
     pub resize: ResizeMode,
 }
-
-const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
-/// Keras "caffe" mode subtracts these from B, G, R (in that order) on the 0..255 scale.
-const CAFFE_MEAN_BGR: [f32; 3] = [103.939, 116.779, 123.68];
 
 impl InputSpec {
     pub fn shape(&self) -> [usize; 4] {
@@ -40,7 +35,7 @@ impl InputSpec {
         }
     }
 
-    /// Resize (per `resize`) then normalise (per `preprocess`) into a tensor of `shape()`.
+    /// Resize (per `resize`) then normalise (per `normalization`) into a tensor of `shape()`.
     pub fn tensor(&self, frame: &RgbImage) -> Tensor {
         let fitted = self.fit(frame);
         self.normalize(&fitted)
@@ -93,11 +88,16 @@ impl InputSpec {
     /// Normalise `width * height` RGB pixels (0..=255, row-major) into a tensor of `shape()`.
     pub fn normalize_pixels(&self, pixels: impl Iterator<Item = [f32; 3]>) -> Tensor {
         let plane = self.width as usize * self.height as usize;
-        // Per output channel c: value = (pixel[src_channel[c]] * scale - offset[c]) / div[c]
-        let (src_channel, scale, offset, div) = match self.preprocess {
-            Preprocess::Torchvision => ([0, 1, 2], 1.0 / 255.0, IMAGENET_MEAN, IMAGENET_STD),
-            Preprocess::Caffe => ([2, 1, 0], 1.0, CAFFE_MEAN_BGR, [1.0; 3]),
-            Preprocess::Raw => ([0, 1, 2], 1.0, [0.0; 3], [1.0; 3]),
+        // Per input channel c: value = (pixel[src_channel[c]] * scale - mean[c]) / std[c]
+        let Normalization {
+            channel_order,
+            scale,
+            mean: offset,
+            std: div,
+        } = self.normalization;
+        let src_channel = match channel_order {
+            ChannelOrder::Rgb => [0, 1, 2],
+            ChannelOrder::Bgr => [2, 1, 0],
         };
         let mut data = vec![0f32; 3 * plane];
         for (i, px) in pixels.take(plane).enumerate() {
@@ -134,23 +134,39 @@ mod tests {
         RgbImage::from_raw(2, 1, vec![10, 20, 30, 255, 0, 128]).unwrap()
     }
 
-    fn spec(layout: Layout, preprocess: Preprocess) -> InputSpec {
+    fn spec(layout: Layout, normalization: Normalization) -> InputSpec {
         InputSpec {
             width: 2,
             height: 1,
             layout,
-            preprocess,
+            normalization,
             resize: ResizeMode::Stretch,
         }
     }
 
-    /// Data-driven: each preset and layout against values worked out by hand.
+    /// Data-driven: each preset, and normalisations set key by key, in each layout,
+    /// against values worked out by hand.
     #[test]
-    fn presets_match_hand_computed_tensors() {
-        let cases: &[(Layout, Preprocess, [usize; 4], [f32; 6])] = &[
+    fn normalizations_match_hand_computed_tensors() {
+        use crate::config::Preprocess;
+        // A [-1, 1] model (MobileNet, EfficientNet-lite): x / 127.5 - 1.
+        let minus_one_to_one = Normalization {
+            channel_order: ChannelOrder::Rgb,
+            scale: 1.0 / 127.5,
+            mean: [1.0; 3],
+            std: [1.0; 3],
+        };
+        // BGR on 0..1 with per-channel statistics of its own.
+        let bgr_unit = Normalization {
+            channel_order: ChannelOrder::Bgr,
+            scale: 1.0 / 255.0,
+            mean: [0.1, 0.2, 0.3],
+            std: [0.5, 0.25, 2.0],
+        };
+        let cases: &[(Layout, Normalization, [usize; 4], [f32; 6])] = &[
             (
                 Layout::Nchw,
-                Preprocess::Torchvision,
+                Preprocess::Torchvision.normalization(),
                 [1, 3, 1, 2],
                 [
                     (10.0 / 255.0 - 0.485) / 0.229,
@@ -164,7 +180,7 @@ mod tests {
             (
                 // BGR order, channel means subtracted, no scaling.
                 Layout::Nhwc,
-                Preprocess::Caffe,
+                Preprocess::Caffe.normalization(),
                 [1, 1, 2, 3],
                 [
                     30.0 - 103.939,
@@ -177,15 +193,42 @@ mod tests {
             ),
             (
                 Layout::Nchw,
-                Preprocess::Raw,
+                Preprocess::Raw.normalization(),
                 [1, 3, 1, 2],
                 [10.0, 255.0, 20.0, 0.0, 30.0, 128.0],
             ),
             (
                 Layout::Nhwc,
-                Preprocess::Raw,
+                Preprocess::Raw.normalization(),
                 [1, 1, 2, 3],
                 [10.0, 20.0, 30.0, 255.0, 0.0, 128.0],
+            ),
+            (
+                Layout::Nchw,
+                minus_one_to_one,
+                [1, 3, 1, 2],
+                [
+                    10.0 / 127.5 - 1.0,
+                    255.0 / 127.5 - 1.0,
+                    20.0 / 127.5 - 1.0,
+                    0.0 / 127.5 - 1.0,
+                    30.0 / 127.5 - 1.0,
+                    128.0 / 127.5 - 1.0,
+                ],
+            ),
+            (
+                // Input channel 0 is the frame's blue, with mean[0] and std[0].
+                Layout::Nhwc,
+                bgr_unit,
+                [1, 1, 2, 3],
+                [
+                    (30.0 / 255.0 - 0.1) / 0.5,
+                    (20.0 / 255.0 - 0.2) / 0.25,
+                    (10.0 / 255.0 - 0.3) / 2.0,
+                    (128.0 / 255.0 - 0.1) / 0.5,
+                    (0.0 / 255.0 - 0.2) / 0.25,
+                    (255.0 / 255.0 - 0.3) / 2.0,
+                ],
             ),
         ];
         for (layout, pre, shape, want) in cases {
@@ -213,7 +256,7 @@ mod tests {
                 _ => [0, 0, 255],
             };
         }
-        let mut s = spec(Layout::Nhwc, Preprocess::Raw);
+        let mut s = spec(Layout::Nhwc, crate::config::Preprocess::Raw.normalization());
         s.width = 1;
         s.height = 1;
         s.resize = ResizeMode::CenterCrop;

@@ -538,7 +538,7 @@ fn input_spec(model: &InferenceModel, settings: &ModelSettings) -> Result<InputS
         width: width as u32,
         height: height as u32,
         layout,
-        preprocess: settings.preprocess,
+        normalization: settings.normalization,
         resize: settings.resize,
     })
 }
