@@ -19,6 +19,7 @@ pub mod daemon;
 pub mod detect;
 pub mod frame;
 pub mod infer;
+pub mod metrics;
 pub mod model;
 pub mod mqtt;
 pub mod stats;

@@ -400,6 +400,13 @@ const CASES: &[Case] = &[
         dropin: None,
         expect: &["model.channel_order", "grb", "FILE"],
     },
+    Case {
+        name: "a metrics listener that is not an address",
+        edit: &[("", "[metrics]\nlisten = \"localhost:9898\"\n")],
+        env: &[],
+        dropin: None,
+        expect: &["metrics.listen", "localhost:9898", "127.0.0.1:9898", "FILE"],
+    },
 ];
 
 #[test]

@@ -772,3 +772,131 @@ async fn a_frame_older_than_max_age_is_counted_stale_not_classified() {
     drop(camera);
     d.stop();
 }
+
+/// GET `path` on 127.0.0.1:`port` with hyper's client: (status, content type, body).
+async fn http_get(port: u16, path: &str) -> (u16, String, String) {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header("host", "127.0.0.1")
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+        .unwrap();
+    let res = sender.send_request(req).await.unwrap();
+    let status = res.status().as_u16();
+    let kind = res
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    (status, kind, String::from_utf8(body.to_vec()).unwrap())
+}
+
+/// The samples of an OpenMetrics text, `name{labels}` -> value, checking its grammar on
+/// the way: every sample's family has a TYPE and a HELP line before it, names are
+/// Prometheus names, values numbers, and the text ends with `# EOF`.
+fn parse_openmetrics(text: &str) -> std::collections::HashMap<String, f64> {
+    let valid = |n: &str| {
+        !n.is_empty()
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+            && !n.starts_with(|c: char| c.is_ascii_digit())
+    };
+    let mut typed = std::collections::HashSet::new();
+    let mut helped = std::collections::HashSet::new();
+    let mut samples = std::collections::HashMap::new();
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    for line in text.lines().filter(|l| *l != "# EOF") {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(
+                valid(name) && ["counter", "gauge", "histogram"].contains(&kind),
+                "{line}"
+            );
+            typed.insert(name.to_string());
+        } else if let Some(rest) = line.strip_prefix("# HELP ") {
+            helped.insert(rest.split_once(' ').unwrap().0.to_string());
+        } else {
+            let (key, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line}"));
+            let name = key.split('{').next().unwrap();
+            assert!(valid(name), "{line}");
+            let family = ["_total", "_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains(*f)))
+                .unwrap_or(name);
+            assert!(
+                typed.contains(family) && helped.contains(family),
+                "{line}: no TYPE/HELP"
+            );
+            let v: f64 = value.parse().unwrap_or_else(|_| panic!("{line}"));
+            samples.insert(key.to_string(), v);
+        }
+    }
+    samples
+}
+
+/// `[metrics] listen`: `/metrics`, scraped by a real HTTP client, parses as OpenMetrics
+/// text and agrees with the stats message: a camera that has ended (its counters final)
+/// reads the same in both; the inference histogram's buckets add up; anything but
+/// `GET /metrics` is 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_and_agree_with_the_stats_message() {
+    let (host, port) = common::broker();
+    let dir = tempfile::tempdir().unwrap();
+    let device = format!("metrics-{}", std::process::id());
+    let cameras = common::samples_camera(10, true)
+        + "[[camera]]\nname = \"once\"\npath = \"{samples}/circle\"\nfps = 10\nloop = false\n";
+    let cfg = common::config_file(dir.path(), &host, port, &device, &cameras);
+    let listen = common::free_port();
+    common::set_mqtt(&cfg, "stats_interval_secs = 1");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("{text}[metrics]\nlisten = \"127.0.0.1:{listen}\"\n"),
+    )
+    .unwrap();
+    let stats = format!("edgesight/{device}/stats");
+    let mut rx = common::subscribe(&host, port, &format!("{device}-sub"), &stats).await;
+    let d = common::Daemon::start(&cfg);
+    // A stats message written after `once` ended: its counters are final.
+    let once = loop {
+        let m = common::next(&mut rx, "stats with once ended").await;
+        let v: serde_json::Value = serde_json::from_str(&m.payload).unwrap();
+        if v["cameras"]["once"]["state"] == "ended" {
+            break v["cameras"]["once"].clone();
+        }
+    };
+    let (status, kind, body) = http_get(listen, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(kind.starts_with("application/openmetrics-text"), "{kind}");
+    let m = parse_openmetrics(&body);
+    for (metric, field) in [
+        ("captured", "captured"),
+        ("classified", "classified"),
+        ("skipped", "skipped"),
+        ("stale", "stale"),
+        ("gated", "gated"),
+        ("bad", "bad_frames"),
+    ] {
+        let key = format!("edgesight_frames_{metric}_total{{camera=\"once\"}}");
+        assert_eq!(m.get(&key).copied(), once[field].as_f64(), "{key}\n{body}");
+    }
+    assert_eq!(m["edgesight_frames_classified_total{camera=\"once\"}"], 6.0);
+    let model = "model=\"shapes_int8_qlinear.onnx\"";
+    let count = m[&format!("edgesight_inference_seconds_count{{{model}}}")];
+    let inf = m[&format!("edgesight_inference_seconds_bucket{{le=\"+Inf\",{model}}}")];
+    assert!(count >= 6.0 && inf == count, "{body}");
+    assert_eq!(m["edgesight_mqtt_connected"], 1.0);
+    assert!(m["process_resident_memory_bytes"] > 1e6);
+    assert!(m.contains_key("edgesight_outbox_depth"), "{body}");
+    let (status, _, _) = http_get(listen, "/").await;
+    assert_eq!(status, 404);
+    d.stop();
+}

@@ -30,6 +30,14 @@ pub(super) struct RawConfig {
     pub classification: RawClassification,
     pub homeassistant: RawHomeAssistant,
     pub commands: RawCommands,
+    pub metrics: RawMetrics,
+}
+
+/// `[metrics]`: off unless `listen` is set.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawMetrics {
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -551,6 +559,7 @@ pub(super) fn known() -> Vec<(&'static str, Vec<&'static str>)> {
         ("classification", fields::<RawClassification>().to_vec()),
         ("homeassistant", fields::<RawHomeAssistant>().to_vec()),
         ("commands", fields::<RawCommands>().to_vec()),
+        ("metrics", fields::<RawMetrics>().to_vec()),
         ("outbox", fields::<RawOutbox>().to_vec()),
         ("mqtt", fields::<RawMqtt>().to_vec()),
         ("model", fields::<RawModel>().to_vec()),

@@ -27,9 +27,17 @@ pub struct Settings {
     pub classification: ClassificationSettings,
     pub homeassistant: HomeAssistantSettings,
     pub commands: CommandSettings,
+    pub metrics: MetricsSettings,
     /// Where each value came from, for [`Settings::error_at`].
     #[serde(skip)]
     pub(super) origins: std::sync::Arc<super::sources::Sources>,
+}
+
+/// `[metrics]`: Prometheus `/metrics` over HTTP (the `metrics` module), off by default.
+#[derive(Debug, Clone, Serialize)]
+pub struct MetricsSettings {
+    /// Where to listen, e.g. 127.0.0.1:9898; None: no listener.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// `[commands]`: remote commands (`mqtt/commands.rs`), off by default.

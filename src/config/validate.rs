@@ -12,9 +12,9 @@ use super::raw::{
 };
 use super::settings::{
     CameraSettings, ClassificationSettings, CommandLine, CommandSettings, DetectionSettings,
-    DeviceSettings, Fsync, HomeAssistantSettings, LogSettings, MQTT_MAX_PACKET, ModelSettings,
-    MqttSettings, Normalization, OutboxSettings, SYSTEM_CA_FILE, Secret, Settings, SourceSettings,
-    SourceUrl, StreamFormat, TlsSettings,
+    DeviceSettings, Fsync, HomeAssistantSettings, LogSettings, MQTT_MAX_PACKET, MetricsSettings,
+    ModelSettings, MqttSettings, Normalization, OutboxSettings, SYSTEM_CA_FILE, Secret, Settings,
+    SourceSettings, SourceUrl, StreamFormat, TlsSettings,
 };
 use super::sources::Sources;
 
@@ -104,6 +104,17 @@ impl Validator<'_> {
             },
             commands: self.commands(raw.commands)?,
             homeassistant: self.homeassistant(raw.homeassistant)?,
+            metrics: MetricsSettings {
+                listen: match raw.metrics.listen {
+                    Some(l) => Some(l.parse().map_err(|e| {
+                        self.err(
+                            "metrics.listen",
+                            format!("{l:?}: {e}; an IP address and port, e.g. \"127.0.0.1:9898\""),
+                        )
+                    })?),
+                    None => None,
+                },
+            },
         })
     }
 

@@ -23,6 +23,7 @@ use crate::daemon::reload::{self, Loaded};
 use crate::daemon::{report, watchdog};
 use crate::detect::{Rules, Tracker};
 use crate::infer::{self, Inference};
+use crate::metrics;
 use crate::model::Classifier;
 use crate::mqtt::commands::{self, Handles};
 use crate::mqtt::outbox::{self, Outbox};
@@ -41,6 +42,9 @@ pub struct Daemon {
     hup: Arc<Notify>,
     /// Where the embedded broker listens, once started.
     broker: Option<(String, u16)>,
+    /// `/metrics`: where it listens, once started, and the pipeline it reads.
+    metrics: Option<std::net::SocketAddr>,
+    metrics_current: Arc<metrics::Current>,
     /// The outbox outlives a pipeline: a reload hands it to the next one (same
     /// directory) once the old sender has stopped, so two senders never share records
     /// and the directory lock is never contended by ourselves.
@@ -64,6 +68,8 @@ impl Daemon {
             notifier: Arc::new(notifier),
             hup,
             broker: None,
+            metrics: None,
+            metrics_current: Arc::default(),
             outbox: None,
         }
     }
@@ -79,6 +85,34 @@ impl Daemon {
         if settings.mqtt.embedded_broker && self.broker.as_ref() != Some(&here) {
             start_embedded_broker(&here.0, here.1)?;
             self.broker = Some(here);
+        }
+        Ok(())
+    }
+}
+
+impl Daemon {
+    /// Start `/metrics` if the settings want it where it does not run yet. Like the
+    /// embedded broker, a listener a reload moves keeps serving where it was started.
+    async fn ensure_metrics(&mut self, settings: &Settings) -> Result<()> {
+        let Some(listen) = settings.metrics.listen else {
+            return Ok(());
+        };
+        match self.metrics {
+            Some(at) if at != listen => {
+                warn!("metrics.listen: {listen} takes effect after a restart; serving on {at}")
+            }
+            Some(_) => {}
+            None => {
+                let listener = metrics::bind(listen)
+                    .await
+                    .map_err(|e| settings.error_at("metrics.listen", format!("{e:#}")))?;
+                tokio::spawn(metrics::serve(
+                    listener,
+                    self.metrics_current.clone(),
+                    self.shutdown.clone(),
+                ));
+                self.metrics = Some(listen);
+            }
         }
         Ok(())
     }
@@ -149,6 +183,7 @@ impl Pipeline {
         // Before anything connects: a second daemon on this outbox must not announce itself.
         let outbox = open_outbox(&settings, &mut daemon.outbox).await?;
         daemon.ensure_broker(&settings)?;
+        daemon.ensure_metrics(&settings).await?;
         let (client, eventloop) = mqtt::client(&settings);
         let w = Wiring {
             stats: Arc::new(Stats::new(settings.camera.iter().map(|c| c.name.clone()))),
@@ -161,6 +196,9 @@ impl Pipeline {
             settings,
             client,
         };
+        daemon
+            .metrics_current
+            .set(w.stats.clone(), classifier.file_name().to_string());
         let (retained, commands) = w.start_mqtt(eventloop);
         let reload = w.start_control(daemon, commands);
         let s = &w.settings;

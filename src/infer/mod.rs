@@ -207,6 +207,7 @@ impl Inference {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(ms as f32);
+        stats.inference_seconds.observe(ms / 1e3);
         Some(Classified { probs, top, ms })
     }
 

@@ -134,6 +134,42 @@ impl OutboxCounters {
     }
 }
 
+/// Inference times in fixed buckets, for `/metrics`: counts per upper bound (seconds),
+/// their sum and count. Fixed memory, lock-free.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations at or below `BOUNDS[i]` and above the bound before (not cumulative).
+    buckets: [AtomicU64; Histogram::BOUNDS.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    /// Upper bounds in seconds: a fixture model's 1 ms to a Pi 4's ResNet-50 (~1 s).
+    pub const BOUNDS: [f64; 11] = [
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    ];
+
+    pub fn observe(&self, seconds: f64) {
+        let i = Self::BOUNDS.partition_point(|b| *b < seconds);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add((seconds * 1e6).max(0.0) as u64, Ordering::Relaxed);
+    }
+
+    /// (sum in seconds, count, per bucket its upper bound and count, `+Inf` last); each
+    /// bucket's own count, not cumulative (the exposition format's encoder sums them).
+    pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let bounds = Self::BOUNDS.iter().copied().chain([f64::INFINITY]);
+        let buckets: Vec<(f64, u64)> = bounds
+            .zip(&self.buckets)
+            .map(|(b, n)| (b, n.load(Ordering::Relaxed)))
+            .collect();
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        (sum, count, buckets)
+    }
+}
+
 #[derive(Debug)]
 pub struct Stats {
     pub cameras: Vec<(String, CameraStats)>,
@@ -152,6 +188,8 @@ pub struct Stats {
     pub started: Instant,
     /// The durable outbox's counters, once it is opened (detection on).
     pub outbox: OnceLock<Arc<OutboxCounters>>,
+    /// Every camera's inference times (one model).
+    pub inference_seconds: Histogram,
 }
 
 impl Stats {
@@ -169,6 +207,7 @@ impl Stats {
             inference_heartbeat: AtomicU64::new(0),
             started: Instant::now(),
             outbox: OnceLock::new(),
+            inference_seconds: Histogram::default(),
         }
     }
 
@@ -241,6 +280,21 @@ impl Stats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn histogram_buckets_hold_their_own_counts_and_bounds_are_inclusive() {
+        let h = Histogram::default();
+        for s in [0.0005, 0.001, 0.003, 0.003, 0.7, 9.0] {
+            h.observe(s);
+        }
+        let (sum, count, buckets) = h.snapshot();
+        assert_eq!(count, 6);
+        assert!((sum - 9.7075).abs() < 1e-6, "{sum}");
+        let at = |b: f64| buckets.iter().find(|(x, _)| *x == b).unwrap().1;
+        assert_eq!((at(0.001), at(0.0025), at(0.005)), (2, 0, 2));
+        assert_eq!((at(0.5), at(1.0), at(2.5), at(f64::INFINITY)), (0, 1, 0, 1));
+        assert_eq!(buckets.len(), Histogram::BOUNDS.len() + 1);
+    }
 
     #[test]
     fn window_quantiles_over_the_last_samples_only() {
