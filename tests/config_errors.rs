@@ -206,7 +206,7 @@ const CASES: &[Case] = &[
         edit: &[("shapes_int8_qlinear", "unsupported_op")],
         env: &[],
         dropin: None,
-        expect: &["model.path", "QLinearSigmoid", "FILE"],
+        expect: &["model.path", "QLinearSoftmax", "FILE"],
     },
     Case {
         name: "no images",

@@ -404,8 +404,9 @@ def only_per_channel(seed):
 
 
 def make_unsupported(out):
-    """input -> QuantizeLinear -> com.microsoft QLinearSigmoid -> DequantizeLinear: a real
-    onnxruntime contrib op that neither tract nor edgesight translates."""
+    """input -> QuantizeLinear -> com.microsoft QLinearSoftmax -> DequantizeLinear: a real
+    onnxruntime contrib op that neither tract nor edgesight translates. (It was
+    QLinearSigmoid until edgesight learnt that one.)"""
     import onnx
     from onnx import helper, TensorProto
 
@@ -414,8 +415,8 @@ def make_unsupported(out):
              helper.make_tensor("so", TensorProto.FLOAT, [], [1 / 256]),
              helper.make_tensor("zo", TensorProto.UINT8, [], [0])]
     nodes = [helper.make_node("QuantizeLinear", ["input", "s", "z"], ["xq"], name="q"),
-             helper.make_node("QLinearSigmoid", ["xq", "s", "z", "so", "zo"], ["yq"], name="sigmoid",
-                              domain="com.microsoft"),
+             helper.make_node("QLinearSoftmax", ["xq", "s", "z", "so", "zo"], ["yq"], name="softmax",
+                              domain="com.microsoft", axis=1, opset=13),
              helper.make_node("DequantizeLinear", ["yq", "so", "zo"], ["logits"], name="dq")]
     g = helper.make_graph(nodes, "unsupported", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
                           [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3, 8, 8])], inits)

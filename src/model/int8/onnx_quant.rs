@@ -5,7 +5,8 @@
 //!   between the Q/DQ pairs);
 //! - onnxruntime's QOperator default (also the ONNX Model Zoo int8 ResNets) uses
 //!   com.microsoft contrib ops tract has no translation for: `QLinearAdd`,
-//!   `QLinearMul`, `QLinearGlobalAveragePool` and `QGemm` become their standard-op definitions
+//!   `QLinearMul`, `QLinearGlobalAveragePool`, `QGemm`, `QLinearSigmoid`, `QLinearLeakyRelu`
+//!   and `QLinearConcat` become their standard-op definitions
 //!   (DequantizeLinear -> Add / GlobalAveragePool / Gemm -> QuantizeLinear), which tract's
 //!   own translations then fuse.
 //!
@@ -170,13 +171,28 @@ fn expand_contrib_ops(graph: &mut GraphProto) -> Result<usize> {
     let mut expanded = 0;
     let mut out: Vec<NodeProto> = Vec::with_capacity(graph.node.len());
     let nodes = std::mem::take(&mut graph.node);
-    for n in nodes {
+    for mut n in nodes {
+        // Unnamed nodes (onnxruntime's quantiser leaves some) would give every expansion
+        // the same node names ("".op): name them after their output, unique in a graph.
+        if n.name.is_empty()
+            && let Some(out) = n.output.first()
+        {
+            n.name = format!("{out}.{}", n.op_type);
+        }
         let replacement = match n.op_type.as_str() {
             "QLinearAdd" => Some(qlinear_binary(graph, &n, "Add")?),
             // Keras exports BatchNorm as Sub/Mul/Add; quantised, the Mul becomes QLinearMul.
             "QLinearMul" => Some(qlinear_binary(graph, &n, "Mul")?),
             "QLinearGlobalAveragePool" => Some(qlinear_global_average_pool(graph, &n)?),
             "QGemm" => Some(qgemm(graph, &n)?),
+            // EfficientNet's SiLU and squeeze-excitation gates, quantised (QOperator).
+            "QLinearSigmoid" => Some(qlinear_unary(graph, &n, "Sigmoid", None)?),
+            "QLinearLeakyRelu" => {
+                let alpha = attr_float("alpha", get_float(&n, "alpha").unwrap_or(0.01));
+                Some(qlinear_unary(graph, &n, "LeakyRelu", Some(alpha))?)
+            }
+            // SqueezeNet's and Inception's channel concatenations, quantised.
+            "QLinearConcat" => Some(qlinear_concat(graph, &n)?),
             _ => None,
         };
         match replacement {
@@ -231,6 +247,85 @@ fn qlinear_binary(graph: &GraphProto, n: &NodeProto, op: &str) -> Result<Vec<Nod
         node(op, format!("{}.op", n.name), &[&af, &bf], &[&cf]),
         node("QuantizeLinear", n.name.clone(), &[&cf, c_s, c_z], &[c]),
     ])
+}
+
+/// `Y = Q(op(DQ(X)))`: QLinearSigmoid, QLinearLeakyRelu (inputs X, X_scale,
+/// X_zero_point, Y_scale, Y_zero_point).
+fn qlinear_unary(
+    graph: &GraphProto,
+    n: &NodeProto,
+    op: &str,
+    attr: Option<AttributeProto>,
+) -> Result<Vec<NodeProto>> {
+    let (x, x_s, x_z) = (
+        need(n, 0, "X")?,
+        need(n, 1, "X_scale")?,
+        need(n, 2, "X_zero_point")?,
+    );
+    let (y_s, y_z) = (need(n, 3, "Y_scale")?, need(n, 4, "Y_zero_point")?);
+    let y = n.output.first().map(String::as_str).unwrap_or_default();
+    let xf = fresh(graph, &format!("{y}.x_f32"));
+    let yf = fresh(graph, &format!("{y}.y_f32"));
+    let mut f = node(op, format!("{}.op", n.name), &[&xf], &[&yf]);
+    f.attribute.extend(attr);
+    Ok(vec![
+        node(
+            "DequantizeLinear",
+            format!("{}.dq", n.name),
+            &[x, x_s, x_z],
+            &[&xf],
+        ),
+        f,
+        node("QuantizeLinear", n.name.clone(), &[&yf, y_s, y_z], &[y]),
+    ])
+}
+
+/// `Y = Q(Concat(DQ(X1), DQ(X2), ...))`: inputs Y_scale, Y_zero_point, then (X, X_scale,
+/// X_zero_point) per input; attribute `axis`.
+fn qlinear_concat(graph: &GraphProto, n: &NodeProto) -> Result<Vec<NodeProto>> {
+    let (y_s, y_z) = (need(n, 0, "Y_scale")?, need(n, 1, "Y_zero_point")?);
+    let rest = n.input.len().saturating_sub(2);
+    if rest == 0 || !rest.is_multiple_of(3) {
+        bail!(
+            "QLinearConcat node {:?}: {} inputs after Y_scale and Y_zero_point, not (X, X_scale, X_zero_point) triples",
+            n.name,
+            rest
+        );
+    }
+    let Some(axis) = get_int(n, "axis") else {
+        bail!("QLinearConcat node {:?}: no axis attribute", n.name);
+    };
+    let y = n.output.first().map(String::as_str).unwrap_or_default();
+    let mut nodes = Vec::new();
+    let mut parts = Vec::new();
+    for k in 0..rest / 3 {
+        let ix = 2 + 3 * k;
+        let (x, x_s, x_z) = (
+            need(n, ix, "X")?,
+            need(n, ix + 1, "X_scale")?,
+            need(n, ix + 2, "X_zero_point")?,
+        );
+        let xf = fresh(graph, &format!("{y}.x{k}_f32"));
+        nodes.push(node(
+            "DequantizeLinear",
+            format!("{}.dq{k}", n.name),
+            &[x, x_s, x_z],
+            &[&xf],
+        ));
+        parts.push(xf);
+    }
+    let yf = fresh(graph, &format!("{y}.y_f32"));
+    let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+    let mut concat = node("Concat", format!("{}.concat", n.name), &refs, &[&yf]);
+    concat.attribute.push(attr_int("axis", axis));
+    nodes.push(concat);
+    nodes.push(node(
+        "QuantizeLinear",
+        n.name.clone(),
+        &[&yf, y_s, y_z],
+        &[y],
+    ));
+    Ok(nodes)
 }
 
 /// `Y = Q(GlobalAveragePool(DQ(X)))` (NCHW only: channels_last = 0).

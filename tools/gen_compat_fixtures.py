@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Small committed models, one per pattern tools/compat_suite.py found edgesight refusing
+or mishandling, with onnxruntime's outputs (issue 16). Read by tests/model.rs
+(`every_compat_pattern_matches_onnxruntime`).
+
+    python3 tools/gen_compat_fixtures.py      (writes tests/fixtures/compat/)
+
+- qop_sigmoid_concat: onnxruntime's QOperator quantisation of a conv net with a sigmoid
+  gate (EfficientNet's SiLU / squeeze-excitation), a LeakyRelu branch and a channel
+  Concat (SqueezeNet's fire modules): com.microsoft QLinearSigmoid, QLinearLeakyRelu and
+  QLinearConcat, which tract does not know and edgesight expands at load.
+Needs onnx, onnxruntime, numpy.
+"""
+
+import json
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "tests", "fixtures", "compat")
+SHAPE = [1, 3, 16, 16]
+
+
+def float_model(path):
+    rng = np.random.default_rng(3)
+    w = lambda *s: numpy_helper.from_array(rng.normal(0, 0.3, s).astype(np.float32))
+    inits = []
+
+    def init(name, t):
+        t.name = name
+        inits.append(t)
+        return name
+
+    nodes = [
+        helper.make_node("Conv", ["x", init("w0", w(8, 3, 3, 3)), init("b0", w(8))], ["c0"], pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["c0"], ["s0"]),
+        helper.make_node("Mul", ["c0", "s0"], ["silu"]),
+        helper.make_node("Conv", ["silu", init("w1", w(8, 8, 1, 1)), init("b1", w(8))], ["c1"]),
+        helper.make_node("LeakyRelu", ["c1"], ["l1"], alpha=0.1),
+        helper.make_node("Conv", ["silu", init("w2", w(8, 8, 3, 3)), init("b2", w(8))], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Concat", ["l1", "r2"], ["cat"], axis=1),
+        helper.make_node("GlobalAveragePool", ["cat"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", init("fw", w(5, 16)), init("fb", w(5))], ["y"], transB=1),
+    ]
+    g = helper.make_graph(nodes, "sigmoid_concat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    onnx.save(m, path)
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    rng = np.random.default_rng(5)
+    xs = [rng.normal(0, 1, SHAPE).astype(np.float32) for _ in range(4)]
+    src = os.path.join(OUT, "float.tmp.onnx")
+    float_model(src)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"x": x} for x in xs])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    dst = os.path.join(OUT, "qop_sigmoid_concat.onnx")
+    quantize_static(src, dst, Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    os.remove(src)
+    ops = sorted({n.op_type for n in onnx.load(dst).graph.node})
+    for want in ["QLinearSigmoid", "QLinearLeakyRelu", "QLinearConcat"]:
+        assert want in ops, f"{want} not in {ops}"
+    sess = ort.InferenceSession(dst, providers=["CPUExecutionProvider"])
+    refs = {"onnxruntime": ort.__version__, "ops": ops, "input_shape": SHAPE,
+            "cases": [{"input": x.flatten().tolist(), "logits": sess.run(None, {"x": x})[0][0].tolist()} for x in xs]}
+    with open(os.path.join(OUT, "qop_sigmoid_concat.json"), "w") as f:
+        json.dump(refs, f)
+        f.write("\n")
+    print(f"qop_sigmoid_concat.onnx: {ops}")
+
+
+if __name__ == "__main__":
+    main()
