@@ -214,39 +214,51 @@ fn need<'a>(n: &'a NodeProto, ix: usize, what: &str) -> Result<&'a str> {
     }
 }
 
+/// The DequantizeLinear of the quantised tensor whose (value, scale, zero point) are
+/// inputs `ix..ix + 3` of `n` (`what`, `what`_scale, `what`_zero_point in the op's
+/// words): the node, and the name of the float it makes.
+fn dequantize(
+    graph: &GraphProto,
+    n: &NodeProto,
+    ix: usize,
+    what: &str,
+) -> Result<(NodeProto, String)> {
+    let x = need(n, ix, what)?;
+    let s = need(n, ix + 1, &format!("{what}_scale"))?;
+    let z = need(n, ix + 2, &format!("{what}_zero_point"))?;
+    let out = n.output.first().map(String::as_str).unwrap_or_default();
+    let f = fresh(graph, &format!("{out}.{what}{ix}_f32"));
+    let dq = node(
+        "DequantizeLinear",
+        format!("{}.dq{ix}", n.name),
+        &[x, s, z],
+        &[&f],
+    );
+    Ok((dq, f))
+}
+
+/// The QuantizeLinear of float `f` into the node's output, with the scale and zero point
+/// at inputs `ix` and `ix + 1`; it takes the node's name.
+fn quantize_into_output(n: &NodeProto, f: &str, ix: usize, what: &str) -> Result<NodeProto> {
+    let s = need(n, ix, &format!("{what}_scale"))?;
+    let z = need(n, ix + 1, &format!("{what}_zero_point"))?;
+    let out = n.output.first().map(String::as_str).unwrap_or_default();
+    Ok(node("QuantizeLinear", n.name.clone(), &[f, s, z], &[out]))
+}
+
+/// A float value named after the node's output.
+fn float_output(graph: &GraphProto, n: &NodeProto) -> String {
+    let out = n.output.first().map(String::as_str).unwrap_or_default();
+    fresh(graph, &format!("{out}.f32"))
+}
+
 /// `C = Q(DQ(A) op DQ(B))`, the definition of the contrib ops QLinearAdd and QLinearMul.
 fn qlinear_binary(graph: &GraphProto, n: &NodeProto, op: &str) -> Result<Vec<NodeProto>> {
-    let (a, a_s, a_z) = (
-        need(n, 0, "A")?,
-        need(n, 1, "A_scale")?,
-        need(n, 2, "A_zero_point")?,
-    );
-    let (b, b_s, b_z) = (
-        need(n, 3, "B")?,
-        need(n, 4, "B_scale")?,
-        need(n, 5, "B_zero_point")?,
-    );
-    let (c_s, c_z) = (need(n, 6, "C_scale")?, need(n, 7, "C_zero_point")?);
-    let c = n.output.first().map(String::as_str).unwrap_or_default();
-    let af = fresh(graph, &format!("{c}.a_f32"));
-    let bf = fresh(graph, &format!("{c}.b_f32"));
-    let cf = fresh(graph, &format!("{c}.c_f32"));
-    Ok(vec![
-        node(
-            "DequantizeLinear",
-            format!("{}.dq_a", n.name),
-            &[a, a_s, a_z],
-            &[&af],
-        ),
-        node(
-            "DequantizeLinear",
-            format!("{}.dq_b", n.name),
-            &[b, b_s, b_z],
-            &[&bf],
-        ),
-        node(op, format!("{}.op", n.name), &[&af, &bf], &[&cf]),
-        node("QuantizeLinear", n.name.clone(), &[&cf, c_s, c_z], &[c]),
-    ])
+    let (dq_a, af) = dequantize(graph, n, 0, "A")?;
+    let (dq_b, bf) = dequantize(graph, n, 3, "B")?;
+    let cf = float_output(graph, n);
+    let f = node(op, format!("{}.op", n.name), &[&af, &bf], &[&cf]);
+    Ok(vec![dq_a, dq_b, f, quantize_into_output(n, &cf, 6, "C")?])
 }
 
 /// `Y = Q(op(DQ(X)))`: QLinearSigmoid, QLinearLeakyRelu (inputs X, X_scale,
@@ -257,33 +269,16 @@ fn qlinear_unary(
     op: &str,
     attr: Option<AttributeProto>,
 ) -> Result<Vec<NodeProto>> {
-    let (x, x_s, x_z) = (
-        need(n, 0, "X")?,
-        need(n, 1, "X_scale")?,
-        need(n, 2, "X_zero_point")?,
-    );
-    let (y_s, y_z) = (need(n, 3, "Y_scale")?, need(n, 4, "Y_zero_point")?);
-    let y = n.output.first().map(String::as_str).unwrap_or_default();
-    let xf = fresh(graph, &format!("{y}.x_f32"));
-    let yf = fresh(graph, &format!("{y}.y_f32"));
+    let (dq, xf) = dequantize(graph, n, 0, "X")?;
+    let yf = float_output(graph, n);
     let mut f = node(op, format!("{}.op", n.name), &[&xf], &[&yf]);
     f.attribute.extend(attr);
-    Ok(vec![
-        node(
-            "DequantizeLinear",
-            format!("{}.dq", n.name),
-            &[x, x_s, x_z],
-            &[&xf],
-        ),
-        f,
-        node("QuantizeLinear", n.name.clone(), &[&yf, y_s, y_z], &[y]),
-    ])
+    Ok(vec![dq, f, quantize_into_output(n, &yf, 3, "Y")?])
 }
 
 /// `Y = Q(Concat(DQ(X1), DQ(X2), ...))`: inputs Y_scale, Y_zero_point, then (X, X_scale,
 /// X_zero_point) per input; attribute `axis`.
 fn qlinear_concat(graph: &GraphProto, n: &NodeProto) -> Result<Vec<NodeProto>> {
-    let (y_s, y_z) = (need(n, 0, "Y_scale")?, need(n, 1, "Y_zero_point")?);
     let rest = n.input.len().saturating_sub(2);
     if rest == 0 || !rest.is_multiple_of(3) {
         bail!(
@@ -295,36 +290,19 @@ fn qlinear_concat(graph: &GraphProto, n: &NodeProto) -> Result<Vec<NodeProto>> {
     let Some(axis) = get_int(n, "axis") else {
         bail!("QLinearConcat node {:?}: no axis attribute", n.name);
     };
-    let y = n.output.first().map(String::as_str).unwrap_or_default();
     let mut nodes = Vec::new();
     let mut parts = Vec::new();
     for k in 0..rest / 3 {
-        let ix = 2 + 3 * k;
-        let (x, x_s, x_z) = (
-            need(n, ix, "X")?,
-            need(n, ix + 1, "X_scale")?,
-            need(n, ix + 2, "X_zero_point")?,
-        );
-        let xf = fresh(graph, &format!("{y}.x{k}_f32"));
-        nodes.push(node(
-            "DequantizeLinear",
-            format!("{}.dq{k}", n.name),
-            &[x, x_s, x_z],
-            &[&xf],
-        ));
-        parts.push(xf);
+        let (dq, f) = dequantize(graph, n, 2 + 3 * k, "X")?;
+        nodes.push(dq);
+        parts.push(f);
     }
-    let yf = fresh(graph, &format!("{y}.y_f32"));
+    let yf = float_output(graph, n);
     let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
     let mut concat = node("Concat", format!("{}.concat", n.name), &refs, &[&yf]);
     concat.attribute.push(attr_int("axis", axis));
     nodes.push(concat);
-    nodes.push(node(
-        "QuantizeLinear",
-        n.name.clone(),
-        &[&yf, y_s, y_z],
-        &[y],
-    ));
+    nodes.push(quantize_into_output(n, &yf, 0, "Y")?);
     Ok(nodes)
 }
 
@@ -336,30 +314,15 @@ fn qlinear_global_average_pool(graph: &GraphProto, n: &NodeProto) -> Result<Vec<
             n.name
         );
     }
-    let (x, x_s, x_z) = (
-        need(n, 0, "X")?,
-        need(n, 1, "x_scale")?,
-        need(n, 2, "x_zero_point")?,
+    let (dq, xf) = dequantize(graph, n, 0, "X")?;
+    let yf = float_output(graph, n);
+    let pool = node(
+        "GlobalAveragePool",
+        format!("{}.pool", n.name),
+        &[&xf],
+        &[&yf],
     );
-    let (y_s, y_z) = (need(n, 3, "y_scale")?, need(n, 4, "y_zero_point")?);
-    let y = n.output.first().map(String::as_str).unwrap_or_default();
-    let xf = fresh(graph, &format!("{y}.x_f32"));
-    let yf = fresh(graph, &format!("{y}.y_f32"));
-    Ok(vec![
-        node(
-            "DequantizeLinear",
-            format!("{}.dq", n.name),
-            &[x, x_s, x_z],
-            &[&xf],
-        ),
-        node(
-            "GlobalAveragePool",
-            format!("{}.pool", n.name),
-            &[&xf],
-            &[&yf],
-        ),
-        node("QuantizeLinear", n.name.clone(), &[&yf, y_s, y_z], &[y]),
-    ])
+    Ok(vec![dq, pool, quantize_into_output(n, &yf, 3, "Y")?])
 }
 
 /// `Y = Q(alpha * DQ(A) x DQ(B) + DQ(C))`; C is int32 with scale alpha * a_scale * b_scale
