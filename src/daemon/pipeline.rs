@@ -88,9 +88,7 @@ impl Daemon {
         }
         Ok(())
     }
-}
 
-impl Daemon {
     /// Start `/metrics` if the settings want it where it does not run yet. Like the
     /// embedded broker, a listener a reload moves keeps serving where it was started.
     async fn ensure_metrics(&mut self, settings: &Settings) -> Result<()> {
