@@ -314,19 +314,39 @@ fn normalization_keys_reproduce_a_preset_on_a_real_model() {
 /// One small model per pattern the compatibility suite (tools/compat_suite.py) found
 /// refused, with onnxruntime's logits (tools/gen_compat_fixtures.py): it loads, its int8
 /// path reaches our kernels where the CPU has one, and its logits match onnxruntime's.
-/// qop_sigmoid_concat: onnxruntime's QOperator form of a net with a sigmoid gate, a
-/// LeakyRelu and a channel Concat (EfficientNet, SqueezeNet): com.microsoft
-/// QLinearSigmoid, QLinearLeakyRelu, QLinearConcat (refused as unsupported before).
+/// - qop_sigmoid_concat: onnxruntime's QOperator form of a net with a sigmoid gate, a
+///   LeakyRelu and a channel Concat (EfficientNet, SqueezeNet): com.microsoft
+///   QLinearSigmoid, QLinearLeakyRelu, QLinearConcat, unnamed (refused before).
+/// - qdq_dynbatch_pad: QDQ after onnxruntime's quant_pre_process on a dynamic-batch model
+///   (Keras ResNet50's default export): its value_info carries the symbolic batch,
+///   which failed tract's analysis against our batch of 1 (refused before).
 #[test]
 fn every_compat_pattern_matches_onnxruntime() {
     let dir = tempfile::tempdir().unwrap();
     let labels = dir.path().join("labels.txt");
     std::fs::write(&labels, "a\nb\nc\nd\ne\n").unwrap();
-    for name in ["qop_sigmoid_concat"] {
+    // (name, com.microsoft ops expanded, QDQ convs rewritten, convs on our kernel)
+    let cases = [
+        // QLinearSigmoid, QLinearMul, QLinearLeakyRelu, QLinearConcat,
+        // QLinearGlobalAveragePool and QGemm; 3 QLinearConvs.
+        ("qop_sigmoid_concat", 6, 0, 3),
+        ("qdq_dynbatch_pad", 0, 2, 2),
+    ];
+    let floats = |v: &Value| -> Vec<f32> {
+        let v = v.as_array().unwrap();
+        v.iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    };
+    for (name, contrib, qdq, convs) in cases {
         let refs: Value = serde_json::from_str(
             &std::fs::read_to_string(common::fixture(&format!("compat/{name}.json"))).unwrap(),
         )
         .unwrap();
+        let shape: Vec<usize> = refs["input_shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
         let s = ModelSettings {
             labels: Some(labels.clone()),
             ..ModelSettings::for_file(common::fixture(&format!("compat/{name}.onnx")))
@@ -334,22 +354,16 @@ fn every_compat_pattern_matches_onnxruntime() {
         for path in paths() {
             let c = Classifier::load_with_kernel(&s, true, path)
                 .unwrap_or_else(|e| panic!("{name} {path:?}: {e:#}"));
-            // QLinearSigmoid, QLinearMul, QLinearLeakyRelu, QLinearConcat,
-            // QLinearGlobalAveragePool, QGemm; its 3 QLinearConvs on our kernel.
             let r = c.int8_rewrites();
-            assert_eq!(r.proto.contrib_ops, 6, "{name}: {r}");
-            assert_eq!(r.int8_convs, path.is_some() as usize * 3, "{name}: {r}");
-            let floats = |v: &Value| -> Vec<f32> {
-                let v = v.as_array().unwrap();
-                v.iter().map(|x| x.as_f64().unwrap() as f32).collect()
-            };
+            assert_eq!(
+                (r.proto.contrib_ops, r.proto.qdq_convs, r.int8_convs),
+                (contrib, qdq, path.is_some() as usize * convs),
+                "{name} {path:?}: {r}"
+            );
             let mut worst = 0f32;
             for case in refs["cases"].as_array().unwrap() {
-                let x = tract_onnx::prelude::Tensor::from_shape(
-                    &[1, 3, 16, 16],
-                    &floats(&case["input"]),
-                )
-                .unwrap();
+                let x = tract_onnx::prelude::Tensor::from_shape(&shape, &floats(&case["input"]))
+                    .unwrap();
                 let got = c.raw_scores(x).unwrap();
                 for (g, w) in got.iter().zip(floats(&case["logits"])) {
                     worst = worst.max((g - w).abs());

@@ -15,6 +15,8 @@ graphs do). Exports:
   softmax         a Softmax at the end (probabilities out: not to be softmaxed twice)
   qdq_u8s8, qop_u8s8, qdq_s8s8, qop_s8s8
                   onnxruntime's static quantisation of script13, per-channel weights
+keras_resnet50 (Keras 3's own ONNX export, torch backend; caffe preprocessing): keras and
+keras_dynbatch (static or Keras's default dynamic batch), and quantised forms of each.
 
 Each row: loads or not (edgesight's error, first line), top-1 equal to onnxruntime on
 every input, the largest |probability difference|. Writes OUT/matrix.md and prints it.
@@ -35,6 +37,8 @@ import torchvision
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Keras ResNet50 has exports of its own (--exports is for the torchvision models).
+KERAS_EXPORTS = ["keras", "keras_dynbatch", "qdq_u8s8", "qdq_u8s8_dynbatch", "qop_u8s8", "qdq_s8s8"]
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 SIZE = 224
@@ -92,7 +96,24 @@ def model(name):
     return m
 
 
+def export_keras(kind, path):
+    """keras.applications.ResNet50 through Keras 3's own ONNX export (torch backend;
+    ../shared/notes/keras-resnet50.md): NHWC input, BatchNorm as Sub/Mul/Add, each conv
+    between transposes. `keras` gives it a static batch, `keras_dynbatch` Keras's default
+    dynamic one."""
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    import keras
+
+    keras.utils.set_random_seed(0)
+    m = keras.applications.ResNet50(weights=None, input_shape=(SIZE, SIZE, 3), classifier_activation=None)
+    batch = None if kind.endswith("dynbatch") else 1
+    m.export(path, format="onnx", opset_version=13,
+             input_signature=[keras.InputSpec(shape=(batch, SIZE, SIZE, 3), dtype="float32")])
+
+
 def export(name, kind, path):
+    if name == "keras_resnet50":
+        return export_keras(kind, path)
     m = model(name)
     x = torch.rand(1, 3, SIZE, SIZE)
     opset, dynamo, axes = 13, False, None
@@ -119,9 +140,11 @@ def quantise(src, dst, form, images):
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    name = onnx.load(src).graph.input[0].name
+
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.it = iter([{"input": t} for t in images[:4]])
+            self.it = iter([{name: t} for t in images[:4]])
 
         def get_next(self):
             return next(self.it, None)
@@ -135,9 +158,19 @@ def quantise(src, dst, form, images):
     os.remove(pre)
 
 
+def caffe_tensor(img):
+    """Keras's "caffe" preprocessing: BGR, 0..255 minus the ImageNet means, NHWC."""
+    bgr = img[..., ::-1].astype(np.float32) - np.array([103.939, 116.779, 123.68], np.float32)
+    return np.ascontiguousarray(bgr[None], np.float32)
+
+
+def model_inputs(name, tensors, caffe):
+    return caffe if name == "keras_resnet50" else tensors
+
+
 def inputs(out, n=3):
     rng = np.random.default_rng(7)
-    files, tensors = [], []
+    files, tensors, caffe = [], [], []
     for i in range(n):
         # Smooth random images (a few blobs), like a scene rather than noise.
         img = np.zeros((SIZE, SIZE, 3), np.float32)
@@ -151,7 +184,8 @@ def inputs(out, n=3):
         files.append(f)
         t = ((img.astype(np.float32) / 255.0 - MEAN) / STD).transpose(2, 0, 1)[None]
         tensors.append(np.ascontiguousarray(t, np.float32))
-    return files, tensors
+        caffe.append(caffe_tensor(img))
+    return files, tensors, caffe
 
 
 def reference(path, tensors, nhwc, probs_out):
@@ -168,8 +202,12 @@ def reference(path, tensors, nhwc, probs_out):
     return out
 
 
-def ours(binary, path, labels, files):
-    r = subprocess.run([binary, "classify", "--json", "--model", path, "--labels", labels, *files],
+def ours(binary, path, labels, files, preprocess):
+    cfg = path + ".toml"
+    with open(cfg, "w") as f:
+        f.write(f'[model]\npath = "{path}"\nlabels = "{labels}"\npreprocess = "{preprocess}"\n'
+                '[[camera]]\nname = "x"\npath = "x"\n')
+    r = subprocess.run([binary, "classify", "--json", "--config", cfg, *files],
                        capture_output=True, text=True)
     if r.returncode != 0:
         lines = [l for l in r.stderr.splitlines() if l.strip()]
@@ -181,31 +219,39 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "compat"))
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "debug", "edgesight"))
-    ap.add_argument("--models", default="resnet18,mobilenet_v2,mobilenet_v3_small,efficientnet_b0,squeezenet1_1")
+    ap.add_argument("--models", default="resnet18,mobilenet_v2,mobilenet_v3_small,efficientnet_b0,squeezenet1_1,keras_resnet50")
     ap.add_argument("--exports", default="script11,script13,script17,dynamo,nhwc,bn,dynbatch,softmax,qdq_u8s8,qop_u8s8,qdq_s8s8,qop_s8s8")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     labels = os.path.join(a.out, "labels.txt")
     with open(labels, "w") as f:
         f.write("".join(f"class{i}\n" for i in range(1000)))
-    files, tensors = inputs(a.out)
+    files, tensors, caffe = inputs(a.out)
     rows = ["| model | export | loads | top-1 equal | max abs p diff | note |", "|---|---|---|---|---|---|"]
     for name in a.models.split(","):
-        for kind in a.exports.split(","):
+        kinds = KERAS_EXPORTS if name == "keras_resnet50" else a.exports.split(",")
+        for kind in kinds:
             path = os.path.join(a.out, f"{name}_{kind}.onnx")
             try:
+                keras_model = name == "keras_resnet50"
                 if kind.startswith("q"):
-                    base = os.path.join(a.out, f"{name}_script13.onnx")
+                    base_kind = "keras_dynbatch" if keras_model and "dynbatch" in kind else (
+                        "keras" if keras_model else "script13")
+                    base = os.path.join(a.out, f"{name}_{base_kind}.onnx")
                     if not os.path.exists(base):
-                        export(name, "script13", base)
-                    quantise(base, path, kind, tensors)
+                        export(name, base_kind, base)
+                    quantise(base, path, kind.replace("_dynbatch", ""), model_inputs(name, tensors, caffe))
                 else:
                     export(name, kind, path)
             except Exception as e:  # an exporter failure is the exporter's, not ours
                 rows.append(f"| {name} | {kind} | (export failed) | | | {str(e).splitlines()[0][:100]} |")
                 continue
-            want = reference(path, tensors, kind == "nhwc", kind == "softmax")
-            got, err = ours(a.bin, path, labels, files)
+            keras_model = name == "keras_resnet50"
+            if keras_model:
+                want = reference(path, caffe, False, False)
+            else:
+                want = reference(path, tensors, kind == "nhwc", kind == "softmax")
+            got, err = ours(a.bin, path, labels, files, "caffe" if keras_model else "torchvision")
             if got is None:
                 rows.append(f"| {name} | {kind} | **no** | | | {err[:160]} |")
             else:

@@ -9,6 +9,10 @@ or mishandling, with onnxruntime's outputs (issue 16). Read by tests/model.rs
   gate (EfficientNet's SiLU / squeeze-excitation), a LeakyRelu branch and a channel
   Concat (SqueezeNet's fire modules): com.microsoft QLinearSigmoid, QLinearLeakyRelu and
   QLinearConcat, which tract does not know and edgesight expands at load.
+- qdq_dynbatch_pad: a conv net with a dynamic batch and an explicit Pad (Keras's
+  ZeroPadding2D), quantised by onnxruntime after its quant_pre_process, which writes
+  the symbolic batch into the graph's value_info: tract failed on the Pad ("Failed
+  analyse"), as on Keras ResNet50 quantised with its default dynamic batch.
 Needs onnx, onnxruntime, numpy.
 """
 
@@ -57,6 +61,77 @@ def float_model(path):
     onnx.save(m, path)
 
 
+def dynbatch_pad_model(path):
+    rng = np.random.default_rng(4)
+    w = lambda *s: numpy_helper.from_array(rng.normal(0, 0.3, s).astype(np.float32))
+    inits = []
+
+    def init(name, t):
+        t.name = name
+        inits.append(t)
+        return name
+
+    pads = numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 3, 3], np.int64), "pads")
+    inits.append(pads)
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2]),
+        helper.make_node("Pad", ["t", "pads"], ["p"], mode="constant"),
+        helper.make_node("Conv", ["p", init("w0", w(8, 3, 7, 7)), init("b0", w(8))], ["c0"], strides=[2, 2]),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("Conv", ["r0", init("w1", w(8, 8, 3, 3)), init("b1", w(8))], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("GlobalAveragePool", ["r1"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", init("fw", w(5, 8)), init("fb", w(5))], ["y"], transB=1),
+    ]
+    g = helper.make_graph(nodes, "dynbatch_pad",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16, 16, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    onnx.save(m, path)
+
+
+def reference(dst, xs, ops):
+    sess = ort.InferenceSession(dst, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return {"onnxruntime": ort.__version__, "ops": ops, "input_shape": list(xs[0].shape),
+            "cases": [{"input": x.flatten().tolist(), "logits": sess.run(None, {name: x})[0][0].tolist()}
+                      for x in xs]}
+
+
+def make_dynbatch_pad():
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    rng = np.random.default_rng(6)
+    xs = [rng.normal(0, 1, [1, 16, 16, 3]).astype(np.float32) for _ in range(4)]
+    src, pre = os.path.join(OUT, "f.tmp.onnx"), os.path.join(OUT, "pre.tmp.onnx")
+    dynbatch_pad_model(src)
+    quant_pre_process(src, pre)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"x": x} for x in xs])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    dst = os.path.join(OUT, "qdq_dynbatch_pad.onnx")
+    quantize_static(pre, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    os.remove(src)
+    os.remove(pre)
+    m = onnx.load(dst)
+    symbolic = [v.name for v in m.graph.value_info
+                if any(d.dim_param for d in v.type.tensor_type.shape.dim)]
+    assert symbolic, "quant_pre_process left no symbolic value_info: the pattern is gone"
+    ops = sorted({n.op_type for n in m.graph.node})
+    with open(os.path.join(OUT, "qdq_dynbatch_pad.json"), "w") as f:
+        json.dump(reference(dst, xs, ops), f)
+        f.write("\n")
+    print(f"qdq_dynbatch_pad.onnx: {ops}, {len(symbolic)} value_info with a symbolic dim")
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     rng = np.random.default_rng(5)
@@ -85,6 +160,7 @@ def main():
         json.dump(refs, f)
         f.write("\n")
     print(f"qop_sigmoid_concat.onnx: {ops}")
+    make_dynbatch_pad()
 
 
 if __name__ == "__main__":

@@ -120,7 +120,13 @@ struct Parsed {
 /// Read the ONNX file, rewrite its quantised forms onto integer convolutions
 /// ([`crate::model::int8::onnx_quant`]), then let tract parse it.
 fn parse(path: &Path, rewrite: bool) -> Result<Parsed> {
-    let onnx = tract_onnx::onnx();
+    // The graph's value_info (shapes of intermediate tensors) is a hint tract re-derives
+    // from the ops anyway, and a wrong one breaks the load: onnxruntime's
+    // quant_pre_process writes a symbolic batch into it that no longer unifies with the
+    // batch of 1 we run (Keras ResNet50 quantised with its default dynamic batch:
+    // "Failed analyse for node /Pad"; docs/models.md). The inputs' and outputs' own
+    // shapes are still read.
+    let onnx = tract_onnx::onnx().with_ignore_value_info(true);
     let mut proto = onnx.proto_model_for_path(path)?;
     if let Some(g) = &proto.graph {
         check::check_graph(g)?;
