@@ -27,7 +27,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::stats::{CameraStats, Stats};
+use crate::stats::{CameraStats, OutboxCounters, Stats};
 
 /// What a scrape reads: the running pipeline's counters and model (a reload swaps both).
 #[derive(Debug, Default)]
@@ -50,11 +50,11 @@ impl Current {
     }
 }
 
-/// Which counter of a camera's stats.
-type Field = fn(&CameraStats) -> &AtomicU64;
+/// Counters as (name, help, which field of a `T`).
+type Counters<T> = &'static [(&'static str, &'static str, fn(&T) -> &AtomicU64)];
 
-/// The per-camera counters, as (name, help, field).
-const CAMERA_COUNTERS: &[(&str, &str, Field)] = &[
+/// The per-camera counters.
+const CAMERA_COUNTERS: Counters<CameraStats> = &[
     (
         "edgesight_frames_captured",
         "Frames the camera delivered.",
@@ -117,111 +117,127 @@ impl Collector for Edgesight {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         if let Some(rss) = crate::util::rss_mb() {
             let help = "Resident memory of the daemon.";
-            gauge(
-                &mut e,
-                "process_resident_memory_bytes",
-                help,
-                rss * 1024.0 * 1024.0,
-            )?;
+            let bytes = rss * 1024.0 * 1024.0;
+            gauge(&mut e, "process_resident_memory_bytes", help, bytes)?;
         }
         let Some((stats, model)) = self.0.get() else {
             return Ok(()); // no pipeline yet (the model is loading)
         };
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        for (name, help, field) in CAMERA_COUNTERS {
-            let mut family = e.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for (camera, c) in &stats.cameras {
-                let labels = [("camera", camera.as_str())];
-                ConstCounter::new(g(field(c))).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        let (sum, count, buckets) = stats.inference_seconds.snapshot();
-        let help = "Time the model took per frame.";
-        let mut family = e.encode_descriptor(
-            "edgesight_inference_seconds",
-            help,
-            None,
-            MetricType::Histogram,
-        )?;
-        let labels = [("model", model.as_str())];
-        family
-            .encode_family(&labels)?
-            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-                sum, count, &buckets, None,
-            )?;
-        let connected = stats.connected.load(Ordering::Relaxed) as u8 as f64;
-        gauge(
-            &mut e,
-            "edgesight_mqtt_connected",
-            "1 while the MQTT session is up.",
-            connected,
-        )?;
-        let mqtt = [
-            (
-                "edgesight_mqtt_reconnects",
-                "Connections to the broker after the first.",
-                &stats.reconnects,
-            ),
-            (
-                "edgesight_mqtt_publish_dropped",
-                "Messages dropped because the MQTT queue was full.",
-                &stats.publish_dropped,
-            ),
-            (
-                "edgesight_mqtt_publish_lost",
-                "Messages queued in the client and lost when a connection broke.",
-                &stats.publish_lost,
-            ),
-            (
-                "edgesight_inference_errors",
-                "Frames the model failed on.",
-                &stats.inference_errors,
-            ),
-        ];
-        for (name, help, v) in mqtt {
-            counter(&mut e, name, help, g(v))?;
-        }
+        encode_cameras(&mut e, &stats)?;
+        encode_inference(&mut e, &stats, &model)?;
+        encode_network(&mut e, &stats)?;
         if let Some(o) = stats.outbox.get() {
-            gauge(
-                &mut e,
-                "edgesight_outbox_depth",
-                "Records waiting for their PUBACK.",
-                o.depth() as f64,
-            )?;
-            gauge(
-                &mut e,
-                "edgesight_outbox_bytes",
-                "Bytes of the records waiting.",
-                o.bytes() as f64,
-            )?;
-            let outbox = [
-                (
-                    "edgesight_outbox_accepted",
-                    "Records the outbox accepted.",
-                    &o.accepted,
-                ),
-                (
-                    "edgesight_outbox_delivered",
-                    "Records the broker acknowledged.",
-                    &o.delivered,
-                ),
-                (
-                    "edgesight_outbox_dropped",
-                    "Oldest records dropped to stay within the bounds.",
-                    &o.dropped,
-                ),
-                (
-                    "edgesight_outbox_quarantined",
-                    "Corrupt or undeliverable records moved aside.",
-                    &o.quarantined,
-                ),
-            ];
-            for (name, help, v) in outbox {
-                counter(&mut e, name, help, g(v))?;
-            }
+            encode_outbox(&mut e, o)?;
         }
         Ok(())
     }
+}
+
+fn load(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+/// Each per-camera counter, one sample per camera.
+fn encode_cameras(e: &mut DescriptorEncoder, stats: &Stats) -> Result<(), std::fmt::Error> {
+    for (name, help, field) in CAMERA_COUNTERS {
+        let mut family = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (camera, c) in &stats.cameras {
+            let labels = [("camera", camera.as_str())];
+            ConstCounter::new(load(field(c))).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
+}
+
+/// The model's inference times, as a histogram labelled with the model's file.
+fn encode_inference(
+    e: &mut DescriptorEncoder,
+    stats: &Stats,
+    model: &str,
+) -> Result<(), std::fmt::Error> {
+    let (sum, count, buckets) = stats.inference_seconds.snapshot();
+    let help = "Time the model took per frame.";
+    let kind = MetricType::Histogram;
+    let mut family = e.encode_descriptor("edgesight_inference_seconds", help, None, kind)?;
+    let labels = [("model", model)];
+    family
+        .encode_family(&labels)?
+        .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
+}
+
+/// The MQTT session, and what the inference stage could not publish or classify.
+fn encode_network(e: &mut DescriptorEncoder, stats: &Stats) -> Result<(), std::fmt::Error> {
+    let connected = stats.connected.load(Ordering::Relaxed) as u8 as f64;
+    let help = "1 while the MQTT session is up.";
+    gauge(e, "edgesight_mqtt_connected", help, connected)?;
+    const COUNTERS: Counters<Stats> = &[
+        (
+            "edgesight_mqtt_reconnects",
+            "Connections to the broker after the first.",
+            |s| &s.reconnects,
+        ),
+        (
+            "edgesight_mqtt_publish_dropped",
+            "Messages dropped because the MQTT queue was full.",
+            |s| &s.publish_dropped,
+        ),
+        (
+            "edgesight_mqtt_publish_lost",
+            "Messages queued in the client and lost when a connection broke.",
+            |s| &s.publish_lost,
+        ),
+        (
+            "edgesight_inference_errors",
+            "Frames the model failed on.",
+            |s| &s.inference_errors,
+        ),
+    ];
+    for (name, help, field) in COUNTERS {
+        counter(e, name, help, load(field(stats)))?;
+    }
+    Ok(())
+}
+
+/// The durable outbox: what waits, and what it accepted, delivered and lost.
+fn encode_outbox(e: &mut DescriptorEncoder, o: &OutboxCounters) -> Result<(), std::fmt::Error> {
+    gauge(
+        e,
+        "edgesight_outbox_depth",
+        "Records waiting for their PUBACK.",
+        o.depth() as f64,
+    )?;
+    gauge(
+        e,
+        "edgesight_outbox_bytes",
+        "Bytes of the records waiting.",
+        o.bytes() as f64,
+    )?;
+    const COUNTERS: Counters<OutboxCounters> = &[
+        (
+            "edgesight_outbox_accepted",
+            "Records the outbox accepted.",
+            |o| &o.accepted,
+        ),
+        (
+            "edgesight_outbox_delivered",
+            "Records the broker acknowledged.",
+            |o| &o.delivered,
+        ),
+        (
+            "edgesight_outbox_dropped",
+            "Oldest records dropped to stay within the bounds.",
+            |o| &o.dropped,
+        ),
+        (
+            "edgesight_outbox_quarantined",
+            "Corrupt or undeliverable records moved aside.",
+            |o| &o.quarantined,
+        ),
+    ];
+    for (name, help, field) in COUNTERS {
+        counter(e, name, help, load(field(o)))?;
+    }
+    Ok(())
 }
 
 /// The text a scrape gets.
