@@ -320,23 +320,27 @@ fn normalization_keys_reproduce_a_preset_on_a_real_model() {
 /// - qdq_dynbatch_pad: QDQ after onnxruntime's quant_pre_process on a dynamic-batch model
 ///   (Keras ResNet50's default export): its value_info carries the symbolic batch,
 ///   which failed tract's analysis against our batch of 1 (refused before).
+/// - softmax_end: a graph that ends in Softmax: the probabilities edgesight publishes are
+///   the model's own (softmaxing them again would flatten them towards 1/5).
 #[test]
 fn every_compat_pattern_matches_onnxruntime() {
     let dir = tempfile::tempdir().unwrap();
     let labels = dir.path().join("labels.txt");
     std::fs::write(&labels, "a\nb\nc\nd\ne\n").unwrap();
-    // (name, com.microsoft ops expanded, QDQ convs rewritten, convs on our kernel)
+    // (name, com.microsoft ops expanded, QDQ convs rewritten, convs on our kernel;
+    // onnxruntime's outputs are probabilities, compared with what edgesight publishes)
     let cases = [
         // QLinearSigmoid, QLinearMul, QLinearLeakyRelu, QLinearConcat,
         // QLinearGlobalAveragePool and QGemm; 3 QLinearConvs.
-        ("qop_sigmoid_concat", 6, 0, 3),
-        ("qdq_dynbatch_pad", 0, 2, 2),
+        ("qop_sigmoid_concat", 6, 0, 3, false),
+        ("qdq_dynbatch_pad", 0, 2, 2, false),
+        ("softmax_end", 0, 0, 0, true),
     ];
     let floats = |v: &Value| -> Vec<f32> {
         let v = v.as_array().unwrap();
         v.iter().map(|x| x.as_f64().unwrap() as f32).collect()
     };
-    for (name, contrib, qdq, convs) in cases {
+    for (name, contrib, qdq, convs, probabilities) in cases {
         let refs: Value = serde_json::from_str(
             &std::fs::read_to_string(common::fixture(&format!("compat/{name}.json"))).unwrap(),
         )
@@ -364,7 +368,10 @@ fn every_compat_pattern_matches_onnxruntime() {
             for case in refs["cases"].as_array().unwrap() {
                 let x = tract_onnx::prelude::Tensor::from_shape(&shape, &floats(&case["input"]))
                     .unwrap();
-                let got = c.raw_scores(x).unwrap();
+                let got = match probabilities {
+                    true => c.probabilities(x).unwrap(),
+                    false => c.raw_scores(x).unwrap(),
+                };
                 for (g, w) in got.iter().zip(floats(&case["logits"])) {
                     worst = worst.max((g - w).abs());
                 }

@@ -13,6 +13,9 @@ or mishandling, with onnxruntime's outputs (issue 16). Read by tests/model.rs
   ZeroPadding2D), quantised by onnxruntime after its quant_pre_process, which writes
   the symbolic batch into the graph's value_info: tract failed on the Pad ("Failed
   analyse"), as on Keras ResNet50 quantised with its default dynamic batch.
+- softmax_end: an fp32 conv net whose graph ends in Softmax (torchvision models exported
+  with their probabilities, Keras's default classifier_activation): its outputs are
+  probabilities already and must not be softmaxed twice.
 Needs onnx, onnxruntime, numpy.
 """
 
@@ -142,6 +145,30 @@ def make_dynbatch_pad():
     print(f"qdq_dynbatch_pad.onnx: {ops}, {len(symbolic)} value_info with a symbolic dim")
 
 
+def make_softmax_end():
+    rng = np.random.default_rng(8)
+    w = lambda name, *s: numpy_helper.from_array(rng.normal(0, 0.5, s).astype(np.float32), name)
+    inits = [w("w0", 8, 3, 3, 3), w("b0", 8), w("fw", 5, 8), w("fb", 5)]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("GlobalAveragePool", ["r0"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "fw", "fb"], ["logits"], transB=1),
+        helper.make_node("Softmax", ["logits"], ["y"], axis=1),
+    ]
+    g = helper.make_graph(nodes, "softmax_end", [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    dst = os.path.join(OUT, "softmax_end.onnx")
+    onnx.save(m, dst)
+    xs = [rng.normal(0, 1, SHAPE).astype(np.float32) for _ in range(4)]
+    write_reference("softmax_end", dst, xs, sorted({n.op_type for n in m.graph.node}))
+    print("softmax_end.onnx")
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     rng = np.random.default_rng(5)
@@ -157,6 +184,7 @@ def main():
     write_reference("qop_sigmoid_concat", dst, xs, ops)
     print(f"qop_sigmoid_concat.onnx: {ops}")
     make_dynbatch_pad()
+    make_softmax_end()
 
 
 if __name__ == "__main__":
