@@ -33,15 +33,25 @@ OUT = os.path.join(ROOT, "tests", "fixtures", "compat")
 SHAPE = [1, 3, 16, 16]
 
 
-def float_model(path):
-    rng = np.random.default_rng(3)
-    w = lambda *s: numpy_helper.from_array(rng.normal(0, 0.3, s).astype(np.float32))
+def initializers(rng):
+    """(the graph's initializer list, w(*shape): random weights, init(name, tensor): the
+    tensor added to the list under that name, which it returns)."""
     inits = []
+
+    def w(*shape):
+        return numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32))
 
     def init(name, t):
         t.name = name
         inits.append(t)
         return name
+
+    return inits, w, init
+
+
+def float_model(path):
+    rng = np.random.default_rng(3)
+    inits, w, init = initializers(rng)
 
     nodes = [
         helper.make_node("Conv", ["x", init("w0", w(8, 3, 3, 3)), init("b0", w(8))], ["c0"], pads=[1, 1, 1, 1]),
@@ -66,13 +76,7 @@ def float_model(path):
 
 def dynbatch_pad_model(path):
     rng = np.random.default_rng(4)
-    w = lambda *s: numpy_helper.from_array(rng.normal(0, 0.3, s).astype(np.float32))
-    inits = []
-
-    def init(name, t):
-        t.name = name
-        inits.append(t)
-        return name
+    inits, w, init = initializers(rng)
 
     pads = numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 3, 3], np.int64), "pads")
     inits.append(pads)
