@@ -13,7 +13,7 @@ use crate::capture::child::{ChildProgram, find_program};
 use crate::capture::framing::{Framer, Piece};
 use crate::capture::http::{self, HttpStream};
 use crate::capture::{Backend, CaptureError, FrameStream, Mode, Readers};
-use crate::config::{CameraSettings, SourceSettings, SourceUrl, StreamFormat, url_passwords};
+use crate::config::{CameraSettings, SourceSettings, SourceUrl, StreamFormat};
 use crate::frame::{RawFormat, RawFrame};
 
 /// Where a stream camera's bytes come from.
@@ -76,7 +76,7 @@ impl StreamRequest {
                 size: width.zip(*height),
                 fps: *fps,
                 // A command line may hold a camera's URL with its password too.
-                secrets: url_passwords(&command.0.join(" ")),
+                secrets: command.secrets(),
             },
             SourceSettings::Picamera {
                 width,

@@ -642,9 +642,14 @@ pub fn scrub(text: &str, secrets: &[String]) -> String {
 pub struct CommandLine(pub Vec<String>);
 
 impl CommandLine {
+    /// The passwords of the URLs in it, in every form a program may print them.
+    pub fn secrets(&self) -> Vec<String> {
+        url_passwords(&self.0.join(" "))
+    }
+
     /// The arguments as shown: URL passwords replaced.
     pub fn scrubbed(&self) -> Vec<String> {
-        let secrets = url_passwords(&self.0.join(" "));
+        let secrets = self.secrets();
         self.0.iter().map(|a| scrub(a, &secrets)).collect()
     }
 }

@@ -264,21 +264,22 @@ impl Validator<'_> {
             n.scale = self.positive("model.scale", scale, 1e6)? as f32;
         }
         if let Some(mean) = &r.mean {
-            n.mean = self.per_channel("model.mean", mean, |_| true)?;
+            n.mean = self.per_channel("model.mean", mean, |_| true, "finite")?;
         }
         if let Some(std) = &r.std {
-            n.std = self.per_channel("model.std", std, |v| v > 0.0)?;
+            n.std = self.per_channel("model.std", std, |v| v > 0.0, "> 0")?;
         }
         Ok(n)
     }
 
     /// One number for all three channels, or three; each finite, not too large and `ok`
-    /// (a std of 0 would divide by zero).
+    /// (a std of 0 would divide by zero), which the error words as `want`.
     fn per_channel(
         &self,
         key: &str,
         v: &OneOrThree,
         ok: impl Fn(f64) -> bool,
+        want: &str,
     ) -> Result<[f32; 3], ConfigError> {
         let values = match v {
             OneOrThree::One(x) => vec![*x; 3],
@@ -296,11 +297,6 @@ impl Validator<'_> {
         let mut out = [0f32; 3];
         for (o, x) in out.iter_mut().zip(values) {
             if !(x.is_finite() && x.abs() <= 1e6 && ok(x)) {
-                let want = if key.ends_with("std") {
-                    "> 0"
-                } else {
-                    "finite"
-                };
                 return Err(self.err(
                     key,
                     format!("{x} is not a usable value ({want}, at most 1e6)"),

@@ -328,38 +328,16 @@ fn qlinear_global_average_pool(graph: &GraphProto, n: &NodeProto) -> Result<Vec<
 /// `Y = Q(alpha * DQ(A) x DQ(B) + DQ(C))`; C is int32 with scale alpha * a_scale * b_scale
 /// and zero point 0; without y_scale the output stays float.
 fn qgemm(graph: &mut GraphProto, n: &NodeProto) -> Result<Vec<NodeProto>> {
-    let (a, a_s, a_z) = (
-        need(n, 0, "A")?,
-        need(n, 1, "a_scale")?,
-        need(n, 2, "a_zero_point")?,
-    );
-    let (b, b_s, b_z) = (
-        need(n, 3, "B")?,
-        need(n, 4, "b_scale")?,
-        need(n, 5, "b_zero_point")?,
-    );
     let y = n.output.first().cloned().unwrap_or_default();
     let alpha = get_float(n, "alpha").unwrap_or(1.0);
     let trans_a = get_int(n, "transA").unwrap_or(0);
     let trans_b = get_int(n, "transB").unwrap_or(0);
-    let af = fresh(graph, &format!("{y}.a_f32"));
-    let bf = fresh(graph, &format!("{y}.b_f32"));
-    let mut nodes = vec![node(
-        "DequantizeLinear",
-        format!("{}.dq_a", n.name),
-        &[a, a_s, a_z],
-        &[&af],
-    )];
+    let (dq_a, af) = dequantize(graph, n, 0, "a")?;
+    let (mut dq_b, bf) = dequantize(graph, n, 3, "b")?;
     // Per-channel weight scales run along N: axis 0 of B transposed ([N, K]), else 1.
-    let mut dq_b = node(
-        "DequantizeLinear",
-        format!("{}.dq_b", n.name),
-        &[b, b_s, b_z],
-        &[&bf],
-    );
     dq_b.attribute
         .push(attr_int("axis", if trans_b == 1 { 0 } else { 1 }));
-    nodes.push(dq_b);
+    let mut nodes = vec![dq_a, dq_b];
     let mut gemm_inputs = vec![af.clone(), bf.clone()];
     if let Some(c) = input(n, 6) {
         let (dq_c, cf) = qgemm_bias(graph, n, c, alpha)?;
