@@ -141,6 +141,9 @@ fn dispatch(cli: Cli) -> Result<()> {
                 spec.height,
                 spec.normalization
             );
+            if let Some(note) = model.change_axes().note() {
+                println!("# note: {note}");
+            }
             print!("{}", settings.to_redacted_toml());
             Ok(())
         }

@@ -16,6 +16,11 @@ or mishandling, with onnxruntime's outputs (issue 16). Read by tests/model.rs
 - softmax_end: an fp32 conv net whose graph ends in Softmax (torchvision models exported
   with their probabilities, Keras's default classifier_activation): its outputs are
   probabilities already and must not be softmaxed twice.
+- conv_add_pooled: a channels-last conv net (NHWC input, Transposes) in which a bias-less
+  conv's output gets a globally pooled branch, shaped [1,C,1,1], added to it: tract folds
+  that Add into the conv's bias, then its ChangeAxes pass breaks the bias ("Output
+  channels is 8, bias is 8,1"), the failure issue 16 reports from a real ResNet-50.
+  Edgesight retries without that pass (src/model/passes.rs).
 Needs onnx, onnxruntime, numpy.
 """
 
@@ -173,6 +178,37 @@ def make_softmax_end():
     print("softmax_end.onnx")
 
 
+def make_conv_add_pooled():
+    rng = np.random.default_rng(9)
+    inits, w, init = initializers(rng)
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["nchw", init("w0", w(8, 3, 3, 3)), init("b0", w(8))], ["c0"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        # A bias-less conv, and a [1,8,1,1] branch computed from the image added to it.
+        helper.make_node("Conv", ["r0", init("w1", w(8, 8, 1, 1))], ["a1"]),
+        helper.make_node("Conv", ["a1", init("w3", w(8, 8, 3, 3))], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["r0", init("w2", w(8, 8, 1, 1))], ["b2"]),
+        helper.make_node("GlobalAveragePool", ["b2"], ["c2"]),
+        helper.make_node("Add", ["c1", "c2"], ["a"]),
+        helper.make_node("Relu", ["a"], ["r1"]),
+        helper.make_node("Transpose", ["r1"], ["nhwc"], perm=[0, 2, 3, 1]),
+        helper.make_node("ReduceMean", ["nhwc"], ["g"], axes=[1, 2], keepdims=0),
+        helper.make_node("Gemm", ["g", init("fw", w(5, 8)), init("fb", w(5))], ["y"], transB=1),
+    ]
+    shape = [1, 16, 16, 3]
+    g = helper.make_graph(nodes, "conv_add_pooled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    dst = os.path.join(OUT, "conv_add_pooled.onnx")
+    onnx.save(m, dst)
+    xs = [rng.normal(0, 1, shape).astype(np.float32) for _ in range(4)]
+    write_reference("conv_add_pooled", dst, xs, sorted({n.op_type for n in m.graph.node}))
+    print("conv_add_pooled.onnx")
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     rng = np.random.default_rng(5)
@@ -189,6 +225,7 @@ def main():
     print(f"qop_sigmoid_concat.onnx: {ops}")
     make_dynbatch_pad()
     make_softmax_end()
+    make_conv_add_pooled()
 
 
 if __name__ == "__main__":

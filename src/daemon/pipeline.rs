@@ -492,6 +492,9 @@ fn log_model(classifier: &Classifier) {
         t.optimize_ms,
         classifier.int8_rewrites()
     );
+    if let Some(note) = classifier.change_axes().note() {
+        warn!("model {}: {note}", classifier.file_name());
+    }
 }
 
 impl HeldOutbox {

@@ -4,6 +4,7 @@
 //! * [`int8`]: the int8 rewrites (protobuf, typed graph) and edgesight's own int8
 //!   convolution.
 //! * [`check`]: the ONNX graph's attributes checked before anything reads them.
+//! * [`passes`]: tract's optimiser passes, and the workaround for a tract bug.
 //! * [`bench`]: `edgesight bench`.
 //!
 //! May use: config, util, frame (the input geometry). No tokio, rumqttc or nokhwa.
@@ -11,6 +12,7 @@
 pub mod bench;
 pub mod check;
 pub mod int8;
+pub mod passes;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,6 +25,7 @@ use tract_core::internal::tract_linalg::multithread::{self, Executor};
 use tract_onnx::prelude::*;
 
 use crate::model::int8::onnx_quant::QuantizeScales;
+use crate::model::passes::ChangeAxes;
 use tract_onnx::tract_hir::infer::Factoid;
 use tract_onnx::tract_hir::internal::DimLike;
 
@@ -51,6 +54,8 @@ pub struct Classifier {
     path: PathBuf,
     timing: LoadTiming,
     int8: Int8Rewrites,
+    /// Whether tract's layout pass ran or failed on this graph and was left out.
+    change_axes: ChangeAxes,
     /// The thread pool for this model's matrix products (None: the calling thread).
     executor: Option<Executor>,
 }
@@ -152,18 +157,50 @@ fn parse(path: &Path, rewrite: bool) -> Result<Parsed> {
     })
 }
 
-/// Declutter, apply the int8 rewrites that must precede codegen, optimise, then fuse
-/// what codegen left unfused.
+/// [`optimize_with`] with tract's layout pass, or, where that pass fails on the graph
+/// (a tract bug, [`passes`]), without it. Returns whether it was left out.
 fn optimize(
     model: InferenceModel,
     rewrite: bool,
     kernel: Option<crate::model::int8::qconv::Kernel>,
     quantize_scales: &QuantizeScales,
+) -> TractResult<(TypedModel, Int8Rewrites, ChangeAxes)> {
+    // The model's tensors are shared, so the copy kept for a retry is cheap.
+    match optimize_with(
+        model.clone(),
+        rewrite,
+        kernel,
+        quantize_scales,
+        ChangeAxes::Run,
+    ) {
+        Err(e) if passes::failed_in_change_axes(&e) => {
+            let (typed, rewrites) =
+                optimize_with(model, rewrite, kernel, quantize_scales, ChangeAxes::Skip)
+                    .with_context(|| {
+                        format!("also without tract's ChangeAxes pass, which failed: {e:#}")
+                    })?;
+            Ok((typed, rewrites, ChangeAxes::Skip))
+        }
+        result => result.map(|(typed, rewrites)| (typed, rewrites, ChangeAxes::Run)),
+    }
+}
+
+/// Declutter, apply the int8 rewrites that must precede codegen, optimise, then fuse
+/// what codegen left unfused.
+fn optimize_with(
+    model: InferenceModel,
+    rewrite: bool,
+    kernel: Option<crate::model::int8::qconv::Kernel>,
+    quantize_scales: &QuantizeScales,
+    change_axes: ChangeAxes,
 ) -> TractResult<(TypedModel, Int8Rewrites)> {
     let mut typed = model.into_typed()?;
     check::check_activations(&typed)?;
     if !rewrite {
-        return Ok((typed.into_optimized()?, Int8Rewrites::default()));
+        return Ok((
+            passes::into_optimized(typed, change_axes)?,
+            Int8Rewrites::default(),
+        ));
     }
     // Our conv op needs its parameters as constants, and must see the convs before
     // declutter turns the 1x1 ones into einsums.
@@ -172,11 +209,11 @@ fn optimize(
         Some(k) => crate::model::int8::qconv::replace_convs(&mut typed, k)?,
         None => 0,
     };
-    let mut typed = typed.into_decluttered()?;
+    passes::declutter(&mut typed, change_axes)?;
     let scalar_zero_points = crate::model::int8::scalar_zero_points(&mut typed)?;
     let fused_adds = crate::model::int8::fuse_quantized_adds(&mut typed)?;
     let residual_adds = crate::model::int8::fuse_residual_adds(&mut typed, quantize_scales)?;
-    let mut typed = typed.into_optimized()?;
+    let mut typed = passes::into_optimized(typed, change_axes)?;
     let fused_requant = crate::model::int8::fuse_requant(&mut typed)?;
     let fast_quantize = crate::model::int8::fast_quantize(&mut typed, quantize_scales)?;
     Ok((
@@ -316,8 +353,9 @@ impl Classifier {
             .unwrap_or(false);
         model.set_input_fact(0, f32::fact(spec.shape()).into())?;
         let loaded = Instant::now();
-        let (typed, mut int8) = optimize(model, int8_rewrites, kernel, &quantize_scales)
-            .with_context(|| format!("model file {}: cannot optimise", path.display()))?;
+        let (typed, mut int8, change_axes) =
+            optimize(model, int8_rewrites, kernel, &quantize_scales)
+                .with_context(|| format!("model file {}: cannot optimise", path.display()))?;
         let output_shape =
             class_scores_shape(&typed).with_context(|| format!("model file {}", path.display()))?;
         let classes: usize = output_shape.iter().product();
@@ -346,6 +384,7 @@ impl Classifier {
             output_shape,
             timing,
             int8,
+            change_axes,
             executor: (settings.threads > 1)
                 .then(|| Executor::multithread_with_name(settings.threads, "edgesight-mm")),
         })
@@ -380,6 +419,10 @@ impl Classifier {
     }
     pub fn int8_rewrites(&self) -> Int8Rewrites {
         self.int8
+    }
+    /// [`ChangeAxes::Skip`] when tract's layout pass failed on this graph ([`passes`]).
+    pub fn change_axes(&self) -> ChangeAxes {
+        self.change_axes
     }
 
     /// Raw model outputs (logits or probabilities, as the model emits them) for a ready tensor.
@@ -610,7 +653,7 @@ mod tests {
             };
             for kernel in Kernel::available().into_iter().map(Some).chain([None]) {
                 let model = tract_onnx::onnx().model_for_path(&path).unwrap();
-                let (typed, rw) = optimize(model, true, kernel, &Default::default()).unwrap();
+                let (typed, rw, _) = optimize(model, true, kernel, &Default::default()).unwrap();
                 assert_eq!(
                     rw.int8_convs,
                     kernel.is_some() as usize,
