@@ -21,7 +21,11 @@ or mishandling, with onnxruntime's outputs (issue 16). Read by tests/model.rs
   that Add into the conv's bias, then its ChangeAxes pass breaks the bias ("Output
   channels is 8, bias is 8,1"), the failure issue 16 reports from a real ResNet-50.
   Edgesight retries without that pass (src/model/passes.rs).
-Needs onnx, onnxruntime, numpy.
+- fp16_gemm: a conv net converted to float16 by onnxconverter-common with float inputs
+  and outputs kept (Casts at both ends), as users shrink models: tract's Gemm came out
+  f32 from f16 operands and the load failed. Edgesight splits such a Gemm into MatMul
+  and Add first (src/model/proto_fixes.rs).
+Needs onnx, onnxruntime, onnxconverter-common, numpy.
 """
 
 import json
@@ -209,6 +213,33 @@ def make_conv_add_pooled():
     print("conv_add_pooled.onnx")
 
 
+def make_fp16_gemm():
+    from onnxconverter_common import float16
+
+    rng = np.random.default_rng(10)
+    inits, w, init = initializers(rng)
+    nodes = [
+        helper.make_node("Conv", ["x", init("w0", w(8, 3, 3, 3)), init("b0", w(8))], ["c0"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("GlobalAveragePool", ["r0"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", init("fw", w(5, 8)), init("fb", w(5))], ["y"], transB=1),
+    ]
+    g = helper.make_graph(nodes, "fp16_gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    m = float16.convert_float_to_float16(m, keep_io_types=True)
+    onnx.checker.check_model(m)
+    dst = os.path.join(OUT, "fp16_gemm.onnx")
+    onnx.save(m, dst)
+    xs = [rng.normal(0, 1, SHAPE).astype(np.float32) for _ in range(4)]
+    ops = sorted({n.op_type for n in m.graph.node})
+    assert "Cast" in ops, ops
+    write_reference("fp16_gemm", dst, xs, ops)
+    print(f"fp16_gemm.onnx: {ops}")
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     rng = np.random.default_rng(5)
@@ -226,6 +257,7 @@ def main():
     make_dynbatch_pad()
     make_softmax_end()
     make_conv_add_pooled()
+    make_fp16_gemm()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 //! * [`int8`]: the int8 rewrites (protobuf, typed graph) and edgesight's own int8
 //!   convolution.
 //! * [`check`]: the ONNX graph's attributes checked before anything reads them.
-//! * [`passes`]: tract's optimiser passes, and the workaround for a tract bug.
+//! * [`passes`], [`proto_fixes`]: workarounds for tract bugs, in its optimiser and in the
+//!   file before tract reads it.
 //! * [`bench`]: `edgesight bench`.
 //!
 //! May use: config, util, frame (the input geometry). No tokio, rumqttc or nokhwa.
@@ -12,7 +13,9 @@
 pub mod bench;
 pub mod check;
 pub mod int8;
+mod onnx_graph;
 pub mod passes;
+pub mod proto_fixes;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -135,6 +138,9 @@ fn parse(path: &Path, rewrite: bool) -> Result<Parsed> {
     let mut proto = onnx.proto_model_for_path(path)?;
     if let Some(g) = &proto.graph {
         check::check_graph(g)?;
+    }
+    if let Some(g) = proto.graph.as_mut() {
+        crate::model::proto_fixes::apply(g);
     }
     let (rewrites, quantize_scales) = match proto.graph.as_mut() {
         Some(g) if rewrite => {

@@ -18,7 +18,9 @@ use std::collections::HashMap;
 
 use anyhow::{Result, bail};
 use serde::Serialize;
-use tract_onnx::pb::{AttributeProto, GraphProto, NodeProto, TensorProto, attribute_proto};
+use tract_onnx::pb::{AttributeProto, GraphProto, NodeProto, TensorProto};
+
+use crate::model::onnx_graph::{attr_float, attr_int, fresh, get_float, get_int, input, node};
 
 /// What [`rewrite`] changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -40,50 +42,6 @@ pub fn rewrite(graph: &mut GraphProto) -> Result<ProtoRewrites> {
 }
 
 // ---------------------------------------------------------------- helpers
-
-fn node(op: &str, name: String, inputs: &[&str], outputs: &[&str]) -> NodeProto {
-    NodeProto {
-        op_type: op.into(),
-        name,
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: outputs.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    }
-}
-
-fn attr_int(name: &str, i: i64) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: attribute_proto::AttributeType::Int as i32,
-        i,
-        ..Default::default()
-    }
-}
-
-fn attr_float(name: &str, f: f32) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: attribute_proto::AttributeType::Float as i32,
-        f,
-        ..Default::default()
-    }
-}
-
-fn get_int(n: &NodeProto, name: &str) -> Option<i64> {
-    n.attribute.iter().find(|a| a.name == name).map(|a| a.i)
-}
-
-fn get_float(n: &NodeProto, name: &str) -> Option<f32> {
-    n.attribute.iter().find(|a| a.name == name).map(|a| a.f)
-}
-
-/// Input `ix` of `n`, or None when absent or given as "" (ONNX's optional input).
-fn input(n: &NodeProto, ix: usize) -> Option<&str> {
-    n.input
-        .get(ix)
-        .map(String::as_str)
-        .filter(|s| !s.is_empty())
-}
 
 const FLOAT: i32 = 1;
 
@@ -147,22 +105,6 @@ pub fn quantize_scales(graph: &GraphProto) -> QuantizeScales {
         }
     }
     scales
-}
-
-/// A fresh tensor name derived from `base` that no node output or initializer uses.
-fn fresh(graph: &GraphProto, base: &str) -> String {
-    let taken = |n: &str| {
-        graph.initializer.iter().any(|t| t.name == n)
-            || graph.node.iter().any(|x| x.output.iter().any(|o| o == n))
-            || graph.input.iter().any(|i| i.name == n)
-    };
-    let mut name = base.to_string();
-    let mut k = 0;
-    while taken(&name) {
-        k += 1;
-        name = format!("{base}_{k}");
-    }
-    name
 }
 
 // ---------------------------------------------------------------- com.microsoft ops
