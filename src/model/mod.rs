@@ -287,6 +287,37 @@ fn parse_checked(path: &Path, int8_rewrites: bool) -> Result<Parsed> {
     Ok(parsed)
 }
 
+/// tract's optimiser error worded for the user: the node it stopped at (when tract names
+/// one), and what they can do, before tract's own account.
+fn cannot_optimise(path: &Path, e: anyhow::Error) -> anyhow::Error {
+    let at = e
+        .chain()
+        .find_map(|cause| named_node(&cause.to_string()))
+        .map(|(name, op)| format!(" at node {name:?} ({op})"))
+        .unwrap_or_default();
+    e.context(format!(
+        "model file {}: tract cannot optimise this graph{at}. Exporting the model another \
+         way (another opset, the other torch.onnx exporter, BatchNorm folded into the \
+         convs) may avoid the pattern; docs/models.md lists the ones known. tract says",
+        path.display()
+    ))
+}
+
+/// The node a tract error names, as (name, op), from its `node #12 "name" Op` form.
+fn named_node(message: &str) -> Option<(String, String)> {
+    let rest = &message[message.find("node #")? + "node #".len()..];
+    let rest = rest
+        .trim_start_matches(|c: char| c.is_ascii_digit())
+        .strip_prefix(" \"")?;
+    let (name, rest) = rest.split_once('"')?;
+    let op: String = rest
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .collect();
+    (!op.is_empty()).then(|| (name.to_string(), op))
+}
+
 /// The optimised model's output shape, if it is one vector of (at least two) class scores.
 fn class_scores_shape(typed: &TypedModel) -> Result<Vec<usize>> {
     let shape: Vec<usize> = typed
@@ -361,7 +392,7 @@ impl Classifier {
         let loaded = Instant::now();
         let (typed, mut int8, change_axes) =
             optimize(model, int8_rewrites, kernel, &quantize_scales)
-                .with_context(|| format!("model file {}: cannot optimise", path.display()))?;
+                .map_err(|e| cannot_optimise(path, e))?;
         let output_shape =
             class_scores_shape(&typed).with_context(|| format!("model file {}", path.display()))?;
         let classes: usize = output_shape.iter().product();
@@ -621,6 +652,36 @@ pub fn read_labels(path: &Path, classes: usize) -> Result<Vec<String>> {
 mod tests {
     use super::*;
     use crate::model::int8::qconv::Kernel;
+
+    #[test]
+    fn tract_errors_are_told_with_the_node_they_name() {
+        let named = [
+            (
+                r#"Translating node #92 "/fc/Gemm" Gemm ToTypedTranslator"#,
+                Some(("/fc/Gemm", "Gemm")),
+            ),
+            (
+                r#"Failed analyse for node #7 "a b" Pad"#,
+                Some(("a b", "Pad")),
+            ),
+            ("running pass ChangeAxes", None),
+            (r#"node #3 "unterminated"#, None),
+        ];
+        for (message, want) in named {
+            let got = named_node(message);
+            let want = want.map(|(n, o)| (n.to_string(), o.to_string()));
+            assert_eq!(got, want, "{message}");
+        }
+        let e = anyhow!("Output mismatch").context(r#"Translating node #92 "/fc/Gemm" Gemm"#);
+        let told = format!("{:#}", cannot_optimise(Path::new("m.onnx"), e));
+        assert!(
+            told.starts_with(
+                r#"model file m.onnx: tract cannot optimise this graph at node "/fc/Gemm" (Gemm). "#
+            ),
+            "{told}"
+        );
+        assert!(told.ends_with("Output mismatch"), "{told}");
+    }
 
     /// Which int8 conv path rounds as onnxruntime does: each single-QLinearConv model of
     /// tests/fixtures/qconv (tools/gen_qconv_refs.py; in 4 of them about half the
