@@ -9,6 +9,8 @@ each run by edgesight and by onnxruntime on the same inputs.
 Models come from torchvision with random seeded weights (the numbers do not matter, the
 graphs do). Exports:
   script11/13/17/20  torch.onnx.export, TorchScript exporter, that opset (20: its newest)
+  zoo7            opset 7 with BatchNormalization nodes kept, as the ONNX Model Zoo's
+                  ResNet v1/v2 files are (MXNet exports; the Zoo cannot be downloaded here)
   dynamo          torch.onnx.export(dynamo=True), its default opset
   nhwc            NHWC input, permuted inside the model (Transposes in the graph)
   bn              BatchNorm left as Sub/Mul/Add after bias-less convs (not folded)
@@ -57,7 +59,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import bench_models  # noqa: E402  (its side-by-side runners)
 
-TORCH_EXPORTS = ["script11", "script13", "script17", "script20", "dynamo", "nhwc", "bn", "caffe", "fp16",
+TORCH_EXPORTS = ["script11", "script13", "script17", "script20", "zoo7", "dynamo", "nhwc", "bn", "caffe", "fp16",
                  "dynbatch", "softmax", "qdq_u8s8", "qop_u8s8", "qdq_s8s8", "qop_s8s8", "qdq_u8s8_pt",
                  "qop_u8s8_pt"]
 MODELS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mobilenet_v2", "mobilenet_v3_small",
@@ -195,9 +197,12 @@ def export(name, kind, path):
         return export_tf2onnx(path) if kind == "tf2onnx" else export_keras(kind, path)
     m = model(name)
     x = torch.rand(1, 3, SIZE, SIZE)
-    opset, dynamo, axes = 13, False, None
+    opset, dynamo, axes, mode = 13, False, None, torch.onnx.TrainingMode.EVAL
     if kind.startswith("script"):
         opset = int(kind[6:])
+    elif kind == "zoo7":
+        # PRESERVE keeps BatchNormalization as a node (EVAL folds it into the conv).
+        opset, mode = 7, torch.onnx.TrainingMode.PRESERVE
     elif kind == "dynamo":
         dynamo, opset = True, None
     elif kind == "nhwc":
@@ -214,7 +219,8 @@ def export(name, kind, path):
     if dynamo:
         torch.onnx.export(m, (x,), path, dynamo=True, input_names=["input"], output_names=["output"])
     else:
-        torch.onnx.export(m, (x,), path, opset_version=opset, dynamo=False, do_constant_folding=True, **kw)
+        torch.onnx.export(m, (x,), path, opset_version=opset, dynamo=False, do_constant_folding=True,
+                          training=mode, **kw)
 
 
 def quantise(src, dst, form, images):
