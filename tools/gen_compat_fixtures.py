@@ -23,8 +23,8 @@ or mishandling, with onnxruntime's outputs (issue 16). Read by tests/model.rs
   Edgesight retries without that pass (src/model/passes.rs).
 - fp16_gemm: a conv net converted to float16 by onnxconverter-common with float inputs
   and outputs kept (Casts at both ends), as users shrink models: tract's Gemm came out
-  f32 from f16 operands and the load failed. Edgesight splits such a Gemm into MatMul
-  and Add first (src/model/proto_fixes.rs).
+  f32 from f16 operands and the load failed. Edgesight widens float16 models to float32
+  first (src/model/proto_fixes.rs).
 Needs onnx, onnxruntime, onnxconverter-common, numpy.
 """
 

@@ -1,138 +1,143 @@
-//! Rewrites at the protobuf level, before tract parses a file, that step around tract bugs
-//! on graphs onnxruntime runs (docs/models.md, "tract bugs"). Each is exact: the graph
-//! computes the same thing through ops tract translates correctly.
+//! Rewrites at the protobuf level, before tract parses a file, for graphs onnxruntime
+//! runs and tract, as it is, does not (docs/models.md, "tract bugs").
 
-use tract_onnx::pb::{GraphProto, NodeProto};
+use tract_onnx::pb::{GraphProto, TensorProto, ValueInfoProto, type_proto};
+use tract_onnx::prelude::f16;
 
-use crate::model::onnx_graph::{fresh, get_float, get_int, input, node};
-
-/// ONNX's element type number for float16.
+/// ONNX's element type numbers.
+const FLOAT: i32 = 1;
 const FLOAT16: i32 = 10;
 
-/// Every fix; returns how many nodes were rewritten.
+/// Every fix; returns how many things were rewritten.
 pub fn apply(graph: &mut GraphProto) -> usize {
-    split_f16_gemms(graph)
+    widen_float16(graph)
 }
 
-/// **Gemm in float16.** tract-onnx expands `Gemm` into a matrix product plus
-/// `beta * C`, with `beta` an f32 constant whatever the operands' type, so an f16 Gemm
-/// with a bias comes out f32 and the load fails: "Output mismatch after rewiring expansion
-/// for output #0: expected 1,1000,F16 got 1,1000,F32". That is every classifier converted
-/// to float16 (onnxconverter-common's `convert_float_to_float16`, which keeps float
-/// inputs and outputs by Casts). A Gemm with alpha and beta 1 and an f16 initializer
-/// operand becomes `MatMul(A', B') + C`, its transposes as Transpose nodes.
-fn split_f16_gemms(graph: &mut GraphProto) -> usize {
-    let f16 = |name: &str| {
-        graph
-            .initializer
-            .iter()
-            .any(|t| t.name == name && t.data_type == FLOAT16)
-    };
-    let mut nodes = Vec::with_capacity(graph.node.len());
+/// **float16 models run in float32.** A classifier converted to float16 (onnxconverter-
+/// common's `convert_float_to_float16`, Casts at both ends) did not load: tract-onnx
+/// expands `Gemm` with an f32 `beta` constant, so an f16 Gemm with a bias comes out f32
+/// ("Output mismatch after rewiring expansion for output #0: expected 1,1000,F16 got
+/// 1,1000,F32"). And it would be slow where it did: x86 and the Pi 4's Cortex-A72 have no
+/// float16 arithmetic, so tract emulates it (ResNet-18 took over 40 s a frame here). The
+/// weights are widened, exactly, and the Casts to float16 become Casts to float32, so the
+/// model computes what it would in float16, more precisely (within float16's step of
+/// onnxruntime's float16 run). Tensors stored outside the file are left alone.
+fn widen_float16(graph: &mut GraphProto) -> usize {
     let mut count = 0;
-    for n in std::mem::take(&mut graph.node) {
-        let unit = get_float(&n, "alpha").unwrap_or(1.0) == 1.0
-            && (get_float(&n, "beta").unwrap_or(1.0) == 1.0 || input(&n, 2).is_none());
-        let half = (1..=2).any(|ix| input(&n, ix).is_some_and(f16));
-        if n.op_type == "Gemm" && unit && half && n.input.len() >= 2 {
-            nodes.extend(split_gemm(graph, &nodes, &n));
-            count += 1;
-        } else {
-            nodes.push(n);
+    for t in &mut graph.initializer {
+        count += widen(t) as usize;
+    }
+    for n in &mut graph.node {
+        let cast = n.op_type == "Cast";
+        for a in &mut n.attribute {
+            if let Some(t) = a.t.as_mut() {
+                count += widen(t) as usize;
+            }
+            if cast && a.name == "to" && a.i == FLOAT16 as i64 {
+                a.i = FLOAT as i64;
+                count += 1;
+            }
         }
     }
-    graph.node = nodes;
+    let values = graph.input.iter_mut().chain(&mut graph.output);
+    for v in values.chain(&mut graph.value_info) {
+        count += widen_declared(v) as usize;
+    }
     count
 }
 
-/// `n` (a Gemm) as Transposes, MatMul and Add. `done` are the nodes already rewritten,
-/// whose output names [`fresh`] must also avoid.
-fn split_gemm(graph: &GraphProto, done: &[NodeProto], n: &NodeProto) -> Vec<NodeProto> {
-    let taken = |name: &str| done.iter().any(|d| d.output.iter().any(|o| o == name));
-    let new_name = |base: String| {
-        let mut name = fresh(graph, &base);
-        while taken(&name) {
-            name.push('_');
-        }
-        name
-    };
-    let y = n.output.first().cloned().unwrap_or_default();
-    let mut out = Vec::new();
-    let mut operand = |ix: usize, transposed: bool| -> String {
-        let x = n.input[ix].clone();
-        if !transposed {
-            return x;
-        }
-        let t = new_name(format!("{y}.t{ix}"));
-        out.push(node("Transpose", format!("{}.t{ix}", n.name), &[&x], &[&t]));
-        t
-    };
-    let a = operand(0, get_int(n, "transA").unwrap_or(0) == 1);
-    let b = operand(1, get_int(n, "transB").unwrap_or(0) == 1);
-    match input(n, 2) {
-        None => out.push(node("MatMul", n.name.clone(), &[&a, &b], &[&y])),
-        Some(c) => {
-            let ab = new_name(format!("{y}.ab"));
-            out.push(node("MatMul", format!("{}.ab", n.name), &[&a, &b], &[&ab]));
-            out.push(node("Add", n.name.clone(), &[&ab, c], &[&y]));
-        }
+/// A float16 tensor held in the file (raw bytes, or ONNX's int32 carrier) as float32.
+fn widen(t: &mut TensorProto) -> bool {
+    if t.data_type != FLOAT16 || t.data_location == Some(1) {
+        return false;
     }
-    out
+    let bits: Vec<u16> = if t.raw_data.is_empty() {
+        t.int32_data.iter().map(|v| *v as u16).collect()
+    } else {
+        t.raw_data
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect()
+    };
+    t.float_data = bits
+        .into_iter()
+        .map(|b| f16::from_bits(b).to_f32())
+        .collect();
+    t.raw_data.clear();
+    t.int32_data.clear();
+    t.data_type = FLOAT;
+    true
+}
+
+fn widen_declared(v: &mut ValueInfoProto) -> bool {
+    let tensor = v.r#type.as_mut().and_then(|t| match t.value.as_mut() {
+        Some(type_proto::Value::TensorType(tensor)) => Some(tensor),
+        _ => None,
+    });
+    match tensor {
+        Some(t) if t.elem_type == FLOAT16 => {
+            t.elem_type = FLOAT;
+            true
+        }
+        _ => false,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::onnx_graph::{attr_float, attr_int};
-    use tract_onnx::pb::TensorProto;
-
-    fn graph(gemm: NodeProto, b_type: i32) -> GraphProto {
-        let init = |name: &str| TensorProto {
-            name: name.into(),
-            data_type: b_type,
-            ..Default::default()
-        };
-        GraphProto {
-            node: vec![gemm],
-            initializer: vec![init("b"), init("c")],
-            ..Default::default()
-        }
-    }
-
-    fn strs(v: &[String]) -> Vec<&str> {
-        v.iter().map(String::as_str).collect()
-    }
-
-    fn ops(g: &GraphProto) -> Vec<(&str, Vec<&str>, Vec<&str>)> {
-        g.node
-            .iter()
-            .map(|n| (n.op_type.as_str(), strs(&n.input), strs(&n.output)))
-            .collect()
-    }
+    use crate::model::onnx_graph::{attr_int, node};
 
     #[test]
-    fn an_f16_gemm_becomes_transposes_matmul_and_add() {
-        let mut gemm = node("Gemm", "fc".into(), &["a", "b", "c"], &["y"]);
-        gemm.attribute
-            .extend([attr_int("transA", 1), attr_int("transB", 1)]);
-        let mut g = graph(gemm.clone(), FLOAT16);
-        assert_eq!(apply(&mut g), 1);
+    fn float16_tensors_and_casts_become_float32() {
+        let half = |v: f32| f16::from_f32(v).to_bits();
+        let raw: Vec<u8> = [1.5f32, -0.25, 65504.0]
+            .iter()
+            .flat_map(|v| half(*v).to_le_bytes())
+            .collect();
+        let mut cast = node("Cast", "c".into(), &["x"], &["y"]);
+        cast.attribute.push(attr_int("to", FLOAT16 as i64));
+        let mut keep = node("Cast", "k".into(), &["y"], &["z"]);
+        keep.attribute.push(attr_int("to", 7));
+        let mut g = GraphProto {
+            node: vec![cast, keep],
+            initializer: vec![
+                TensorProto {
+                    name: "raw".into(),
+                    data_type: FLOAT16,
+                    raw_data: raw,
+                    ..Default::default()
+                },
+                TensorProto {
+                    name: "carried".into(),
+                    data_type: FLOAT16,
+                    int32_data: vec![half(2.0) as i32],
+                    ..Default::default()
+                },
+                TensorProto {
+                    name: "f32".into(),
+                    data_type: FLOAT,
+                    float_data: vec![0.1],
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        assert_eq!(apply(&mut g), 3);
+        let floats: Vec<(i32, Vec<f32>)> = g
+            .initializer
+            .iter()
+            .map(|t| (t.data_type, t.float_data.clone()))
+            .collect();
         assert_eq!(
-            ops(&g),
+            floats,
             [
-                ("Transpose", vec!["a"], vec!["y.t0"]),
-                ("Transpose", vec!["b"], vec!["y.t1"]),
-                ("MatMul", vec!["y.t0", "y.t1"], vec!["y.ab"]),
-                ("Add", vec!["y.ab", "c"], vec!["y"]),
+                (FLOAT, vec![1.5, -0.25, 65504.0]),
+                (FLOAT, vec![2.0]),
+                (FLOAT, vec![0.1])
             ]
         );
-        // Left alone: f32 operands (tract is right there), and a scaled Gemm (this
-        // rewrite has no f16 constant to scale by; tract's error names the node).
-        let mut g = graph(gemm.clone(), 1);
-        assert_eq!(apply(&mut g), 0);
-        gemm.attribute.push(attr_float("alpha", 0.5));
-        let mut g = graph(gemm, FLOAT16);
-        assert_eq!(apply(&mut g), 0);
-        assert_eq!(ops(&g)[0].0, "Gemm");
+        let to: Vec<i64> = g.node.iter().map(|n| n.attribute[0].i).collect();
+        assert_eq!(to, [FLOAT as i64, 7]);
     }
 }
