@@ -217,7 +217,7 @@ fn optimize_with(
     };
     passes::declutter(&mut typed, change_axes)?;
     let scalar_zero_points = crate::model::int8::scalar_zero_points(&mut typed)?;
-    let fused_adds = crate::model::int8::fuse_quantized_adds(&mut typed)?;
+    let fused_adds = crate::model::int8::fuse_quantized_adds(&mut typed, quantize_scales)?;
     let residual_adds = crate::model::int8::fuse_residual_adds(&mut typed, quantize_scales)?;
     let mut typed = passes::into_optimized(typed, change_axes)?;
     let fused_requant = crate::model::int8::fuse_requant(&mut typed)?;

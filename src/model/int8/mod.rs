@@ -231,7 +231,8 @@ pub(crate) fn quantize(x: f32, zero_point: f32, lo: f32, hi: f32) -> i32 {
 /// `Q(max(DQ(a) + DQ(b), floor))` in one pass over the integers, instead of tract's four
 /// passes (two dequantisations, the add, and a quantisation that calls a rounding function
 /// per element). The same f32 operations in the same order as tract's ops, so the same
-/// bits come out.
+/// bits come out, except that the sum is divided by the output scale, as ONNX and
+/// onnxruntime do, where the model's scale is known.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantizedAdd {
     pub a_scale: f32,
@@ -242,6 +243,9 @@ pub struct QuantizedAdd {
     pub floor: Option<f32>,
     /// 1 / output scale, as tract's QuantizeLinear holds it.
     pub inv_scale: f32,
+    /// The model's own output scale, divided by as ONNX defines it, where it is known
+    /// ([`QuantizeScales`]).
+    pub scale: Option<f32>,
     pub zero_point: i32,
     pub dt: DatumType,
 }
@@ -261,11 +265,18 @@ impl QuantizedAdd {
         let (lo, hi): (f32, f32) = (T::min_value().as_(), T::max_value().as_());
         let floor = self.floor.unwrap_or(f32::NEG_INFINITY);
         let zp = self.zero_point as f32;
+        // ONNX's QuantizeLinear divides by the scale; tract's reciprocal rounds
+        // differently on about one value in 10^5 ([`QuantizeScales`]), and each such step
+        // can grow through the layers after it.
+        let (inv, s) = match self.scale {
+            Some(s) => (1.0, s),
+            None => (self.inv_scale, 1.0),
+        };
         for ((x, y), o) in a.iter().zip(b).zip(out.iter_mut()) {
-            // tract's DequantizeLinearF32 twice, Add, Max, QuantizeLinear.
+            // DequantizeLinear twice, Add, Max, QuantizeLinear.
             let fa = (x.as_() - self.a_zero_point) as f32 * self.a_scale;
             let fb = (y.as_() - self.b_zero_point) as f32 * self.b_scale;
-            *o = quantize((fa + fb).max(floor) * self.inv_scale, zp, lo, hi).as_();
+            *o = quantize((fa + fb).max(floor) * inv / s, zp, lo, hi).as_();
         }
         Ok(())
     }
@@ -385,7 +396,7 @@ fn add_under_max(model: &TypedModel, sum: OutletId) -> TractResult<Option<AddMax
 /// Replace every `Q(max?(DQ(a) + DQ(b)))` of the decluttered model (the residual adds of a
 /// quantised ResNet, in every int8 form once it is parsed) by one [`QuantizedAdd`]. Run
 /// before codegen. Returns how many were fused.
-pub fn fuse_quantized_adds(model: &mut TypedModel) -> TractResult<usize> {
+pub fn fuse_quantized_adds(model: &mut TypedModel, scales: &QuantizeScales) -> TractResult<usize> {
     use tract_core::ops::quant::DequantizeLinearF32;
     let mut fused = 0;
     for id in 0..model.nodes().len() {
@@ -423,6 +434,7 @@ pub fn fuse_quantized_adds(model: &mut TypedModel) -> TractResult<usize> {
             b_zero_point: db.zero_point,
             floor,
             inv_scale,
+            scale: scales.get(&inv_scale.to_bits()).copied().flatten(),
             zero_point,
             dt,
         };
@@ -1077,6 +1089,75 @@ mod tests {
             got[0].try_as_plain_ram().unwrap().as_slice::<u8>().unwrap(),
             &onnx[..]
         );
+    }
+
+    /// The integer residual add (DQ both, add, ReLU, quantise) against tract's own ops on
+    /// every pair of u8 inputs: bit for bit when the output scale is unknown (tract's
+    /// `x * (1/s)`), and `round(x / s)` when it is known. With these scales the two
+    /// differ on 210 of the 65 536 sums, so the second half sees the division.
+    #[test]
+    fn quantized_add_matches_tracts_ops_or_divides() {
+        use tract_core::ops::quant::{DequantizeLinearF32, quantize_linear_u8};
+        let shape = [1, 256, 16, 16];
+        let a: Vec<u8> = (0..65536).map(|i| (i / 256) as u8).collect();
+        let b: Vec<u8> = (0..65536).map(|i| (i % 256) as u8).collect();
+        let (y_scale, y_zp) = (0.1f32, 3);
+        let mut m = TypedModel::default();
+        let mut dq = |name: &str, scale, zero_point| {
+            let x = m.add_source(name, u8::fact(shape)).unwrap();
+            let op = DequantizeLinearF32 { scale, zero_point };
+            m.wire_node(format!("{name}.dq"), op, &[x]).unwrap()[0]
+        };
+        let (fa, fb) = (dq("a", 0.05, 128), dq("b", 0.03, 100));
+        let sum = m
+            .wire_node("add", tract_core::ops::math::add(), &[fa, fb])
+            .unwrap();
+        let zero = m.add_const("zero", tensor4(&[[[[0f32]]]])).unwrap();
+        let relu = m
+            .wire_node("relu", tract_core::ops::math::max(), &[sum[0], zero])
+            .unwrap();
+        let q = m
+            .wire_node("q", quantize_linear_u8(y_scale.recip(), y_zp as u8), &relu)
+            .unwrap();
+        m.select_output_outlets(&[q[0]]).unwrap();
+        let run = |m: &TypedModel| {
+            let inputs = [&a, &b].map(|v| tensor1(v).into_shape(&shape).unwrap().into_tvalue());
+            let out = m
+                .clone()
+                .into_runnable()
+                .unwrap()
+                .run(inputs.into_iter().collect())
+                .unwrap();
+            out[0]
+                .try_as_plain_ram()
+                .unwrap()
+                .as_slice::<u8>()
+                .unwrap()
+                .to_vec()
+        };
+        let tract = run(&m);
+        let mut fused = m.clone();
+        assert_eq!(
+            fuse_quantized_adds(&mut fused, &Default::default()).unwrap(),
+            1
+        );
+        assert_eq!(run(&fused), tract);
+
+        let scales = [(y_scale.recip().to_bits(), Some(y_scale))].into();
+        let mut divided = m.clone();
+        assert_eq!(fuse_quantized_adds(&mut divided, &scales).unwrap(), 1);
+        let onnx: Vec<u8> = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| {
+                let sum = (*x as i32 - 128) as f32 * 0.05 + (*y as i32 - 100) as f32 * 0.03;
+                ((sum.max(0.0) / y_scale).round_ties_even() + y_zp as f32).clamp(0.0, 255.0) as u8
+            })
+            .collect();
+        let got = run(&divided);
+        assert_eq!(got, onnx);
+        let changed = got.iter().zip(&tract).filter(|(g, t)| g != t).count();
+        assert_eq!(changed, 210, "sums the division rounds otherwise");
     }
 
     #[test]
