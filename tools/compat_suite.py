@@ -37,7 +37,8 @@ every input, the largest |probability difference| (through `edgesight classify -
 from the PNG inputs as a user runs it); then, given --runs, the median ms of
 `edgesight bench` and of onnxruntime on one pinned core, same file and input tensor
 (tools/bench_models.py's runners), and for int8 files how many of the file's
-convolutions run on edgesight's int8 kernel. Writes OUT/matrix.md and prints it.
+convolutions run on edgesight's int8 kernel and how many depthwise ones on its exact
+float path (src/model/int8/depthwise.rs). Writes OUT/matrix.md and prints it.
 Needs tools/requirements.txt (TensorFlow and tf2onnx for the tf2onnx rows).
 """
 
@@ -363,12 +364,13 @@ def timing(a, path, npy, int8):
     ort_t = bench_models.run_ort(Path(path), [npy], 1, a.runs)
     if "error" in es:
         return None, ort_t["median_ms"], ""
-    kernel = f"{es['int8_rewrites']['int8_convs']}/{file_convs(path)}" if int8 else ""
+    rw = es["int8_rewrites"]
+    kernel = f"{rw['int8_convs']} + {rw['depthwise_convs']} dw / {file_convs(path)}" if int8 else ""
     return es["median_ms"], ort_t["median_ms"], kernel
 
 
 HEADER = ["| model | export | loads | top-1 equal | max abs p diff | edgesight ms | onnxruntime ms | ratio "
-          "| convs on edgesight's int8 kernel | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+          "| int8 convs on edgesight's kernel + depthwise path / all | note |", "|---|---|---|---|---|---|---|---|---|---|"]
 
 
 def row(a, name, kind, inputs, labels):

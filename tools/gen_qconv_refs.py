@@ -12,6 +12,8 @@ those half to even (its requantisation is f32 `nearbyint`). The "random" cases u
 ordinary scales and biases. One case is the geometry the qconv fuzz target found tract's
 conv one step off on (1 -> 1 channel, 5x5 input, 2x5 kernel, left pad 4; i8 in and out
 here: onnxruntime has no QLinearConv with i8 in and u8 out).
+The "depthwise" cases (one group per channel, as MobileNet's and EfficientNet's) check
+the exact float path edgesight runs those on (src/model/int8/depthwise.rs).
 Read by src/model/mod.rs (`matches_onnxruntimes_integers`).
 
 Needs onnx, onnxruntime and numpy (tools/requirements.txt).
@@ -29,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests", "fixtures", "qconv")
 
 # name: (cin, cout, hw, kernel, stride, pads (top, left, bottom, right), x signed,
-#        y signed, per-channel, ties, seed)
+#        y signed, per-channel, ties, seed[, groups])
 CASES = {
     "ties_u8s8_per_tensor": (4, 8, (9, 9), (3, 3), (1, 1), (1, 1, 1, 1), False, False, False, True, 1),
     "ties_s8s8_per_tensor": (4, 8, (9, 9), (3, 3), (1, 1), (1, 1, 1, 1), True, True, False, True, 2),
@@ -39,17 +41,22 @@ CASES = {
     "random_u8s8_per_channel": (8, 16, (10, 10), (3, 3), (2, 2), (1, 1, 1, 1), False, False, True, False, 6),
     "random_s8s8_per_channel_7x7": (3, 16, (20, 20), (7, 7), (2, 2), (3, 3, 3, 3), True, True, True, False, 7),
     "fuzz_found_1x1_2x5_pad4": (1, 1, (5, 5), (2, 5), (1, 1), (0, 4, 0, 0), True, True, False, False, 8),
+    "ties_u8s8_depthwise": (8, 8, (9, 9), (3, 3), (1, 1), (1, 1, 1, 1), False, False, True, True, 9, 8),
+    "random_s8s8_depthwise_5x5_s2": (16, 16, (14, 14), (5, 5), (2, 2), (2, 2, 2, 2), True, True, True, False, 10, 16),
+    "random_u8s8_depthwise_per_tensor": (16, 16, (10, 10), (3, 3), (1, 1), (1, 1, 1, 1), False, False, False, False,
+                                         11, 16),
 }
 
 
-def case(name, cin, cout, hw, k, stride, pads, xs8, ys8, per_channel, ties, seed):
+def case(name, cin, cout, hw, k, stride, pads, xs8, ys8, per_channel, ties, seed, groups=1):
     rng = np.random.default_rng(seed)
+    cin_g = cin // groups
     xdt, ydt = (np.int8 if xs8 else np.uint8), (np.int8 if ys8 else np.uint8)
     if ties:
         # Small values, so that accumulators * 0.5 stay inside the output range.
         x_zp = 0 if xs8 else 128
         x = (rng.integers(-3, 4, size=(1, cin, *hw)) + x_zp).astype(xdt)
-        w = rng.integers(-3, 4, size=(cout, cin, *k)).astype(np.int8)
+        w = rng.integers(-3, 4, size=(cout, cin_g, *k)).astype(np.int8)
         x_scale = np.float32(0.5)
         w_scale = (np.array([0.25 if c % 2 else 0.5 for c in range(cout)], np.float32)
                    if per_channel else np.float32(0.25))
@@ -58,11 +65,11 @@ def case(name, cin, cout, hw, k, stride, pads, xs8, ys8, per_channel, ties, seed
     else:
         x_zp = int(rng.integers(-10, 10)) if xs8 else int(rng.integers(100, 156))
         x = rng.integers(-128 if xs8 else 0, 128 if xs8 else 256, size=(1, cin, *hw)).astype(xdt)
-        w = rng.integers(-127, 128, size=(cout, cin, *k)).astype(np.int8)
+        w = rng.integers(-127, 128, size=(cout, cin_g, *k)).astype(np.int8)
         x_scale = np.float32(0.02)
         w_scale = (rng.uniform(0.001, 0.01, size=cout).astype(np.float32)
                    if per_channel else np.float32(0.005))
-        y_scale = np.float32(0.05 * max(1, cin * k[0] * k[1] / 72))
+        y_scale = np.float32(0.05 * max(1, cin_g * k[0] * k[1] / 72))
         bias = rng.integers(-10000, 10001, size=cout).astype(np.int32)
     y_zp = 5 if ys8 else 120
     inits = [
@@ -80,6 +87,7 @@ def case(name, cin, cout, hw, k, stride, pads, xs8, ys8, per_channel, ties, seed
         ["x", "x_scale", "x_zp", "w", "w_scale", "w_zp", "y_scale", "y_zp", "bias"],
         ["y"],
         kernel_shape=list(k), strides=list(stride), pads=[pads[0], pads[1], pads[2], pads[3]],
+        **({"group": groups} if groups > 1 else {}),
     )
     tx = TensorProto.INT8 if xs8 else TensorProto.UINT8
     ty = TensorProto.INT8 if ys8 else TensorProto.UINT8
@@ -97,7 +105,7 @@ def case(name, cin, cout, hw, k, stride, pads, xs8, ys8, per_channel, ties, seed
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     y = sess.run(None, {"x": x})[0]
     # How many outputs were exact ties before rounding (the float requantisation).
-    acc = conv_acc(x.astype(np.int32) - x_zp, w.astype(np.int32), stride, pads) + bias[None, :, None, None]
+    acc = conv_acc(x.astype(np.int32) - x_zp, w.astype(np.int32), stride, pads, groups) + bias[None, :, None, None]
     ratio = (np.float32(x_scale) * np.asarray(w_scale, np.float32) / np.float32(y_scale)).astype(np.float32)
     scaled = acc.astype(np.float32) * (ratio[None, :, None, None] if per_channel else ratio)
     tie = np.abs(scaled - np.floor(scaled) - 0.5) == 0
@@ -110,8 +118,11 @@ def case(name, cin, cout, hw, k, stride, pads, xs8, ys8, per_channel, ties, seed
     }
 
 
-def conv_acc(x, w, stride, pads):
+def conv_acc(x, w, stride, pads, groups=1):
     """i32 accumulators of a plain NCHW convolution (zero-point already taken off x)."""
+    if groups > 1:
+        xs, ws = np.split(x, groups, axis=1), np.split(w, groups, axis=0)
+        return np.concatenate([conv_acc(a, b, stride, pads) for a, b in zip(xs, ws)], axis=1)
     n, cin, h, wd = x.shape
     cout, _, kh, kw = w.shape
     xp = np.zeros((n, cin, h + pads[0] + pads[2], wd + pads[1] + pads[3]), np.int64)

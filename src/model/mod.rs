@@ -78,6 +78,9 @@ pub struct Int8Rewrites {
     pub proto: crate::model::int8::onnx_quant::ProtoRewrites,
     /// Quantised convolutions run by edgesight's own int8 kernel ([`crate::model::int8::qconv`]).
     pub int8_convs: usize,
+    /// Quantised depthwise convolutions run exactly on tract's float depthwise kernel
+    /// ([`crate::model::int8::depthwise`]).
+    pub depthwise_convs: usize,
     /// Per-channel weight zero points turned into scalars.
     pub scalar_zero_points: usize,
     /// Per-channel requantisation chains fused into one op.
@@ -99,6 +102,10 @@ impl std::fmt::Display for Int8Rewrites {
             (self.proto.qdq_convs, "QDQ convs -> QLinearConv"),
             (self.proto.contrib_ops, "com.microsoft ops expanded"),
             (self.int8_convs, "convs on edgesight's int8 kernel"),
+            (
+                self.depthwise_convs,
+                "depthwise convs on the exact float path",
+            ),
             (self.scalar_zero_points, "zero points made scalar"),
             (self.fused_requant, "requantisations fused"),
             (self.fused_adds, "residual adds fused"),
@@ -215,6 +222,7 @@ fn optimize_with(
         Some(k) => crate::model::int8::qconv::replace_convs(&mut typed, k)?,
         None => 0,
     };
+    let depthwise_convs = crate::model::int8::depthwise::replace_depthwise(&mut typed)?;
     passes::declutter(&mut typed, change_axes)?;
     let scalar_zero_points = crate::model::int8::scalar_zero_points(&mut typed)?;
     let fused_adds = crate::model::int8::fuse_quantized_adds(&mut typed, quantize_scales)?;
@@ -226,6 +234,7 @@ fn optimize_with(
         typed,
         Int8Rewrites {
             int8_convs,
+            depthwise_convs,
             scalar_zero_points,
             fused_requant,
             fused_adds,
@@ -721,9 +730,14 @@ mod tests {
             for kernel in Kernel::available().into_iter().map(Some).chain([None]) {
                 let model = tract_onnx::onnx().model_for_path(&path).unwrap();
                 let (typed, rw, _) = optimize(model, true, kernel, &Default::default()).unwrap();
+                // Depthwise convs take the exact float path whatever the kernel.
+                let want_paths = match name.contains("depthwise") {
+                    true => (0, 1),
+                    false => (kernel.is_some() as usize, 0),
+                };
                 assert_eq!(
-                    rw.int8_convs,
-                    kernel.is_some() as usize,
+                    (rw.int8_convs, rw.depthwise_convs),
+                    want_paths,
                     "{name} {kernel:?}"
                 );
                 let out = typed

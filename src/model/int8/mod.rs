@@ -20,6 +20,7 @@
 //! forms are in [`crate::model::int8::onnx_quant`]. Everything goes through tract's public
 //! model-patching API; tract itself is not modified.
 
+pub mod depthwise;
 pub mod onnx_quant;
 pub mod qconv;
 
@@ -111,7 +112,7 @@ fn uniform_value(t: &Tensor) -> TractResult<Option<Tensor>> {
     Ok(Some(t.nth(0)?))
 }
 
-/// Per-channel requantisation of an i32 accumulator in one pass:
+/// Per-channel requantisation of an i32 (or integer-valued f32) accumulator in one pass:
 /// `clamp(round_half_even(acc * scale[c]) + zero_point, lo, hi)` cast to u8 or i8.
 /// The same arithmetic, in the same order and precision, as the chain tract builds
 /// (`Scale` -> `Add` -> `Min` -> `Max` -> `Cast`), so outputs are bit-identical.
@@ -129,8 +130,9 @@ pub struct Requant {
 impl Eq for Requant {}
 
 impl Requant {
-    fn run<T: Datum + Copy>(&self, acc: &[i32], inner: usize, out: &mut [T])
+    fn run<A, T: Datum + Copy>(&self, acc: &[A], inner: usize, out: &mut [T])
     where
+        A: Copy + tract_core::internal::tract_num_traits::AsPrimitive<f32>,
         i32: tract_core::internal::tract_num_traits::AsPrimitive<T>,
     {
         use tract_core::internal::tract_num_traits::AsPrimitive;
@@ -141,7 +143,7 @@ impl Requant {
             for (x, y) in a.iter().zip(o.iter_mut()) {
                 // tract's `scale_by` (magnitude scaled and rounded, then the sign) and
                 // requant chain (+ zero point, clamp, cast) in one step.
-                *y = quantize(*x as f32 * s, zp, lo, hi).as_();
+                *y = quantize(x.as_() * s, zp, lo, hi).as_();
             }
         }
     }
@@ -181,16 +183,26 @@ impl EvalOp for Requant {
         );
         let inner: usize = shape[self.axis + 1..].iter().product();
         let acc = input.try_as_plain_ram()?;
-        let acc = acc.as_slice::<i32>()?;
         // SAFETY: a plain-data tensor (u8/i8/i32/f32); every element is written below
         // before the tensor is read or returned.
         let mut out = unsafe { Tensor::uninitialized_dt(self.dt, shape)? };
         if inner > 0 {
             let mut plain = out.try_as_plain_ram_mut()?;
-            match self.dt {
-                DatumType::U8 => self.run::<u8>(acc, inner, plain.as_slice_mut::<u8>()?),
-                DatumType::I8 => self.run::<i8>(acc, inner, plain.as_slice_mut::<i8>()?),
-                dt => bail!("requantisation to {dt:?} is not supported"),
+            // i32 from tract's integer convs; f32 (integer-valued) from the depthwise path.
+            match (input.datum_type(), self.dt) {
+                (DatumType::I32, DatumType::U8) => {
+                    self.run(acc.as_slice::<i32>()?, inner, plain.as_slice_mut::<u8>()?)
+                }
+                (DatumType::I32, DatumType::I8) => {
+                    self.run(acc.as_slice::<i32>()?, inner, plain.as_slice_mut::<i8>()?)
+                }
+                (DatumType::F32, DatumType::U8) => {
+                    self.run(acc.as_slice::<f32>()?, inner, plain.as_slice_mut::<u8>()?)
+                }
+                (DatumType::F32, DatumType::I8) => {
+                    self.run(acc.as_slice::<f32>()?, inner, plain.as_slice_mut::<i8>()?)
+                }
+                (a, dt) => bail!("requantisation of {a:?} to {dt:?} is not supported"),
             }
         }
         Ok(tvec!(out.into_tvalue()))

@@ -39,6 +39,7 @@ mod pack;
 mod replace;
 
 pub use op::QConv;
+pub(crate) use replace::konst;
 pub use replace::replace_convs;
 
 /// Output channels per register block.

@@ -12,7 +12,11 @@ use crate::model::int8::qconv::op::QConv;
 use crate::model::int8::qconv::{Kernel, MR};
 
 /// The constant input `ix` of `node` as a flat vector of `T`.
-fn konst<T: Datum + Copy>(model: &TypedModel, node: &TypedNode, ix: usize) -> Option<Vec<T>> {
+pub(crate) fn konst<T: Datum + Copy>(
+    model: &TypedModel,
+    node: &TypedNode,
+    ix: usize,
+) -> Option<Vec<T>> {
     let k = model.outlet_fact(node.inputs[ix]).ok()?.konst.clone()?;
     let k = k.cast_to::<T>().ok()?;
     Some(k.try_as_plain_ram().ok()?.as_slice::<T>().ok()?.to_vec())
