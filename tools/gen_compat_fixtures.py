@@ -158,6 +158,25 @@ def make_dynbatch_pad():
     print(f"qdq_dynbatch_pad.onnx: {ops}, {len(symbolic)} value_info with a symbolic dim")
 
 
+def finish(name, nodes, inits, rng, shape=SHAPE, convert=lambda m: m):
+    """A graph from input x (`shape`) to output y ([1, 5]) saved as tests/fixtures/compat/
+    NAME.onnx, after `convert`, with onnxruntime's outputs on four inputs drawn from `rng`.
+    Returns its op types."""
+    g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    m = convert(m)
+    onnx.checker.check_model(m)
+    dst = os.path.join(OUT, f"{name}.onnx")
+    onnx.save(m, dst)
+    xs = [rng.normal(0, 1, shape).astype(np.float32) for _ in range(4)]
+    ops = sorted({n.op_type for n in m.graph.node})
+    write_reference(name, dst, xs, ops)
+    print(f"{name}.onnx: {ops}")
+    return ops
+
+
 def make_softmax_end():
     rng = np.random.default_rng(8)
     w = lambda name, *s: numpy_helper.from_array(rng.normal(0, 0.5, s).astype(np.float32), name)
@@ -170,16 +189,7 @@ def make_softmax_end():
         helper.make_node("Gemm", ["f", "fw", "fb"], ["logits"], transB=1),
         helper.make_node("Softmax", ["logits"], ["y"], axis=1),
     ]
-    g = helper.make_graph(nodes, "softmax_end", [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    dst = os.path.join(OUT, "softmax_end.onnx")
-    onnx.save(m, dst)
-    xs = [rng.normal(0, 1, SHAPE).astype(np.float32) for _ in range(4)]
-    write_reference("softmax_end", dst, xs, sorted({n.op_type for n in m.graph.node}))
-    print("softmax_end.onnx")
+    finish("softmax_end", nodes, inits, rng)
 
 
 def make_conv_add_pooled():
@@ -200,17 +210,7 @@ def make_conv_add_pooled():
         helper.make_node("ReduceMean", ["nhwc"], ["g"], axes=[1, 2], keepdims=0),
         helper.make_node("Gemm", ["g", init("fw", w(5, 8)), init("fb", w(5))], ["y"], transB=1),
     ]
-    shape = [1, 16, 16, 3]
-    g = helper.make_graph(nodes, "conv_add_pooled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    dst = os.path.join(OUT, "conv_add_pooled.onnx")
-    onnx.save(m, dst)
-    xs = [rng.normal(0, 1, shape).astype(np.float32) for _ in range(4)]
-    write_reference("conv_add_pooled", dst, xs, sorted({n.op_type for n in m.graph.node}))
-    print("conv_add_pooled.onnx")
+    finish("conv_add_pooled", nodes, inits, rng, shape=[1, 16, 16, 3])
 
 
 def make_fp16_gemm():
@@ -225,19 +225,9 @@ def make_fp16_gemm():
         helper.make_node("Flatten", ["g"], ["f"]),
         helper.make_node("Gemm", ["f", init("fw", w(5, 8)), init("fb", w(5))], ["y"], transB=1),
     ]
-    g = helper.make_graph(nodes, "fp16_gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-    m.ir_version = 8
-    m = float16.convert_float_to_float16(m, keep_io_types=True)
-    onnx.checker.check_model(m)
-    dst = os.path.join(OUT, "fp16_gemm.onnx")
-    onnx.save(m, dst)
-    xs = [rng.normal(0, 1, SHAPE).astype(np.float32) for _ in range(4)]
-    ops = sorted({n.op_type for n in m.graph.node})
+    ops = finish("fp16_gemm", nodes, inits, rng,
+                 convert=lambda m: float16.convert_float_to_float16(m, keep_io_types=True))
     assert "Cast" in ops, ops
-    write_reference("fp16_gemm", dst, xs, ops)
-    print(f"fp16_gemm.onnx: {ops}")
 
 
 def main():
