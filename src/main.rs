@@ -144,6 +144,14 @@ fn dispatch(cli: Cli) -> Result<()> {
             if let Some(note) = model.change_axes().note() {
                 println!("# note: {note}");
             }
+            if model.is_float() {
+                println!(
+                    "# note: a float model. Its int8 form, made by `python3 tools/quantize.py \
+                     {} --calib FRAMES_DIR`, is usually much faster: ResNets ran 4-5x faster \
+                     in int8 on a Xeon with AVX-512 VNNI (docs/models.md)",
+                    settings.model.path.display()
+                );
+            }
             print!("{}", settings.to_redacted_toml());
             Ok(())
         }

@@ -1,4 +1,4 @@
-//! The command line: `classify --json` and `cameras` through the real binary.
+//! The command line: `classify --json`, `cameras` and `check` through the real binary.
 
 mod common;
 
@@ -118,5 +118,33 @@ fn crafted_models_exit_78_with_the_reason() {
             assert_eq!(out.status.code(), Some(78), "{what} {}: {stderr}", c.name);
             assert!(stderr.contains(c.error), "{what} {}: {stderr}", c.name);
         }
+    }
+}
+
+/// `check` points the owner of a float model to its int8 form (tools/quantize.py), and
+/// says nothing of it for a model already quantised, in any of the forms.
+#[test]
+fn check_points_float_models_to_their_int8_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("shapes_fp32.onnx", true),
+        ("shapes_fp32_nhwc.onnx", true),
+        ("shapes_int8_qdq.onnx", false),
+        ("shapes_int8_qlinear.onnx", false),
+        ("shapes_int8_qop.onnx", false),
+    ];
+    for (file, float) in cases {
+        let cameras = common::samples_camera(1, false);
+        let cfg = common::config_file(dir.path(), "127.0.0.1", 1, file, &cameras);
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        let line = text.lines().find(|l| l.starts_with("path = ")).unwrap();
+        let model = common::fixture(&format!("models/{file}"));
+        let text = text.replace(line, &format!("path = {:?}", model.display().to_string()));
+        std::fs::write(&cfg, text).unwrap();
+        let out = edgesight(&["check", "--config", cfg.to_str().unwrap()]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{file}: {stdout}");
+        let note = stdout.contains("tools/quantize.py");
+        assert_eq!(note, float, "{file}: {stdout}");
     }
 }

@@ -59,6 +59,8 @@ pub struct Classifier {
     int8: Int8Rewrites,
     /// Whether tract's layout pass ran or failed on this graph and was left out.
     change_axes: ChangeAxes,
+    /// No quantised operator in the file.
+    float: bool,
     /// The thread pool for this model's matrix products (None: the calling thread).
     executor: Option<Executor>,
 }
@@ -130,6 +132,22 @@ struct Parsed {
     rewrites: crate::model::int8::onnx_quant::ProtoRewrites,
     /// The model's quantiser scales, for [`crate::model::int8::fast_quantize`].
     quantize_scales: QuantizeScales,
+    /// No quantised operator anywhere: a float model.
+    float: bool,
+}
+
+/// Operators of a quantised ONNX graph (standard, and onnxruntime's com.microsoft ones,
+/// whose names all start with Q).
+fn is_quantised_op(n: &tract_onnx::pb::NodeProto) -> bool {
+    matches!(
+        n.op_type.as_str(),
+        "QuantizeLinear"
+            | "DequantizeLinear"
+            | "DynamicQuantizeLinear"
+            | "ConvInteger"
+            | "MatMulInteger"
+    ) || n.op_type.starts_with("QLinear")
+        || (n.domain == "com.microsoft" && n.op_type.starts_with('Q'))
 }
 
 /// Read the ONNX file, rewrite its quantised forms onto integer convolutions
@@ -149,6 +167,10 @@ fn parse(path: &Path, rewrite: bool) -> Result<Parsed> {
     if let Some(g) = proto.graph.as_mut() {
         crate::model::proto_fixes::apply(g);
     }
+    let float = proto
+        .graph
+        .as_ref()
+        .is_some_and(|g| !g.node.iter().any(is_quantised_op));
     let (rewrites, quantize_scales) = match proto.graph.as_mut() {
         Some(g) if rewrite => {
             let rewrites = crate::model::int8::onnx_quant::rewrite(g)?;
@@ -164,6 +186,7 @@ fn parse(path: &Path, rewrite: bool) -> Result<Parsed> {
         bail!("unresolved inputs: {:?}", parsed.unresolved_inputs);
     }
     Ok(Parsed {
+        float,
         model: parsed.model,
         rewrites,
         quantize_scales,
@@ -389,6 +412,7 @@ impl Classifier {
             mut model,
             rewrites: proto_rewrites,
             quantize_scales,
+            float,
         } = parse_checked(path, int8_rewrites)?;
         let spec = input_spec(&model, settings)
             .with_context(|| format!("model file {}: unsupported input", path.display()))?;
@@ -431,6 +455,7 @@ impl Classifier {
             timing,
             int8,
             change_axes,
+            float,
             executor: (settings.threads > 1)
                 .then(|| Executor::multithread_with_name(settings.threads, "edgesight-mm")),
         })
@@ -465,6 +490,11 @@ impl Classifier {
     }
     pub fn int8_rewrites(&self) -> Int8Rewrites {
         self.int8
+    }
+    /// A float model (no quantised operator in the file): its int8 form, made by
+    /// tools/quantize.py, would run faster.
+    pub fn is_float(&self) -> bool {
+        self.float
     }
     /// [`ChangeAxes::Skip`] when tract's layout pass failed on this graph ([`passes`]).
     pub fn change_axes(&self) -> ChangeAxes {
