@@ -24,7 +24,7 @@ graphs do). Exports:
   softmax         a Softmax at the end (probabilities out: not to be softmaxed twice)
   qdq_u8s8, qop_u8s8, qdq_s8s8, qop_s8s8
                   onnxruntime's static quantisation of script13, per-channel weights
-  qdq_u8s8_pt, qop_u8s8_pt
+  qdq_u8s8_pt, qop_u8s8_pt, qdq_s8s8_pt, qop_s8s8_pt
                   the same, per-tensor weights
 keras_resnet50 (keras.applications.ResNet50, NHWC, "caffe" preprocessing):
   keras, keras_dynbatch  Keras 3's own ONNX export (torch backend), static or Keras's
@@ -62,7 +62,7 @@ import bench_models  # noqa: E402  (its side-by-side runners)
 
 TORCH_EXPORTS = ["script11", "script13", "script17", "script20", "zoo7", "dynamo", "nhwc", "bn", "caffe", "fp16",
                  "dynbatch", "softmax", "qdq_u8s8", "qop_u8s8", "qdq_s8s8", "qop_s8s8", "qdq_u8s8_pt",
-                 "qop_u8s8_pt"]
+                 "qop_u8s8_pt", "qdq_s8s8_pt", "qop_s8s8_pt"]
 MODELS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mobilenet_v2", "mobilenet_v3_small",
           "efficientnet_b0", "squeezenet1_1", "keras_resnet50"]
 # Keras ResNet50 has exports of its own (--exports is for the torchvision models).
