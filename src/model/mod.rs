@@ -94,6 +94,8 @@ pub struct Int8Rewrites {
     pub residual_adds: usize,
     /// f32 -> int8 quantisations replaced by a vectorised equivalent.
     pub fast_quantize: usize,
+    /// Weight computations done once at load instead of every run ([`passes::fold_weights`]).
+    pub folded_weights: usize,
 }
 
 impl std::fmt::Display for Int8Rewrites {
@@ -113,6 +115,7 @@ impl std::fmt::Display for Int8Rewrites {
             (self.fused_adds, "residual adds fused"),
             (self.residual_adds, "float residual adds fused"),
             (self.fast_quantize, "quantisers vectorised"),
+            (self.folded_weights, "weight computations folded"),
         ]
         .iter()
         .filter(|(n, _)| *n > 0)
@@ -250,6 +253,7 @@ fn optimize_with(
     let scalar_zero_points = crate::model::int8::scalar_zero_points(&mut typed)?;
     let fused_adds = crate::model::int8::fuse_quantized_adds(&mut typed, quantize_scales)?;
     let residual_adds = crate::model::int8::fuse_residual_adds(&mut typed, quantize_scales)?;
+    let folded_weights = passes::fold_weights(&mut typed)?;
     let mut typed = passes::into_optimized(typed, change_axes)?;
     let fused_requant = crate::model::int8::fuse_requant(&mut typed)?;
     let fast_quantize = crate::model::int8::fast_quantize(&mut typed, quantize_scales)?;
@@ -263,6 +267,7 @@ fn optimize_with(
             fused_adds,
             residual_adds,
             fast_quantize,
+            folded_weights,
             ..Default::default()
         },
     ))
