@@ -269,7 +269,7 @@ impl QuantizedAdd {
     where
         A: Datum + Copy + tract_core::internal::tract_num_traits::AsPrimitive<i32>,
         B: Datum + Copy + tract_core::internal::tract_num_traits::AsPrimitive<i32>,
-        T: Datum + Copy + tract_core::internal::tract_num_traits::Bounded,
+        T: Datum + Copy + Send + tract_core::internal::tract_num_traits::Bounded,
         i32: tract_core::internal::tract_num_traits::AsPrimitive<T>,
         T: tract_core::internal::tract_num_traits::AsPrimitive<f32>,
     {
@@ -284,13 +284,40 @@ impl QuantizedAdd {
             Some(s) => (1.0, s),
             None => (self.inv_scale, 1.0),
         };
-        for ((x, y), o) in a.iter().zip(b).zip(out.iter_mut()) {
-            // DequantizeLinear twice, Add, Max, QuantizeLinear.
-            let fa = (x.as_() - self.a_zero_point) as f32 * self.a_scale;
-            let fb = (y.as_() - self.b_zero_point) as f32 * self.b_scale;
-            *o = quantize((fa + fb).max(floor) * inv / s, zp, lo, hi).as_();
-        }
+        par_chunks(out, PAR_CHUNK, |(i, o)| {
+            let (a, b) = (&a[i * PAR_CHUNK..], &b[i * PAR_CHUNK..]);
+            for ((x, y), o) in a.iter().zip(b).zip(o) {
+                // DequantizeLinear twice, Add, Max, QuantizeLinear.
+                let fa = (x.as_() - self.a_zero_point) as f32 * self.a_scale;
+                let fb = (y.as_() - self.b_zero_point) as f32 * self.b_scale;
+                *o = quantize((fa + fb).max(floor) * inv / s, zp, lo, hi).as_();
+            }
+        });
         Ok(())
+    }
+}
+
+/// Elements per piece of work an element-wise op hands the pool: enough to be worth a
+/// task, few enough that a ResNet's smallest maps still split.
+const PAR_CHUNK: usize = 16 << 10;
+
+/// `work((i, chunk))` for each `chunk`-sized piece `i` of `out`, shared out over the
+/// model's thread pool (tract's current executor) when it has one.
+pub(crate) fn par_chunks<T: Send>(
+    out: &mut [T],
+    chunk: usize,
+    work: impl Fn((usize, &mut [T])) + Send + Sync,
+) {
+    use rayon::prelude::*;
+    use tract_core::internal::tract_linalg::multithread::{Executor, current_tract_executor};
+    let chunk = chunk.max(1);
+    let pieces = out.len().div_ceil(chunk);
+    match current_tract_executor() {
+        Executor::MultiThread(pool) if pieces > 1 => {
+            pool.install(|| out.par_chunks_mut(chunk).enumerate().for_each(work))
+        }
+        Executor::RayonGlobal if pieces > 1 => out.par_chunks_mut(chunk).enumerate().for_each(work),
+        _ => out.chunks_mut(chunk).enumerate().for_each(work),
     }
 }
 
@@ -1154,6 +1181,10 @@ mod tests {
             1
         );
         assert_eq!(run(&fused), tract);
+        // Shared out over a pool in 16 K pieces, the same bytes.
+        use tract_core::internal::tract_linalg::multithread::{Executor, multithread_tract_scope};
+        let pooled = multithread_tract_scope(Executor::multithread(2), || run(&fused));
+        assert_eq!(pooled, tract);
 
         let scales = [(y_scale.recip().to_bits(), Some(y_scale))].into();
         let mut divided = m.clone();

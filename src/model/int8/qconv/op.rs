@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tract_core::internal::*;
 
+use crate::model::int8::par_chunks;
 #[cfg(target_arch = "aarch64")]
 use crate::model::int8::qconv::kernels::neon;
 #[cfg(target_arch = "x86_64")]
@@ -208,17 +209,18 @@ impl QConv {
             self.pack(x, h, w, g, packed);
             self.compute(packed, &g.offsets, g, vout);
             // Keep the valid columns of each virtual output row.
-            for co in 0..self.cout {
+            let plane = g.hout * g.wout;
+            let vout = &*vout;
+            par_chunks(&mut out[..self.cout * plane], plane, |(co, dst)| {
                 let src = &vout[co * g.q..];
-                let dst = &mut out[co * g.hout * g.wout..(co + 1) * g.hout * g.wout];
                 if g.wq == g.wout {
-                    dst.copy_from_slice(&src[..g.hout * g.wout]);
+                    dst.copy_from_slice(&src[..plane]);
                 } else {
                     for (y, row) in dst.chunks_exact_mut(g.wout).enumerate() {
                         row.copy_from_slice(&src[y * g.wq..y * g.wq + g.wout]);
                     }
                 }
-            }
+            });
             Ok(())
         })
     }
@@ -227,20 +229,11 @@ impl QConv {
     /// independent, so with a multi-threaded model (`threads` > 1) they are shared out
     /// over tract's thread pool; the packed input is read by all.
     fn compute(&self, packed: &[u8], offsets: &[usize], g: &Geo, vout: &mut [u8]) {
-        use rayon::prelude::*;
-        use tract_core::internal::tract_linalg::multithread::{Executor, current_tract_executor};
         let rows = MR * g.q;
         let vout = &mut vout[..self.blocks() * rows];
-        let work = |(b, out): (usize, &mut [u8])| self.compute_block(b, packed, offsets, g, out);
-        match current_tract_executor() {
-            Executor::MultiThread(pool) if self.blocks() > 1 => {
-                pool.install(|| vout.par_chunks_mut(rows).enumerate().for_each(work))
-            }
-            Executor::RayonGlobal if self.blocks() > 1 => {
-                vout.par_chunks_mut(rows).enumerate().for_each(work)
-            }
-            _ => vout.chunks_mut(rows).enumerate().for_each(work),
-        }
+        par_chunks(vout, rows, |(b, out)| {
+            self.compute_block(b, packed, offsets, g, out)
+        });
     }
 
     /// Output channels `b * MR ..` into `out` (MR virtual rows of g.q pixels).
