@@ -27,9 +27,19 @@ pub fn broker() -> (String, u16) {
             .expect("EDGESIGHT_TEST_BROKER=host:port");
         return (h.to_string(), p.parse().expect("port"));
     }
-    let port = free_port();
-    edgesight::mqtt::start_embedded_broker("127.0.0.1", port).expect("start rumqttd");
-    ("127.0.0.1".to_string(), port)
+    // A port free when probed can still be busy a moment later: a test that spawns a
+    // process forks while another thread's probe socket is open, and the child holds a
+    // copy of it until its exec closes it (seen as "cannot listen" on the first broker of
+    // the daemon tests, beside the test that re-runs its own binary). So take another.
+    for _ in 0..5 {
+        let port = free_port();
+        match edgesight::mqtt::start_embedded_broker("127.0.0.1", port) {
+            Ok(_) => return ("127.0.0.1".to_string(), port),
+            Err(e) if format!("{e:#}").contains("cannot listen") => continue,
+            Err(e) => panic!("start rumqttd: {e:#}"),
+        }
+    }
+    panic!("start rumqttd: no port of five could be bound")
 }
 
 /// A loopback port nothing listens on, and that no other test of this binary was given:
