@@ -151,14 +151,23 @@ impl QConv {
     }
 
     /// Lay one image (`cin` planes of h x w) out as C4 phase images, padding with x0.
+    /// Each (phase, group of 4 channels) is its own region of `out`, so the regions are
+    /// filled in parallel over the model's pool.
     fn pack(&self, x: &[u8], h: usize, w: usize, g: &Geo, out: &mut [u8]) {
         let (sh, sw) = self.stride;
         let (pt, pl, _, _) = self.pad;
         let groups = self.groups();
-        let phase_len = groups * g.plane * 4;
-        out.fill(self.x0);
         let pad_row = vec![self.x0 ^ self.flip; w];
-        for cb in 0..groups {
+        par_chunks(&mut out[..g.packed_len], g.plane * 4, |(k, region)| {
+            region.fill(self.x0);
+            let (phase, cb) = (k / groups, k % groups);
+            let (py, px) = (phase / sw, phase % sw);
+            // Columns x with (x + pl) % sw == px land in phase (py, px).
+            let first = (px + sw - pl % sw) % sw;
+            if first >= w {
+                return;
+            }
+            let (c0, n) = ((first + pl) / sw, (w - first).div_ceil(sw));
             let chan = |j: usize| -> &[u8] {
                 let c = cb * 4 + j;
                 if c < self.cin {
@@ -168,8 +177,8 @@ impl QConv {
                 }
             };
             let planes = [chan(0), chan(1), chan(2), chan(3)];
-            for y in 0..h {
-                let (py, r) = ((y + pt) % sh, (y + pt) / sh);
+            for y in (0..h).filter(|y| (y + pt) % sh == py) {
+                let r = (y + pt) / sh;
                 if r >= g.rows {
                     continue;
                 }
@@ -180,20 +189,10 @@ impl QConv {
                         &planes[j][y * w..(y + 1) * w]
                     }
                 });
-                for px in 0..sw {
-                    // Columns x with (x + pl) % sw == px land in phase (py, px).
-                    let first = (px + sw - pl % sw) % sw;
-                    if first >= w {
-                        continue;
-                    }
-                    let c0 = (first + pl) / sw;
-                    let base = (py * sw + px) * phase_len + cb * g.plane * 4 + (r * g.wq + c0) * 4;
-                    let n = (w - first).div_ceil(sw);
-                    let dst = &mut out[base..base + n * 4];
-                    interleave(&src, first, sw, self.flip, dst);
-                }
+                let base = (r * g.wq + c0) * 4;
+                interleave(&src, first, sw, self.flip, &mut region[base..base + n * 4]);
             }
-        }
+        });
     }
 
     fn run_image(
