@@ -1,5 +1,6 @@
-//! tract's optimiser passes as edgesight runs them, with the workaround for the tract bug
-//! that stops some exports from loading (docs/models.md, "tract bugs").
+//! tract's optimiser passes as edgesight runs them: the workaround for the tract bug that
+//! stopped some exports from loading (docs/models.md, "tract bugs"), and [`fold_weights`],
+//! the constant folding tract's memory budget leaves to every inference.
 //!
 //! **ChangeAxes after a dynamic bias.** tract's conv declutter folds an Add (or Sub, Mul,
 //! Div) that follows a convolution into the conv's bias whenever the other operand is
