@@ -1,6 +1,6 @@
-//! Small helpers for reading and building ONNX graphs at the protobuf level, shared by
-//! the rewrites made before tract parses a file ([`crate::model::int8::onnx_quant`],
-//! [`crate::model::proto_fixes`]).
+//! Small helpers for reading and building ONNX graphs at the protobuf level, for the
+//! rewrites made before tract parses a file ([`crate::model::int8::onnx_quant`]) and the
+//! tests of [`crate::model::proto_fixes`].
 
 use tract_onnx::pb::{AttributeProto, GraphProto, NodeProto, attribute_proto};
 

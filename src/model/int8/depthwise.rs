@@ -13,7 +13,7 @@
 
 use tract_core::internal::*;
 use tract_core::ops::cast::cast;
-use tract_core::ops::cnn::Conv;
+use tract_core::ops::cnn::{Conv, KernelFormat};
 
 use crate::model::int8::Requant;
 use crate::model::int8::qconv::konst;
@@ -69,7 +69,9 @@ impl Depthwise {
             return Ok(None);
         };
         let x_dt = model.outlet_fact(node.inputs[0])?.datum_type;
+        // OIHW: the output channel is the weights' outer axis, which `centred` relies on.
         if !depthwise
+            || conv.kernel_fmt != KernelFormat::OIHW
             || node.inputs.len() != 9
             || !matches!(dt, DatumType::U8 | DatumType::I8)
             || !matches!(x_dt, DatumType::U8 | DatumType::I8)
@@ -94,7 +96,10 @@ impl Depthwise {
         if taps * channels != w.len() {
             return Ok(None);
         }
-        let at = |v: &[i32], c: usize| v[if v.len() == 1 { 0 } else { c }];
+        // A per-tensor (one value) or per-channel parameter's value for channel `c`.
+        fn at<T: Copy>(v: &[T], c: usize) -> T {
+            v[if v.len() == 1 { 0 } else { c }]
+        }
         let centred: Vec<i32> = w
             .iter()
             .enumerate()
@@ -129,7 +134,7 @@ impl Depthwise {
         let kernel: Vec<f32> = centred.iter().map(|v| *v as f32).collect();
         let bias: Vec<f32> = (0..channels).map(|c| at(&bias, c) as f32).collect();
         let scales = (0..channels)
-            .map(|c| (ws[if ws.len() == 1 { 0 } else { c }] * xs[0]) / ys[0])
+            .map(|c| (at(&ws, c) * xs[0]) / ys[0])
             .collect();
         Ok(Some(Depthwise {
             kernel: tensor1(&kernel).into_shape(&kernel_shape)?,

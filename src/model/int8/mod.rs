@@ -253,13 +253,8 @@ pub struct QuantizedAdd {
     pub b_zero_point: i32,
     /// The constant of a following `Max` (ReLU: 0.0).
     pub floor: Option<f32>,
-    /// 1 / output scale, as tract's QuantizeLinear holds it.
-    pub inv_scale: f32,
-    /// The model's own output scale, divided by as ONNX defines it, where it is known
-    /// ([`QuantizeScales`]).
-    pub scale: Option<f32>,
-    pub zero_point: i32,
-    pub dt: DatumType,
+    /// The quantiser it replaces: its output scale, zero point and type.
+    pub quantize: Quantize,
 }
 
 impl Eq for QuantizedAdd {}
@@ -276,13 +271,13 @@ impl QuantizedAdd {
         use tract_core::internal::tract_num_traits::AsPrimitive;
         let (lo, hi): (f32, f32) = (T::min_value().as_(), T::max_value().as_());
         let floor = self.floor.unwrap_or(f32::NEG_INFINITY);
-        let zp = self.zero_point as f32;
+        let zp = self.quantize.zero_point as f32;
         // ONNX's QuantizeLinear divides by the scale; tract's reciprocal rounds
         // differently on about one value in 10^5 ([`QuantizeScales`]), and each such step
-        // can grow through the layers after it.
-        let (inv, s) = match self.scale {
+        // can grow through the layers after it. (One of the two factors is 1.)
+        let (inv, s) = match self.quantize.scale {
             Some(s) => (1.0, s),
-            None => (self.inv_scale, 1.0),
+            None => (self.quantize.inv_scale, 1.0),
         };
         par_chunks(out, PAR_CHUNK, |(i, o)| {
             let (a, b) = (&a[i * PAR_CHUNK..], &b[i * PAR_CHUNK..]);
@@ -328,15 +323,13 @@ impl Op for QuantizedAdd {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "a {}/{} + b {}/{}{} -> 1/{} {} {:?}",
+            "a {}/{} + b {}/{}{} -> {}",
             self.a_scale,
             self.a_zero_point,
             self.b_scale,
             self.b_zero_point,
             self.floor.map(|f| format!(", max {f}")).unwrap_or_default(),
-            self.inv_scale,
-            self.zero_point,
-            self.dt
+            self.quantize.describe()
         )])
     }
 
@@ -356,7 +349,7 @@ impl EvalOp for QuantizedAdd {
         );
         // SAFETY: a plain-data tensor (u8/i8/i32/f32); every element is written below
         // before the tensor is read or returned.
-        let mut out = unsafe { Tensor::uninitialized_dt(self.dt, a.shape())? };
+        let mut out = unsafe { Tensor::uninitialized_dt(self.quantize.dt, a.shape())? };
         {
             let (a, b) = (a.try_as_plain_ram()?, b.try_as_plain_ram()?);
             let mut o = out.try_as_plain_ram_mut()?;
@@ -366,7 +359,11 @@ impl EvalOp for QuantizedAdd {
                 };
             }
             use DatumType::{I8, U8};
-            match (inputs[0].datum_type(), inputs[1].datum_type(), self.dt) {
+            match (
+                inputs[0].datum_type(),
+                inputs[1].datum_type(),
+                self.quantize.dt,
+            ) {
                 (U8, U8, U8) => go!(u8, u8, u8),
                 (U8, U8, I8) => go!(u8, u8, i8),
                 (I8, I8, I8) => go!(i8, i8, i8),
@@ -384,7 +381,7 @@ impl EvalOp for QuantizedAdd {
 
 impl TypedOp for QuantizedAdd {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        Ok(tvec!(self.dt.fact(inputs[0].shape.clone())))
+        Ok(tvec!(self.quantize.dt.fact(inputs[0].shape.clone())))
     }
 
     tract_core::as_op!();
@@ -440,7 +437,7 @@ pub fn fuse_quantized_adds(model: &mut TypedModel, scales: &QuantizeScales) -> T
     let mut fused = 0;
     for id in 0..model.nodes().len() {
         let q = model.node(id);
-        let Some((inv_scale, zero_point, dt)) = quantizer(q) else {
+        let Some(quantize) = Quantize::of(q, scales) else {
             continue;
         };
         let single = |n: usize| -> bool {
@@ -472,10 +469,7 @@ pub fn fuse_quantized_adds(model: &mut TypedModel, scales: &QuantizeScales) -> T
             b_scale: db.scale,
             b_zero_point: db.zero_point,
             floor,
-            inv_scale,
-            scale: scales.get(&inv_scale.to_bits()).copied().flatten(),
-            zero_point,
-            dt,
+            quantize,
         };
         let mut patch = TypedModelPatch::default();
         let inputs = [patch.tap_model(model, a)?, patch.tap_model(model, b)?];
@@ -662,6 +656,15 @@ impl Quantize {
         })
     }
 
+    /// "x / s, zero point z -> U8": the op's `info`, and a part of the ops that embed it.
+    fn describe(&self) -> String {
+        let scale = match self.scale {
+            Some(s) => format!("/ {s}"),
+            None => format!("* {}", self.inv_scale),
+        };
+        format!("x {scale}, zero point {} -> {:?}", self.zero_point, self.dt)
+    }
+
     /// `x` quantised into `o`, as bytes of the output type (i8: two's complement).
     fn run(&self, x: &[f32], o: &mut [u8]) {
         let zp = self.zero_point as f32;
@@ -683,14 +686,7 @@ impl Op for Quantize {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        let scale = match self.scale {
-            Some(s) => format!("/ {s}"),
-            None => format!("* {}", self.inv_scale),
-        };
-        Ok(vec![format!(
-            "x {scale}, zero point {} -> {:?}",
-            self.zero_point, self.dt
-        )])
+        Ok(vec![self.describe()])
     }
 
     tract_core::op_as_typed_op!();
