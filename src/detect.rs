@@ -28,21 +28,36 @@ impl Rules {
     /// The `[detection]` rules of `settings` for a model with `labels`, or a configuration
     /// error naming a label the model does not have (and where that label was set).
     pub fn for_model(settings: &Settings, labels: &[String]) -> Result<Rules, ConfigError> {
+        Ok(Self::for_models(settings, &[labels])?.remove(0))
+    }
+
+    /// The rules for each of several models (in the order of `labels`, one list per model),
+    /// or a configuration error naming a label in `[detection]` that no model has: a label
+    /// only some models have is watched where it exists.
+    pub fn for_models(
+        settings: &Settings,
+        labels: &[&[String]],
+    ) -> Result<Vec<Rules>, ConfigError> {
         let d = &settings.detection;
         let known = |key: &str, l: &str| {
-            if labels.iter().any(|m| m == l) {
-                Ok(())
-            } else {
-                let some: Vec<&str> = labels.iter().take(8).map(String::as_str).collect();
-                Err(settings.error_at(
-                    key,
-                    format!(
-                        "{l:?} is not a label of the model (labels: {}{})",
-                        some.join(", "),
-                        if labels.len() > 8 { ", ..." } else { "" }
-                    ),
-                ))
+            if labels.iter().any(|m| m.iter().any(|x| x == l)) {
+                return Ok(());
             }
+            let first = labels.first().copied().unwrap_or(&[]);
+            let some: Vec<&str> = first.iter().take(8).map(String::as_str).collect();
+            let whose = if labels.len() > 1 {
+                "any model"
+            } else {
+                "the model"
+            };
+            Err(settings.error_at(
+                key,
+                format!(
+                    "{l:?} is not a label of {whose} (labels: {}{})",
+                    some.join(", "),
+                    if first.len() > 8 { ", ..." } else { "" }
+                ),
+            ))
         };
         for (i, l) in d.labels.iter().enumerate() {
             known(&format!("detection.labels[{i}]"), l)?;
@@ -50,20 +65,20 @@ impl Rules {
         for l in d.thresholds.keys() {
             known(&format!("detection.thresholds.{l}"), l)?;
         }
-        let thresholds = labels
-            .iter()
-            .map(|l| {
-                let watched = d.labels.is_empty() || d.labels.contains(l);
-                watched.then(|| *d.thresholds.get(l).unwrap_or(&d.threshold))
-            })
-            .collect();
-        Ok(Rules {
-            thresholds,
+        let rules = |labels: &[String]| Rules {
+            thresholds: labels
+                .iter()
+                .map(|l| {
+                    let watched = d.labels.is_empty() || d.labels.contains(l);
+                    watched.then(|| *d.thresholds.get(l).unwrap_or(&d.threshold))
+                })
+                .collect(),
             hysteresis: d.hysteresis,
             min_frames: d.min_frames,
             end_frames: d.end_frames,
             update_interval: Duration::from_secs_f64(d.update_interval_secs),
-        })
+        };
+        Ok(labels.iter().map(|l| rules(l)).collect())
     }
 }
 
@@ -232,10 +247,11 @@ pub fn unix_ms(t: SystemTime) -> u64 {
 }
 
 /// A detection's id: the same for its start, updates and end, unique across devices,
-/// cameras, labels and restarts (two detections of one label on one camera cannot start on
-/// the same frame).
-pub fn event_id(device: &str, camera: &str, class: usize, started_at: SystemTime) -> String {
-    format!("{device}:{camera}:{class}:{}", unix_ms(started_at))
+/// cameras, regions, labels and restarts (two detections of one label on one camera cannot
+/// start on the same frame). `scope` is the camera, or `camera/region` (a camera name
+/// holds no '/').
+pub fn event_id(device: &str, scope: &str, class: usize, started_at: SystemTime) -> String {
+    format!("{device}:{scope}:{class}:{}", unix_ms(started_at))
 }
 
 #[cfg(test)]

@@ -25,4 +25,4 @@ pub mod mqtt;
 pub mod stats;
 pub mod util;
 
-pub use daemon::{DRAIN_TIMEOUT, load_model, run, run_with, run_with_notifier};
+pub use daemon::{DRAIN_TIMEOUT, load_models, run, run_with, run_with_notifier};

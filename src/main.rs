@@ -109,52 +109,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                     .map(|_| ())
             })
         }
-        Command::Check { config } => {
-            let settings = Settings::load(&config)?;
-            init_logging("warn");
-            let t0 = std::time::Instant::now();
-            let model = edgesight::load_model(&settings)?;
-            if settings.detection.enabled {
-                edgesight::detect::Rules::for_model(&settings, model.labels())?;
-            }
-            for (i, cam) in settings.camera.iter().enumerate() {
-                check_source(&settings, i, cam)?;
-            }
-            let spec = model.input_spec();
-            println!("# configuration {} is valid", config.display());
-            println!(
-                "# model {}: input {:?} ({:?}), output {:?}, {} labels, loaded and optimised in {:.0} ms",
-                settings.model.path.display(),
-                spec.shape(),
-                spec.layout,
-                model.output_shape(),
-                model.labels().len(),
-                t0.elapsed().as_secs_f64() * 1e3
-            );
-            println!(
-                "# preprocessing: {} to {}x{}, then {}",
-                match spec.resize {
-                    edgesight::config::ResizeMode::Stretch => "stretched",
-                    edgesight::config::ResizeMode::CenterCrop => "centre-cropped and scaled",
-                },
-                spec.width,
-                spec.height,
-                spec.normalization
-            );
-            if let Some(note) = model.change_axes().note() {
-                println!("# note: {note}");
-            }
-            if model.is_float() {
-                println!(
-                    "# note: a float model. Its int8 form, made by `python3 tools/quantize.py \
-                     {} --calib FRAMES_DIR`, is usually much faster: ResNets ran 4-5x faster \
-                     in int8 on a Xeon with AVX-512 VNNI (docs/models.md)",
-                    settings.model.path.display()
-                );
-            }
-            print!("{}", settings.to_redacted_toml());
-            Ok(())
-        }
+        Command::Check { config } => check(&config),
         Command::Classify {
             config,
             model,
@@ -178,6 +133,68 @@ fn dispatch(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// `edgesight check`: the configuration validated, every model loaded, every source
+/// looked at; then what will run, and the effective configuration.
+fn check(config: &Path) -> Result<()> {
+    let settings = Settings::load(config)?;
+    init_logging("warn");
+    let t0 = std::time::Instant::now();
+    let models = edgesight::load_models(&settings)?;
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    if settings.detection.enabled {
+        let labels: Vec<&[String]> = models.iter().map(|m| m.classifier.labels()).collect();
+        edgesight::detect::Rules::for_models(&settings, &labels)?;
+    }
+    for (i, cam) in settings.camera.iter().enumerate() {
+        check_source(&settings, i, cam)?;
+    }
+    println!("# configuration {} is valid", config.display());
+    println!(
+        "# {} model(s) loaded and optimised in {ms:.0} ms",
+        settings.models.len()
+    );
+    for m in models.iter() {
+        describe_model(&m.settings, &m.classifier);
+    }
+    print!("{}", settings.to_redacted_toml());
+    Ok(())
+}
+
+/// What `check` says of one model: its geometry, its preprocessing, and notes.
+fn describe_model(ms: &ModelSettings, model: &edgesight::model::Classifier) {
+    let spec = model.input_spec();
+    println!(
+        "# model {} ({}): input {:?} ({:?}), output {:?}, {} labels",
+        ms.name,
+        ms.path.display(),
+        spec.shape(),
+        spec.layout,
+        model.output_shape(),
+        model.labels().len(),
+    );
+    println!(
+        "#   preprocessing: {} to {}x{}, then {}",
+        match spec.resize {
+            edgesight::config::ResizeMode::Stretch => "stretched",
+            edgesight::config::ResizeMode::CenterCrop => "centre-cropped and scaled",
+        },
+        spec.width,
+        spec.height,
+        spec.normalization
+    );
+    if let Some(note) = model.change_axes().note() {
+        println!("#   note: {note}");
+    }
+    if model.is_float() {
+        println!(
+            "#   note: a float model. Its int8 form, made by `python3 tools/quantize.py \
+             {} --calib FRAMES_DIR`, is usually much faster: ResNets ran 4-5x faster \
+             in int8 on a Xeon with AVX-512 VNNI (docs/models.md)",
+            ms.path.display()
+        );
     }
 }
 
@@ -218,7 +235,8 @@ fn classify(
 ) -> Result<()> {
     init_logging("warn");
     let mut ms = match config {
-        Some(c) => Settings::load(c)?.model,
+        // The configuration's first model (the one cameras use unless they name another).
+        Some(c) => Settings::load(c)?.models.remove(0),
         None => ModelSettings::for_file(
             model
                 .clone()

@@ -3,9 +3,10 @@
 //! in step), in the OpenMetrics text format of the Prometheus project's own client crate.
 //!
 //! Names follow Prometheus conventions: an `edgesight_` prefix, base units (seconds,
-//! bytes), `_total` on counters. Per camera: `edgesight_frames_*_total{camera}`; the
-//! model's inference times: `edgesight_inference_seconds{model}` (a histogram); the MQTT
-//! session and the durable outbox; the process's resident memory.
+//! bytes), `_total` on counters. Per camera: `edgesight_frames_*_total{camera}`; per
+//! region of a camera: `edgesight_region_crops_*_total{camera,region}`; per model its
+//! inference times: `edgesight_inference_seconds{model}` (a histogram); the MQTT session
+//! and the durable outbox; the process's resident memory.
 //!
 //! May use: config, stats, util.
 
@@ -27,22 +28,22 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::stats::{CameraStats, OutboxCounters, Stats};
+use crate::stats::{CameraStats, OutboxCounters, RegionStats, Stats};
 
-/// What a scrape reads: the running pipeline's counters and model (a reload swaps both).
+/// What a scrape reads: the running pipeline's counters (a reload swaps them).
 #[derive(Debug, Default)]
 pub struct Current {
-    pipeline: RwLock<Option<(Arc<Stats>, String)>>,
+    pipeline: RwLock<Option<Arc<Stats>>>,
 }
 
 impl Current {
     /// A new pipeline started: its counters (they start at zero again, which Prometheus
-    /// reads as a counter reset) and its model's file name.
-    pub fn set(&self, stats: Arc<Stats>, model: String) {
-        *self.pipeline.write().unwrap_or_else(|p| p.into_inner()) = Some((stats, model));
+    /// reads as a counter reset).
+    pub fn set(&self, stats: Arc<Stats>) {
+        *self.pipeline.write().unwrap_or_else(|p| p.into_inner()) = Some(stats);
     }
 
-    fn get(&self) -> Option<(Arc<Stats>, String)> {
+    fn get(&self) -> Option<Arc<Stats>> {
         self.pipeline
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -97,6 +98,25 @@ const CAMERA_COUNTERS: Counters<CameraStats> = &[
     ),
 ];
 
+/// The per-region counters.
+const REGION_COUNTERS: Counters<RegionStats> = &[
+    (
+        "edgesight_region_crops_classified",
+        "Crops of the region the model classified.",
+        |r| &r.classified,
+    ),
+    (
+        "edgesight_region_crops_gated",
+        "Crops of the region not classified because it had not changed.",
+        |r| &r.gated,
+    ),
+    (
+        "edgesight_region_crops_bad",
+        "Frames the region could not be cut from (outside the frame).",
+        |r| &r.bad,
+    ),
+];
+
 #[derive(Debug)]
 struct Edgesight(Arc<Current>);
 
@@ -120,11 +140,11 @@ impl Collector for Edgesight {
             let bytes = rss * 1024.0 * 1024.0;
             gauge(&mut e, "process_resident_memory_bytes", help, bytes)?;
         }
-        let Some((stats, model)) = self.0.get() else {
+        let Some(stats) = self.0.get() else {
             return Ok(()); // no pipeline yet (the model is loading)
         };
         encode_cameras(&mut e, &stats)?;
-        encode_inference(&mut e, &stats, &model)?;
+        encode_inference(&mut e, &stats)?;
         encode_network(&mut e, &stats)?;
         if let Some(o) = stats.outbox.get() {
             encode_outbox(&mut e, o)?;
@@ -146,23 +166,38 @@ fn encode_cameras(e: &mut DescriptorEncoder, stats: &Stats) -> Result<(), std::f
             ConstCounter::new(load(field(c))).encode(family.encode_family(&labels)?)?;
         }
     }
+    let regions = || {
+        let cameras = stats.cameras.iter();
+        cameras.flat_map(|(camera, c)| c.regions.iter().map(move |r| (camera, r)))
+    };
+    if regions().next().is_none() {
+        return Ok(());
+    }
+    for (name, help, field) in REGION_COUNTERS {
+        let mut family = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (camera, r) in regions() {
+            let labels = [("camera", camera.as_str()), ("region", r.name.as_str())];
+            ConstCounter::new(load(field(r))).encode(family.encode_family(&labels)?)?;
+        }
+    }
     Ok(())
 }
 
-/// The model's inference times, as a histogram labelled with the model's file.
-fn encode_inference(
-    e: &mut DescriptorEncoder,
-    stats: &Stats,
-    model: &str,
-) -> Result<(), std::fmt::Error> {
-    let (sum, count, buckets) = stats.inference_seconds.snapshot();
-    let help = "Time the model took per frame.";
+/// Each model's inference times, as a histogram labelled with the model's name.
+fn encode_inference(e: &mut DescriptorEncoder, stats: &Stats) -> Result<(), std::fmt::Error> {
+    let help = "Time the model took per frame or region.";
     let kind = MetricType::Histogram;
     let mut family = e.encode_descriptor("edgesight_inference_seconds", help, None, kind)?;
-    let labels = [("model", model)];
-    family
-        .encode_family(&labels)?
-        .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
+    for (model, h) in &stats.models {
+        let (sum, count, buckets) = h.snapshot();
+        let labels = [("model", model.as_str())];
+        family
+            .encode_family(&labels)?
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                sum, count, &buckets, None,
+            )?;
+    }
+    Ok(())
 }
 
 /// The MQTT session, and what the inference stage could not publish or classify.

@@ -407,6 +407,141 @@ const CASES: &[Case] = &[
         dropin: None,
         expect: &["metrics.listen", "localhost:9898", "127.0.0.1:9898", "FILE"],
     },
+    Case {
+        name: "a region past the frame's edge, in fractions",
+        edit: &[(
+            "",
+            "[[camera.region]]\nname = \"a\"\nx = 0.6\nwidth = 0.5\nheight = 1\n",
+        )],
+        env: &[],
+        dropin: None,
+        expect: &[
+            "camera[0].region[0].width",
+            "passes the frame's edge",
+            "FILE",
+        ],
+    },
+    Case {
+        name: "two regions of a camera with one name",
+        edit: &[(
+            "",
+            "[[camera.region]]\nname = \"a\"\nwidth = 10\nheight = 10\n\
+             [[camera.region]]\nname = \"a\"\nwidth = 0.5\nheight = 0.5\n",
+        )],
+        env: &[],
+        dropin: None,
+        expect: &["camera[0].region[1].name", "used by another region", "FILE"],
+    },
+    Case {
+        name: "a region without a size",
+        edit: &[("", "[[camera.region]]\nname = \"a\"\nwidth = 10\n")],
+        env: &[],
+        dropin: None,
+        expect: &["camera[0].region[0].height", "is required", "FILE"],
+    },
+    Case {
+        name: "a region in part pixels",
+        edit: &[(
+            "",
+            "[[camera.region]]\nname = \"a\"\nx = 10.5\nwidth = 100\nheight = 100\n",
+        )],
+        env: &[],
+        dropin: None,
+        expect: &[
+            "camera[0].region[0].x",
+            "10.5 is not a whole number",
+            "FILE",
+        ],
+    },
+    Case {
+        name: "a misspelt region key",
+        edit: &[(
+            "",
+            "[[camera.region]]\nname = \"a\"\nwidht = 10\nheight = 10\n",
+        )],
+        env: &[],
+        dropin: None,
+        expect: &["camera[0].region[0]", "widht", "FILE"],
+    },
+    Case {
+        name: "a region named as a topic wildcard",
+        edit: &[(
+            "",
+            "[[camera.region]]\nname = \"a/+\"\nwidth = 10\nheight = 10\n",
+        )],
+        env: &[],
+        dropin: None,
+        expect: &["camera[0].region[0].name", "topic level", "FILE"],
+    },
+    Case {
+        name: "a region on a model nobody defined",
+        edit: &[(
+            "",
+            "[[camera.region]]\nname = \"a\"\nwidth = 10\nheight = 10\nmodel = \"big\"\n",
+        )],
+        env: &[],
+        dropin: None,
+        expect: &[
+            "camera[0].region[0].model",
+            "no model is named \"big\" (models: default)",
+            "FILE",
+        ],
+    },
+    Case {
+        name: "a camera on a model nobody defined",
+        edit: &[("name = \"front\"", "name = \"front\"\nmodel = \"big\"")],
+        env: &[],
+        dropin: None,
+        expect: &["camera[0].model", "no model is named", "FILE"],
+    },
+    Case {
+        name: "a region outside the frame the Camera Module is told to deliver",
+        edit: &[(
+            "",
+            "[[camera]]\nname = \"pi\"\nsource = \"picamera\"\nwidth = 640\nheight = 480\n\
+             [[camera.region]]\nname = \"door\"\nx = 600\nwidth = 100\nheight = 100\n",
+        )],
+        env: &[],
+        dropin: None,
+        expect: &[
+            "camera[1].region[0]",
+            "x 600, y 0, 100x100 pixels is outside the 640x480 frame",
+            "FILE",
+        ],
+    },
+    Case {
+        name: "[[model]] tables without a name",
+        edit: &[("[model]\n", "[[model]]\n")],
+        env: &[],
+        dropin: None,
+        expect: &["model[0].name", "is required in [[model]] tables", "FILE"],
+    },
+    Case {
+        name: "two models with one name",
+        edit: &[
+            ("[model]\n", "[[model]]\nname = \"a\"\n"),
+            (
+                "[[camera]]",
+                "[[model]]\nname = \"a\"\npath = \"MODEL\"\n[[camera]]",
+            ),
+        ],
+        env: &[],
+        dropin: None,
+        expect: &["model[1].name", "used by another model", "FILE"],
+    },
+    Case {
+        name: "a second model that does not load",
+        edit: &[
+            ("[model]\n", "[[model]]\nname = \"a\"\n"),
+            (
+                "[[camera]]",
+                "[[model]]\nname = \"b\"\npath = \"/nonexistent.onnx\"\n[[camera]]",
+            ),
+        ],
+        env: &[],
+        dropin: None,
+        expect: &["model[1].path", "/nonexistent.onnx", "FILE"],
+    },
 ];
 
 #[test]
@@ -547,7 +682,7 @@ fn shipped_configs_check_clean() {
         );
         // What the frames go through, as check says it.
         assert!(
-            stdout.contains("# preprocessing: stretched to 64x64, then RGB, x * 0.003921569, mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225]"),
+            stdout.contains("#   preprocessing: stretched to 64x64, then RGB, x * 0.003921569, mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225]"),
             "{stdout}"
         );
     }

@@ -889,7 +889,7 @@ async fn metrics_are_served_and_agree_with_the_stats_message() {
         assert_eq!(m.get(&key).copied(), once[field].as_f64(), "{key}\n{body}");
     }
     assert_eq!(m["edgesight_frames_classified_total{camera=\"once\"}"], 6.0);
-    let model = "model=\"shapes_int8_qlinear.onnx\"";
+    let model = "model=\"default\"";
     let count = m[&format!("edgesight_inference_seconds_count{{{model}}}")];
     let inf = m[&format!("edgesight_inference_seconds_bucket{{le=\"+Inf\",{model}}}")];
     assert!(count >= 6.0 && inf == count, "{body}");

@@ -293,7 +293,7 @@ fn normalization_keys_reproduce_a_preset_on_a_real_model() {
         );
         std::fs::write(&f, text).unwrap();
         let s = edgesight::config::Settings::load_with_env(&f, vec![]).unwrap();
-        Classifier::load(&s.model).unwrap()
+        Classifier::load(&s.models[0]).unwrap()
     };
     let preset = load("preprocess = \"torchvision\"");
     let keys = "preprocess = \"raw\"\nscale = 0.00392156862745098\n\

@@ -5,15 +5,16 @@
 
 mod common;
 
-use edgesight::config::{ModelSettings, Preprocess, ResizeMode};
+use edgesight::config::{ModelSettings, Preprocess, Rect, ResizeMode};
 use edgesight::frame::preprocess::{InputSpec, Layout};
-use edgesight::frame::{RawFormat, RawFrame};
+use edgesight::frame::{Cut, FrameError, RawFormat, RawFrame};
 use edgesight::model::Classifier;
 use image::RgbImage;
 use image::imageops::{self, FilterType};
 
 fn classifier(resize: ResizeMode) -> Classifier {
     Classifier::load(&ModelSettings {
+        name: "default".into(),
         path: common::fixture("models/shapes_int8_qlinear.onnx"),
         labels: Some(common::fixture("labels.txt")),
         preprocess: Preprocess::Torchvision,
@@ -196,7 +197,7 @@ fn truncated_and_garbage_mjpeg_frames_are_dropped_and_counted() {
     let (client, _eventloop) = edgesight::mqtt::client(&settings);
     let cancel = tokio_util::sync::CancellationToken::new();
     let ctx = Context {
-        classifier: Arc::new(c),
+        models: vec![Arc::new(c)],
         settings: Arc::new(settings),
         slots: slots.clone(),
         stats: stats.clone(),
@@ -303,4 +304,177 @@ fn frames_converted_by_ffmpeg_read_back_as_their_colours() {
             "{file}: mean {mean:.2}, max {max:.1}"
         );
     }
+}
+
+/// `cols` x `rows` tiles of `tile` pixels, tile `k` (row-major) from `samples[k]`: a
+/// camera looking at several things at once, each region's class known.
+fn tiled(samples: &[&(String, RgbImage)], cols: u32, tile: (u32, u32)) -> RgbImage {
+    let rows = (samples.len() as u32).div_ceil(cols);
+    let mut frame = RgbImage::new(cols * tile.0, rows * tile.1);
+    for (k, (_, img)) in samples.iter().enumerate() {
+        let t = imageops::resize(img, tile.0, tile.1, FilterType::Triangle);
+        let (x, y) = ((k as u32 % cols) * tile.0, (k as u32 / cols) * tile.1);
+        imageops::replace(&mut frame, &t, x as i64, y as i64);
+    }
+    frame
+}
+
+/// The rectangle of tile `k` in [`tiled`]'s layout.
+fn tile_rect(k: u32, cols: u32, tile: (u32, u32)) -> Rect {
+    Rect {
+        x: (k % cols) * tile.0,
+        y: (k / cols) * tile.1,
+        width: tile.0,
+        height: tile.1,
+    }
+}
+
+/// A 1080p frame of 4 x 2 tiles, each a different sample, in every colour format: the
+/// eight regions cut from it in one pass (one MJPEG decode) are each classified as their
+/// tile, in both resize modes; and a region takes no pixel from its neighbours (a tile's
+/// class would change if it did: the samples' backgrounds differ).
+#[test]
+fn regions_of_a_tiled_frame_are_classified_as_their_tile() {
+    let samples = recorded(64, 64);
+    let mut by_class: Vec<&(String, RgbImage)> = Vec::new();
+    for s in &samples {
+        if by_class.iter().all(|(c, _)| *c != s.0) {
+            by_class.push(s);
+        }
+    }
+    let eight: Vec<_> = by_class.iter().cycle().take(8).copied().collect();
+    let (cols, tile) = (4, (480, 540));
+    let frame = tiled(&eight, cols, tile);
+    for resize in [ResizeMode::Stretch, ResizeMode::CenterCrop] {
+        let c = classifier(resize);
+        for format in RawFormat::ALL.into_iter().filter(|f| *f != RawFormat::Gray) {
+            let raw = RawFrame::from_rgb(&frame, format);
+            let cuts: Vec<Cut> = (0..8)
+                .map(|k| Cut {
+                    rect: Some(tile_rect(k, cols, tile)),
+                    spec: c.input_spec(),
+                })
+                .collect();
+            let pixels = raw.prepare_cuts(&cuts).unwrap();
+            for (k, px) in pixels.iter().enumerate() {
+                let (top, _) = c.classify_tensor(px.tensor(c.input_spec())).unwrap();
+                let want = &eight[k].0;
+                assert_eq!(&top[0].label, want, "{format} {resize:?} region {k}");
+            }
+        }
+    }
+}
+
+/// Data-driven: a region cut on the one-pass path stays as close to the reference path
+/// (the whole frame converted, the region cropped, then resized) as whole frames do
+/// (bounds as in `one_pass_preparation_stays_close_to_the_reference_path`), at odd offsets
+/// and sizes too, and in MJPEG where the decode stops below the region. An MJPEG region's
+/// edges fall on the DCT scale's grid (8/n pixels), so an edge row may blend part of a
+/// block from outside the region.
+#[test]
+fn a_region_is_prepared_like_the_cropped_frame() {
+    // format, frame size, region, input size, max and mean bounds
+    type Case = (RawFormat, (u32, u32), [u32; 4], (u32, u32), f32, f32);
+    #[rustfmt::skip]
+    let cases: &[Case] = &[
+        (RawFormat::Rgb, (640, 480), [101, 37, 333, 211], (64, 64), 1.0, 0.01),
+        (RawFormat::Bgr, (640, 480), [0, 0, 64, 64], (64, 64), 1.0, 0.01),
+        (RawFormat::Gray, (640, 480), [1, 1, 639, 479], (224, 224), 1.0, 0.01),
+        (RawFormat::Yuyv, (1920, 1080), [961, 541, 700, 400], (224, 224), 1.0, 0.25),
+        (RawFormat::Nv12, (1920, 1080), [17, 3, 1001, 777], (224, 224), 1.0, 0.25),
+        (RawFormat::I420, (1280, 720), [640, 360, 640, 360], (64, 64), 1.0, 0.25),
+        // Decoded at 1/8: each pixel is an 8x8 block's mean (a box, where the reference's
+        // triangle spans ~15 pixels), and the bottom edge (540) falls mid-block, so the
+        // last row blends half a block of the tile below: max 28, mean 0.72-0.86.
+        (RawFormat::Mjpeg, (1920, 1080), [960, 0, 960, 540], (64, 64), 32.0, 0.9),
+        (RawFormat::Mjpeg, (1920, 1080), [100, 500, 300, 300], (224, 224), 12.0, 0.6),
+        (RawFormat::Mjpeg, (640, 480), [3, 5, 101, 77], (64, 64), 12.0, 0.6),
+    ];
+    let samples = recorded(64, 64);
+    for &(format, (w, h), [x, y, rw, rh], (iw, ih), max_bound, mean_bound) in cases {
+        for resize in [ResizeMode::Stretch, ResizeMode::CenterCrop] {
+            let spec = InputSpec {
+                width: iw,
+                height: ih,
+                layout: Layout::Nhwc,
+                normalization: Preprocess::Raw.normalization(),
+                resize,
+            };
+            let rect = Rect {
+                x,
+                y,
+                width: rw,
+                height: rh,
+            };
+            let (mut worst, mut mean_sum, mut n) = (0f32, 0f32, 0);
+            for (_, img) in samples.iter().step_by(6) {
+                let frame = imageops::resize(img, w, h, FilterType::Triangle);
+                let raw = RawFrame::from_rgb(&frame, format);
+                let cut = Cut {
+                    rect: Some(rect),
+                    spec: &spec,
+                };
+                let fast = raw.prepare_cuts(&[cut]).unwrap().remove(0).tensor(&spec);
+                let whole = raw.to_rgb().unwrap();
+                let crop = imageops::crop_imm(&whole, x, y, rw, rh).to_image();
+                let (max, mean) = tensor_diff(&fast, &spec.tensor(&crop));
+                worst = worst.max(max);
+                mean_sum += mean;
+                n += 1;
+            }
+            let mean = mean_sum / n as f32;
+            let what = format!("{format} {w}x{h} {rect:?} -> {iw}x{ih} {resize:?}");
+            println!("{what}: max {worst:.2}, mean {mean:.3}");
+            assert!(
+                worst <= max_bound && mean <= mean_bound,
+                "{what}: max {worst}, mean {mean}"
+            );
+        }
+    }
+}
+
+/// A region the frame does not hold (past an edge, empty) is an error naming the frame
+/// and the rectangle, in every format; never a panic or a read out of bounds.
+#[test]
+fn regions_outside_the_frame_are_errors() {
+    let c = classifier(ResizeMode::Stretch);
+    let img = &recorded(64, 48)[0].1;
+    let bad = [
+        [0, 0, 65, 48],
+        [60, 0, 5, 5],
+        [0, 47, 1, 2],
+        [0, 0, 0, 10],
+        [u32::MAX, 0, 2, 2],
+        [0, u32::MAX - 1, 2, 2],
+    ];
+    for format in RawFormat::ALL {
+        let raw = RawFrame::from_rgb(img, format);
+        for [x, y, width, height] in bad {
+            let rect = Rect {
+                x,
+                y,
+                width,
+                height,
+            };
+            let cut = Cut {
+                rect: Some(rect),
+                spec: c.input_spec(),
+            };
+            match raw.prepare_cuts(&[cut]) {
+                Err(e @ FrameError::Outside { .. }) => {
+                    assert!(e.to_string().contains("64x48"), "{e}")
+                }
+                other => panic!("{format} {rect:?}: {other:?}"),
+            }
+        }
+    }
+}
+
+fn tensor_diff(a: &tract_onnx::prelude::Tensor, b: &tract_onnx::prelude::Tensor) -> (f32, f32) {
+    assert_eq!(a.shape(), b.shape());
+    let a = a.to_plain_array_view::<f32>().unwrap();
+    let b = b.to_plain_array_view::<f32>().unwrap();
+    let d: Vec<f32> = a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).collect();
+    let max = d.iter().copied().fold(0.0, f32::max);
+    (max, d.iter().sum::<f32>() / d.len() as f32)
 }

@@ -75,6 +75,119 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
 
+    /// Data-driven: a region in fractions fits any frame (rounded to whole pixels, at
+    /// least one); one in pixels fits only a frame that holds it.
+    #[test]
+    fn areas_in_frames() {
+        let frac = |x, y, width, height| Area::Fraction {
+            x,
+            y,
+            width,
+            height,
+        };
+        let px = |x, y, width, height| {
+            Area::Pixels(Rect {
+                x,
+                y,
+                width,
+                height,
+            })
+        };
+        let r = |x, y, width, height| {
+            Some(Rect {
+                x,
+                y,
+                width,
+                height,
+            })
+        };
+        #[rustfmt::skip]
+        let cases = [
+            (frac(0.0, 0.0, 1.0, 1.0), (1920, 1080), r(0, 0, 1920, 1080)),
+            (frac(0.5, 0.5, 0.5, 0.5), (1920, 1080), r(960, 540, 960, 540)),
+            (frac(0.25, 0.0, 0.25, 1.0), (641, 480), r(160, 0, 161, 480)),
+            (frac(0.999, 0.999, 0.001, 0.001), (100, 100), r(99, 99, 1, 1)),
+            (frac(0.0, 0.0, 0.0001, 0.0001), (100, 100), r(0, 0, 1, 1)),
+            (px(0, 0, 640, 480), (640, 480), r(0, 0, 640, 480)),
+            (px(600, 0, 41, 10), (640, 480), None),
+            (px(0, 479, 1, 2), (640, 480), None),
+            (px(u32::MAX, 0, 2, 2), (640, 480), None),
+        ];
+        for (area, (w, h), want) in cases {
+            assert_eq!(area.in_frame(w, h).ok(), want, "{area} in {w}x{h}");
+        }
+        let e = px(600, 0, 41, 10).in_frame(640, 480).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "x 600, y 0, 41x10 pixels is outside the 640x480 frame"
+        );
+    }
+
+    /// `[[model]]` tables and `[[camera.region]]`s: a camera and each region name their
+    /// model (a region's default: its camera's; a camera's: the first model).
+    #[test]
+    fn models_and_regions_are_read_and_defaulted() {
+        let s = from_toml(
+            r#"
+            [[model]]
+            name = "big"
+            path = "a.onnx"
+            [[model]]
+            name = "small"
+            path = "b.onnx"
+            threads = 2
+            [[camera]]
+            name = "yard"
+            path = "x"
+            [[camera.region]]
+            name = "gate"
+            x = 10
+            y = 20
+            width = 300
+            height = 200
+            [[camera.region]]
+            name = "feeder"
+            x = 0.5
+            width = 0.5
+            height = 0.5
+            model = "small"
+            [[camera]]
+            name = "door"
+            path = "y"
+            model = "small"
+            "#,
+        );
+        let names: Vec<&str> = s.models.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["big", "small"]);
+        assert_eq!(s.models[1].threads, 2);
+        let yard = &s.camera[0];
+        assert_eq!(yard.model, "big");
+        let regions: Vec<(&str, &str, String)> = yard
+            .regions
+            .iter()
+            .map(|r| (r.name.as_str(), r.model.as_str(), r.area.to_string()))
+            .collect();
+        assert_eq!(
+            regions,
+            [
+                ("gate", "big", "x 10, y 20, 300x200 pixels".to_string()),
+                (
+                    "feeder",
+                    "small",
+                    "x 0.5, y 0, 0.5x0.5 of the frame".to_string()
+                )
+            ]
+        );
+        assert_eq!(
+            (s.camera[1].model.as_str(), s.camera[1].regions.len()),
+            ("small", 0)
+        );
+        // The effective configuration renders them back as tables the loader reads.
+        let again = from_toml(&s.to_redacted_toml());
+        assert_eq!(again.models, s.models);
+        assert_eq!(again.camera[0].regions, s.camera[0].regions);
+    }
+
     /// The key lists are the raw structs' own: every section of the file is listed, and
     /// `loop` (a renamed field) is a camera key.
     #[test]
@@ -130,8 +243,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let f = write(d.path(), "c.toml", MIN);
         let s = Settings::load_with_env(&f, vec![]).unwrap();
-        let cli = ModelSettings::for_file(s.model.path.clone());
-        assert_eq!(format!("{cli:?}"), format!("{:?}", s.model));
+        let cli = ModelSettings::for_file(s.models[0].path.clone());
+        assert_eq!(format!("{cli:?}"), format!("{:?}", s.models[0]));
         assert_eq!(
             format!("{:?}", OutboxSettings::default()),
             format!("{:?}", s.outbox)
@@ -213,7 +326,7 @@ mod tests {
             let text = MIN.replace("[model]\n", &format!("[model]\n{keys}\n"));
             let f = write(d.path(), "c.toml", &text);
             let s = Settings::load_with_env(&f, vec![]).unwrap();
-            let got = s.model.normalization;
+            let got = s.models[0].normalization;
             assert_eq!(got.channel_order, want.channel_order, "{keys}");
             for (g, w) in [got.scale]
                 .iter()

@@ -21,7 +21,9 @@ use super::settings::{
 pub(super) struct RawConfig {
     pub device: RawDevice,
     pub mqtt: RawMqtt,
-    pub model: RawModel,
+    /// One `[model]` table (the model named `default`) or `[[model]]` tables: read table
+    /// by table, each with its key path (`model[1].path`).
+    pub model: serde_json::Value,
     /// Read table by table: see [`RawCamera`].
     pub camera: Vec<serde_json::Map<String, serde_json::Value>>,
     pub log: RawLog,
@@ -107,6 +109,8 @@ pub(super) enum OneOrThree {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawModel {
+    /// Required in `[[model]]` tables; a single `[model]` table is `default`.
+    pub name: Option<String>,
     /// Required.
     pub path: Option<PathBuf>,
     pub labels: Option<PathBuf>,
@@ -125,6 +129,7 @@ pub(super) struct RawModel {
 impl Default for RawModel {
     fn default() -> Self {
         RawModel {
+            name: None,
             path: None,
             labels: None,
             preprocess: Preprocess::Torchvision,
@@ -363,6 +368,29 @@ pub(super) struct RawCameraCommon {
     pub reopen_max_ms: i64,
     pub change_threshold: f64,
     pub heartbeat_secs: f64,
+    /// The model the whole frame (or each region without its own) runs on. Default: the
+    /// first model.
+    pub model: Option<String>,
+    /// `[[camera.region]]`: the parts of the frame classified, each on its own. None: the
+    /// whole frame.
+    pub region: Vec<RawRegion>,
+}
+
+/// `[[camera.region]]`: a named rectangle of the frame, in pixels, or in fractions of the
+/// frame when all four numbers are between 0 and 1.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawRegion {
+    /// Required.
+    pub name: Option<String>,
+    pub x: f64,
+    pub y: f64,
+    /// Required.
+    pub width: Option<f64>,
+    /// Required.
+    pub height: Option<f64>,
+    /// Default: the camera's model.
+    pub model: Option<String>,
 }
 
 impl Default for RawCameraCommon {
@@ -375,6 +403,8 @@ impl Default for RawCameraCommon {
             reopen_max_ms: 30_000,
             change_threshold: 0.0,
             heartbeat_secs: 60.0,
+            model: None,
+            region: Vec::new(),
         }
     }
 }

@@ -19,7 +19,10 @@ pub struct Settings {
     pub file: PathBuf,
     pub device: DeviceSettings,
     pub mqtt: MqttSettings,
-    pub model: ModelSettings,
+    /// At least one; names unique. A single `[model]` table is the model named
+    /// `default`.
+    #[serde(rename = "model")]
+    pub models: Vec<ModelSettings>,
     pub camera: Vec<CameraSettings>,
     pub log: LogSettings,
     pub detection: DetectionSettings,
@@ -344,8 +347,10 @@ pub enum ResizeMode {
     CenterCrop,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelSettings {
+    /// What cameras and regions call it (`camera.model`); a topic-level-safe name.
+    pub name: String,
     pub path: PathBuf,
     pub labels: Option<PathBuf>,
     /// The preset the normalisation started from (shown; `normalization` is what runs).
@@ -378,6 +383,123 @@ pub struct CameraSettings {
     pub change_threshold: f32,
     /// With gating on, classify at least this often anyway.
     pub heartbeat_secs: f64,
+    /// The model the whole frame runs on, and each region that names none.
+    pub model: String,
+    /// The parts of the frame classified, each on its own; empty: the whole frame.
+    #[serde(rename = "region", skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<RegionSettings>,
+}
+
+/// `[[camera.region]]`: a named part of a camera's frame, classified on its own model.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RegionSettings {
+    /// A topic level: `<prefix>/<device>/<camera>/<region>/classification`.
+    pub name: String,
+    #[serde(flatten)]
+    pub area: Area,
+    pub model: String,
+}
+
+/// A rectangle of a frame in pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Rect {
+    pub x: u32,
+    pub y: u32,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl Rect {
+    /// The whole of a `width` x `height` frame.
+    pub fn full(width: u32, height: u32) -> Rect {
+        Rect {
+            x: 0,
+            y: 0,
+            width,
+            height,
+        }
+    }
+}
+
+/// Where a region lies: in pixels, or in fractions of the frame (which fit any frame
+/// size). Checked against a frame once its size is known ([`Area::in_frame`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Area {
+    Pixels(Rect),
+    Fraction {
+        x: f64,
+        y: f64,
+        width: f64,
+        height: f64,
+    },
+}
+
+/// A region that does not fit the frame it is cut from.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{area} is outside the {width}x{height} frame")]
+pub struct OutsideFrame {
+    pub area: String,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl Area {
+    /// The area in a `fw` x `fh` frame: fractions rounded to whole pixels (at least one),
+    /// pixels checked to fit.
+    pub fn in_frame(&self, fw: u32, fh: u32) -> Result<Rect, OutsideFrame> {
+        let outside = || OutsideFrame {
+            area: self.to_string(),
+            width: fw,
+            height: fh,
+        };
+        match *self {
+            Area::Pixels(r) => {
+                let fits = r.x as u64 + r.width as u64 <= fw as u64
+                    && r.y as u64 + r.height as u64 <= fh as u64;
+                fits.then_some(r).ok_or_else(outside)
+            }
+            Area::Fraction {
+                x,
+                y,
+                width,
+                height,
+            } => {
+                let span = |at: f64, len: f64, size: u32| {
+                    let size = size as f64;
+                    let a = (at * size).round().min(size - 1.0).max(0.0);
+                    let b = ((at + len) * size).round().min(size).max(a + 1.0);
+                    (a as u32, (b - a) as u32)
+                };
+                if fw == 0 || fh == 0 {
+                    return Err(outside());
+                }
+                let (x, width) = span(x, width, fw);
+                let (y, height) = span(y, height, fh);
+                Ok(Rect {
+                    x,
+                    y,
+                    width,
+                    height,
+                })
+            }
+        }
+    }
+}
+
+/// "x 100, y 40, 300x200 pixels" or "x 0.5, y 0, 0.5x1 of the frame".
+impl fmt::Display for Area {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Area::Pixels(r) => write!(f, "x {}, y {}, {}x{} pixels", r.x, r.y, r.width, r.height),
+            Area::Fraction {
+                x,
+                y,
+                width,
+                height,
+            } => write!(f, "x {x}, y {y}, {width}x{height} of the frame"),
+        }
+    }
 }
 
 impl CameraSettings {
@@ -444,6 +566,18 @@ impl SourceSettings {
             | SourceSettings::Picamera { fps, .. }
             | SourceSettings::Rtsp { fps, .. }
             | SourceSettings::HttpMjpeg { fps, .. } => *fps,
+        }
+    }
+
+    /// The frame size the source is told to deliver, where a program scales to it (the
+    /// Camera Module, a pipe's raw frames, RTSP with a size); None where the camera or the
+    /// stream decides (V4L2 negotiates the closest mode).
+    pub fn frame_size(&self) -> Option<(u32, u32)> {
+        match self {
+            SourceSettings::Picamera { width, height, .. } => Some((*width, *height)),
+            SourceSettings::Pipe { width, height, .. }
+            | SourceSettings::Rtsp { width, height, .. } => width.zip(*height),
+            _ => None,
         }
     }
 

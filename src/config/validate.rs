@@ -8,18 +8,27 @@ use super::error::ConfigError;
 use super::raw::{
     DEFAULT_FSYNC_INTERVAL_MS, FsyncPolicy, OneOrThree, RawCamera, RawCameraCommon, RawCommand,
     RawCommands, RawConfig, RawDetection, RawHomeAssistant, RawHttpMjpeg, RawImages, RawModel,
-    RawMqtt, RawOutbox, RawPicamera, RawPipe, RawRtsp, RawSource, RawV4l2, SourceKind,
+    RawMqtt, RawOutbox, RawPicamera, RawPipe, RawRegion, RawRtsp, RawSource, RawV4l2, SourceKind,
 };
 use super::settings::{
-    CameraSettings, ClassificationSettings, CommandLine, CommandSettings, DetectionSettings,
+    Area, CameraSettings, ClassificationSettings, CommandLine, CommandSettings, DetectionSettings,
     DeviceSettings, Fsync, HomeAssistantSettings, LogSettings, MQTT_MAX_PACKET, MetricsSettings,
-    ModelSettings, MqttSettings, Normalization, OutboxSettings, SYSTEM_CA_FILE, Secret, Settings,
-    SourceSettings, SourceUrl, StreamFormat, TlsSettings,
+    ModelSettings, MqttSettings, Normalization, OutboxSettings, Rect, RegionSettings,
+    SYSTEM_CA_FILE, Secret, Settings, SourceSettings, SourceUrl, StreamFormat, TlsSettings,
 };
 use super::sources::Sources;
 
 pub(super) struct Validator<'a> {
     pub src: &'a Sources,
+}
+
+/// What a region is checked against: its camera's model and frame size, the models.
+struct RegionCtx<'a> {
+    /// `camera[i].region[j]`.
+    at: String,
+    camera_model: &'a str,
+    models: &'a [ModelSettings],
+    frame: Option<(u32, u32)>,
 }
 
 impl Validator<'_> {
@@ -74,12 +83,7 @@ impl Validator<'_> {
     pub fn settings(&self, file: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
         let device_id = raw.device.id.unwrap_or_else(default_device_id);
         self.topic_level("device.id", &device_id)?;
-        let Some(path) = raw.model.path.clone() else {
-            return Err(ConfigError::new(format!(
-                "model.path is required (in {} or EDGESIGHT__MODEL__PATH)",
-                file.display()
-            )));
-        };
+        let models = self.models(file, raw.model)?;
         if raw.camera.is_empty() {
             return Err(ConfigError::new(format!(
                 "camera: at least one [[camera]] table is required (in {})",
@@ -91,8 +95,8 @@ impl Validator<'_> {
             file: file.to_path_buf(),
             mqtt: self.mqtt(raw.mqtt, &device_id)?,
             device: DeviceSettings { id: device_id },
-            model: self.model(path, raw.model)?,
-            camera: self.cameras(raw.camera)?,
+            camera: self.cameras(raw.camera, &models)?,
+            models,
             log: LogSettings {
                 level: raw.log.level,
             },
@@ -240,34 +244,83 @@ impl Validator<'_> {
         }))
     }
 
-    fn model(&self, path: PathBuf, r: RawModel) -> Result<ModelSettings, ConfigError> {
-        let normalization = self.normalization(&r)?;
+    /// `[model]` (the model named `default`) or `[[model]]` tables (each named).
+    fn models(
+        &self,
+        file: &Path,
+        value: serde_json::Value,
+    ) -> Result<Vec<ModelSettings>, ConfigError> {
+        let tables = match value {
+            serde_json::Value::Null => vec![],
+            serde_json::Value::Array(tables) => tables
+                .into_iter()
+                .enumerate()
+                .map(|(i, t)| (format!("model[{i}]"), t))
+                .collect(),
+            one => vec![("model".to_string(), one)],
+        };
+        if tables.is_empty() {
+            return Err(ConfigError::new(format!(
+                "model.path is required (in {} or EDGESIGHT__MODEL__PATH), or [[model]] tables",
+                file.display()
+            )));
+        }
+        let several = tables.len() > 1 || tables[0].0 != "model";
+        let mut models: Vec<ModelSettings> = Vec::with_capacity(tables.len());
+        for (at, table) in tables {
+            let raw: RawModel = self.src.deserialize(&at, table)?;
+            let m = self.model(&at, several, raw)?;
+            if models.iter().any(|o| o.name == m.name) {
+                return Err(self.err(
+                    &format!("{at}.name"),
+                    format!("{:?} is used by another model", m.name),
+                ));
+            }
+            models.push(m);
+        }
+        Ok(models)
+    }
+
+    fn model(&self, at: &str, several: bool, r: RawModel) -> Result<ModelSettings, ConfigError> {
+        let k = |f: &str| format!("{at}.{f}");
+        let name = match (r.name.clone(), several) {
+            (Some(n), _) => n,
+            (None, false) => "default".to_string(),
+            (None, true) => return Err(self.err(&k("name"), "is required in [[model]] tables")),
+        };
+        self.topic_level(&k("name"), &name)?;
+        let path = r
+            .path
+            .clone()
+            .ok_or_else(|| self.err(&k("path"), "is required"))?;
+        let normalization = self.normalization(at, &r)?;
         Ok(ModelSettings {
+            name,
             path,
             labels: r.labels,
             preprocess: r.preprocess,
             normalization,
             resize: r.resize,
-            top_k: self.range("model.top_k", r.top_k, 1, 1000)? as usize,
-            threshold: self.unit("model.threshold", r.threshold)?,
-            threads: self.range("model.threads", r.threads, 1, 64)? as usize,
+            top_k: self.range(&k("top_k"), r.top_k, 1, 1000)? as usize,
+            threshold: self.unit(&k("threshold"), r.threshold)?,
+            threads: self.range(&k("threads"), r.threads, 1, 64)? as usize,
         })
     }
 
     /// The preset's normalisation with the keys set on their own applied.
-    fn normalization(&self, r: &RawModel) -> Result<Normalization, ConfigError> {
+    fn normalization(&self, at: &str, r: &RawModel) -> Result<Normalization, ConfigError> {
         let mut n = r.preprocess.normalization();
         if let Some(order) = r.channel_order {
             n.channel_order = order;
         }
         if let Some(scale) = r.scale {
-            n.scale = self.positive("model.scale", scale, 1e6)? as f32;
+            n.scale = self.positive(&format!("{at}.scale"), scale, 1e6)? as f32;
         }
         if let Some(mean) = &r.mean {
-            n.mean = self.per_channel("model.mean", mean, |_| true, "finite")?;
+            n.mean = self.per_channel(&format!("{at}.mean"), mean, |_| true, "finite")?;
         }
         if let Some(std) = &r.std {
-            n.std = self.per_channel("model.std", std, |v| v > 0.0, "> 0")?;
+            n.std = self.per_channel(&format!("{at}.std"), std, |v| v > 0.0, "> 0")?;
         }
         Ok(n)
     }
@@ -387,10 +440,11 @@ impl Validator<'_> {
     fn cameras(
         &self,
         tables: Vec<serde_json::Map<String, serde_json::Value>>,
+        models: &[ModelSettings],
     ) -> Result<Vec<CameraSettings>, ConfigError> {
         let mut cameras: Vec<CameraSettings> = Vec::with_capacity(tables.len());
         for (i, table) in tables.into_iter().enumerate() {
-            let c = self.camera(i, self.read_camera(i, table)?)?;
+            let c = self.camera(i, self.read_camera(i, table)?, models)?;
             if cameras.iter().any(|o| o.name == c.name) {
                 return Err(self.err(
                     &format!("camera[{i}].name"),
@@ -448,9 +502,18 @@ impl Validator<'_> {
         Ok(RawCamera { common, source })
     }
 
-    fn camera(&self, i: usize, raw: RawCamera) -> Result<CameraSettings, ConfigError> {
+    fn camera(
+        &self,
+        i: usize,
+        raw: RawCamera,
+        models: &[ModelSettings],
+    ) -> Result<CameraSettings, ConfigError> {
         let k = |f: &str| format!("camera[{i}].{f}");
         let c = raw.common;
+        let model = match c.model {
+            Some(m) => self.model_name(&k("model"), m, models)?,
+            None => models[0].name.clone(),
+        };
         let name = c.name.ok_or_else(|| self.err(&k("name"), "is required"))?;
         self.topic_level(&k("name"), &name)?;
         let reopen_min_ms = self.range(&k("reopen_min_ms"), c.reopen_min_ms, 10, 600_000)?;
@@ -467,16 +530,36 @@ impl Validator<'_> {
                 format!("{} is out of range 0..=255", c.change_threshold),
             ));
         }
+        let source = match raw.source {
+            RawSource::Images(s) => self.images(&k, s)?,
+            RawSource::V4l2(s) => self.v4l2(&k, s)?,
+            RawSource::Pipe(s) => self.pipe(&k, s)?,
+            RawSource::Picamera(s) => self.picamera(&k, s)?,
+            RawSource::Rtsp(s) => self.rtsp(&k, s)?,
+            RawSource::HttpMjpeg(s) => self.http_mjpeg(&k, s)?,
+        };
+        let mut regions: Vec<RegionSettings> = Vec::with_capacity(c.region.len());
+        for (j, r) in c.region.into_iter().enumerate() {
+            let ctx = RegionCtx {
+                at: k(&format!("region[{j}]")),
+                camera_model: &model,
+                models,
+                frame: source.frame_size(),
+            };
+            let r = self.region(&ctx, r)?;
+            if regions.iter().any(|o| o.name == r.name) {
+                return Err(self.err(
+                    &format!("{}.name", ctx.at),
+                    format!("{:?} is used by another region of this camera", r.name),
+                ));
+            }
+            regions.push(r);
+        }
         Ok(CameraSettings {
             name,
-            source: match raw.source {
-                RawSource::Images(s) => self.images(&k, s)?,
-                RawSource::V4l2(s) => self.v4l2(&k, s)?,
-                RawSource::Pipe(s) => self.pipe(&k, s)?,
-                RawSource::Picamera(s) => self.picamera(&k, s)?,
-                RawSource::Rtsp(s) => self.rtsp(&k, s)?,
-                RawSource::HttpMjpeg(s) => self.http_mjpeg(&k, s)?,
-            },
+            source,
+            model,
+            regions,
             max_age_ms: self.range(&k("max_age_ms"), c.max_age_ms, 1, 3_600_000)? as u64,
             stall_secs: self.positive(&k("stall_secs"), c.stall_secs, 3600.0)?,
             reopen_min_ms: reopen_min_ms as u64,
@@ -484,6 +567,91 @@ impl Validator<'_> {
             change_threshold: c.change_threshold as f32,
             heartbeat_secs: self.positive(&k("heartbeat_secs"), c.heartbeat_secs, 86_400.0)?,
         })
+    }
+
+    /// A name of one of `models`.
+    fn model_name(
+        &self,
+        key: &str,
+        name: String,
+        models: &[ModelSettings],
+    ) -> Result<String, ConfigError> {
+        if models.iter().any(|m| m.name == name) {
+            return Ok(name);
+        }
+        let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+        Err(self.err(
+            key,
+            format!("no model is named {name:?} (models: {})", names.join(", ")),
+        ))
+    }
+
+    fn region(&self, ctx: &RegionCtx, r: RawRegion) -> Result<RegionSettings, ConfigError> {
+        let k = |f: &str| format!("{}.{f}", ctx.at);
+        let name = r.name.ok_or_else(|| self.err(&k("name"), "is required"))?;
+        self.topic_level(&k("name"), &name)?;
+        let model = match r.model {
+            Some(m) => self.model_name(&k("model"), m, ctx.models)?,
+            None => ctx.camera_model.to_string(),
+        };
+        let width = r
+            .width
+            .ok_or_else(|| self.err(&k("width"), "is required"))?;
+        let height = r
+            .height
+            .ok_or_else(|| self.err(&k("height"), "is required"))?;
+        let values = [("x", r.x), ("y", r.y), ("width", width), ("height", height)];
+        for (key, v) in values {
+            if !(v.is_finite() && (0.0..=65_535.0).contains(&v)) {
+                return Err(self.err(&k(key), format!("{v} is out of range 0..=65535")));
+            }
+        }
+        for (key, v) in [("width", width), ("height", height)] {
+            if v == 0.0 {
+                return Err(self.err(&k(key), "must be more than 0"));
+            }
+        }
+        let area = if values.iter().all(|(_, v)| *v <= 1.0) {
+            for (key, at, len) in [("width", r.x, width), ("height", r.y, height)] {
+                if at + len > 1.0 + 1e-9 {
+                    return Err(self.err(
+                        &k(key),
+                        format!(
+                            "{at} + {len} passes the frame's edge (fractions of the frame: \
+                             all four values are between 0 and 1)"
+                        ),
+                    ));
+                }
+            }
+            Area::Fraction {
+                x: r.x,
+                y: r.y,
+                width,
+                height,
+            }
+        } else {
+            if let Some((key, v)) = values.iter().find(|(_, v)| v.fract() != 0.0) {
+                return Err(self.err(
+                    &k(key),
+                    format!(
+                        "{v} is not a whole number of pixels (a region is in fractions of the \
+                         frame only when all four values are between 0 and 1)"
+                    ),
+                ));
+            }
+            let px = |v: f64| v as u32;
+            Area::Pixels(Rect {
+                x: px(r.x),
+                y: px(r.y),
+                width: px(width),
+                height: px(height),
+            })
+        };
+        if let Some((fw, fh)) = ctx.frame {
+            area.in_frame(fw, fh)
+                .map_err(|e| self.err(&ctx.at, format!("{e} this source is told to deliver")))?;
+        }
+        Ok(RegionSettings { name, area, model })
     }
 
     fn images(
@@ -689,6 +857,8 @@ impl CameraSettings {
             reopen_max_ms: d.reopen_max_ms as u64,
             change_threshold: d.change_threshold as f32,
             heartbeat_secs: d.heartbeat_secs,
+            model: "default".to_string(),
+            regions: Vec::new(),
         }
     }
 }
@@ -699,6 +869,7 @@ impl ModelSettings {
     pub fn for_file(path: PathBuf) -> ModelSettings {
         let d = RawModel::default();
         ModelSettings {
+            name: "default".to_string(),
             path,
             labels: d.labels,
             preprocess: d.preprocess,

@@ -1,6 +1,6 @@
 //! The daemon: the only module that wires the stages together.
 //!
-//! * [`run`] (and its variants) is the daemon's whole life: load the model, then run
+//! * [`run`] (and its variants) is the daemon's whole life: load the models, then run
 //!   pipelines until shutdown, one after another across reloads.
 //! * [`pipeline`]: one pipeline's start-up and its drain, in the documented order.
 //! * [`reload`]: a new configuration and model, validated before anything stops.
@@ -18,7 +18,7 @@ pub mod report;
 pub mod watchdog;
 
 pub use pipeline::{DRAIN_TIMEOUT, Daemon};
-pub use reload::load_model;
+pub use reload::{Models, load_models};
 
 use std::sync::Arc;
 
@@ -62,13 +62,10 @@ pub async fn run_with(
     notifier: Notifier,
     reload: Arc<Notify>,
 ) -> Result<Arc<Stats>> {
-    // Load the model first: a bad model must fail start-up before anything is announced.
-    let classifier = load_model(&settings)?;
+    // Load the models first: a bad one must fail start-up before anything is announced.
+    let models = load_models(&settings)?;
     let mut daemon = Daemon::new(shutdown, notifier, reload);
-    let mut next = Loaded {
-        settings,
-        classifier,
-    };
+    let mut next = Loaded { settings, models };
     let mut first = true;
     loop {
         let pipeline = Pipeline::start(&mut daemon, next, first).await?;

@@ -19,9 +19,9 @@ use tracing::{info, warn};
 use crate::capture::{self, CameraCtx, Slots, StreamBackend, StreamRequest, V4l2Backend};
 use crate::config::Settings;
 use crate::daemon::notify::Notifier;
-use crate::daemon::reload::{self, Loaded};
+use crate::daemon::reload::{self, Loaded, Models};
 use crate::daemon::{report, watchdog};
-use crate::detect::{Rules, Tracker};
+use crate::detect::Rules;
 use crate::infer::{self, Inference};
 use crate::metrics;
 use crate::model::Classifier;
@@ -171,11 +171,17 @@ impl Pipeline {
     /// label the model lacks, a busy broker port) fails the start before capture begins.
     pub async fn start(daemon: &mut Daemon, loaded: Loaded, first: bool) -> Result<Pipeline> {
         let settings = Arc::new(loaded.settings);
-        let classifier = Arc::new(loaded.classifier);
-        log_model(&classifier);
-        // Label names in [detection] are checked against the model: a typo is a config error.
+        let models = loaded.models;
+        for m in models.iter() {
+            log_model(&m.settings.name, &m.classifier);
+        }
+        // Label names in [detection] are checked against the models: a typo is a config
+        // error.
         let rules = match settings.detection.enabled {
-            true => Some(Rules::for_model(&settings, classifier.labels())?),
+            true => {
+                let labels: Vec<&[String]> = models.iter().map(|m| m.classifier.labels()).collect();
+                Some(Rules::for_models(&settings, &labels)?)
+            }
             false => None,
         };
         // Before anything connects: a second daemon on this outbox must not announce itself.
@@ -184,7 +190,7 @@ impl Pipeline {
         daemon.ensure_metrics(&settings).await?;
         let (client, eventloop) = mqtt::client(&settings);
         let w = Wiring {
-            stats: Arc::new(Stats::new(settings.camera.iter().map(|c| c.name.clone()))),
+            stats: Arc::new(Stats::for_settings(&settings)),
             control: Arc::new(Control::new(settings.camera.len())),
             stops: Stops {
                 pipeline: daemon.shutdown.child_token(),
@@ -194,11 +200,9 @@ impl Pipeline {
             settings,
             client,
         };
-        daemon
-            .metrics_current
-            .set(w.stats.clone(), classifier.file_name().to_string());
+        daemon.metrics_current.set(w.stats.clone());
         let (retained, commands) = w.start_mqtt(eventloop);
-        let reload = w.start_control(daemon, commands);
+        let reload = w.start_control(daemon, commands, models.clone());
         let s = &w.settings;
         info!(
             "device {}: publishing to {}:{} under {}/",
@@ -213,15 +217,16 @@ impl Pipeline {
             w.stops.pipeline.cancel();
             w.stops.network.cancel();
         })?;
+        let files: Vec<&str> = models.iter().map(|m| m.classifier.file_name()).collect();
         daemon.notifier.notify(&format!(
             "READY=1\nSTATUS={} camera(s) {}, model {}",
             s.camera.len(),
             if first { "starting" } else { "reloaded" },
-            classifier.file_name()
+            files.join(", ")
         ));
         w.start_reporters(daemon);
         let inference = w
-            .start_inference(classifier, slots, outbox, rules)
+            .start_inference(models.classifiers(), slots, outbox, rules)
             .inspect_err(|_| {
                 w.stops.pipeline.cancel();
                 w.stops.network.cancel();
@@ -280,6 +285,7 @@ impl Wiring {
         &self,
         daemon: &Daemon,
         commands: Option<CommandRx>,
+        models: Models,
     ) -> JoinHandle<Option<Loaded>> {
         let (reload_tx, reload_rx) = mpsc::channel(1);
         if let Some(rx) = commands {
@@ -296,6 +302,7 @@ impl Wiring {
         }
         tokio::spawn(reload::watch(
             self.settings.clone(),
+            models,
             daemon.hup.clone(),
             reload_rx,
             self.stops.pipeline.clone(),
@@ -391,18 +398,14 @@ impl Wiring {
     /// The inference stage, on a blocking thread of its own.
     fn start_inference(
         &self,
-        classifier: Arc<Classifier>,
+        models: Vec<Arc<Classifier>>,
         slots: Arc<Slots>,
         outbox: Option<Arc<Outbox>>,
-        rules: Option<Rules>,
+        rules: Option<Vec<Rules>>,
     ) -> Result<InferenceThread> {
-        let cameras = self.settings.camera.len();
-        let durable = outbox.map(|outbox| infer::Durable {
-            trackers: rules.map_or(vec![], |r| vec![Tracker::new(r); cameras]),
-            outbox,
-        });
+        let durable = outbox.map(|outbox| infer::Durable { rules, outbox });
         let ctx = infer::Context {
-            classifier,
+            models,
             settings: self.settings.clone(),
             slots,
             stats: self.stats.clone(),
@@ -476,11 +479,11 @@ async fn open_outbox(s: &Settings, held: &mut Option<HeldOutbox>) -> Result<Opti
 /// Commands from the driver to the command server: (verb, payload).
 type CommandRx = mpsc::Receiver<(String, Vec<u8>)>;
 
-fn log_model(classifier: &Classifier) {
+fn log_model(name: &str, classifier: &Classifier) {
     let spec = classifier.input_spec();
     let t = classifier.timing();
     info!(
-        "model {}: input {}x{} {:?}, {} classes, preprocess {}, resize {:?}, loaded in {:.0} ms + optimised in {:.0} ms ({})",
+        "model {name} ({}): input {}x{} {:?}, {} classes, preprocess {}, resize {:?}, loaded in {:.0} ms + optimised in {:.0} ms ({})",
         classifier.file_name(),
         spec.width,
         spec.height,

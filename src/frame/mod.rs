@@ -24,7 +24,7 @@ pub mod snapshot;
 use image::RgbImage;
 use tract_onnx::prelude::Tensor;
 
-use crate::config::PixelFormat;
+use crate::config::{PixelFormat, Rect};
 use crate::frame::preprocess::InputSpec;
 
 /// Pixel formats we decode; the names are V4L2's.
@@ -129,6 +129,14 @@ pub enum FrameError {
         width: u32,
         height: u32,
     },
+    /// A cut asked of the frame that is not inside it (or empty).
+    #[error("{format} frame {width}x{height}: {rect:?} is not inside it")]
+    Outside {
+        format: RawFormat,
+        width: u32,
+        height: u32,
+        rect: Rect,
+    },
     #[error("MJPEG frame {width}x{height} ({bytes} bytes): {reason}")]
     Jpeg {
         width: u32,
@@ -221,12 +229,18 @@ const JPEG_SLACK: u32 = 16;
 
 /// Decode a JPEG at `numerator`/8 of its size to packed RGB: (width, height, bytes),
 /// refusing one whose header is larger than `max` (the frame's mode) before anything is
-/// allocated for it.
+/// allocated for it. Only the rows above `rows` (in the frame's full-size rows; None: all)
+/// are decoded: the decoder stops there, and the image returned is that tall.
 ///
 /// libjpeg reports fatal errors by unwinding out of the C code (mozjpeg's design); we
 /// catch that here, so a garbage frame is an error, not a crash. This is why the release
 /// profile keeps `panic = "unwind"` and `main` installs a hook that aborts on real panics.
-fn decode_jpeg(data: &[u8], numerator: u8, max: (u32, u32)) -> Result<Decoded, JpegFault> {
+fn decode_jpeg(
+    data: &[u8],
+    numerator: u8,
+    max: (u32, u32),
+    rows: Option<u32>,
+) -> Result<Decoded, JpegFault> {
     let run = || -> std::io::Result<Result<Decoded, JpegFault>> {
         let mut d = mozjpeg::Decompress::new_mem(data)?;
         let (width, height) = d.size();
@@ -241,9 +255,16 @@ fn decode_jpeg(data: &[u8], numerator: u8, max: (u32, u32)) -> Result<Decoded, J
         d.scale(numerator);
         let mut d = d.rgb()?;
         let (w, h) = (d.width() as u32, d.height() as u32);
-        let px = d.read_scanlines::<u8>()?;
-        d.finish()?;
-        Ok(Ok((w, h, px)))
+        let Some(rows) = rows.map(|r| scaled(r, numerator as u32).min(h)) else {
+            let px = d.read_scanlines::<u8>()?;
+            d.finish()?;
+            return Ok(Ok((w, h, px)));
+        };
+        // Stopping early is safe: the frame's check saw its end marker, and dropping the
+        // decompressor releases libjpeg's state without finishing.
+        let mut px = vec![0u8; w as usize * rows as usize * 3];
+        d.read_scanlines_into::<u8>(&mut px)?;
+        Ok(Ok((w, rows, px)))
     };
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
         Ok(Ok(r)) => r,
@@ -261,6 +282,33 @@ fn decode_jpeg(data: &[u8], numerator: u8, max: (u32, u32)) -> Result<Decoded, J
 /// Output size of a libjpeg decode at `numerator`/8: ceil(size * n / 8).
 fn scaled(size: u32, numerator: u32) -> u32 {
     (size * numerator).div_ceil(8)
+}
+
+/// `r` (in the frame's full-size pixels) in a decode at `numerator`/8 that came out
+/// `size` (rows past the lowest cut not decoded): the scaled rectangle covering it,
+/// clipped to the decode; None if nothing of it is left (a JPEG smaller than its mode).
+fn scaled_rect(r: Rect, numerator: u32, size: (u32, u32)) -> Option<Rect> {
+    let span = |at: u32, len: u32, limit: u32| {
+        let a = (at as u64 * numerator as u64 / 8) as u32;
+        let b = scaled(at + len, numerator).min(limit);
+        (b > a).then(|| (a, b - a))
+    };
+    let (x, width) = span(r.x, r.width, size.0)?;
+    let (y, height) = span(r.y, r.height, size.1)?;
+    Some(Rect {
+        x,
+        y,
+        width,
+        height,
+    })
+}
+
+/// One part of a frame to prepare for a model: a rectangle of the frame (None: all of
+/// it), and the model's input.
+#[derive(Debug, Clone, Copy)]
+pub struct Cut<'a> {
+    pub rect: Option<Rect>,
+    pub spec: &'a InputSpec,
 }
 
 impl RawFrame {
@@ -318,7 +366,7 @@ impl RawFrame {
         let mut out = vec![0u8; w * h * 3];
         match self.format {
             RawFormat::Mjpeg => {
-                let (dw, dh, px) = decode_jpeg(&self.data, 8, (self.width, self.height))
+                let (dw, dh, px) = decode_jpeg(&self.data, 8, (self.width, self.height), None)
                     .map_err(|e| self.jpeg_error(e))?;
                 return RgbImage::from_raw(dw, dh, px)
                     .ok_or_else(|| self.jpeg_error(JpegFault::ShortImage));
@@ -517,37 +565,97 @@ impl RawFrame {
     /// The frame cropped, converted and resampled to `spec`'s input size, before
     /// normalisation (change gating looks at these).
     pub fn prepare_pixels(&self, spec: &InputSpec) -> Result<Pixels, FrameError> {
-        self.check()?;
-        let (ow, oh) = (spec.width, spec.height);
-        if self.format == RawFormat::Mjpeg {
-            // The smallest DCT scale whose crop window still covers the input size: never
-            // upsample what the camera sent at full size.
-            let full = spec.crop_window(self.width, self.height);
-            let n = [1u32, 2, 4, 8]
-                .into_iter()
-                .find(|&n| scaled(full.2, n) >= ow && scaled(full.3, n) >= oh)
-                .unwrap_or(8);
-            let (dw, dh, px) = decode_jpeg(&self.data, n as u8, (self.width, self.height))
-                .map_err(|e| self.jpeg_error(e))?;
-            if px.len() < dw as usize * dh as usize * 3 {
-                return Err(self.jpeg_error(JpegFault::ShortImage));
-            }
-            let rgb = RawFrame {
-                format: RawFormat::Rgb,
-                width: dw,
-                height: dh,
-                data: px,
-            };
-            return Ok(rgb.resample(spec));
-        }
-        Ok(self.resample(spec))
+        let mut one = self.prepare_cuts(&[Cut { rect: None, spec }])?;
+        Ok(one.remove(0))
     }
 
-    /// Crop (per `spec.resize`), convert and resample an uncompressed, checked frame.
-    fn resample(&self, spec: &InputSpec) -> Pixels {
+    /// Several parts of the frame (regions, each for its model's input), prepared from one
+    /// pass over the frame: an MJPEG frame is decoded once, at the smallest DCT scale at
+    /// which every cut still covers its input size (never upsampling what the camera sent
+    /// at full size), and only down to the lowest cut's bottom row; the uncompressed
+    /// formats convert only the rows and columns each cut covers. In the order of `cuts`.
+    pub fn prepare_cuts(&self, cuts: &[Cut]) -> Result<Vec<Pixels>, FrameError> {
+        self.check()?;
+        let inside = |r: &Rect| {
+            r.width > 0
+                && r.height > 0
+                && r.x as u64 + r.width as u64 <= self.width as u64
+                && r.y as u64 + r.height as u64 <= self.height as u64
+        };
+        if let Some(rect) = cuts.iter().filter_map(|c| c.rect).find(|r| !inside(r)) {
+            return Err(FrameError::Outside {
+                format: self.format,
+                width: self.width,
+                height: self.height,
+                rect,
+            });
+        }
+        // Each cut's window: its rectangle, cropped further per its `resize`.
+        let window = |spec: &InputSpec, r: Rect| {
+            let (cx, cy, cw, ch) = spec.crop_window(r.width, r.height);
+            Rect {
+                x: r.x + cx,
+                y: r.y + cy,
+                width: cw,
+                height: ch,
+            }
+        };
+        if self.format != RawFormat::Mjpeg {
+            let full = Rect::full(self.width, self.height);
+            let all = cuts
+                .iter()
+                .map(|c| self.resample(c.spec, window(c.spec, c.rect.unwrap_or(full))));
+            return Ok(all.collect());
+        }
+        let n = cuts
+            .iter()
+            .map(|c| {
+                let r = c.rect.unwrap_or(Rect::full(self.width, self.height));
+                let w = window(c.spec, r);
+                let (ow, oh) = (c.spec.width, c.spec.height);
+                [1u32, 2, 4, 8]
+                    .into_iter()
+                    .find(|&n| scaled(w.width, n) >= ow && scaled(w.height, n) >= oh)
+                    .unwrap_or(8)
+            })
+            .max()
+            .unwrap_or(8);
+        let bottom = cuts
+            .iter()
+            .map(|c| c.rect.map(|r| r.y + r.height))
+            .try_fold(0, |b, r| r.map(|r| b.max(r)));
+        let (dw, dh, px) = decode_jpeg(&self.data, n as u8, (self.width, self.height), bottom)
+            .map_err(|e| self.jpeg_error(e))?;
+        if px.len() < dw as usize * dh as usize * 3 {
+            return Err(self.jpeg_error(JpegFault::ShortImage));
+        }
+        let rgb = RawFrame {
+            format: RawFormat::Rgb,
+            width: dw,
+            height: dh,
+            data: px,
+        };
+        cuts.iter()
+            .map(|c| {
+                // A region's window is placed in full-size pixels, then scaled: its edges
+                // land within half a scaled pixel of where they are in the frame. The
+                // whole frame is cropped in the decode's own pixels.
+                let w = match c.rect {
+                    None => window(c.spec, Rect::full(dw, dh)),
+                    Some(r) => scaled_rect(window(c.spec, r), n, (dw, dh))
+                        .ok_or_else(|| self.jpeg_error(JpegFault::ShortImage))?,
+                };
+                Ok(rgb.resample(c.spec, w))
+            })
+            .collect()
+    }
+
+    /// Convert and resample `window` (inside the frame) to `spec`'s input size; an
+    /// uncompressed, checked frame.
+    fn resample(&self, spec: &InputSpec, window: Rect) -> Pixels {
         let (ow, oh) = (spec.width as usize, spec.height as usize);
-        let (cx, cy, cw, ch) = spec.crop_window(self.width, self.height);
-        let (cx, cy, cw, ch) = (cx as usize, cy as usize, cw as usize, ch as usize);
+        let (cx, cy) = (window.x as usize, window.y as usize);
+        let (cw, ch) = (window.width as usize, window.height as usize);
         let hx = Taps::new(cw, ow);
         let vy = Taps::new(ch, oh);
         // For each source row of the window, the output rows it contributes to, flattened:

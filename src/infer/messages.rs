@@ -5,12 +5,15 @@ use serde::Serialize;
 use crate::detect;
 use crate::model::Prediction;
 
-/// The `.../<camera>/classification` payload.
+/// The `.../<camera>/classification` (or `.../<camera>/<region>/classification`) payload.
 #[derive(Debug, Serialize)]
 pub struct ClassificationMsg<'a> {
     pub v: u32,
     pub device: &'a str,
     pub camera: &'a str,
+    /// The region of the frame classified; absent: the whole frame.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<&'a str>,
     pub seq: u64,
     pub ts: String,
     pub model: &'a str,
@@ -22,7 +25,8 @@ pub struct ClassificationMsg<'a> {
     pub file: Option<&'a str>,
 }
 
-/// The `.../<camera>/detection` payload: one event of a detection's life.
+/// The `.../<camera>/detection` (or `.../<camera>/<region>/detection`) payload: one
+/// event of a detection's life.
 #[derive(Debug, Serialize)]
 pub struct DetectionMsg<'a> {
     pub v: u32,
@@ -31,6 +35,8 @@ pub struct DetectionMsg<'a> {
     pub kind: detect::Kind,
     pub device: &'a str,
     pub camera: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<&'a str>,
     pub label: &'a str,
     pub class: usize,
     pub score: f32,

@@ -1,7 +1,10 @@
 //! The inference stage, on one OS thread: take the newest frame of any camera, admit it
-//! (control requests, age, preparation, change gating), classify it, track detections,
-//! and publish the classification. One classifier serves every camera; the frame in
-//! flight is always finished before the stage returns.
+//! (control requests, age), cut it into its views (each region, or the whole frame) in one
+//! preparation pass, and per view: change gating, classification on the view's model,
+//! detection tracking, and the classification message. Cameras are taken round-robin, so
+//! models interleave at the pace of the cameras that use them; every view of a frame is
+//! classified from that frame. The frame in flight is always finished before the stage
+//! returns.
 //!
 //! It never blocks on the network: telemetry goes out with `try_publish` (a full queue
 //! drops the message and counts it), and detection events go to the outbox, whose `push`
@@ -28,22 +31,23 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::capture::{Frame, Slots};
-use crate::config::{PublishMode, Settings};
-use crate::detect::{self, Tracker};
-use crate::frame::Pixels;
+use crate::config::{CameraSettings, PublishMode, Settings};
+use crate::detect::{self, Rules, Tracker};
 use crate::frame::snapshot::snapshot_jpeg;
+use crate::frame::{Cut, Pixels};
 use crate::model::{Classifier, Prediction};
 use crate::mqtt::commands::{CommandError, reply};
 use crate::mqtt::outbox::Outbox;
 use crate::mqtt::qos;
-use crate::mqtt::topics::{camera_topic, result_topic};
+use crate::mqtt::topics::{camera_topic, result_topic, view_topic};
 use crate::stats::Stats;
 use crate::stats::control::Control;
 use crate::util::{rfc3339_ms, worth_logging};
 
 /// What the inference stage works with, handed in by the daemon.
 pub struct Context {
-    pub classifier: Arc<Classifier>,
+    /// The models, in the order of `settings.models`; shared by every view on them.
+    pub models: Vec<Arc<Classifier>>,
     pub settings: Arc<Settings>,
     pub slots: Arc<Slots>,
     pub stats: Arc<Stats>,
@@ -54,23 +58,68 @@ pub struct Context {
     pub durable: Option<Durable>,
 }
 
-/// The durable path: detection events (one tracker per camera; none when detection is
-/// off) and durable classifications, made into messages and handed to the outbox.
+/// The durable path: detection events and durable classifications, made into messages
+/// and handed to the outbox.
 pub struct Durable {
-    pub trackers: Vec<Tracker>,
+    /// Per model (in the order of `settings.models`), its `[detection]` rules; None when
+    /// detection is off.
+    pub rules: Option<Vec<Rules>>,
     pub outbox: Arc<Outbox>,
 }
 
-/// Per camera: what the stage remembers between frames.
-struct Camera {
+/// One view of a camera's frames: a region, or the whole frame; what the stage remembers
+/// of it between frames.
+struct View {
+    /// Index into the camera's regions (settings and stats); None: the whole frame.
+    region: Option<usize>,
+    /// Index into the models.
+    model: usize,
+    /// The camera, or `camera/region`: how logs and event ids name the view.
+    scope: String,
     topic: String,
+    detection_topic: String,
     seq: u64,
     gate: Gate,
     /// The top class and capture time of the last classification published.
     last_published: Option<(Option<usize>, Instant)>,
+    /// Detection tracking, when detection is on.
+    tracker: Option<Tracker>,
 }
 
-/// A classified frame, on its way out.
+impl View {
+    /// The views of camera `cam`: one per region, or the whole frame.
+    fn of(settings: &Settings, cam: &CameraSettings, rules: Option<&[Rules]>) -> Vec<View> {
+        let model_index = |name: &str| {
+            let i = settings.models.iter().position(|m| m.name == name);
+            i.unwrap_or(0) // validated: the name is one of the models'
+        };
+        let view = |region: Option<usize>, model: &str| {
+            let name = region.map(|r| cam.regions[r].name.as_str());
+            let model = model_index(model);
+            View {
+                region,
+                model,
+                scope: name.map_or(cam.name.clone(), |r| format!("{}/{r}", cam.name)),
+                topic: view_topic(settings, &cam.name, name, "classification"),
+                detection_topic: view_topic(settings, &cam.name, name, "detection"),
+                seq: 0,
+                gate: Gate::new(
+                    cam.change_threshold,
+                    Duration::from_secs_f64(cam.heartbeat_secs),
+                ),
+                last_published: None,
+                tracker: rules.and_then(|r| r.get(model)).cloned().map(Tracker::new),
+            }
+        };
+        if cam.regions.is_empty() {
+            return vec![view(None, &cam.model)];
+        }
+        let regions = cam.regions.iter().enumerate();
+        regions.map(|(j, r)| view(Some(j), &r.model)).collect()
+    }
+}
+
+/// A classified view, on its way out.
 struct Classified {
     probs: Vec<f32>,
     top: Vec<Prediction>,
@@ -80,28 +129,18 @@ struct Classified {
 /// The inference stage. [`Inference::run`] is its whole life.
 pub struct Inference {
     ctx: Context,
-    cameras: Vec<Camera>,
+    /// Per camera, its views.
+    views: Vec<Vec<View>>,
     qos: QoS,
 }
 
 impl Inference {
     pub fn new(ctx: Context) -> Self {
         let s = &ctx.settings;
-        let cameras = s
-            .camera
-            .iter()
-            .map(|c| Camera {
-                topic: camera_topic(s, &c.name, "classification"),
-                seq: 0,
-                gate: Gate::new(
-                    c.change_threshold,
-                    Duration::from_secs_f64(c.heartbeat_secs),
-                ),
-                last_published: None,
-            })
-            .collect();
+        let rules = ctx.durable.as_ref().and_then(|d| d.rules.as_deref());
+        let views = s.camera.iter().map(|c| View::of(s, c, rules)).collect();
         let qos = qos(s.mqtt.qos);
-        Inference { ctx, cameras, qos }
+        Inference { ctx, views, qos }
     }
 
     /// Classify frames until `cancel` fires or every source has ended; then close every
@@ -111,35 +150,45 @@ impl Inference {
         while let Some((i, frame)) = slots.take(cancel, &stats.inference_heartbeat) {
             self.step(i, &frame);
         }
-        if let Some(d) = &mut self.ctx.durable {
-            for i in 0..d.trackers.len() {
-                let events = d.trackers[i].end_all();
-                publish_events(&self.ctx.settings, &self.ctx.classifier, d, i, events);
+        for i in 0..self.views.len() {
+            for v in 0..self.views[i].len() {
+                if let Some(t) = &mut self.views[i][v].tracker {
+                    let events = t.end_all();
+                    self.publish_events(i, v, events);
+                }
             }
         }
         info!("inference stopped");
     }
 
-    /// One frame of camera `i`, from the slot to the broker.
+    /// One frame of camera `i`, from the slot to the broker: each of its views.
     fn step(&mut self, i: usize, frame: &Frame) {
-        let Some(pixels) = self.admit(i, frame) else {
+        if !self.admit(i, frame) {
             return;
-        };
-        let Some(c) = self.classify(i, frame, &pixels) else {
-            return;
-        };
-        if let Some(d) = &mut self.ctx.durable
-            && let Some(t) = d.trackers.get_mut(i)
-        {
-            let events = t.observe(&c.probs, frame.captured_at);
-            publish_events(&self.ctx.settings, &self.ctx.classifier, d, i, events);
         }
-        self.publish(i, frame, c);
+        for (v, pixels) in self.prepare(i, frame) {
+            if !self.views[i][v].gate.admit(&pixels, frame.captured) {
+                let cs = self.ctx.stats.camera(i);
+                cs.gated.fetch_add(1, Ordering::Relaxed);
+                if let Some(r) = self.views[i][v].region {
+                    cs.regions[r].gated.fetch_add(1, Ordering::Relaxed);
+                }
+                continue;
+            }
+            let Some(c) = self.classify(i, v, frame, &pixels) else {
+                continue;
+            };
+            if let Some(t) = &mut self.views[i][v].tracker {
+                let events = t.observe(&c.probs, frame.captured_at);
+                self.publish_events(i, v, events);
+            }
+            self.publish(i, v, frame, c);
+        }
     }
 
     /// Carry out the camera's control requests, then the checks a frame must pass before
-    /// it is worth the model's time: not paused, not stale, decodable, changed.
-    fn admit(&mut self, i: usize, frame: &Frame) -> Option<Pixels> {
+    /// it is worth preparing: not paused, not stale.
+    fn admit(&mut self, i: usize, frame: &Frame) -> bool {
         let (settings, stats) = (&self.ctx.settings, &self.ctx.stats);
         let cam = &settings.camera[i];
         let cs = stats.camera(i);
@@ -149,7 +198,7 @@ impl Inference {
         }
         if control.is_paused() {
             cs.paused_frames.fetch_add(1, Ordering::Relaxed);
-            return None;
+            return false;
         }
         let age = frame.captured.elapsed();
         if age > Duration::from_millis(cam.max_age_ms) {
@@ -161,10 +210,48 @@ impl Inference {
                     cam.name, frame.number, cam.max_age_ms
                 );
             }
-            return None;
+            return false;
         }
-        let pixels = match frame.raw.prepare_pixels(self.ctx.classifier.input_spec()) {
-            Ok(p) => p,
+        true
+    }
+
+    /// Each view of the frame at its model's input size, from one preparation pass; a
+    /// region outside this frame is left out (counted `bad` for the region), a frame that
+    /// cannot be decoded gives nothing (counted `bad_frames`).
+    fn prepare(&self, i: usize, frame: &Frame) -> Vec<(usize, Pixels)> {
+        let (settings, stats) = (&self.ctx.settings, &self.ctx.stats);
+        let cam = &settings.camera[i];
+        let cs = stats.camera(i);
+        let (fw, fh) = (frame.raw.width, frame.raw.height);
+        let mut views = Vec::with_capacity(self.views[i].len());
+        let mut cuts = Vec::with_capacity(self.views[i].len());
+        for (v, view) in self.views[i].iter().enumerate() {
+            let rect = match view.region {
+                None => None,
+                Some(r) => match cam.regions[r].area.in_frame(fw, fh) {
+                    Ok(rect) => Some(rect),
+                    Err(e) => {
+                        let n = cs.regions[r].bad.fetch_add(1, Ordering::Relaxed) + 1;
+                        if worth_logging(n) {
+                            warn!(
+                                "camera[{i}].region[{r}] ({}): {e}; not classified, {n} \
+                                 frame(s) so far",
+                                view.scope
+                            );
+                        }
+                        continue;
+                    }
+                },
+            };
+            let spec = self.ctx.models[view.model].input_spec();
+            views.push(v);
+            cuts.push(Cut { rect, spec });
+        }
+        if cuts.is_empty() {
+            return vec![];
+        }
+        match frame.raw.prepare_cuts(&cuts) {
+            Ok(pixels) => views.into_iter().zip(pixels).collect(),
             Err(e) => {
                 let n = cs.bad_frames.fetch_add(1, Ordering::Relaxed) + 1;
                 if worth_logging(n) {
@@ -173,79 +260,85 @@ impl Inference {
                         cam.name, frame.number
                     );
                 }
-                return None;
+                vec![]
             }
-        };
-        if !self.cameras[i].gate.admit(&pixels, frame.captured) {
-            cs.gated.fetch_add(1, Ordering::Relaxed);
-            return None;
         }
-        Some(pixels)
     }
 
-    /// Run the model on an admitted frame; the time it took goes into the stats window.
-    fn classify(&mut self, i: usize, frame: &Frame, pixels: &Pixels) -> Option<Classified> {
-        let (classifier, stats) = (&self.ctx.classifier, &self.ctx.stats);
+    /// Run view `v`'s model on its admitted pixels; the time it took goes into the
+    /// camera's, the region's and the model's stats.
+    fn classify(&mut self, i: usize, v: usize, frame: &Frame, px: &Pixels) -> Option<Classified> {
+        let stats = &self.ctx.stats;
+        let view = &mut self.views[i][v];
+        let classifier = &self.ctx.models[view.model];
         let t0 = Instant::now();
-        let probs = match classifier.probabilities(pixels.tensor(classifier.input_spec())) {
+        let probs = match classifier.probabilities(px.tensor(classifier.input_spec())) {
             Ok(p) => p,
             Err(e) => {
                 stats.inference_errors.fetch_add(1, Ordering::Relaxed);
                 warn!(
-                    "camera {}: inference failed on frame {}: {e:#}",
-                    self.ctx.settings.camera[i].name, frame.number
+                    "{}: inference failed on frame {}: {e:#}",
+                    view.scope, frame.number
                 );
                 return None;
             }
         };
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         let top = classifier.top(&probs);
-        self.cameras[i].seq += 1;
+        view.seq += 1;
         let cs = stats.camera(i);
         cs.classified.fetch_add(1, Ordering::Relaxed);
-        cs.inference_ms
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(ms as f32);
-        stats.inference_seconds.observe(ms / 1e3);
+        let lock = |w: &std::sync::Mutex<_>| {
+            let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
+            crate::stats::Window::push(&mut w, ms as f32);
+        };
+        lock(&cs.inference_ms);
+        if let Some(r) = view.region {
+            cs.regions[r].classified.fetch_add(1, Ordering::Relaxed);
+            lock(&cs.regions[r].inference_ms);
+        }
+        if let Some(h) = stats.model(view.model) {
+            h.observe(ms / 1e3);
+        }
         Some(Classified { probs, top, ms })
     }
 
     /// Log the classification and publish it when `classification.publish` says it is
     /// due: through the outbox when durable, else as telemetry that never waits.
-    fn publish(&mut self, i: usize, frame: &Frame, c: Classified) {
+    fn publish(&mut self, i: usize, v: usize, frame: &Frame, c: Classified) {
         let settings = &self.ctx.settings;
-        let name = &settings.camera[i].name;
-        let cam = &mut self.cameras[i];
+        let cam = &settings.camera[i];
+        let view = &mut self.views[i][v];
         let msg = ClassificationMsg {
             v: 1,
             device: &settings.device.id,
-            camera: name,
-            seq: cam.seq,
+            camera: &cam.name,
+            region: view.region.map(|r| cam.regions[r].name.as_str()),
+            seq: view.seq,
             ts: rfc3339_ms(frame.captured_at),
-            model: self.ctx.classifier.file_name(),
+            model: self.ctx.models[view.model].file_name(),
             inference_ms: (c.ms * 1000.0).round() / 1000.0,
             top: c.top,
             frame: frame.number,
             file: frame.file.as_deref(),
         };
-        log_classification(&msg, c.ms);
+        log_classification(&view.scope, &msg, c.ms);
         let top_class = msg.top.first().map(|p| p.class);
         let due = match settings.classification.publish {
             PublishMode::Every => true,
-            PublishMode::OnChange => cam.last_published.is_none_or(|(c, _)| c != top_class),
-            PublishMode::Interval(d) => cam
+            PublishMode::OnChange => view.last_published.is_none_or(|(c, _)| c != top_class),
+            PublishMode::Interval(d) => view
                 .last_published
                 .is_none_or(|(_, t)| frame.captured.saturating_duration_since(t) >= d),
         };
         if !due {
             return;
         }
-        cam.last_published = Some((top_class, frame.captured));
+        view.last_published = Some((top_class, frame.captured));
         let payload = match serde_json::to_vec(&msg) {
             Ok(p) => p,
             Err(e) => {
-                warn!("camera {name}: cannot encode classification: {e}");
+                warn!("{}: cannot encode classification: {e}", view.scope);
                 return;
             }
         };
@@ -253,14 +346,14 @@ impl Inference {
             && let Some(d) = &self.ctx.durable
         {
             // A refusal (a topic no broker takes) is logged and counted by the outbox.
-            let _ = d.outbox.push(cam.topic.clone(), payload);
+            let _ = d.outbox.push(view.topic.clone(), payload);
             return;
         }
         // Never block inference on the network: a full queue drops and counts.
         if let Err(e) = self
             .ctx
             .client
-            .try_publish(&cam.topic, self.qos, false, payload)
+            .try_publish(&view.topic, self.qos, false, payload)
         {
             let n = self
                 .ctx
@@ -274,70 +367,69 @@ impl Inference {
                     _ => "MQTT client closed",
                 };
                 warn!(
-                    "camera {name}: classification seq {} dropped: {why}; {n} dropped so far",
-                    cam.seq
+                    "{}: classification seq {} dropped: {why}; {n} dropped so far",
+                    view.scope, view.seq
                 );
+            }
+        }
+    }
+
+    /// Detection events of view `v` of camera `i`, made into messages and written to the
+    /// outbox.
+    fn publish_events(&self, i: usize, v: usize, events: Vec<detect::Event>) {
+        let Some(d) = &self.ctx.durable else {
+            return;
+        };
+        let settings = &self.ctx.settings;
+        let cam = &settings.camera[i];
+        let view = &self.views[i][v];
+        let device = &settings.device.id;
+        let labels = self.ctx.models[view.model].labels();
+        for e in events {
+            let label = labels.get(e.class).map_or("", String::as_str);
+            let msg = DetectionMsg {
+                v: 1,
+                id: detect::event_id(device, &view.scope, e.class, e.started_at),
+                kind: e.kind,
+                device,
+                camera: &cam.name,
+                region: view.region.map(|r| cam.regions[r].name.as_str()),
+                label,
+                class: e.class,
+                score: round3(e.score),
+                max_score: round3(e.max_score),
+                started_at: rfc3339_ms(e.started_at),
+                ended_at: e.ended_at.map(rfc3339_ms),
+                frames: e.frames,
+            };
+            if e.kind != detect::Kind::Update {
+                let what = if e.kind == detect::Kind::Start {
+                    "start"
+                } else {
+                    "end"
+                };
+                info!(
+                    "{}: detection {what} {label} (score {:.3}, max {:.3}, {} frames)",
+                    view.scope, e.score, e.max_score, e.frames
+                );
+            }
+            match serde_json::to_vec(&msg) {
+                // A refusal (a topic no broker takes) is logged and counted by the outbox.
+                Ok(p) => drop(d.outbox.push(view.detection_topic.clone(), p)),
+                Err(e) => warn!("{}: cannot encode detection: {e}", view.scope),
             }
         }
     }
 }
 
-fn log_classification(msg: &ClassificationMsg, ms: f64) {
+fn log_classification(scope: &str, msg: &ClassificationMsg, ms: f64) {
     let best = msg
         .top
         .first()
         .map(|p| format!("{} {:.3}", p.label, p.score))
         .unwrap_or_else(|| "(nothing above threshold)".into());
     let file = msg.file.map(|f| format!(" {f}")).unwrap_or_default();
-    info!("{} #{} {best} ({ms:.1} ms){file}", msg.camera, msg.seq);
-}
-
-/// Detection events of camera `camera`, made into messages and written to the outbox.
-fn publish_events(
-    settings: &Settings,
-    classifier: &Classifier,
-    d: &Durable,
-    camera: usize,
-    events: Vec<detect::Event>,
-) {
-    let cam = &settings.camera[camera].name;
-    let device = &settings.device.id;
-    let labels = classifier.labels();
-    for e in events {
-        let label = labels.get(e.class).map_or("", String::as_str);
-        let msg = DetectionMsg {
-            v: 1,
-            id: detect::event_id(device, cam, e.class, e.started_at),
-            kind: e.kind,
-            device,
-            camera: cam,
-            label,
-            class: e.class,
-            score: round3(e.score),
-            max_score: round3(e.max_score),
-            started_at: rfc3339_ms(e.started_at),
-            ended_at: e.ended_at.map(rfc3339_ms),
-            frames: e.frames,
-        };
-        if e.kind != detect::Kind::Update {
-            let what = if e.kind == detect::Kind::Start {
-                "start"
-            } else {
-                "end"
-            };
-            info!(
-                "{cam}: detection {what} {label} (score {:.3}, max {:.3}, {} frames)",
-                e.score, e.max_score, e.frames
-            );
-        }
-        match serde_json::to_vec(&msg) {
-            Ok(p) => {
-                // A refusal (a topic no broker takes) is logged and counted by the outbox.
-                let _ = d.outbox.push(camera_topic(settings, cam, "detection"), p);
-            }
-            Err(e) => warn!("camera {cam}: cannot encode detection: {e}"),
-        }
-    }
+    info!("{scope} #{} {best} ({ms:.1} ms){file}", msg.seq);
 }
 
 fn round3(x: f32) -> f32 {

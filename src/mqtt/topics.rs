@@ -14,6 +14,15 @@ pub fn camera_topic(settings: &Settings, camera: &str, leaf: &str) -> String {
     format!("{}/{camera}/{leaf}", settings.base_topic())
 }
 
+/// `<prefix>/<device>/<camera>/<region>/<leaf>` for a region of a camera, else
+/// [`camera_topic`].
+pub fn view_topic(settings: &Settings, camera: &str, region: Option<&str>, leaf: &str) -> String {
+    match region {
+        Some(r) => format!("{}/{camera}/{r}/{leaf}", settings.base_topic()),
+        None => camera_topic(settings, camera, leaf),
+    }
+}
+
 /// `<prefix>/<device>/cmd/` — commands arrive under it, replies go to `result`.
 pub fn cmd_prefix(settings: &Settings) -> String {
     format!("{}/cmd/", settings.base_topic())

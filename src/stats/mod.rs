@@ -40,6 +40,23 @@ pub struct CameraStats {
     pub inference_ms: Mutex<Window>,
     /// Frames taken and dropped while the camera was paused by command.
     pub paused_frames: AtomicU64,
+    /// The camera's regions (`[[camera.region]]`), in configuration order; empty when
+    /// the whole frame is classified. The camera's `classified`, `gated` and inference
+    /// times count every region's too.
+    pub regions: Vec<RegionStats>,
+}
+
+/// One region of a camera: what happened to its crops.
+#[derive(Debug, Default)]
+pub struct RegionStats {
+    pub name: String,
+    /// Crops the model classified.
+    pub classified: AtomicU64,
+    /// Crops not classified because the region had not changed (change gating).
+    pub gated: AtomicU64,
+    /// Frames the region could not be cut from (outside the frame).
+    pub bad: AtomicU64,
+    pub inference_ms: Mutex<Window>,
 }
 
 /// The last [`Window::LEN`] samples: percentiles over recent behaviour in fixed memory.
@@ -188,16 +205,45 @@ pub struct Stats {
     pub started: Instant,
     /// The durable outbox's counters, once it is opened (detection on).
     pub outbox: OnceLock<Arc<OutboxCounters>>,
-    /// Every camera's inference times (one model).
-    pub inference_seconds: Histogram,
+    /// Per model (by name, in configuration order), its inference times.
+    pub models: Vec<(String, Histogram)>,
 }
 
 impl Stats {
+    /// Counters for cameras without regions on one model, `default` (tests and tools).
     pub fn new(camera_names: impl IntoIterator<Item = String>) -> Self {
+        let cameras = camera_names.into_iter().map(|n| (n, vec![])).collect();
+        Self::with(cameras, vec!["default".to_string()])
+    }
+
+    /// Counters for `settings`' cameras, their regions and its models.
+    pub fn for_settings(settings: &crate::config::Settings) -> Self {
+        let cameras = settings.camera.iter().map(|c| {
+            let regions = c.regions.iter().map(|r| r.name.clone()).collect();
+            (c.name.clone(), regions)
+        });
+        let models = settings.models.iter().map(|m| m.name.clone()).collect();
+        Self::with(cameras.collect(), models)
+    }
+
+    fn with(cameras: Vec<(String, Vec<String>)>, models: Vec<String>) -> Self {
         Self {
-            cameras: camera_names
+            cameras: cameras
                 .into_iter()
-                .map(|n| (n, CameraStats::default()))
+                .map(|(n, regions)| {
+                    let regions = regions
+                        .into_iter()
+                        .map(|name| RegionStats {
+                            name,
+                            ..RegionStats::default()
+                        })
+                        .collect();
+                    let c = CameraStats {
+                        regions,
+                        ..CameraStats::default()
+                    };
+                    (n, c)
+                })
                 .collect(),
             publish_dropped: AtomicU64::new(0),
             publish_lost: AtomicU64::new(0),
@@ -207,8 +253,16 @@ impl Stats {
             inference_heartbeat: AtomicU64::new(0),
             started: Instant::now(),
             outbox: OnceLock::new(),
-            inference_seconds: Histogram::default(),
+            models: models
+                .into_iter()
+                .map(|m| (m, Histogram::default()))
+                .collect(),
         }
+    }
+
+    /// Model `i`'s inference times.
+    pub fn model(&self, i: usize) -> Option<&Histogram> {
+        self.models.get(i).map(|(_, h)| h)
     }
 
     /// Milliseconds since the run started.
