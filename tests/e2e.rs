@@ -654,3 +654,171 @@ fn schemas_reject_an_end_without_ended_at() {
             "started_at":"2026-11-30T08:00:00.000Z","frames":9}"#,
     );
 }
+
+/// One sample file per class, in the samples' order.
+fn one_per_class() -> Vec<(String, std::path::PathBuf)> {
+    let files =
+        edgesight::capture::images::image_files(common::fixture("samples").to_str().unwrap())
+            .unwrap();
+    let mut out: Vec<(String, std::path::PathBuf)> = Vec::new();
+    for f in files {
+        let class = common::class_of(&f);
+        if out.iter().all(|(c, _)| *c != class) {
+            out.push((class, f));
+        }
+    }
+    out
+}
+
+/// Four 640x480 frames of 2 x 2 tiles: the top-left tile is always the first class (a
+/// thing that stays, so its region starts a detection), the others change from frame to
+/// frame. Returns the frames' directory and, per frame, the four tiles' classes.
+fn tiled_frames(dir: &std::path::Path) -> (std::path::PathBuf, Vec<[String; 4]>) {
+    use image::imageops::{self, FilterType};
+    let classes = one_per_class();
+    let out = dir.join("tiled");
+    std::fs::create_dir_all(&out).unwrap();
+    let mut truth = Vec::new();
+    for f in 0..4 {
+        let pick = [0, 1 + f % 6, 1 + (f + 2) % 6, 1 + (f + 4) % 6];
+        let mut frame = image::RgbImage::new(640, 480);
+        for (k, &c) in pick.iter().enumerate() {
+            let img = image::open(&classes[c].1).unwrap().into_rgb8();
+            let tile = imageops::resize(&img, 320, 240, FilterType::Triangle);
+            let (x, y) = ((k as i64 % 2) * 320, (k as i64 / 2) * 240);
+            imageops::replace(&mut frame, &tile, x, y);
+        }
+        frame.save(out.join(format!("frame{f}.png"))).unwrap();
+        truth.push(pick.map(|c| classes[c].0.clone()));
+    }
+    (out, truth)
+}
+
+/// A camera watching four regions of its frame, two on the int8 fixture model and two on
+/// a second model (the fp32 fixture), one daemon: every region's classification names its
+/// region and model and is its tile's class; the region that holds one thing starts a
+/// detection on its own topic (its id names the region); discovery lists the regions'
+/// entities; the stats message counts each region; every payload fits its schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regions_on_two_models_are_classified_as_their_tiles() {
+    let (host, port) = common::broker();
+    let dir = tempfile::tempdir().unwrap();
+    let device = format!("regions-{}", std::process::id());
+    let (frames, truth) = tiled_frames(dir.path());
+    let r = common::root();
+    let cameras = format!(
+        "[[model]]\nname = \"small\"\npath = \"{r}/tests/fixtures/models/shapes_fp32.onnx\"\n\
+         labels = \"{r}/tests/fixtures/labels.txt\"\ntop_k = 1\n\
+         [[camera]]\nname = \"front\"\npath = \"{}\"\nfps = 5\n\
+         [[camera.region]]\nname = \"tl\"\nwidth = 320\nheight = 240\n\
+         [[camera.region]]\nname = \"tr\"\nx = 0.5\nwidth = 0.5\nheight = 0.5\n\
+         [[camera.region]]\nname = \"bl\"\ny = 240\nwidth = 320\nheight = 240\nmodel = \"small\"\n\
+         [[camera.region]]\nname = \"br\"\nx = 0.5\ny = 0.5\nwidth = 0.5\nheight = 0.5\nmodel = \"small\"\n\
+         [homeassistant]\ndiscovery = true\n",
+        frames.display(),
+        r = r.display()
+    );
+    let f = common::config_file(dir.path(), &host, port, &device, &cameras);
+    // The fixture's [model] becomes the first [[model]], "big".
+    let text = std::fs::read_to_string(&f).unwrap();
+    let text = text.replace("[model]\n", "[[model]]\nname = \"big\"\n");
+    let text = text.replace("qos = 1\n", "qos = 1\nstats_interval_secs = 1\n");
+    std::fs::write(&f, text).unwrap();
+    let settings = Settings::load_with_env(&f, vec![]).unwrap();
+    let base = format!("edgesight/{device}");
+    let mut rx = common::subscribe(&host, port, "regions-sub", &format!("{base}/#")).await;
+    let mut disc = common::subscribe(&host, port, "regions-ha", "homeassistant/#").await;
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(edgesight::run(settings, stop.clone()));
+
+    let names = ["tl", "tr", "bl", "br"];
+    let mut seen = [0usize; 4];
+    let (mut detection, mut stats) = (None, None);
+    while seen.iter().any(|n| *n < 8) || detection.is_none() || stats.is_none() {
+        let m = common::next(&mut rx, "region classifications, a detection, stats").await;
+        let Some(rest) = m.topic.strip_prefix(&format!("{base}/")) else {
+            continue;
+        };
+        let v: Value = match serde_json::from_str(&m.payload) {
+            Ok(v) => v,
+            Err(_) => continue, // availability
+        };
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts.as_slice() {
+            ["front", region, "classification"] => {
+                common::check_schema("classification", &m.payload);
+                let k = names.iter().position(|n| n == region).unwrap();
+                assert_eq!(
+                    (&v["camera"], &v["region"]),
+                    (&"front".into(), &(*region).into())
+                );
+                let model = if k < 2 {
+                    "shapes_int8_qlinear.onnx"
+                } else {
+                    "shapes_fp32.onnx"
+                };
+                assert_eq!(v["model"], model, "{region}");
+                assert_eq!(
+                    v["top"].as_array().unwrap().len(),
+                    if k < 2 { 3 } else { 1 }
+                );
+                let file = v["file"].as_str().unwrap();
+                let f: usize = file[file.len() - 5..file.len() - 4].parse().unwrap();
+                assert_eq!(
+                    v["top"][0]["label"],
+                    truth[f][k].as_str(),
+                    "{region} of {file}"
+                );
+                seen[k] += 1;
+            }
+            ["front", region, "detection"] => {
+                common::check_schema("detection", &m.payload);
+                assert_eq!(*region, "tl", "only the top-left tile stays: {v}");
+                assert_eq!(v["region"], "tl");
+                assert_eq!(v["label"], truth[0][0].as_str());
+                let id = v["id"].as_str().unwrap();
+                assert!(id.starts_with(&format!("{device}:front/tl:")), "{id}");
+                detection = Some(v);
+            }
+            ["stats"] => {
+                common::check_schema("stats", &m.payload);
+                let regions = &v["cameras"]["front"]["regions"];
+                let counted = names
+                    .iter()
+                    .all(|n| regions[n]["classified"].as_u64() > Some(0));
+                if counted {
+                    stats = Some(v);
+                }
+            }
+            _ => {}
+        }
+    }
+    let d = common::next(&mut disc, "discovery").await;
+    common::check_schema("discovery", &d.payload);
+    let dv: Value = serde_json::from_str(&d.payload).unwrap();
+    let dev = format!("edgesight_{device}");
+    for n in names {
+        let label = &dv["cmps"][format!("{dev}_front__{n}_label")];
+        assert_eq!(
+            label["state_topic"],
+            format!("{base}/front/{n}/classification")
+        );
+    }
+    assert!(dv["cmps"].get(format!("{dev}_front_label")).is_none());
+    stop.cancel();
+    let stats = run.await.unwrap().unwrap();
+    let cam = stats.camera(0);
+    let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    // The camera counts frames; each region its crops, every one of them classified.
+    for r in &cam.regions {
+        assert_eq!(g(&r.classified), g(&cam.classified), "{}", r.name);
+        assert_eq!(g(&r.bad), 0);
+    }
+    let models: Vec<(&str, u64)> = stats
+        .models
+        .iter()
+        .map(|(n, h)| (n.as_str(), h.snapshot().1))
+        .collect();
+    let crops = 2 * g(&cam.classified);
+    assert_eq!(models, [("big", crops), ("small", crops)]);
+}

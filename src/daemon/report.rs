@@ -78,22 +78,44 @@ pub struct CameraReport {
     pub inference_ms_p50: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inference_ms_p95: Option<f32>,
+    /// The camera's regions by name; absent for a camera classified whole.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub regions: BTreeMap<String, RegionReport>,
+}
+
+/// One region of a camera: its crops.
+#[derive(Debug, Serialize)]
+pub struct RegionReport {
+    /// Crops classified per second since the previous message.
+    pub fps: f64,
+    pub classified: u64,
+    pub gated: u64,
+    /// Frames the region was outside of.
+    pub bad: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inference_ms_p50: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inference_ms_p95: Option<f32>,
 }
 
 /// The counters at the previous message, for rates.
 #[derive(Debug, Clone)]
 pub struct Previous {
     pub at: Instant,
-    pub classified: Vec<u64>,
+    /// Per camera: its frames classified, and each region's crops.
+    pub classified: Vec<(u64, Vec<u64>)>,
 }
 
 impl Previous {
     pub fn now(stats: &Stats) -> Previous {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let classified = stats.cameras.iter().map(|(_, c)| {
+            let regions = c.regions.iter().map(|r| g(&r.classified)).collect();
+            (g(&c.classified), regions)
+        });
         Previous {
             at: Instant::now(),
-            classified: (0..stats.cameras.len())
-                .map(|i| stats.camera(i).classified.load(Ordering::Relaxed))
-                .collect(),
+            classified: classified.collect(),
         }
     }
 }
@@ -118,14 +140,29 @@ pub fn stats_message(
         .enumerate()
         .map(|(i, (name, c))| {
             let w = c.inference_ms.lock().unwrap_or_else(|p| p.into_inner());
-            let delta = now.classified[i].saturating_sub(*prev.classified.get(i).unwrap_or(&0));
+            let before = prev.classified.get(i);
+            let rate = |now: u64, then: Option<&u64>| {
+                round1(now.saturating_sub(*then.unwrap_or(&0)) as f64 / secs)
+            };
+            let regions = c.regions.iter().enumerate().map(|(j, r)| {
+                let w = r.inference_ms.lock().unwrap_or_else(|p| p.into_inner());
+                let report = RegionReport {
+                    fps: rate(now.classified[i].1[j], before.and_then(|b| b.1.get(j))),
+                    classified: now.classified[i].1[j],
+                    gated: g(&r.gated),
+                    bad: g(&r.bad),
+                    inference_ms_p50: w.quantile(0.5),
+                    inference_ms_p95: w.quantile(0.95),
+                };
+                (r.name.clone(), report)
+            });
             let report = CameraReport {
                 state: c.state(),
                 paused: control.camera(i).is_paused(),
                 paused_frames: g(&c.paused_frames),
-                fps: round1(delta as f64 / secs),
+                fps: rate(now.classified[i].0, before.map(|b| &b.0)),
                 captured: g(&c.captured),
-                classified: now.classified[i],
+                classified: now.classified[i].0,
                 skipped: g(&c.skipped),
                 gated: g(&c.gated),
                 stale: g(&c.stale),
@@ -134,6 +171,7 @@ pub fn stats_message(
                 stalls: g(&c.stalls),
                 inference_ms_p50: w.quantile(0.5),
                 inference_ms_p95: w.quantile(0.95),
+                regions: regions.collect(),
             };
             (name.clone(), report)
         })

@@ -161,15 +161,21 @@ impl Inference {
         info!("inference stopped");
     }
 
-    /// One frame of camera `i`, from the slot to the broker: each of its views.
+    /// One frame of camera `i`, from the slot to the broker: each of its views. The
+    /// camera's counters count frames (classified: any view was; gated: every view was),
+    /// its inference time is the frame's (every view's); a region's count its crops.
     fn step(&mut self, i: usize, frame: &Frame) {
         if !self.admit(i, frame) {
             return;
         }
-        for (v, pixels) in self.prepare(i, frame) {
+        let stats = self.ctx.stats.clone();
+        let cs = stats.camera(i);
+        let (mut classified, mut gated, mut ms) = (0, 0, 0.0);
+        let views = self.prepare(i, frame);
+        let n = views.len();
+        for (v, pixels) in views {
             if !self.views[i][v].gate.admit(&pixels, frame.captured) {
-                let cs = self.ctx.stats.camera(i);
-                cs.gated.fetch_add(1, Ordering::Relaxed);
+                gated += 1;
                 if let Some(r) = self.views[i][v].region {
                     cs.regions[r].gated.fetch_add(1, Ordering::Relaxed);
                 }
@@ -178,11 +184,20 @@ impl Inference {
             let Some(c) = self.classify(i, v, frame, &pixels) else {
                 continue;
             };
+            classified += 1;
+            ms += c.ms;
             if let Some(t) = &mut self.views[i][v].tracker {
                 let events = t.observe(&c.probs, frame.captured_at);
                 self.publish_events(i, v, events);
             }
             self.publish(i, v, frame, c);
+        }
+        if classified > 0 {
+            cs.classified.fetch_add(1, Ordering::Relaxed);
+            let mut w = cs.inference_ms.lock().unwrap_or_else(|p| p.into_inner());
+            w.push(ms as f32);
+        } else if n > 0 && gated == n {
+            cs.gated.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -266,7 +281,7 @@ impl Inference {
     }
 
     /// Run view `v`'s model on its admitted pixels; the time it took goes into the
-    /// camera's, the region's and the model's stats.
+    /// region's and the model's stats.
     fn classify(&mut self, i: usize, v: usize, frame: &Frame, px: &Pixels) -> Option<Classified> {
         let stats = &self.ctx.stats;
         let view = &mut self.views[i][v];
@@ -286,16 +301,11 @@ impl Inference {
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         let top = classifier.top(&probs);
         view.seq += 1;
-        let cs = stats.camera(i);
-        cs.classified.fetch_add(1, Ordering::Relaxed);
-        let lock = |w: &std::sync::Mutex<_>| {
-            let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
-            crate::stats::Window::push(&mut w, ms as f32);
-        };
-        lock(&cs.inference_ms);
         if let Some(r) = view.region {
-            cs.regions[r].classified.fetch_add(1, Ordering::Relaxed);
-            lock(&cs.regions[r].inference_ms);
+            let rs = &stats.camera(i).regions[r];
+            rs.classified.fetch_add(1, Ordering::Relaxed);
+            let mut w = rs.inference_ms.lock().unwrap_or_else(|p| p.into_inner());
+            w.push(ms as f32);
         }
         if let Some(h) = stats.model(view.model) {
             h.observe(ms / 1e3);

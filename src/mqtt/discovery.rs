@@ -1,14 +1,15 @@
 //! Home Assistant MQTT discovery, device-based: one retained
-//! `<discovery prefix>/device/<id>/config` message describing the device and, per camera,
-//! a sensor for the top label, one for its score, an event entity for detections, and
-//! diagnostic sensors for fps and inference time. Pure: the payload is built from the
+//! `<discovery prefix>/device/<id>/config` message describing the device and, per camera
+//! (or per region of a camera that has regions), a sensor for the top label, one for its
+//! score and an event entity for detections; per camera, diagnostic sensors for fps and
+//! inference time. Pure: the payload is built from the
 //! settings; the driver (`driver.rs`) publishes it after every connect and when Home Assistant announces
 //! itself on `<discovery prefix>/status`.
 
 use serde_json::{Value, json};
 
 use crate::config::Settings;
-use crate::mqtt::topics::{availability_topic, camera_topic, stats_topic};
+use crate::mqtt::topics::{availability_topic, camera_topic, stats_topic, view_topic};
 
 /// `homeassistant/device/<object id>/config`.
 pub fn config_topic(settings: &Settings) -> String {
@@ -64,7 +65,7 @@ pub fn payload(settings: &Settings) -> Value {
             ],
             "availability_mode": "all",
         });
-        for (what, mut v) in camera_entities(settings, c) {
+        for (what, mut v) in entities(settings, c) {
             let uid = format!("{dev}_{}_{what}", sanitize(c));
             if let (Value::Object(o), Value::Object(a)) = (&mut v, &avail) {
                 o.extend(a.clone());
@@ -96,18 +97,41 @@ pub fn payload(settings: &Settings) -> Value {
     })
 }
 
-/// A camera's entities (a table): what each shows, from which topic, and how Home
-/// Assistant reads the value out of the payload.
-fn camera_entities(settings: &Settings, c: &str) -> [(&'static str, Value); 5] {
-    let q = jinja_string(c);
-    let classification = camera_topic(settings, c, "classification");
-    let stats = stats_topic(settings);
+/// A camera's entities, keyed by what they show: per view (the whole frame, or each
+/// region: `<region>_label`...) its label, score and detections; the camera's fps and
+/// inference time.
+fn entities(settings: &Settings, c: &str) -> Vec<(String, Value)> {
+    let Some(cam) = settings.camera.iter().find(|x| x.name == c) else {
+        return vec![];
+    };
+    let mut all = Vec::new();
+    let views: Vec<Option<&str>> = match cam.regions.is_empty() {
+        true => vec![None],
+        false => cam.regions.iter().map(|r| Some(r.name.as_str())).collect(),
+    };
+    for region in views {
+        for (what, v) in view_entities(settings, c, region) {
+            // Two underscores: a region's ids never meet a camera's own.
+            let key = region.map_or(what.to_string(), |r| format!("_{}_{what}", sanitize(r)));
+            all.push((key, v));
+        }
+    }
+    let diagnostics = camera_diagnostics(settings, c);
+    all.extend(diagnostics.into_iter().map(|(k, v)| (k.to_string(), v)));
+    all
+}
+
+/// What one view shows (a table): its top label, its score, its detection events; from
+/// which topic, and how Home Assistant reads the value out of the payload.
+fn view_entities(settings: &Settings, c: &str, region: Option<&str>) -> [(&'static str, Value); 3] {
+    let classification = view_topic(settings, c, region, "classification");
+    let name = region.map_or(c.to_string(), |r| format!("{c} {r}"));
     [
         (
             "label",
             json!({
                 "p": "sensor",
-                "name": format!("{c} label"),
+                "name": format!("{name} label"),
                 "icon": "mdi:tag-search",
                 "state_topic": classification,
                 "value_template": "{{ value_json.top[0].label if value_json.top else 'none' }}",
@@ -117,7 +141,7 @@ fn camera_entities(settings: &Settings, c: &str) -> [(&'static str, Value); 5] {
             "score",
             json!({
                 "p": "sensor",
-                "name": format!("{c} score"),
+                "name": format!("{name} score"),
                 "state_class": "measurement",
                 "state_topic": classification,
                 "value_template": "{{ value_json.top[0].score if value_json.top else 0 }}",
@@ -127,13 +151,22 @@ fn camera_entities(settings: &Settings, c: &str) -> [(&'static str, Value); 5] {
             "detection",
             json!({
                 "p": "event",
-                "name": format!("{c} detection"),
-                "state_topic": camera_topic(settings, c, "detection"),
+                "name": format!("{name} detection"),
+                "state_topic": view_topic(settings, c, region, "detection"),
                 "event_types": ["start", "update", "end"],
                 "value_template": "{{ {'event_type': value_json.type, 'label': value_json.label, \
                                    'score': value_json.score, 'id': value_json.id} | to_json }}",
             }),
         ),
+    ]
+}
+
+/// A camera's diagnostics (a table): frames classified per second and the time a frame
+/// took, from the stats message.
+fn camera_diagnostics(settings: &Settings, c: &str) -> [(&'static str, Value); 2] {
+    let q = jinja_string(c);
+    let stats = stats_topic(settings);
+    [
         (
             "fps",
             json!({
@@ -215,6 +248,44 @@ mod tests {
             "{{ value_json.cameras['back'].fps }}"
         );
         assert_eq!(fps["entity_category"], "diagnostic");
+    }
+
+    /// A camera with regions: each region gets its label, score and detection entities
+    /// on its own topics; the camera keeps its diagnostics and loses the whole-frame
+    /// entities (nothing publishes on the whole frame's topics).
+    #[test]
+    fn regions_get_entities_of_their_own() {
+        let s = crate::config::from_toml(
+            "[device]\nid = \"pi\"\n[model]\npath = \"m.onnx\"\n[homeassistant]\ndiscovery = true\n\
+             [[camera]]\nname = \"yard\"\npath = \"x\"\n\
+             [[camera.region]]\nname = \"gate\"\nwidth = 0.5\nheight = 1\n\
+             [[camera.region]]\nname = \"bird feeder\"\nx = 0.5\nwidth = 0.5\nheight = 1\n",
+        );
+        let p = payload(&s);
+        let cmps = p["cmps"].as_object().unwrap();
+        let mut keys: Vec<&str> = cmps.keys().map(String::as_str).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "edgesight_pi_yard__bird_feeder_detection",
+                "edgesight_pi_yard__bird_feeder_label",
+                "edgesight_pi_yard__bird_feeder_score",
+                "edgesight_pi_yard__gate_detection",
+                "edgesight_pi_yard__gate_label",
+                "edgesight_pi_yard__gate_score",
+                "edgesight_pi_yard_fps",
+                "edgesight_pi_yard_inference",
+            ]
+        );
+        let gate = &cmps["edgesight_pi_yard__gate_label"];
+        assert_eq!(gate["state_topic"], "edgesight/pi/yard/gate/classification");
+        assert_eq!(gate["name"], "yard gate label");
+        let feeder = &cmps["edgesight_pi_yard__bird_feeder_detection"];
+        assert_eq!(
+            feeder["state_topic"],
+            "edgesight/pi/yard/bird feeder/detection"
+        );
     }
 
     /// Camera names end up inside Jinja string literals: quotes and backslashes in them

@@ -41,8 +41,9 @@ pub struct CameraStats {
     /// Frames taken and dropped while the camera was paused by command.
     pub paused_frames: AtomicU64,
     /// The camera's regions (`[[camera.region]]`), in configuration order; empty when
-    /// the whole frame is classified. The camera's `classified`, `gated` and inference
-    /// times count every region's too.
+    /// the whole frame is classified. With regions, the camera's counters still count
+    /// frames: `classified` when any region was, `gated` when every region was, and its
+    /// inference time is the frame's (all its regions').
     pub regions: Vec<RegionStats>,
 }
 
