@@ -664,7 +664,11 @@ fn unreadable_config_file_exits_78() {
 
 #[test]
 fn shipped_configs_check_clean() {
-    for cfg in ["config/edgesight.toml", "config/demo.toml"] {
+    for cfg in [
+        "config/edgesight.toml",
+        "config/demo.toml",
+        "config/regions.toml",
+    ] {
         let out = Command::new(env!("CARGO_BIN_EXE_edgesight"))
             .current_dir(common::root())
             .args(["check", "--config", cfg])
