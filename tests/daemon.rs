@@ -900,3 +900,56 @@ async fn metrics_are_served_and_agree_with_the_stats_message() {
     assert_eq!(status, 404);
     d.stop();
 }
+
+/// A reload takes over every model whose settings and files are unchanged (the loaded
+/// classifier itself, not a second load; a rename alone changes nothing) and loads the
+/// rest: a model whose settings changed, one whose file was replaced in place.
+#[test]
+fn a_reload_loads_only_the_models_that_changed() {
+    use edgesight::daemon::reload::Models;
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let int8 = common::fixture("models/shapes_int8_qlinear.onnx");
+    for f in ["a", "b", "c"] {
+        std::fs::copy(&int8, dir.path().join(format!("{f}.onnx"))).unwrap();
+    }
+    let cfg = dir.path().join("c.toml");
+    let write = |b_top_k: u32, a_name: &str| {
+        let d = dir.path().display();
+        let text = format!(
+            "[[model]]\nname = \"{a_name}\"\npath = \"{d}/a.onnx\"\n\
+             [[model]]\nname = \"b\"\npath = \"{d}/b.onnx\"\ntop_k = {b_top_k}\n\
+             [[model]]\nname = \"c\"\npath = \"{d}/c.onnx\"\n\
+             [[camera]]\nname = \"front\"\npath = \"x\"\n"
+        );
+        std::fs::write(&cfg, text).unwrap();
+        edgesight::config::Settings::load_with_env(&cfg, vec![]).unwrap()
+    };
+    let first = Models::load(&write(3, "a"), &Models::default()).unwrap();
+    // b's top_k changes, c's file is replaced by the float model, a is renamed.
+    std::fs::copy(
+        common::fixture("models/shapes_fp32.onnx"),
+        dir.path().join("c.onnx"),
+    )
+    .unwrap();
+    let second = Models::load(&write(1, "renamed"), &first).unwrap();
+    let kept: Vec<(&str, bool)> = first
+        .iter()
+        .zip(second.iter())
+        .map(|(x, y)| {
+            let same = Arc::ptr_eq(&x.classifier, &y.classifier);
+            (y.settings.name.as_str(), same)
+        })
+        .collect();
+    assert_eq!(kept, [("renamed", true), ("b", false), ("c", false)]);
+    let c = &second.iter().nth(2).unwrap().classifier;
+    assert!(c.is_float(), "c is the replaced file's model");
+    // Nothing changed: everything is kept.
+    let third = Models::load(&write(1, "renamed"), &second).unwrap();
+    assert!(
+        second
+            .iter()
+            .zip(third.iter())
+            .all(|(x, y)| Arc::ptr_eq(&x.classifier, &y.classifier))
+    );
+}
