@@ -470,8 +470,15 @@ async fn an_unchanged_scene_is_gated_and_counted() {
 
 /// Next message on `topic` (others are skipped), parsed.
 async fn next_on(rx: &mut tokio::sync::mpsc::UnboundedReceiver<common::Msg>, topic: &str) -> Value {
+    // A liveness bound, not a timing assertion: other topics keep coming, so `next`'s own
+    // bound never fires while this one waits in vain.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let m = common::next(rx, topic).await;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no message on {topic} within 60 s (others came)"
+        );
         if m.topic == topic {
             if topic.ends_with("/cmd/result") {
                 common::check_schema("cmd-result", &m.payload);
@@ -726,8 +733,11 @@ async fn regions_on_two_models_are_classified_as_their_tiles() {
     std::fs::write(&f, text).unwrap();
     let settings = Settings::load_with_env(&f, vec![]).unwrap();
     let base = format!("edgesight/{device}");
-    let mut rx = common::subscribe(&host, port, "regions-sub", &format!("{base}/#")).await;
-    let mut disc = common::subscribe(&host, port, "regions-ha", "homeassistant/#").await;
+    let mut rx =
+        common::subscribe(&host, port, &format!("{device}-sub"), &format!("{base}/#")).await;
+    // Only ours: a shared broker (Mosquitto in CI) holds other tests' retained discovery.
+    let ha = format!("homeassistant/device/edgesight_{device}/config");
+    let mut disc = common::subscribe(&host, port, &format!("{device}-ha"), &ha).await;
     let stop = CancellationToken::new();
     let run = tokio::spawn(edgesight::run(settings, stop.clone()));
 
@@ -821,4 +831,199 @@ async fn regions_on_two_models_are_classified_as_their_tiles() {
         .collect();
     let crops = 2 * g(&cam.classified);
     assert_eq!(models, [("big", crops), ("small", crops)]);
+}
+
+/// `enable` / `disable` over MQTT on a camera with two regions: a region switched off is
+/// no longer classified, a label switched off leaves the region's classifications and
+/// ends its open detection; the camera's retained status shows what is off; the switches
+/// outlive a restart (the state file), everything comes back on with `enable`, and a
+/// damaged state file is set aside while the daemon runs with everything on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switches_turn_regions_and_labels_off_and_survive_a_restart() {
+    let (host, port) = common::broker();
+    let dir = tempfile::tempdir().unwrap();
+    let device = format!("switch-{}", std::process::id());
+    let (frames, truth) = tiled_frames(dir.path());
+    let held = truth[0][0].clone(); // the top-left tile's class in every frame
+    let cameras = format!(
+        "[[camera]]\nname = \"front\"\npath = \"{}\"\nfps = 10\n\
+         [[camera.region]]\nname = \"tl\"\nwidth = 320\nheight = 240\n\
+         [[camera.region]]\nname = \"tr\"\nx = 320\nwidth = 320\nheight = 240\n\
+         [commands]\nenabled = true\n",
+        frames.display()
+    );
+    let f = common::config_file(dir.path(), &host, port, &device, &cameras);
+    let base = format!("edgesight/{device}");
+    let (result, status) = (format!("{base}/cmd/result"), format!("{base}/front/status"));
+    let (tl, tr) = (
+        format!("{base}/front/tl/classification"),
+        format!("{base}/front/tr/classification"),
+    );
+    let cmd = |payload: String, verb: &'static str| {
+        let (host, topic) = (host.clone(), format!("{base}/cmd/{verb}"));
+        let id = format!("{device}-cmd");
+        async move { common::publish(&host, port, &id, &topic, payload.as_bytes()).await }
+    };
+    let start = || {
+        let stop = CancellationToken::new();
+        let settings = Settings::load_with_env(&f, vec![]).unwrap();
+        (stop.clone(), tokio::spawn(edgesight::run(settings, stop)))
+    };
+    let mut rx =
+        common::subscribe(&host, port, &format!("{device}-sub"), &format!("{base}/#")).await;
+
+    let (stop, run) = start();
+    let _stop_on_panic = stop.clone().drop_guard();
+    // The held tile starts a detection before anything is switched.
+    loop {
+        let v = next_on(&mut rx, &format!("{base}/front/tl/detection")).await;
+        if v["type"] == "start" {
+            assert_eq!(v["label"], held.as_str());
+            break;
+        }
+    }
+    // tr off: its frame in flight may still come, then none while tl goes on.
+    cmd(r#"{"camera":"front","region":"tr"}"#.into(), "disable").await;
+    let (r, s) = reply_and_status(&mut rx, &result, &status).await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(
+        r["off"]["tr"],
+        serde_json::json!({"classification": true, "detection": true})
+    );
+    assert_eq!(s["off"]["tr"]["detection"], true, "{s}");
+    assert_eq!(
+        late(&mut rx, &tl, &tr, 5).await,
+        0,
+        "tr classified while off"
+    );
+
+    // The held label off in tl's classifications and detections: its open detection ends,
+    // and tl's classifications go on without it.
+    let label = |what: &str| {
+        format!(r#"{{"camera":"front","region":"tl","label":"{held}","what":"{what}"}}"#)
+    };
+    cmd(label("classification"), "disable").await;
+    assert_eq!(next_on(&mut rx, &result).await["ok"], true);
+    cmd(label("detection"), "disable").await;
+    assert_eq!(next_on(&mut rx, &result).await["ok"], true);
+    let end = loop {
+        let v = next_on(&mut rx, &format!("{base}/front/tl/detection")).await;
+        if v["type"] == "end" {
+            break v;
+        }
+    };
+    assert_eq!(end["label"], held.as_str());
+    for _ in 0..3 {
+        let v = next_on(&mut rx, &tl).await;
+        let labels: Vec<&str> = v["top"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["label"].as_str().unwrap())
+            .collect();
+        assert!(!labels.contains(&held.as_str()), "{labels:?}");
+    }
+    // A label tl's model lacks: refused, nothing changes.
+    cmd(
+        r#"{"camera":"front","region":"tl","label":"dog"}"#.into(),
+        "disable",
+    )
+    .await;
+    let r = next_on(&mut rx, &result).await;
+    assert!(r["error"].as_str().unwrap().contains("not a label"), "{r}");
+    stop.cancel();
+    run.await.unwrap().unwrap();
+
+    // A restart: the switches come back from the state file, before any frame (the first
+    // run's last status, offline, may still be on its way).
+    let (stop, run) = start();
+    let _stop_on_panic = stop.clone().drop_guard();
+    let s = loop {
+        let s = next_on(&mut rx, &status).await;
+        if s["online"] == true {
+            break s;
+        }
+    };
+    assert_eq!(s["off"]["tr"]["classification"], true, "{s}");
+    assert_eq!(
+        s["off"]["tl"]["labels"][held.as_str()]["detection"],
+        true,
+        "{s}"
+    );
+    assert_eq!(
+        late(&mut rx, &tl, &tr, 4).await,
+        0,
+        "tr classified after the restart"
+    );
+    // Everything back on: the region, then the label.
+    cmd(r#"{"camera":"front"}"#.into(), "enable").await;
+    next_on(&mut rx, &result).await;
+    cmd(
+        format!(r#"{{"camera":"front","label":"{held}"}}"#),
+        "enable",
+    )
+    .await;
+    let (r, s) = reply_and_status(&mut rx, &result, &status).await;
+    assert_eq!(r["off"], serde_json::json!({}), "{r}");
+    assert!(s.get("off").is_none(), "{s}");
+    next_on(&mut rx, &tr).await;
+    stop.cancel();
+    run.await.unwrap().unwrap();
+
+    // A damaged state file: set aside, the run starts with everything on.
+    let state = dir.path().join("switches.json");
+    std::fs::write(&state, b"{\"v\":1,\"cameras\":{\"front\":[1,2,3]}}").unwrap();
+    let (stop, run) = start();
+    let _stop_on_panic = stop.clone().drop_guard();
+    next_on(&mut rx, &tr).await;
+    assert!(dir.path().join("switches.json.bad").exists());
+    assert!(!state.exists());
+    stop.cancel();
+    run.await.unwrap().unwrap();
+}
+
+/// Messages on `other` after the first of `n` on `topic` (the frame in flight may still
+/// carry one of `other` before it).
+async fn late(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<common::Msg>,
+    topic: &str,
+    other: &str,
+    n: usize,
+) -> usize {
+    let (mut seen, mut late) = (0, 0);
+    while seen < n {
+        let m = common::next(rx, topic).await;
+        if m.topic == topic {
+            seen += 1;
+        } else if m.topic == other && seen >= 1 {
+            late += 1;
+        }
+    }
+    late
+}
+
+/// A command's reply and the camera status it republishes, in whichever order they come;
+/// the status checked against its schema.
+async fn reply_and_status(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<common::Msg>,
+    result: &str,
+    status: &str,
+) -> (Value, Value) {
+    let (mut r, mut s) = (None, None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while r.is_none() || s.is_none() {
+        let m = common::next(rx, "a reply and a status").await;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reply and status in 60 s"
+        );
+        if m.topic == result {
+            common::check_schema("cmd-result", &m.payload);
+            r = Some(serde_json::from_str(&m.payload).unwrap());
+        } else if m.topic == status {
+            common::check_schema("status", &m.payload);
+            s = Some(serde_json::from_str(&m.payload).unwrap());
+        }
+    }
+    (r.unwrap_or_default(), s.unwrap_or_default())
 }

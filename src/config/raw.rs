@@ -47,6 +47,8 @@ pub(super) struct RawMetrics {
 pub(super) struct RawDevice {
     /// Default: the host name, made safe as a topic level.
     pub id: Option<String>,
+    /// Default: [`default_state_dir`].
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -198,7 +200,8 @@ pub(super) enum FsyncPolicy {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawOutbox {
-    pub dir: PathBuf,
+    /// Default: `<device.state_dir>/outbox`.
+    pub dir: Option<PathBuf>,
     pub fsync: FsyncPolicy,
     /// Only with `fsync = "interval"`; default 1000.
     pub fsync_interval_ms: Option<i64>,
@@ -213,7 +216,7 @@ pub(super) const DEFAULT_FSYNC_INTERVAL_MS: i64 = 1000;
 impl Default for RawOutbox {
     fn default() -> Self {
         RawOutbox {
-            dir: default_outbox_dir(),
+            dir: None,
             fsync: FsyncPolicy::Always,
             fsync_interval_ms: None,
             max_events: 10_000,
@@ -223,18 +226,17 @@ impl Default for RawOutbox {
     }
 }
 
-/// `$STATE_DIRECTORY/outbox` under systemd (`StateDirectory=edgesight`), else the same
-/// place by hand.
-fn default_outbox_dir() -> PathBuf {
-    let state = std::env::var_os("STATE_DIRECTORY")
+/// `$STATE_DIRECTORY` under systemd (`StateDirectory=edgesight`), else the same place by
+/// hand: `/var/lib/edgesight`.
+pub(super) fn default_state_dir() -> PathBuf {
+    std::env::var_os("STATE_DIRECTORY")
         .map(|s| {
             // systemd may list several directories, colon-separated; ours is the first.
             let s = s.to_string_lossy().into_owned();
             PathBuf::from(s.split(':').next().unwrap_or("").to_string())
         })
         .filter(|p| p.is_absolute())
-        .unwrap_or_else(|| PathBuf::from("/var/lib/edgesight"));
-    state.join("outbox")
+        .unwrap_or_else(|| PathBuf::from("/var/lib/edgesight"))
 }
 
 #[derive(Debug, Deserialize)]

@@ -181,6 +181,9 @@ pub struct OutboxSettings {
 #[derive(Debug, Clone, Serialize)]
 pub struct DeviceSettings {
     pub id: String,
+    /// Where the daemon keeps what it must remember across restarts: the outbox (unless
+    /// `outbox.dir` says otherwise) and the switches set by command (`switches.json`).
+    pub state_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -9,6 +9,7 @@ use super::raw::{
     DEFAULT_FSYNC_INTERVAL_MS, FsyncPolicy, OneOrThree, RawCamera, RawCameraCommon, RawCommand,
     RawCommands, RawConfig, RawDetection, RawHomeAssistant, RawHttpMjpeg, RawImages, RawModel,
     RawMqtt, RawOutbox, RawPicamera, RawPipe, RawRegion, RawRtsp, RawSource, RawV4l2, SourceKind,
+    default_state_dir,
 };
 use super::settings::{
     Area, CameraSettings, ClassificationSettings, CommandLine, CommandSettings, DetectionSettings,
@@ -83,6 +84,10 @@ impl Validator<'_> {
     pub fn settings(&self, file: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
         let device_id = raw.device.id.unwrap_or_else(default_device_id);
         self.topic_level("device.id", &device_id)?;
+        let state_dir = raw.device.state_dir.unwrap_or_else(default_state_dir);
+        if state_dir.as_os_str().is_empty() {
+            return Err(self.err("device.state_dir", "is empty"));
+        }
         let models = self.models(file, raw.model)?;
         if raw.camera.is_empty() {
             return Err(ConfigError::new(format!(
@@ -94,14 +99,17 @@ impl Validator<'_> {
             origins: std::sync::Arc::new(self.src.clone()),
             file: file.to_path_buf(),
             mqtt: self.mqtt(raw.mqtt, &device_id)?,
-            device: DeviceSettings { id: device_id },
+            outbox: self.outbox(raw.outbox, &state_dir)?,
+            device: DeviceSettings {
+                id: device_id,
+                state_dir,
+            },
             camera: self.cameras(raw.camera, &models)?,
             models,
             log: LogSettings {
                 level: raw.log.level,
             },
             detection: self.detection(raw.detection)?,
-            outbox: self.outbox(raw.outbox)?,
             classification: ClassificationSettings {
                 publish: raw.classification.publish,
                 durable: raw.classification.durable,
@@ -382,7 +390,7 @@ impl Validator<'_> {
         })
     }
 
-    fn outbox(&self, o: RawOutbox) -> Result<OutboxSettings, ConfigError> {
+    fn outbox(&self, o: RawOutbox, state_dir: &Path) -> Result<OutboxSettings, ConfigError> {
         let interval_ms = o.fsync_interval_ms.unwrap_or(DEFAULT_FSYNC_INTERVAL_MS);
         let interval = self.range("outbox.fsync_interval_ms", interval_ms, 10, 3_600_000)?;
         let fsync = match o.fsync {
@@ -396,11 +404,12 @@ impl Validator<'_> {
                 "only applies to fsync = \"interval\"",
             ));
         }
-        if o.dir.as_os_str().is_empty() {
+        let dir = o.dir.unwrap_or_else(|| state_dir.join("outbox"));
+        if dir.as_os_str().is_empty() {
             return Err(self.err("outbox.dir", "is empty"));
         }
         Ok(OutboxSettings {
-            dir: o.dir,
+            dir,
             fsync,
             max_events: self.range("outbox.max_events", o.max_events, 1, 10_000_000)? as usize,
             // At least one full-size record must fit.
@@ -887,7 +896,7 @@ impl Default for OutboxSettings {
     fn default() -> Self {
         let d = RawOutbox::default();
         OutboxSettings {
-            dir: d.dir,
+            dir: default_state_dir().join("outbox"),
             fsync: Fsync::Always,
             max_events: d.max_events as usize,
             max_bytes: d.max_bytes as usize,

@@ -27,9 +27,10 @@ use crate::metrics;
 use crate::model::Classifier;
 use crate::mqtt::commands::{self, Handles};
 use crate::mqtt::outbox::{self, Outbox};
-use crate::mqtt::{self, OFFLINE, Retained, discovery, start_embedded_broker};
+use crate::mqtt::{self, OFFLINE, Retained, StatusOut, discovery, start_embedded_broker};
 use crate::stats::Stats;
 use crate::stats::control::Control;
+use crate::stats::switches::Switches;
 
 /// How long shutdown waits for the broker to take the last messages and `offline`.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -191,7 +192,10 @@ impl Pipeline {
         let (client, eventloop) = mqtt::client(&settings);
         let w = Wiring {
             stats: Arc::new(Stats::for_settings(&settings)),
-            control: Arc::new(Control::new(settings.camera.len())),
+            control: Arc::new(Control::with_switches(
+                settings.camera.len(),
+                load_switches(&settings),
+            )),
             stops: Stops {
                 pipeline: daemon.shutdown.child_token(),
                 network: CancellationToken::new(),
@@ -202,7 +206,13 @@ impl Pipeline {
         };
         daemon.metrics_current.set(w.stats.clone());
         let (retained, commands) = w.start_mqtt(eventloop);
-        let reload = w.start_control(daemon, commands, models.clone());
+        let status = Arc::new(StatusOut {
+            settings: w.settings.clone(),
+            client: w.client.clone(),
+            retained,
+            control: w.control.clone(),
+        });
+        let reload = w.start_control(daemon, commands, &models, status.clone());
         let s = &w.settings;
         info!(
             "device {}: publishing to {}:{} under {}/",
@@ -213,7 +223,7 @@ impl Pipeline {
         );
         let outbox = outbox.map(|ob| w.send_from(ob, &mut daemon.outbox));
         let slots = Arc::new(Slots::new(s.camera.len()));
-        let cameras = w.start_cameras(&slots, &retained).inspect_err(|_| {
+        let cameras = w.start_cameras(&slots, &status).inspect_err(|_| {
             w.stops.pipeline.cancel();
             w.stops.network.cancel();
         })?;
@@ -285,13 +295,17 @@ impl Wiring {
         &self,
         daemon: &Daemon,
         commands: Option<CommandRx>,
-        models: Models,
+        models: &Models,
+        status: Arc<StatusOut>,
     ) -> JoinHandle<Option<Loaded>> {
         let (reload_tx, reload_rx) = mpsc::channel(1);
         if let Some(rx) = commands {
+            let labels = models.iter().map(|m| m.classifier.labels().to_vec());
             let handles = Handles {
                 control: self.control.clone(),
                 reload: reload_tx,
+                status,
+                labels: labels.collect(),
             };
             self.tasks.spawn(commands::serve(
                 self.settings.clone(),
@@ -302,7 +316,7 @@ impl Wiring {
         }
         tokio::spawn(reload::watch(
             self.settings.clone(),
-            models,
+            models.clone(),
             daemon.hup.clone(),
             reload_rx,
             self.stops.pipeline.clone(),
@@ -333,7 +347,7 @@ impl Wiring {
 
     /// Start every camera: a supervisor task per V4L2 or stream camera, a thread per image
     /// source.
-    fn start_cameras(&self, slots: &Arc<Slots>, retained: &Arc<Retained>) -> Result<Cameras> {
+    fn start_cameras(&self, slots: &Arc<Slots>, status: &Arc<StatusOut>) -> Result<Cameras> {
         let mut cameras = Cameras {
             threads: Vec::new(),
             supervisors: TaskTracker::new(),
@@ -341,12 +355,7 @@ impl Wiring {
         let v4l2 = Arc::new(V4l2Backend);
         let streams = Arc::new(StreamBackend);
         for (i, cam) in self.settings.camera.iter().enumerate() {
-            let status = mqtt::status_sink(
-                self.settings.clone(),
-                cam.name.clone(),
-                self.client.clone(),
-                retained.clone(),
-            );
+            let status = mqtt::status_sink(status.clone(), i);
             let ctx = CameraCtx {
                 index: i,
                 settings: cam.clone(),
@@ -474,6 +483,52 @@ async fn open_outbox(s: &Settings, held: &mut Option<HeldOutbox>) -> Result<Opti
     }
     let ob = Outbox::open(&s.outbox).map_err(|e| s.error_at("outbox.dir", e))?;
     Ok(Some(Arc::new(ob)))
+}
+
+/// The switches commands set in an earlier run (`<device.state_dir>/switches.json`). A file
+/// that cannot be read is set aside as `switches.json.bad` (for a person to look at) and
+/// the run starts with everything on: a damaged state file must not stop the cameras.
+fn load_switches(s: &Settings) -> Switches {
+    let path = Switches::path(&s.device.state_dir);
+    match Switches::load(&path) {
+        Ok(sw) => {
+            if !sw.cameras.is_empty() {
+                info!("switches from {}: {}", path.display(), summary(&sw));
+            }
+            sw
+        }
+        Err(e) => {
+            let aside = path.with_extension("json.bad");
+            let moved = std::fs::rename(&path, &aside).map(|()| aside.display().to_string());
+            warn!(
+                "{e}; every region and label starts on (the file: {})",
+                moved.unwrap_or_else(|e| format!("left in place: {e}"))
+            );
+            Switches::new()
+        }
+    }
+}
+
+/// "yard/gate: detection off; yard/feeder: person off in classification" for the log.
+fn summary(sw: &Switches) -> String {
+    let what = |w: &crate::stats::switches::What| match (w.classification, w.detection) {
+        (true, true) => "off",
+        (true, false) => "classification off",
+        (false, true) => "detection off",
+        (false, false) => "on",
+    };
+    let mut parts = Vec::new();
+    for (camera, views) in &sw.cameras {
+        for (view, off) in views {
+            if !off.view.is_on() {
+                parts.push(format!("{camera}/{view}: {}", what(&off.view)));
+            }
+            for (label, w) in &off.labels {
+                parts.push(format!("{camera}/{view}: {label} {}", what(w)));
+            }
+        }
+    }
+    parts.join("; ")
 }
 
 /// Commands from the driver to the command server: (verb, payload).

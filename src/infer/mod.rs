@@ -42,6 +42,7 @@ use crate::mqtt::qos;
 use crate::mqtt::topics::{camera_topic, result_topic, view_topic};
 use crate::stats::Stats;
 use crate::stats::control::Control;
+use crate::stats::switches::{FRAME, ViewOff, What};
 use crate::util::{rfc3339_ms, worth_logging};
 
 /// What the inference stage works with, handed in by the daemon.
@@ -84,6 +85,60 @@ struct View {
     last_published: Option<(Option<usize>, Instant)>,
     /// Detection tracking, when detection is on.
     tracker: Option<Tracker>,
+    /// What commands switched off of it (`stats::switches`).
+    off: Off,
+}
+
+/// A view's switches as inference applies them: label names resolved to classes of the
+/// view's model.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Off {
+    /// No classification messages.
+    classification: bool,
+    /// No detection events.
+    detection: bool,
+    /// Classes left out of the classification's `top`.
+    hidden: Vec<usize>,
+    /// Classes that start no detection (an open one ends).
+    unwatched: Vec<usize>,
+}
+
+impl Off {
+    fn of(off: Option<&ViewOff>, labels: &[String]) -> Off {
+        let Some(off) = off else {
+            return Off::default();
+        };
+        let classes = |pick: fn(&What) -> bool| -> Vec<usize> {
+            let named = off.labels.iter().filter(|(_, w)| pick(w));
+            let found = named.filter_map(|(l, _)| labels.iter().position(|x| x == l));
+            found.collect()
+        };
+        Off {
+            classification: off.view.classification,
+            detection: off.view.detection,
+            hidden: classes(|w| w.classification),
+            unwatched: classes(|w| w.detection),
+        }
+    }
+
+    /// Nothing of the view is wanted: it is not even cut out of the frame.
+    fn all(&self) -> bool {
+        self.classification && self.detection
+    }
+}
+
+/// `probs` with `classes` at zero (a copy only when there are any).
+fn without<'a>(probs: &'a [f32], classes: &[usize]) -> std::borrow::Cow<'a, [f32]> {
+    if classes.is_empty() {
+        return std::borrow::Cow::Borrowed(probs);
+    }
+    let mut p = probs.to_vec();
+    for &c in classes {
+        if let Some(x) = p.get_mut(c) {
+            *x = 0.0;
+        }
+    }
+    std::borrow::Cow::Owned(p)
 }
 
 impl View {
@@ -109,6 +164,7 @@ impl View {
                 ),
                 last_published: None,
                 tracker: rules.and_then(|r| r.get(model)).cloned().map(Tracker::new),
+                off: Off::default(),
             }
         };
         if cam.regions.is_empty() {
@@ -132,6 +188,8 @@ pub struct Inference {
     /// Per camera, its views.
     views: Vec<Vec<View>>,
     qos: QoS,
+    /// The switches' generation the views' `off` were taken from (None: not yet).
+    switches_seen: Option<u64>,
 }
 
 impl Inference {
@@ -140,7 +198,42 @@ impl Inference {
         let rules = ctx.durable.as_ref().and_then(|d| d.rules.as_deref());
         let views = s.camera.iter().map(|c| View::of(s, c, rules)).collect();
         let qos = qos(s.mqtt.qos);
-        Inference { ctx, views, qos }
+        Inference {
+            ctx,
+            views,
+            qos,
+            switches_seen: None,
+        }
+    }
+
+    /// Take the switches again when a command changed them. A view whose detections were
+    /// just switched off ends its open ones now (their end events go out); a label's end
+    /// as the view's next frames drop below its threshold.
+    fn refresh_switches(&mut self) {
+        let generation = self.ctx.control.generation();
+        if self.switches_seen == Some(generation) {
+            return;
+        }
+        self.switches_seen = Some(generation);
+        let switches = self.ctx.control.switches();
+        for i in 0..self.views.len() {
+            let cam = &self.ctx.settings.camera[i];
+            for v in 0..self.views[i].len() {
+                let view = &self.views[i][v];
+                let name = view.region.map_or(FRAME, |r| cam.regions[r].name.as_str());
+                let labels = self.ctx.models[view.model].labels();
+                let off = Off::of(switches.view(&cam.name, name), labels);
+                let ended = off.detection && !view.off.detection;
+                if off != view.off {
+                    info!("{}: switches now {off:?}", view.scope);
+                }
+                self.views[i][v].off = off;
+                if ended && let Some(t) = &mut self.views[i][v].tracker {
+                    let events = t.end_all();
+                    self.publish_events(i, v, events);
+                }
+            }
+        }
     }
 
     /// Classify frames until `cancel` fires or every source has ended; then close every
@@ -165,6 +258,7 @@ impl Inference {
     /// camera's counters count frames (classified: any view was; gated: every view was),
     /// its inference time is the frame's (every view's); a region's count its crops.
     fn step(&mut self, i: usize, frame: &Frame) {
+        self.refresh_switches();
         if !self.admit(i, frame) {
             return;
         }
@@ -186,11 +280,15 @@ impl Inference {
             };
             classified += 1;
             ms += c.ms;
-            if let Some(t) = &mut self.views[i][v].tracker {
-                let events = t.observe(&c.probs, frame.captured_at);
+            let view = &mut self.views[i][v];
+            if let (false, Some(t)) = (view.off.detection, &mut view.tracker) {
+                let probs = without(&c.probs, &view.off.unwatched);
+                let events = t.observe(&probs, frame.captured_at);
                 self.publish_events(i, v, events);
             }
-            self.publish(i, v, frame, c);
+            if !self.views[i][v].off.classification {
+                self.publish(i, v, frame, c);
+            }
         }
         if classified > 0 {
             cs.classified.fetch_add(1, Ordering::Relaxed);
@@ -241,6 +339,9 @@ impl Inference {
         let mut views = Vec::with_capacity(self.views[i].len());
         let mut cuts = Vec::with_capacity(self.views[i].len());
         for (v, view) in self.views[i].iter().enumerate() {
+            if view.off.all() {
+                continue;
+            }
             let rect = match view.region {
                 None => None,
                 Some(r) => match cam.regions[r].area.in_frame(fw, fh) {
@@ -299,7 +400,7 @@ impl Inference {
             }
         };
         let ms = t0.elapsed().as_secs_f64() * 1e3;
-        let top = classifier.top(&probs);
+        let top = classifier.top(&without(&probs, &view.off.hidden));
         view.seq += 1;
         if let Some(r) = view.region {
             let rs = &stats.camera(i).regions[r];

@@ -20,8 +20,10 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::config::Settings;
+use crate::mqtt::status::StatusOut;
 use crate::mqtt::topics::result_topic;
 use crate::stats::control::Control;
+use crate::stats::switches::{FRAME, Switch, Switches, What};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Verb {
@@ -29,15 +31,37 @@ pub enum Verb {
     Resume,
     Snapshot,
     Reload,
+    Enable,
+    Disable,
 }
 
 impl Verb {
+    pub const ALL: [Verb; 6] = [
+        Verb::Pause,
+        Verb::Resume,
+        Verb::Snapshot,
+        Verb::Reload,
+        Verb::Enable,
+        Verb::Disable,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Verb::Pause => "pause",
             Verb::Resume => "resume",
             Verb::Snapshot => "snapshot",
             Verb::Reload => "reload",
+            Verb::Enable => "enable",
+            Verb::Disable => "disable",
+        }
+    }
+
+    /// The payload fields the verb takes besides `id`.
+    fn fields(self) -> &'static [&'static str] {
+        match self {
+            Verb::Enable | Verb::Disable => &["camera", "region", "label", "what"],
+            // reload's "camera" is refused by name below ("reload takes no camera").
+            _ => &["camera"],
         }
     }
 }
@@ -50,6 +74,19 @@ pub struct Request {
     pub cameras: Vec<usize>,
     /// The caller's correlation id, echoed in the reply.
     pub id: Option<Value>,
+    /// `enable` / `disable`: what they switch.
+    pub switch: Option<SwitchRequest>,
+}
+
+/// What `enable` / `disable` switch on the request's camera: its views (the region
+/// named, or every region, or the whole frame), one label of them or all of the view, its
+/// classifications, its detections or both.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SwitchRequest {
+    /// View names (`frame`, or regions'), with the index of the model each runs on.
+    pub views: Vec<(String, usize)>,
+    pub label: Option<String>,
+    pub what: What,
 }
 
 /// A failed command's reply: verb as given (it may be unknown), the caller's id if the
@@ -79,18 +116,31 @@ pub enum Refusal {
     NotAnObject(Value),
     #[error("malformed JSON: {0}")]
     Malformed(serde_json::Error),
-    #[error("unknown field {0:?} (valid: \"camera\", \"id\")")]
-    UnknownField(String),
-    #[error("unknown command {0:?} (valid: pause, resume, snapshot, reload)")]
+    #[error("unknown field {0:?} (valid: {1:?})")]
+    UnknownField(String, Vec<&'static str>),
+    #[error("unknown command {0:?} (valid: pause, resume, snapshot, reload, enable, disable)")]
     UnknownVerb(String),
+    #[error("{0} needs \"camera\" (one of {1:?})")]
+    NeedsCamera(&'static str, Vec<String>),
+    /// (camera, region asked for, the camera's regions); boxed, as the label's, to keep
+    /// every refusal small.
+    #[error("camera {:?} has no region {:?} (regions: {:?})", .0.0, .0.1, .0.2)]
+    UnknownRegion(Box<(String, String, Vec<String>)>),
+    #[error("camera {0:?} has no regions: it is classified whole")]
+    NoRegions(String),
+    /// (label, `camera/view`, some of the model's labels).
+    #[error("{:?} is not a label of the model of {} (labels: {})", .0.0, .0.1, .0.2)]
+    UnknownLabel(Box<(String, String, String)>),
+    #[error("\"what\" must be \"classification\" or \"detection\" (absent: both), not {0}")]
+    BadWhat(Value),
+    #[error("\"{0}\" must be a string, not {1}")]
+    NotAString(&'static str, Value),
     #[error("snapshot needs \"camera\" (one of {0:?})")]
     SnapshotNeedsCamera(Vec<String>),
     #[error("reload takes no camera")]
     ReloadTakesNoCamera,
     #[error("unknown camera {name:?} (cameras: {names:?})")]
     UnknownCamera { name: String, names: Vec<String> },
-    #[error("\"camera\" must be a string, not {0}")]
-    CameraNotAString(Value),
     #[error("too many {verb} commands: try again in {} s", wait.as_secs_f64().ceil())]
     TooSoon { verb: &'static str, wait: Duration },
 }
@@ -98,9 +148,13 @@ pub enum Refusal {
 /// How often the costly commands may run: a burst, then one per period. A reload loads
 /// a model (seconds of CPU on a Pi) and a snapshot encodes a JPEG, and anyone who can
 /// publish on the command topic can ask; the burst lets a user fix a typo and retry.
-const LIMITS: [(Verb, u32, Duration); 2] = [
+/// `enable` and `disable` write the state file (flash wear on an SD card): ten at once,
+/// then one a second.
+const LIMITS: [(Verb, u32, Duration); 4] = [
     (Verb::Reload, 3, Duration::from_secs(10)),
     (Verb::Snapshot, 3, Duration::from_secs(1)),
+    (Verb::Enable, 10, Duration::from_secs(1)),
+    (Verb::Disable, 10, Duration::from_secs(1)),
 ];
 
 /// Token buckets per (verb, camera) for the verbs in [`LIMITS`]. Pure: the caller says
@@ -133,7 +187,7 @@ impl Limiter {
 }
 
 /// Parse the command `verb` with `payload` (empty, or a JSON object with optional
-/// `camera` and `id`).
+/// `camera` and `id`; `enable` / `disable` also `region`, `label` and `what`).
 pub fn parse(settings: &Settings, verb: &str, payload: &[u8]) -> Result<Request, Rejection> {
     let reject = |id: Option<Value>, error: Refusal| Rejection {
         verb: verb.to_string(),
@@ -142,28 +196,94 @@ pub fn parse(settings: &Settings, verb: &str, payload: &[u8]) -> Result<Request,
     };
     let body = body(payload, settings.commands.max_payload_bytes).map_err(|e| reject(None, e))?;
     let id = body.get("id").cloned();
+    let Some(verb_) = Verb::ALL.into_iter().find(|v| v.name() == verb) else {
+        return Err(reject(id, Refusal::UnknownVerb(verb.to_string())));
+    };
+    let fields = verb_.fields();
     if let Some(k) = body
         .keys()
-        .find(|k| !["id", "camera"].contains(&k.as_str()))
+        .find(|k| k.as_str() != "id" && !fields.contains(&k.as_str()))
     {
-        return Err(reject(id, Refusal::UnknownField(k.clone())));
+        let mut valid = vec!["id"];
+        valid.extend(fields);
+        return Err(reject(id, Refusal::UnknownField(k.clone(), valid)));
     }
-    let verb_ = match verb {
-        "pause" => Verb::Pause,
-        "resume" => Verb::Resume,
-        "snapshot" => Verb::Snapshot,
-        "reload" => Verb::Reload,
-        other => return Err(reject(id, Refusal::UnknownVerb(other.to_string()))),
-    };
     let names: Vec<String> = settings.camera.iter().map(|c| c.name.clone()).collect();
-    match cameras(verb_, body.get("camera"), &names) {
-        Ok(cameras) => Ok(Request {
-            verb: verb_,
-            cameras,
-            id,
-        }),
-        Err(e) => Err(reject(id, e)),
+    let cameras = cameras(verb_, body.get("camera"), &names).map_err(|e| reject(id.clone(), e))?;
+    let switch = match verb_ {
+        Verb::Enable | Verb::Disable => {
+            let cam = &settings.camera[cameras[0]];
+            Some(switch_request(settings, cam, &body).map_err(|e| reject(id.clone(), e))?)
+        }
+        _ => None,
+    };
+    Ok(Request {
+        verb: verb_,
+        cameras,
+        id,
+        switch,
+    })
+}
+
+/// An optional string field.
+fn string<'a>(
+    body: &'a serde_json::Map<String, Value>,
+    key: &'static str,
+) -> Result<Option<&'a str>, Refusal> {
+    match body.get(key) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(Refusal::NotAString(key, other.clone())),
     }
+}
+
+/// The views, label and part an `enable` / `disable` names on camera `cam`.
+fn switch_request(
+    settings: &Settings,
+    cam: &crate::config::CameraSettings,
+    body: &serde_json::Map<String, Value>,
+) -> Result<SwitchRequest, Refusal> {
+    let model = |name: &str| settings.models.iter().position(|m| m.name == name);
+    let model = |name: &str| model(name).unwrap_or(0); // validated names
+    let views = match string(body, "region")? {
+        Some(_) if cam.regions.is_empty() => return Err(Refusal::NoRegions(cam.name.clone())),
+        Some(r) => match cam.regions.iter().find(|x| x.name == r) {
+            Some(x) => vec![(x.name.clone(), model(&x.model))],
+            None => {
+                return Err(Refusal::UnknownRegion(Box::new((
+                    cam.name.clone(),
+                    r.to_string(),
+                    cam.regions.iter().map(|x| x.name.clone()).collect(),
+                ))));
+            }
+        },
+        None if cam.regions.is_empty() => vec![(FRAME.to_string(), model(&cam.model))],
+        None => cam
+            .regions
+            .iter()
+            .map(|x| (x.name.clone(), model(&x.model)))
+            .collect(),
+    };
+    let what = match body.get("what") {
+        None => What {
+            classification: true,
+            detection: true,
+        },
+        Some(Value::String(w)) if w == "classification" => What {
+            classification: true,
+            detection: false,
+        },
+        Some(Value::String(w)) if w == "detection" => What {
+            classification: false,
+            detection: true,
+        },
+        Some(other) => return Err(Refusal::BadWhat(other.clone())),
+    };
+    Ok(SwitchRequest {
+        views,
+        label: string(body, "label")?.map(String::from),
+        what,
+    })
 }
 
 /// The payload as a JSON object (empty or blank: no fields).
@@ -185,11 +305,14 @@ fn body(payload: &[u8], max: usize) -> Result<serde_json::Map<String, Value>, Re
 }
 
 /// The cameras a command applies to (indices into `names`): the one named, or all of
-/// them; none for `reload`, and exactly one for `snapshot`.
+/// them; none for `reload`, and exactly one for `snapshot`, `enable` and `disable`.
 fn cameras(verb: Verb, camera: Option<&Value>, names: &[String]) -> Result<Vec<usize>, Refusal> {
     match camera {
         None => match verb {
             Verb::Snapshot if names.len() > 1 => Err(Refusal::SnapshotNeedsCamera(names.to_vec())),
+            Verb::Enable | Verb::Disable if names.len() > 1 => {
+                Err(Refusal::NeedsCamera(verb.name(), names.to_vec()))
+            }
             Verb::Reload => Ok(vec![]),
             _ => Ok((0..names.len()).collect()),
         },
@@ -201,7 +324,7 @@ fn cameras(verb: Verb, camera: Option<&Value>, names: &[String]) -> Result<Vec<u
                 names: names.to_vec(),
             }),
         },
-        Some(other) => Err(Refusal::CameraNotAString(other.clone())),
+        Some(other) => Err(Refusal::NotAString("camera", other.clone())),
     }
 }
 
@@ -226,6 +349,8 @@ pub enum CommandError {
     Snapshot(#[from] crate::frame::snapshot::SnapshotError),
     #[error("MQTT queue full (broker away?)")]
     QueueFull,
+    #[error("cannot save the switches, nothing changed: {0}")]
+    Save(#[from] crate::stats::switches::SwitchesError),
 }
 
 /// The reply payload.
@@ -251,11 +376,14 @@ pub fn reply(verb: &str, id: &Option<Value>, result: Result<Value, CommandError>
 /// were rejected (the running ones are kept).
 pub type ReloadRequest = oneshot::Sender<Result<String, CommandError>>;
 
-/// What the command server acts on: the cameras' control mailbox, and the daemon's
-/// reload intake.
+/// What the command server acts on: the cameras' control mailbox, the daemon's reload
+/// intake, the cameras' status topics (switches show there), and each model's labels (in
+/// the order of `settings.models`: a switch names a label its view's model has).
 pub struct Handles {
     pub control: Arc<Control>,
     pub reload: mpsc::Sender<ReloadRequest>,
+    pub status: Arc<StatusOut>,
+    pub labels: Vec<Vec<String>>,
 }
 
 /// Apply commands until the channel closes.
@@ -328,7 +456,47 @@ async fn apply(settings: &Settings, h: &Handles, req: &Request) -> Result<Value,
             let model = rx.await.map_err(|_| CommandError::Stopping)??;
             Ok(json!({"config": settings.file.display().to_string(), "model": model}))
         }
+        Verb::Enable | Verb::Disable => switch(settings, h, req),
     }
+}
+
+/// `enable` / `disable`: the switches with this one set are saved to the state file
+/// first, then take effect (inference reads them) and show in the camera's status; a
+/// state that cannot be saved changes nothing.
+fn switch(settings: &Settings, h: &Handles, req: &Request) -> Result<Value, CommandError> {
+    let (Some(sw), Some(&i)) = (&req.switch, req.cameras.first()) else {
+        return Ok(Value::Null); // parse gives both for these verbs
+    };
+    let camera = &settings.camera[i].name;
+    if let Some(label) = &sw.label {
+        for (view, model) in &sw.views {
+            let labels = h.labels.get(*model).map_or(&[][..], Vec::as_slice);
+            if !labels.contains(label) {
+                let some: Vec<&str> = labels.iter().take(8).map(String::as_str).collect();
+                let more = if labels.len() > 8 { ", ..." } else { "" };
+                return Err(CommandError::Invalid(Refusal::UnknownLabel(Box::new((
+                    label.clone(),
+                    format!("{camera}/{view}"),
+                    format!("{}{more}", some.join(", ")),
+                )))));
+            }
+        }
+    }
+    let mut next = h.control.switches();
+    for (view, _) in &sw.views {
+        next.set(&Switch {
+            camera: camera.clone(),
+            view: view.clone(),
+            label: sw.label.clone(),
+            what: sw.what,
+            off: req.verb == Verb::Disable,
+        });
+    }
+    next.save(&Switches::path(&settings.device.state_dir))?;
+    let off = next.cameras.get(camera).cloned().unwrap_or_default();
+    h.control.set_switches(next);
+    h.status.republish(i);
+    Ok(json!({"camera": camera, "off": off}))
 }
 
 #[cfg(test)]
@@ -382,6 +550,102 @@ mod tests {
             let got = parse(&s, verb, payload.as_bytes());
             match (want, got) {
                 (Ok(cams), Ok(r)) => assert_eq!(&r.cameras[..], *cams, "{verb} {payload}"),
+                (Err(part), Err(r)) => {
+                    let e = r.error.to_string();
+                    assert!(e.contains(part), "{verb} {payload}: {e}")
+                }
+                (w, g) => panic!("{verb} {payload}: want {w:?}, got {g:?}"),
+            }
+        }
+    }
+
+    /// Data-driven: `enable` / `disable` name a camera (when there are several), a region
+    /// of it or all of them (or the whole frame of a camera without regions), maybe a
+    /// label, and what; the views come with their models.
+    #[test]
+    fn switch_commands_name_their_views() {
+        let s = crate::config::from_toml(
+            "[device]\nid = \"pi\"\n[[model]]\nname = \"a\"\npath = \"m.onnx\"\n\
+             [[model]]\nname = \"b\"\npath = \"n.onnx\"\n[commands]\nenabled = true\n\
+             [[camera]]\nname = \"yard\"\npath = \"x\"\n\
+             [[camera.region]]\nname = \"gate\"\nwidth = 0.5\nheight = 1\n\
+             [[camera.region]]\nname = \"feeder\"\nx = 0.5\nwidth = 0.5\nheight = 1\nmodel = \"b\"\n\
+             [[camera]]\nname = \"door\"\npath = \"x\"\nmodel = \"b\"\n",
+        );
+        let both = What {
+            classification: true,
+            detection: true,
+        };
+        let detection = What {
+            classification: false,
+            detection: true,
+        };
+        type Want<'a> = Result<(usize, &'a [(&'a str, usize)], Option<&'a str>, What), &'a str>;
+        let cases: &[(&str, &str, Want)] = &[
+            (
+                "disable",
+                r#"{"camera":"yard","region":"gate"}"#,
+                Ok((0, &[("gate", 0)], None, both)),
+            ),
+            (
+                "enable",
+                r#"{"camera":"yard"}"#,
+                Ok((0, &[("gate", 0), ("feeder", 1)], None, both)),
+            ),
+            (
+                "disable",
+                r#"{"camera":"yard","region":"feeder","label":"cat","what":"detection"}"#,
+                Ok((0, &[("feeder", 1)], Some("cat"), detection)),
+            ),
+            (
+                "disable",
+                r#"{"camera":"door"}"#,
+                Ok((1, &[("frame", 1)], None, both)),
+            ),
+            ("disable", "", Err("disable needs \"camera\"")),
+            (
+                "disable",
+                r#"{"camera":"door","region":"x"}"#,
+                Err("has no regions"),
+            ),
+            (
+                "disable",
+                r#"{"camera":"yard","region":"gat"}"#,
+                Err("has no region \"gat\""),
+            ),
+            (
+                "disable",
+                r#"{"camera":"yard","what":"both"}"#,
+                Err("\"what\" must be"),
+            ),
+            (
+                "disable",
+                r#"{"camera":"yard","label":7}"#,
+                Err("\"label\" must be a string"),
+            ),
+            (
+                "enable",
+                r#"{"camera":"yard","lable":"x"}"#,
+                Err("unknown field \"lable\""),
+            ),
+            (
+                "pause",
+                r#"{"camera":"yard","region":"gate"}"#,
+                Err("unknown field \"region\""),
+            ),
+        ];
+        for (verb, payload, want) in cases {
+            let got = parse(&s, verb, payload.as_bytes());
+            match (want, got) {
+                (Ok((cam, views, label, what)), Ok(r)) => {
+                    let sw = r.switch.unwrap();
+                    let got: Vec<(&str, usize)> =
+                        sw.views.iter().map(|(v, m)| (v.as_str(), *m)).collect();
+                    assert_eq!(r.cameras, [*cam], "{verb} {payload}");
+                    assert_eq!(&got[..], *views, "{verb} {payload}");
+                    assert_eq!(sw.label.as_deref(), *label, "{verb} {payload}");
+                    assert_eq!(sw.what, *what, "{verb} {payload}");
+                }
                 (Err(part), Err(r)) => {
                     let e = r.error.to_string();
                     assert!(e.contains(part), "{verb} {payload}: {e}")

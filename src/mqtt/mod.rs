@@ -26,5 +26,5 @@ pub mod topics;
 pub use broker::start_embedded_broker;
 pub use client::{MAX_PACKET, client, describe, options, qos};
 pub use driver::{Retained, drive};
-pub use status::status_sink;
+pub use status::{StatusOut, status_sink};
 pub use topics::{OFFLINE, ONLINE, availability_topic, camera_topic};

@@ -8,6 +8,7 @@
 
 pub mod control;
 pub mod status;
+pub mod switches;
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};

@@ -157,7 +157,7 @@ pub async fn next(rx: &mut mpsc::UnboundedReceiver<Msg>, what: &str) -> Msg {
 pub fn config_file(dir: &Path, host: &str, port: u16, device: &str, cameras: &str) -> PathBuf {
     let r = root();
     let text = format!(
-        "[device]\nid = \"{device}\"\n[log]\nlevel = \"warn\"\n\
+        "[device]\nid = \"{device}\"\nstate_dir = \"{d}\"\n[log]\nlevel = \"warn\"\n\
          [mqtt]\nhost = \"{host}\"\nport = {port}\nqos = 1\n\
          [model]\npath = \"{r}/tests/fixtures/models/shapes_int8_qlinear.onnx\"\n\
          labels = \"{r}/tests/fixtures/labels.txt\"\n\
