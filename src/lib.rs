@@ -9,7 +9,7 @@
 //! | 0 | [`util`], [`config`] |
 //! | 1 | [`stats`], [`frame`], [`detect`] |
 //! | 2 | [`model`] |
-//! | 3 | [`capture`], [`mqtt`] (never each other) |
+//! | 3 | [`capture`], [`mqtt`], [`metrics`], [`keep`] (never each other) |
 //! | 4 | [`infer`] |
 //! | 5 | [`daemon`] |
 
@@ -19,6 +19,7 @@ pub mod daemon;
 pub mod detect;
 pub mod frame;
 pub mod infer;
+pub mod keep;
 pub mod metrics;
 pub mod model;
 pub mod mqtt;

@@ -1027,3 +1027,108 @@ async fn reply_and_status(
     }
     (r.unwrap_or_default(), s.unwrap_or_default())
 }
+
+/// Event snapshots and hard examples: a region's detection start publishes its crop as
+/// JPEG on `<camera>/<region>/snapshot`; the saved snapshots and hard examples (JPEG plus
+/// JSON sidecar) stay within their folders' bounds, the oldest deleted and counted in the
+/// stats message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_and_hard_examples_stay_within_their_bounds() {
+    let (host, port) = common::broker();
+    let dir = tempfile::tempdir().unwrap();
+    let device = format!("keep-{}", std::process::id());
+    let (frames, _) = tiled_frames(dir.path());
+    let cameras = format!(
+        "[[camera]]\nname = \"front\"\npath = \"{}\"\nfps = 20\n\
+         [[camera.region]]\nname = \"tl\"\nwidth = 320\nheight = 240\nsnapshots = \"publish\"\n\
+         [[camera.region]]\nname = \"tr\"\nx = 320\nwidth = 320\nheight = 240\n\
+         snapshots = \"save\"\nhard_examples = true\n\
+         [detection]\nmin_frames = 1\nend_frames = 1\n\
+         [snapshots]\nmax_files = 2\n\
+         [hard_examples]\nmin_score = 0.0\nmax_score = 1.0\nmin_interval_secs = 0.001\nmax_files = 3\n",
+        frames.display()
+    );
+    let f = common::config_file(dir.path(), &host, port, &device, &cameras);
+    let text = std::fs::read_to_string(&f).unwrap();
+    std::fs::write(
+        &f,
+        text.replace("qos = 1\n", "qos = 1\nstats_interval_secs = 1\n"),
+    )
+    .unwrap();
+    let base = format!("edgesight/{device}");
+    let mut rx =
+        common::subscribe(&host, port, &format!("{device}-sub"), &format!("{base}/#")).await;
+    let stop = CancellationToken::new();
+    let _stop_on_panic = stop.clone().drop_guard();
+    let settings = Settings::load_with_env(&f, vec![]).unwrap();
+    let run = tokio::spawn(edgesight::run(settings, stop.clone()));
+    let (mut snapshot, mut stats) = (None, None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while snapshot.is_none() || stats.is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no snapshot and stats in 60 s"
+        );
+        let m = common::next(&mut rx, "a snapshot and stats").await;
+        if m.topic == format!("{base}/front/tl/snapshot") {
+            snapshot = Some(m.bytes);
+        } else if m.topic == format!("{base}/stats") {
+            common::check_schema("stats", &m.payload);
+            let v: Value = serde_json::from_str(&m.payload).unwrap();
+            let done = |k: &str, n: u64| v[k]["deleted"].as_u64().is_some_and(|d| d >= n);
+            if done("snapshots", 2) && done("hard_examples", 3) {
+                stats = Some(v);
+            }
+        }
+        assert!(
+            m.topic != format!("{base}/front/tr/snapshot"),
+            "tr saves its snapshots, it does not publish them"
+        );
+    }
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    let img = image::load_from_memory(&snapshot.unwrap()).unwrap();
+    assert_eq!((img.width(), img.height()), (320, 240), "the region's crop");
+    let v = stats.unwrap();
+    assert_eq!(
+        (
+            v["snapshots"]["files"].as_u64(),
+            v["hard_examples"]["files"].as_u64()
+        ),
+        (Some(2), Some(3))
+    );
+    let list = |name: &str, ext: &str| -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(dir.path().join(name))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == ext))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(list("snapshots", "jpg").len(), 2);
+    let (jpgs, sidecars) = (list("hard-examples", "jpg"), list("hard-examples", "json"));
+    assert_eq!((jpgs.len(), sidecars.len()), (3, 3));
+    for (j, s) in jpgs.iter().zip(&sidecars) {
+        assert_eq!(j.file_stem(), s.file_stem(), "a JPEG and its sidecar");
+        let side: Value = serde_json::from_slice(&std::fs::read(s).unwrap()).unwrap();
+        assert_eq!(
+            (&side["camera"], &side["region"]),
+            (&"front".into(), &"tr".into())
+        );
+        assert!(
+            side["why"].as_array().unwrap().contains(&"unsure".into()),
+            "{side}"
+        );
+        assert_eq!(side["model"], "default");
+        let img = image::open(j).unwrap();
+        assert_eq!((img.width(), img.height()), (320, 240));
+        let label = side["top"][0]["label"].as_str().unwrap();
+        assert!(
+            j.to_str()
+                .unwrap()
+                .ends_with(&format!("_front_tr_{label}.jpg")),
+            "{j:?}"
+        );
+    }
+}

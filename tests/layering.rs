@@ -24,6 +24,7 @@ const FLOORS: &[(&str, u32)] = &[
     ("capture", 3),
     ("mqtt", 3),
     ("metrics", 3),
+    ("keep", 3),
     ("infer", 4),
     ("daemon", 5),
     // The crate's front door: the module list and re-exports.

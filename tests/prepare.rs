@@ -204,6 +204,7 @@ fn truncated_and_garbage_mjpeg_frames_are_dropped_and_counted() {
         control: Arc::new(edgesight::stats::control::Control::new(1)),
         client,
         durable: None,
+        folders: Default::default(),
     };
     std::thread::scope(|s| {
         let worker = s.spawn(|| Inference::new(ctx).run(&cancel));

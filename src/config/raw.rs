@@ -13,7 +13,7 @@ use serde_aux::serde_introspection::serde_introspect as fields;
 
 use super::settings::{
     ChannelOrder, LogLevel, PixelFormat, Preprocess, PublishMode, ResizeMode, RtspTransport,
-    StreamFormat, V4l2Device,
+    SnapshotMode, StreamFormat, V4l2Device,
 };
 
 #[derive(Debug, Default, Deserialize)]
@@ -33,6 +33,57 @@ pub(super) struct RawConfig {
     pub homeassistant: RawHomeAssistant,
     pub commands: RawCommands,
     pub metrics: RawMetrics,
+    pub snapshots: RawSnapshots,
+    pub hard_examples: RawHardExamples,
+}
+
+/// `[snapshots]`: where event snapshots go and how many are kept; each camera or region
+/// opts in with its `snapshots` key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawSnapshots {
+    pub max_files: i64,
+    pub max_bytes: i64,
+    pub jpeg_max_bytes: i64,
+}
+
+impl Default for RawSnapshots {
+    fn default() -> Self {
+        RawSnapshots {
+            max_files: 500,
+            max_bytes: 100 << 20,
+            jpeg_max_bytes: 256 << 10,
+        }
+    }
+}
+
+/// `[hard_examples]`: what makes a frame worth keeping for retraining, and how many are
+/// kept; each camera or region opts in with its `hard_examples` key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawHardExamples {
+    /// A top score in `[min_score, max_score]` is unsure.
+    pub min_score: f64,
+    pub max_score: f64,
+    /// The top label changed from the view's previous classification.
+    pub flips: bool,
+    /// At most one kept per view per interval.
+    pub min_interval_secs: f64,
+    pub max_files: i64,
+    pub max_bytes: i64,
+}
+
+impl Default for RawHardExamples {
+    fn default() -> Self {
+        RawHardExamples {
+            min_score: 0.4,
+            max_score: 0.7,
+            flips: true,
+            min_interval_secs: 10.0,
+            max_files: 1000,
+            max_bytes: 200 << 20,
+        }
+    }
 }
 
 /// `[metrics]`: off unless `listen` is set.
@@ -376,6 +427,10 @@ pub(super) struct RawCameraCommon {
     /// `[[camera.region]]`: the parts of the frame classified, each on its own. None: the
     /// whole frame.
     pub region: Vec<RawRegion>,
+    /// On a detection start: the frame (or the region's crop) as JPEG.
+    pub snapshots: SnapshotMode,
+    /// Keep unsure and flipping frames (or crops) for retraining.
+    pub hard_examples: bool,
 }
 
 /// `[[camera.region]]`: a named rectangle of the frame, in pixels, or in fractions of the
@@ -393,6 +448,10 @@ pub(super) struct RawRegion {
     pub height: Option<f64>,
     /// Default: the camera's model.
     pub model: Option<String>,
+    /// Default: the camera's.
+    pub snapshots: Option<SnapshotMode>,
+    /// Default: the camera's.
+    pub hard_examples: Option<bool>,
 }
 
 impl Default for RawCameraCommon {
@@ -407,6 +466,8 @@ impl Default for RawCameraCommon {
             heartbeat_secs: 60.0,
             model: None,
             region: Vec::new(),
+            snapshots: SnapshotMode::Off,
+            hard_examples: false,
         }
     }
 }
@@ -592,6 +653,8 @@ pub(super) fn known() -> Vec<(&'static str, Vec<&'static str>)> {
         ("homeassistant", fields::<RawHomeAssistant>().to_vec()),
         ("commands", fields::<RawCommands>().to_vec()),
         ("metrics", fields::<RawMetrics>().to_vec()),
+        ("snapshots", fields::<RawSnapshots>().to_vec()),
+        ("hard_examples", fields::<RawHardExamples>().to_vec()),
         ("outbox", fields::<RawOutbox>().to_vec()),
         ("mqtt", fields::<RawMqtt>().to_vec()),
         ("model", fields::<RawModel>().to_vec()),

@@ -31,6 +31,8 @@ pub struct Settings {
     pub homeassistant: HomeAssistantSettings,
     pub commands: CommandSettings,
     pub metrics: MetricsSettings,
+    pub snapshots: SnapshotSettings,
+    pub hard_examples: HardExampleSettings,
     /// Where each value came from, for [`Settings::error_at`].
     #[serde(skip)]
     pub(super) origins: std::sync::Arc<super::sources::Sources>,
@@ -41,6 +43,51 @@ pub struct Settings {
 pub struct MetricsSettings {
     /// Where to listen, e.g. 127.0.0.1:9898; None: no listener.
     pub listen: Option<std::net::SocketAddr>,
+}
+
+/// `[snapshots]`: event snapshots (a camera's or region's `snapshots`), kept under
+/// `<device.state_dir>/snapshots/` within these bounds (the oldest deleted first).
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotSettings {
+    pub max_files: usize,
+    pub max_bytes: u64,
+    /// Each JPEG is re-encoded smaller until it fits (and so fits an MQTT packet).
+    pub jpeg_max_bytes: usize,
+}
+
+/// `[hard_examples]`: frames kept for retraining (a camera's or region's
+/// `hard_examples`) under `<device.state_dir>/hard-examples/`, a JPEG and a JSON sidecar
+/// each, within these bounds (the oldest deleted first).
+#[derive(Debug, Clone, Serialize)]
+pub struct HardExampleSettings {
+    pub min_score: f32,
+    pub max_score: f32,
+    pub flips: bool,
+    pub min_interval_secs: f64,
+    pub max_files: usize,
+    pub max_bytes: u64,
+}
+
+/// What a camera or region does with a frame when one of its detections starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotMode {
+    #[default]
+    Off,
+    /// As JPEG on `<camera>[/<region>]/snapshot`.
+    Publish,
+    /// Under `<device.state_dir>/snapshots/`.
+    Save,
+    Both,
+}
+
+impl SnapshotMode {
+    pub fn publishes(self) -> bool {
+        matches!(self, SnapshotMode::Publish | SnapshotMode::Both)
+    }
+    pub fn saves(self) -> bool {
+        matches!(self, SnapshotMode::Save | SnapshotMode::Both)
+    }
 }
 
 /// `[commands]`: remote commands (`mqtt/commands.rs`), off by default.
@@ -391,6 +438,9 @@ pub struct CameraSettings {
     /// The parts of the frame classified, each on its own; empty: the whole frame.
     #[serde(rename = "region", skip_serializing_if = "Vec::is_empty")]
     pub regions: Vec<RegionSettings>,
+    /// On a detection start of the whole frame.
+    pub snapshots: SnapshotMode,
+    pub hard_examples: bool,
 }
 
 /// `[[camera.region]]`: a named part of a camera's frame, classified on its own model.
@@ -401,6 +451,8 @@ pub struct RegionSettings {
     #[serde(flatten)]
     pub area: Area,
     pub model: String,
+    pub snapshots: SnapshotMode,
+    pub hard_examples: bool,
 }
 
 /// A rectangle of a frame in pixels.

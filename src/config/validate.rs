@@ -7,15 +7,16 @@ use std::time::Duration;
 use super::error::ConfigError;
 use super::raw::{
     DEFAULT_FSYNC_INTERVAL_MS, FsyncPolicy, OneOrThree, RawCamera, RawCameraCommon, RawCommand,
-    RawCommands, RawConfig, RawDetection, RawHomeAssistant, RawHttpMjpeg, RawImages, RawModel,
-    RawMqtt, RawOutbox, RawPicamera, RawPipe, RawRegion, RawRtsp, RawSource, RawV4l2, SourceKind,
-    default_state_dir,
+    RawCommands, RawConfig, RawDetection, RawHardExamples, RawHomeAssistant, RawHttpMjpeg,
+    RawImages, RawModel, RawMqtt, RawOutbox, RawPicamera, RawPipe, RawRegion, RawRtsp,
+    RawSnapshots, RawSource, RawV4l2, SourceKind, default_state_dir,
 };
 use super::settings::{
     Area, CameraSettings, ClassificationSettings, CommandLine, CommandSettings, DetectionSettings,
-    DeviceSettings, Fsync, HomeAssistantSettings, LogSettings, MQTT_MAX_PACKET, MetricsSettings,
-    ModelSettings, MqttSettings, Normalization, OutboxSettings, Rect, RegionSettings,
-    SYSTEM_CA_FILE, Secret, Settings, SourceSettings, SourceUrl, StreamFormat, TlsSettings,
+    DeviceSettings, Fsync, HardExampleSettings, HomeAssistantSettings, LogSettings,
+    MQTT_MAX_PACKET, MetricsSettings, ModelSettings, MqttSettings, Normalization, OutboxSettings,
+    Rect, RegionSettings, SYSTEM_CA_FILE, Secret, Settings, SnapshotMode, SnapshotSettings,
+    SourceSettings, SourceUrl, StreamFormat, TlsSettings,
 };
 use super::sources::Sources;
 
@@ -27,7 +28,8 @@ pub(super) struct Validator<'a> {
 struct RegionCtx<'a> {
     /// `camera[i].region[j]`.
     at: String,
-    camera_model: &'a str,
+    /// The camera's model, snapshots and hard examples: the region's defaults.
+    camera: (&'a str, SnapshotMode, bool),
     models: &'a [ModelSettings],
     frame: Option<(u32, u32)>,
 }
@@ -115,6 +117,8 @@ impl Validator<'_> {
                 durable: raw.classification.durable,
             },
             commands: self.commands(raw.commands)?,
+            snapshots: self.snapshots(raw.snapshots)?,
+            hard_examples: self.hard_examples(raw.hard_examples)?,
             homeassistant: self.homeassistant(raw.homeassistant)?,
             metrics: MetricsSettings {
                 listen: match raw.metrics.listen {
@@ -419,6 +423,43 @@ impl Validator<'_> {
         })
     }
 
+    fn snapshots(&self, s: RawSnapshots) -> Result<SnapshotSettings, ConfigError> {
+        Ok(SnapshotSettings {
+            max_files: self.range("snapshots.max_files", s.max_files, 1, 1_000_000)? as usize,
+            max_bytes: self.range("snapshots.max_bytes", s.max_bytes, 1 << 20, 1 << 40)? as u64,
+            // Below the MQTT packet limit, with room for the topic and header.
+            jpeg_max_bytes: self.range(
+                "snapshots.jpeg_max_bytes",
+                s.jpeg_max_bytes,
+                4096,
+                (MQTT_MAX_PACKET - 4096) as i64,
+            )? as usize,
+        })
+    }
+
+    fn hard_examples(&self, h: RawHardExamples) -> Result<HardExampleSettings, ConfigError> {
+        let min_score = self.unit("hard_examples.min_score", h.min_score)?;
+        let max_score = self.unit("hard_examples.max_score", h.max_score)?;
+        if max_score < min_score {
+            return Err(self.err(
+                "hard_examples.max_score",
+                format!("{max_score} is below hard_examples.min_score ({min_score})"),
+            ));
+        }
+        Ok(HardExampleSettings {
+            min_score,
+            max_score,
+            flips: h.flips,
+            min_interval_secs: self.positive(
+                "hard_examples.min_interval_secs",
+                h.min_interval_secs,
+                86_400.0,
+            )?,
+            max_files: self.range("hard_examples.max_files", h.max_files, 1, 1_000_000)? as usize,
+            max_bytes: self.range("hard_examples.max_bytes", h.max_bytes, 1 << 20, 1 << 40)? as u64,
+        })
+    }
+
     fn commands(&self, c: RawCommands) -> Result<CommandSettings, ConfigError> {
         Ok(CommandSettings {
             enabled: c.enabled,
@@ -551,7 +592,7 @@ impl Validator<'_> {
         for (j, r) in c.region.into_iter().enumerate() {
             let ctx = RegionCtx {
                 at: k(&format!("region[{j}]")),
-                camera_model: &model,
+                camera: (&model, c.snapshots, c.hard_examples),
                 models,
                 frame: source.frame_size(),
             };
@@ -569,6 +610,8 @@ impl Validator<'_> {
             source,
             model,
             regions,
+            snapshots: c.snapshots,
+            hard_examples: c.hard_examples,
             max_age_ms: self.range(&k("max_age_ms"), c.max_age_ms, 1, 3_600_000)? as u64,
             stall_secs: self.positive(&k("stall_secs"), c.stall_secs, 3600.0)?,
             reopen_min_ms: reopen_min_ms as u64,
@@ -601,7 +644,7 @@ impl Validator<'_> {
         self.topic_level(&k("name"), &name)?;
         let model = match r.model {
             Some(m) => self.model_name(&k("model"), m, ctx.models)?,
-            None => ctx.camera_model.to_string(),
+            None => ctx.camera.0.to_string(),
         };
         let width = r
             .width
@@ -660,7 +703,13 @@ impl Validator<'_> {
             area.in_frame(fw, fh)
                 .map_err(|e| self.err(&ctx.at, format!("{e} this source is told to deliver")))?;
         }
-        Ok(RegionSettings { name, area, model })
+        Ok(RegionSettings {
+            name,
+            area,
+            model,
+            snapshots: r.snapshots.unwrap_or(ctx.camera.1),
+            hard_examples: r.hard_examples.unwrap_or(ctx.camera.2),
+        })
     }
 
     fn images(
@@ -868,6 +917,8 @@ impl CameraSettings {
             heartbeat_secs: d.heartbeat_secs,
             model: "default".to_string(),
             regions: Vec::new(),
+            snapshots: d.snapshots,
+            hard_examples: d.hard_examples,
         }
     }
 }

@@ -23,11 +23,13 @@ use crate::daemon::reload::{self, Loaded, Models};
 use crate::daemon::{report, watchdog};
 use crate::detect::Rules;
 use crate::infer::{self, Inference};
+use crate::keep::Folder;
 use crate::metrics;
 use crate::model::Classifier;
 use crate::mqtt::commands::{self, Handles};
 use crate::mqtt::outbox::{self, Outbox};
 use crate::mqtt::{self, OFFLINE, Retained, StatusOut, discovery, start_embedded_broker};
+use crate::stats::KeepCounters;
 use crate::stats::Stats;
 use crate::stats::control::Control;
 use crate::stats::switches::Switches;
@@ -414,6 +416,7 @@ impl Wiring {
     ) -> Result<InferenceThread> {
         let durable = outbox.map(|outbox| infer::Durable { rules, outbox });
         let ctx = infer::Context {
+            folders: self.open_folders(),
             models,
             settings: self.settings.clone(),
             slots,
@@ -432,6 +435,68 @@ impl Wiring {
             })
             .context("starting the inference thread")?;
         Ok(InferenceThread { done })
+    }
+
+    /// The folders for event snapshots and hard examples, when a camera or region saves
+    /// into them; one that cannot be opened is logged and that kind is not saved (the
+    /// cameras go on).
+    fn open_folders(&self) -> infer::keep::Folders {
+        let s = &self.settings;
+        let views = s.camera.iter().flat_map(|c| {
+            let whole = c
+                .regions
+                .is_empty()
+                .then_some((c.snapshots, c.hard_examples));
+            let regions = c.regions.iter().map(|r| (r.snapshots, r.hard_examples));
+            whole.into_iter().chain(regions).collect::<Vec<_>>()
+        });
+        let (mut snapshots, mut hard) = (false, false);
+        for (snap, h) in views {
+            snapshots |= snap.saves();
+            hard |= h;
+        }
+        let open = |wanted: bool,
+                    name: &str,
+                    files: usize,
+                    bytes: u64,
+                    stats: &std::sync::OnceLock<Arc<KeepCounters>>| {
+            if !wanted {
+                return None;
+            }
+            let dir = s.device.state_dir.join(name);
+            let counters = stats.get_or_init(Arc::default).clone();
+            match Folder::open_counted(&dir, files, bytes, counters) {
+                Ok(f) => {
+                    let (n, b) = f.len();
+                    info!("{name}: {} ({n} kept, {b} bytes)", dir.display());
+                    Some(f)
+                }
+                Err(e) => {
+                    warn!(
+                        "{name}: cannot open {}: {e}; none will be saved",
+                        dir.display()
+                    );
+                    None
+                }
+            }
+        };
+        let (sn, he) = (&s.snapshots, &s.hard_examples);
+        infer::keep::Folders {
+            snapshots: open(
+                snapshots,
+                "snapshots",
+                sn.max_files,
+                sn.max_bytes,
+                &self.stats.snapshots,
+            ),
+            hard_examples: open(
+                hard,
+                "hard-examples",
+                he.max_files,
+                he.max_bytes,
+                &self.stats.hard_examples,
+            ),
+        }
     }
 
     /// The shutdown order (ARCHITECTURE.md, "Shutdown drains in order"). Inference has

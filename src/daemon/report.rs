@@ -15,7 +15,7 @@ use crate::config::Settings;
 use crate::mqtt::qos;
 use crate::mqtt::topics::stats_topic;
 use crate::stats::control::Control;
-use crate::stats::{CameraState, Stats};
+use crate::stats::{CameraState, KeepCounters, Stats};
 use crate::util::{cpu_temp_c, rfc3339_ms, rss_mb};
 
 #[derive(Debug, Serialize)]
@@ -32,7 +32,36 @@ pub struct StatsMsg {
     pub mqtt: MqttStats,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outbox: Option<OutboxStats>,
+    /// Event snapshots and hard examples kept on disk, when any view saves them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<KeptStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hard_examples: Option<KeptStats>,
     pub cameras: BTreeMap<String, CameraReport>,
+}
+
+/// A folder of kept files (`keep`): what it holds and what it did.
+#[derive(Debug, Serialize)]
+pub struct KeptStats {
+    pub files: u64,
+    pub bytes: u64,
+    pub saved: u64,
+    /// Deleted, oldest first, to stay within the bounds.
+    pub deleted: u64,
+    pub failed: u64,
+}
+
+impl KeptStats {
+    fn of(c: &KeepCounters) -> KeptStats {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        KeptStats {
+            files: g(&c.files),
+            bytes: g(&c.bytes),
+            saved: g(&c.saved),
+            deleted: g(&c.deleted),
+            failed: g(&c.failed),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -202,6 +231,8 @@ pub fn stats_message(
             memory_fallback: g(&o.memory_fallback),
             rewritten: g(&o.rewritten),
         }),
+        snapshots: stats.snapshots.get().map(|c| KeptStats::of(c)),
+        hard_examples: stats.hard_examples.get().map(|c| KeptStats::of(c)),
         cameras,
     }
 }

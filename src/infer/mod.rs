@@ -17,6 +17,7 @@
 //! command replies and outbox (the stage publishes; it does not drive a connection).
 
 pub mod gate;
+pub mod keep;
 pub mod messages;
 
 pub use gate::{Gate, change_score};
@@ -31,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::capture::{Frame, Slots};
-use crate::config::{CameraSettings, PublishMode, Settings};
+use crate::config::{CameraSettings, PublishMode, Rect, Settings};
 use crate::detect::{self, Rules, Tracker};
 use crate::frame::snapshot::snapshot_jpeg;
 use crate::frame::{Cut, Pixels};
@@ -57,6 +58,8 @@ pub struct Context {
     /// The durable path, when the outbox is open (detection on, or durable
     /// classifications).
     pub durable: Option<Durable>,
+    /// Where event snapshots and hard examples are saved, for the views that save them.
+    pub folders: keep::Folders,
 }
 
 /// The durable path: detection events and durable classifications, made into messages
@@ -87,6 +90,8 @@ struct View {
     tracker: Option<Tracker>,
     /// What commands switched off of it (`stats::switches`).
     off: Off,
+    /// Its snapshots and hard examples.
+    keeping: keep::Keeping,
 }
 
 /// A view's switches as inference applies them: label names resolved to classes of the
@@ -165,18 +170,27 @@ impl View {
                 last_published: None,
                 tracker: rules.and_then(|r| r.get(model)).cloned().map(Tracker::new),
                 off: Off::default(),
+                keeping: keep::Keeping::default(),
             }
         };
         if cam.regions.is_empty() {
-            return vec![view(None, &cam.model)];
+            let mut v = view(None, &cam.model);
+            v.keeping.snapshots = cam.snapshots;
+            v.keeping.hard_examples = cam.hard_examples;
+            return vec![v];
         }
         let regions = cam.regions.iter().enumerate();
-        regions.map(|(j, r)| view(Some(j), &r.model)).collect()
+        let mut views: Vec<View> = regions.map(|(j, r)| view(Some(j), &r.model)).collect();
+        for (v, r) in views.iter_mut().zip(&cam.regions) {
+            v.keeping.snapshots = r.snapshots;
+            v.keeping.hard_examples = r.hard_examples;
+        }
+        views
     }
 }
 
 /// A classified view, on its way out.
-struct Classified {
+pub(crate) struct Classified {
     probs: Vec<f32>,
     top: Vec<Prediction>,
     ms: f64,
@@ -267,7 +281,8 @@ impl Inference {
         let (mut classified, mut gated, mut ms) = (0, 0, 0.0);
         let views = self.prepare(i, frame);
         let n = views.len();
-        for (v, pixels) in views {
+        let mut picture = keep::Picture::new(frame);
+        for (v, rect, pixels) in views {
             if !self.views[i][v].gate.admit(&pixels, frame.captured) {
                 gated += 1;
                 if let Some(r) = self.views[i][v].region {
@@ -284,8 +299,15 @@ impl Inference {
             if let (false, Some(t)) = (view.off.detection, &mut view.tracker) {
                 let probs = without(&c.probs, &view.off.unwatched);
                 let events = t.observe(&probs, frame.captured_at);
+                let labels = self.ctx.models[view.model].labels();
+                let start = events.iter().find(|e| e.kind == detect::Kind::Start);
+                let started = start.map(|e| labels.get(e.class).cloned().unwrap_or_default());
                 self.publish_events(i, v, events);
+                if let Some(label) = started {
+                    self.snapshot((i, v), frame, rect, &label, &mut picture);
+                }
             }
+            self.hard_example((i, v), frame, rect, &c, &mut picture);
             if !self.views[i][v].off.classification {
                 self.publish(i, v, frame, c);
             }
@@ -331,7 +353,7 @@ impl Inference {
     /// Each view of the frame at its model's input size, from one preparation pass; a
     /// region outside this frame is left out (counted `bad` for the region), a frame that
     /// cannot be decoded gives nothing (counted `bad_frames`).
-    fn prepare(&self, i: usize, frame: &Frame) -> Vec<(usize, Pixels)> {
+    fn prepare(&self, i: usize, frame: &Frame) -> Vec<(usize, Option<Rect>, Pixels)> {
         let (settings, stats) = (&self.ctx.settings, &self.ctx.stats);
         let cam = &settings.camera[i];
         let cs = stats.camera(i);
@@ -360,14 +382,18 @@ impl Inference {
                 },
             };
             let spec = self.ctx.models[view.model].input_spec();
-            views.push(v);
+            views.push((v, rect));
             cuts.push(Cut { rect, spec });
         }
         if cuts.is_empty() {
             return vec![];
         }
         match frame.raw.prepare_cuts(&cuts) {
-            Ok(pixels) => views.into_iter().zip(pixels).collect(),
+            Ok(pixels) => views
+                .into_iter()
+                .zip(pixels)
+                .map(|((v, rect), px)| (v, rect, px))
+                .collect(),
             Err(e) => {
                 let n = cs.bad_frames.fetch_add(1, Ordering::Relaxed) + 1;
                 if worth_logging(n) {

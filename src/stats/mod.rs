@@ -153,6 +153,19 @@ impl OutboxCounters {
     }
 }
 
+/// A folder the daemon keeps (event snapshots, hard examples: the `keep` module).
+#[derive(Debug, Default)]
+pub struct KeepCounters {
+    pub saved: AtomicU64,
+    /// Entries deleted (oldest first) to stay within the bounds.
+    pub deleted: AtomicU64,
+    /// Entries that could not be written (or made).
+    pub failed: AtomicU64,
+    /// What the folder holds now (gauges).
+    pub files: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
 /// Inference times in fixed buckets, for `/metrics`: counts per upper bound (seconds),
 /// their sum and count. Fixed memory, lock-free.
 #[derive(Debug, Default)]
@@ -209,6 +222,11 @@ pub struct Stats {
     pub outbox: OnceLock<Arc<OutboxCounters>>,
     /// Per model (by name, in configuration order), its inference times.
     pub models: Vec<(String, Histogram)>,
+    /// Event snapshots and hard examples kept, once their folders are open.
+    pub snapshots: OnceLock<Arc<KeepCounters>>,
+    pub hard_examples: OnceLock<Arc<KeepCounters>>,
+    /// Event snapshots not published because the MQTT queue was full.
+    pub snapshots_dropped: AtomicU64,
 }
 
 impl Stats {
@@ -259,6 +277,9 @@ impl Stats {
                 .into_iter()
                 .map(|m| (m, Histogram::default()))
                 .collect(),
+            snapshots: OnceLock::new(),
+            hard_examples: OnceLock::new(),
+            snapshots_dropped: AtomicU64::new(0),
         }
     }
 
