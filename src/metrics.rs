@@ -358,3 +358,44 @@ fn respond(req: &Request<hyper::body::Incoming>, current: &Arc<Current>) -> Resp
     }
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regions and models in the exposition: a sample per region of each region counter,
+    /// a histogram per model, each agreeing with the counters it reads.
+    #[test]
+    fn regions_and_models_are_exposed_with_their_labels() {
+        let s = crate::config::from_toml(
+            "[[model]]\nname = \"big\"\npath = \"a.onnx\"\n[[model]]\nname = \"small\"\npath = \"b.onnx\"\n\
+             [[camera]]\nname = \"yard\"\npath = \"x\"\n\
+             [[camera.region]]\nname = \"gate\"\nwidth = 0.5\nheight = 1\n\
+             [[camera.region]]\nname = \"feeder\"\nx = 0.5\nwidth = 0.5\nheight = 1\nmodel = \"small\"\n\
+             [[camera]]\nname = \"door\"\npath = \"x\"\n",
+        );
+        let stats = Arc::new(Stats::for_settings(&s));
+        let yard = stats.camera(0);
+        yard.regions[0].classified.store(7, Ordering::Relaxed);
+        yard.regions[1].gated.store(3, Ordering::Relaxed);
+        yard.regions[1].bad.store(2, Ordering::Relaxed);
+        stats.model(1).unwrap().observe(0.02);
+        let current = Arc::new(Current::default());
+        current.set(stats);
+        let text = render(&current);
+        for line in [
+            "edgesight_region_crops_classified_total{camera=\"yard\",region=\"gate\"} 7",
+            "edgesight_region_crops_gated_total{camera=\"yard\",region=\"feeder\"} 3",
+            "edgesight_region_crops_bad_total{camera=\"yard\",region=\"feeder\"} 2",
+            "edgesight_inference_seconds_count{model=\"big\"} 0",
+            "edgesight_inference_seconds_count{model=\"small\"} 1",
+            "edgesight_frames_captured_total{camera=\"door\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        assert!(
+            !text.contains("region=\"\""),
+            "a camera without regions has none"
+        );
+    }
+}
