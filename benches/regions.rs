@@ -8,54 +8,12 @@
 //!
 //! The table is in BENCHMARKS.md.
 
-use std::time::Instant;
+mod common;
 
+use common::{median_ms, scene};
 use edgesight::config::{ModelSettings, Rect};
 use edgesight::frame::{Cut, RawFormat, RawFrame};
 use edgesight::model::Classifier;
-use image::RgbImage;
-use image::imageops::{self, FilterType};
-
-/// The fixture samples tiled over a 1080p frame with sensor noise (what makes real MJPEG
-/// frames expensive to entropy-decode), as in the `prepare` bench.
-fn scene() -> RgbImage {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let samples = root.join("tests/fixtures/samples");
-    let files = edgesight::capture::images::image_files(samples.to_str().unwrap_or_default())
-        .expect("fixture samples");
-    let tiles: Vec<RgbImage> = files
-        .iter()
-        .take(8)
-        .map(|f| image::open(f).expect("sample").into_rgb8())
-        .collect();
-    let mosaic = RgbImage::from_fn(64 * 4, 64 * 2, |x, y| {
-        *tiles[(y / 64 * 4 + x / 64) as usize].get_pixel(x % 64, y % 64)
-    });
-    let mut img = imageops::resize(&mosaic, 1920, 1080, FilterType::Triangle);
-    let mut seed = 0x2545_f491_u32;
-    for p in img.pixels_mut() {
-        for c in p.0.iter_mut() {
-            seed ^= seed << 13;
-            seed ^= seed >> 17;
-            seed ^= seed << 5;
-            *c = (*c as i32 + (seed % 17) as i32 - 8).clamp(0, 255) as u8;
-        }
-    }
-    img
-}
-
-fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
-    f(); // warm-up
-    let mut t: Vec<f64> = (0..runs)
-        .map(|_| {
-            let t0 = Instant::now();
-            f();
-            t0.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[runs / 2]
-}
 
 /// `n` regions of the 1080p frame: a quarter of it (1), its quarters (4), or 4 x 2 tiles
 /// of 480x540 (8).
@@ -85,7 +43,7 @@ fn main() {
         .unwrap_or_else(|| root.join("tests/fixtures/models/shapes_int8_qlinear.onnx"));
     let classifier = Classifier::load(&ModelSettings::for_file(model.clone())).expect("model");
     let spec = classifier.input_spec();
-    let raw = RawFrame::from_rgb(&scene(), RawFormat::Mjpeg);
+    let raw = RawFrame::from_rgb(&scene(1920, 1080, 4, 2), RawFormat::Mjpeg);
     println!(
         "model {} ({}x{}), 1920x1080 MJPEG ({} bytes), {runs} runs, medians",
         model.display(),

@@ -72,6 +72,20 @@ impl Validator<'_> {
         Ok(())
     }
 
+    /// `name` (at `key`) is none of `taken`, the names of the other `what`s.
+    fn unique<'n>(
+        &self,
+        key: &str,
+        name: &str,
+        mut taken: impl Iterator<Item = &'n str>,
+        what: &str,
+    ) -> Result<(), ConfigError> {
+        if taken.any(|t| t == name) {
+            return Err(self.err(key, format!("{name:?} is used by another {what}")));
+        }
+        Ok(())
+    }
+
     /// A topic prefix: levels, but no wildcards and no trailing '/'.
     fn topic_prefix(&self, key: &str, v: &str) -> Result<(), ConfigError> {
         if v.is_empty() || v.contains(['+', '#', '\0']) || v.ends_with('/') {
@@ -282,12 +296,8 @@ impl Validator<'_> {
         for (at, table) in tables {
             let raw: RawModel = self.src.deserialize(&at, table)?;
             let m = self.model(&at, several, raw)?;
-            if models.iter().any(|o| o.name == m.name) {
-                return Err(self.err(
-                    &format!("{at}.name"),
-                    format!("{:?} is used by another model", m.name),
-                ));
-            }
+            let names = models.iter().map(|o| o.name.as_str());
+            self.unique(&format!("{at}.name"), &m.name, names, "model")?;
             models.push(m);
         }
         Ok(models)
@@ -423,17 +433,17 @@ impl Validator<'_> {
         })
     }
 
+    /// A JPEG's size limit: below the MQTT packet limit, with room for the topic and
+    /// header, so every snapshot can be published.
+    fn jpeg_limit(&self, key: &str, v: i64) -> Result<usize, ConfigError> {
+        Ok(self.range(key, v, 4096, (MQTT_MAX_PACKET - 4096) as i64)? as usize)
+    }
+
     fn snapshots(&self, s: RawSnapshots) -> Result<SnapshotSettings, ConfigError> {
         Ok(SnapshotSettings {
             max_files: self.range("snapshots.max_files", s.max_files, 1, 1_000_000)? as usize,
             max_bytes: self.range("snapshots.max_bytes", s.max_bytes, 1 << 20, 1 << 40)? as u64,
-            // Below the MQTT packet limit, with room for the topic and header.
-            jpeg_max_bytes: self.range(
-                "snapshots.jpeg_max_bytes",
-                s.jpeg_max_bytes,
-                4096,
-                (MQTT_MAX_PACKET - 4096) as i64,
-            )? as usize,
+            jpeg_max_bytes: self.jpeg_limit("snapshots.jpeg_max_bytes", s.jpeg_max_bytes)?,
         })
     }
 
@@ -469,13 +479,8 @@ impl Validator<'_> {
                 16,
                 65_536,
             )? as usize,
-            // Below the MQTT packet limit, with room for the topic and header.
-            snapshot_max_bytes: self.range(
-                "commands.snapshot_max_bytes",
-                c.snapshot_max_bytes,
-                4096,
-                (MQTT_MAX_PACKET - 4096) as i64,
-            )? as usize,
+            snapshot_max_bytes: self
+                .jpeg_limit("commands.snapshot_max_bytes", c.snapshot_max_bytes)?,
         })
     }
 
@@ -495,12 +500,8 @@ impl Validator<'_> {
         let mut cameras: Vec<CameraSettings> = Vec::with_capacity(tables.len());
         for (i, table) in tables.into_iter().enumerate() {
             let c = self.camera(i, self.read_camera(i, table)?, models)?;
-            if cameras.iter().any(|o| o.name == c.name) {
-                return Err(self.err(
-                    &format!("camera[{i}].name"),
-                    format!("{:?} is used by another camera", c.name),
-                ));
-            }
+            let names = cameras.iter().map(|o| o.name.as_str());
+            self.unique(&format!("camera[{i}].name"), &c.name, names, "camera")?;
             cameras.push(c);
         }
         Ok(cameras)
@@ -597,12 +598,9 @@ impl Validator<'_> {
                 frame: source.frame_size(),
             };
             let r = self.region(&ctx, r)?;
-            if regions.iter().any(|o| o.name == r.name) {
-                return Err(self.err(
-                    &format!("{}.name", ctx.at),
-                    format!("{:?} is used by another region of this camera", r.name),
-                ));
-            }
+            let names = regions.iter().map(|o| o.name.as_str());
+            let what = "region of this camera";
+            self.unique(&format!("{}.name", ctx.at), &r.name, names, what)?;
             regions.push(r);
         }
         Ok(CameraSettings {
