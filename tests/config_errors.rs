@@ -542,6 +542,13 @@ const CASES: &[Case] = &[
         dropin: None,
         expect: &["model[1].path", "/nonexistent.onnx", "FILE"],
     },
+    Case {
+        name: "[[model]] tables and a model key from the environment",
+        edit: &[("[model]\n", "[[model]]\nname = \"a\"\n")],
+        env: &[("EDGESIGHT__MODEL__PATH", "/x.onnx")],
+        dropin: None,
+        expect: &["EDGESIGHT__MODEL__PATH", "FILE", "[[model]] tables"],
+    },
 ];
 
 #[test]

@@ -66,6 +66,7 @@ impl Sources {
         }
         let env: config::Map<String, String> = env.into_iter().collect();
         check_known_env(&env)?;
+        check_model_tables_and_env(&files, &env)?;
         builder = builder.add_source(
             Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("__")
@@ -209,6 +210,29 @@ fn check_known_keys(table: &toml::Table, origin: &str) -> Result<(), ConfigError
         }
     }
     Ok(())
+}
+
+/// `EDGESIGHT__MODEL__*` sets keys of a single `[model]` table: beside `[[model]]` tables
+/// it would replace them all with one (the `config` crate merges a table over an array),
+/// so it is refused.
+fn check_model_tables_and_env(
+    files: &[(String, toml::Table)],
+    env: &config::Map<String, String>,
+) -> Result<(), ConfigError> {
+    let prefix = format!("{ENV_PREFIX}__MODEL__");
+    let var = env
+        .keys()
+        .find(|k| k.to_ascii_uppercase().starts_with(&prefix));
+    let tables = files
+        .iter()
+        .find(|(_, t)| matches!(t.get("model"), Some(toml::Value::Array(_))));
+    match (var, tables) {
+        (Some(var), Some((file, _))) => Err(ConfigError::new(format!(
+            "{var}: {file} has [[model]] tables, which cannot be set from the environment; \
+             use a config.d drop-in"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 fn check_known_env(env: &config::Map<String, String>) -> Result<(), ConfigError> {
