@@ -62,6 +62,15 @@ fn main() -> ExitCode {
     // A panic anywhere is fatal (systemd restarts us whole), except while a model loads.
     edgesight::util::panics::abort_on_panic();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. }) {
+        // A command that prints (`check | head`) ends quietly when its reader goes away, as
+        // Unix tools do; Rust ignores SIGPIPE, so the next print would panic and abort.
+        // The daemon keeps ignoring it: a broker's socket closing is an error to handle.
+        // SAFETY: setting a signal's disposition, before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -152,6 +161,9 @@ fn check(config: &Path) -> Result<()> {
         check_source(&settings, i, cam)?;
     }
     println!("# configuration {} is valid", config.display());
+    for cam in &settings.camera {
+        describe_views(cam);
+    }
     println!(
         "# {} model(s) loaded and optimised in {ms:.0} ms",
         settings.models.len()
@@ -161,6 +173,28 @@ fn check(config: &Path) -> Result<()> {
     }
     print!("{}", settings.to_redacted_toml());
     Ok(())
+}
+
+/// What `check` says of a camera's views: the whole frame or each region, on which model.
+fn describe_views(cam: &edgesight::config::CameraSettings) {
+    if cam.regions.is_empty() {
+        println!(
+            "# camera {}: the whole frame on model {}",
+            cam.name, cam.model
+        );
+        return;
+    }
+    let regions: Vec<String> = cam
+        .regions
+        .iter()
+        .map(|r| format!("{} ({}) on {}", r.name, r.area, r.model))
+        .collect();
+    println!(
+        "# camera {}: {} region(s): {}",
+        cam.name,
+        regions.len(),
+        regions.join("; ")
+    );
 }
 
 /// What `check` says of one model: its geometry, its preprocessing, and notes.

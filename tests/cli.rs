@@ -148,3 +148,24 @@ fn check_points_float_models_to_their_int8_form() {
         assert_eq!(note, float, "{file}: {stdout}");
     }
 }
+
+/// `edgesight check | head -0`: the reader is gone before check prints; check ends by
+/// SIGPIPE as Unix tools do, never by a panic on the broken pipe (which aborts the
+/// process and leaves a core).
+#[test]
+fn check_piped_into_a_reader_that_leaves_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let cfg = common::root().join("config/demo.toml");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edgesight"))
+        .current_dir(common::root())
+        .args(["check", "--config", cfg.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the read end closes: every print meets a broken pipe
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{stderr}");
+}
