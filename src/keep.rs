@@ -37,14 +37,10 @@ pub struct Folder {
 const EXTENSIONS: [&str; 2] = ["jpg", "json"];
 
 impl Folder {
-    /// Open (creating it) `dir`, keeping at most `max_files` entries and `max_bytes`;
-    /// what is there already counts, and is trimmed to the bounds now.
-    pub fn open(dir: &Path, max_files: usize, max_bytes: u64) -> std::io::Result<Folder> {
-        Self::open_counted(dir, max_files, max_bytes, Arc::default())
-    }
-
-    /// [`Folder::open`], counting into `counters` (the stats' own).
-    pub fn open_counted(
+    /// Open (creating it) `dir`, keeping at most `max_files` entries and `max_bytes`,
+    /// counting into `counters` (the stats' own); what is there already counts, and is
+    /// trimmed to the bounds now.
+    pub fn open(
         dir: &Path,
         max_files: usize,
         max_bytes: u64,
@@ -183,7 +179,7 @@ mod tests {
     fn folders_stay_within_their_bounds_oldest_first() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().join("kept");
-        let mut f = Folder::open(&d, 3, 1000).unwrap();
+        let mut f = Folder::open(&d, 3, 1000, Arc::default()).unwrap();
         std::fs::write(d.join("notes.txt"), b"mine").unwrap();
         for i in 0..5 {
             let stem = format!("2026120{i}T000000000Z_cam");
@@ -201,7 +197,7 @@ mod tests {
         assert!(names.contains(&"notes.txt".to_string()));
         assert_eq!(names.len(), 7);
         // Bytes: a 400-byte entry in a 700-byte folder leaves room for one 102-byte entry.
-        let mut f = Folder::open(&d, 100, 700).unwrap();
+        let mut f = Folder::open(&d, 100, 700, Arc::default()).unwrap();
         assert_eq!(f.len(), (3, 306));
         f.save("20261209T000000000Z_big", &[("jpg", &[0u8; 400])])
             .unwrap();
@@ -211,7 +207,7 @@ mod tests {
                 .is_err()
         );
         // Reopened with a smaller bound: trimmed at once.
-        let f = Folder::open(&d, 1, 700).unwrap();
+        let f = Folder::open(&d, 1, 700, Arc::default()).unwrap();
         assert_eq!(f.len(), (1, 400));
         assert!(d.join("notes.txt").exists());
     }

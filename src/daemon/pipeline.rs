@@ -465,7 +465,7 @@ impl Wiring {
             }
             let dir = s.device.state_dir.join(name);
             let counters = stats.get_or_init(Arc::default).clone();
-            match Folder::open_counted(&dir, files, bytes, counters) {
+            match Folder::open(&dir, files, bytes, counters) {
                 Ok(f) => {
                     let (n, b) = f.len();
                     info!("{name}: {} ({n} kept, {b} bytes)", dir.display());

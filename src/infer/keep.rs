@@ -50,18 +50,20 @@ impl<'a> Picture<'a> {
         Picture { frame, rgb: None }
     }
 
-    /// The frame, or `rect` of it, at full resolution; None if it does not decode.
-    fn crop(&mut self, rect: Option<Rect>) -> Option<RgbImage> {
+    /// The frame, or `rect` of it, at full resolution as a JPEG of at most `max` bytes;
+    /// None if it does not decode (or encode).
+    fn jpeg(&mut self, rect: Option<Rect>, max: usize) -> Option<Vec<u8>> {
         let rgb = self.rgb.get_or_insert_with(|| self.frame.raw.to_rgb().ok());
         let rgb = rgb.as_ref()?;
         let Some(r) = rect else {
-            return Some(rgb.clone());
+            return snapshot_jpeg(rgb, max).ok();
         };
         // A JPEG may decode smaller than its mode: crop what is there.
         let (w, h) = rgb.dimensions();
         let (x, y) = (r.x.min(w.saturating_sub(1)), r.y.min(h.saturating_sub(1)));
         let (cw, ch) = (r.width.min(w - x), r.height.min(h - y));
-        Some(image::imageops::crop_imm(rgb, x, y, cw, ch).to_image())
+        let crop = image::imageops::crop_imm(rgb, x, y, cw, ch).to_image();
+        snapshot_jpeg(&crop, max).ok()
     }
 }
 
@@ -101,13 +103,8 @@ impl Inference {
         }
         let s = &self.ctx.settings;
         let (cam, scope) = (&s.camera[i], &self.views[i][v].scope);
-        let region = self.views[i][v]
-            .region
-            .map(|r| cam.regions[r].name.as_str());
-        let jpeg = picture
-            .crop(rect)
-            .and_then(|img| snapshot_jpeg(&img, s.snapshots.jpeg_max_bytes).ok());
-        let Some(jpeg) = jpeg else {
+        let region = self.views[i][v].region_name(cam);
+        let Some(jpeg) = picture.jpeg(rect, s.snapshots.jpeg_max_bytes) else {
             if let Some(c) = self.ctx.stats.snapshots.get() {
                 c.failed.fetch_add(1, Ordering::Relaxed);
             }
@@ -162,11 +159,15 @@ impl Inference {
         c: &Classified,
         picture: &mut Picture,
     ) {
-        let s = self.ctx.settings.clone();
         let view = &mut self.views[i][v];
+        // A view that keeps none, or a folder that did not open: nothing to make.
+        let Some(folder) = self.ctx.folders.hard_examples.as_mut() else {
+            return;
+        };
         if !view.keeping.hard_examples {
             return;
         }
+        let s = &self.ctx.settings;
         let top = c.top.first().map(|p| (p.class, p.score));
         let previous = std::mem::replace(&mut view.keeping.previous, top.map(|t| t.0));
         let why = why_hard(top, previous, &s.hard_examples);
@@ -180,7 +181,7 @@ impl Inference {
         }
         view.keeping.last_hard = Some(frame.captured);
         let cam = &s.camera[i];
-        let region = view.region.map(|r| cam.regions[r].name.as_str());
+        let region = view.region_name(cam);
         let model = &self.ctx.models[view.model];
         let labels = model.labels();
         let sidecar = json!({
@@ -196,13 +197,7 @@ impl Inference {
             "frame": frame.number,
             "rect": rect,
         });
-        let jpeg = picture
-            .crop(rect)
-            .and_then(|img| snapshot_jpeg(&img, s.snapshots.jpeg_max_bytes).ok());
-        let Some(folder) = &mut self.ctx.folders.hard_examples else {
-            return;
-        };
-        let Some(jpeg) = jpeg else {
+        let Some(jpeg) = picture.jpeg(rect, s.snapshots.jpeg_max_bytes) else {
             folder.counters.failed.fetch_add(1, Ordering::Relaxed);
             return;
         };

@@ -147,6 +147,11 @@ fn without<'a>(probs: &'a [f32], classes: &[usize]) -> std::borrow::Cow<'a, [f32
 }
 
 impl View {
+    /// The view's region name in camera `cam` (its own settings); None: the whole frame.
+    fn region_name<'a>(&self, cam: &'a CameraSettings) -> Option<&'a str> {
+        self.region.map(|r| cam.regions[r].name.as_str())
+    }
+
     /// The views of camera `cam`: one per region, or the whole frame.
     fn of(settings: &Settings, cam: &CameraSettings, rules: Option<&[Rules]>) -> Vec<View> {
         let model_index = |name: &str| {
@@ -234,7 +239,7 @@ impl Inference {
             let cam = &self.ctx.settings.camera[i];
             for v in 0..self.views[i].len() {
                 let view = &self.views[i][v];
-                let name = view.region.map_or(FRAME, |r| cam.regions[r].name.as_str());
+                let name = view.region_name(cam).unwrap_or(FRAME);
                 let labels = self.ctx.models[view.model].labels();
                 let off = Off::of(switches.view(&cam.name, name), labels);
                 let ended = off.detection && !view.off.detection;
@@ -450,7 +455,7 @@ impl Inference {
             v: 1,
             device: &settings.device.id,
             camera: &cam.name,
-            region: view.region.map(|r| cam.regions[r].name.as_str()),
+            region: view.region_name(cam),
             seq: view.seq,
             ts: rfc3339_ms(frame.captured_at),
             model: self.ctx.models[view.model].file_name(),
@@ -530,7 +535,7 @@ impl Inference {
                 kind: e.kind,
                 device,
                 camera: &cam.name,
-                region: view.region.map(|r| cam.regions[r].name.as_str()),
+                region: view.region_name(cam),
                 label,
                 class: e.class,
                 score: round3(e.score),

@@ -8,7 +8,7 @@
 
 use serde_json::{Value, json};
 
-use crate::config::Settings;
+use crate::config::{CameraSettings, Settings};
 use crate::mqtt::topics::{availability_topic, camera_topic, stats_topic, view_topic};
 
 /// `homeassistant/device/<object id>/config`.
@@ -65,7 +65,7 @@ pub fn payload(settings: &Settings) -> Value {
             ],
             "availability_mode": "all",
         });
-        for (what, mut v) in entities(settings, c) {
+        for (what, mut v) in entities(settings, cam) {
             let uid = format!("{dev}_{}_{what}", sanitize(c));
             if let (Value::Object(o), Value::Object(a)) = (&mut v, &avail) {
                 o.extend(a.clone());
@@ -100,10 +100,8 @@ pub fn payload(settings: &Settings) -> Value {
 /// A camera's entities, keyed by what they show: per view (the whole frame, or each
 /// region: `<region>_label`...) its label, score and detections; the camera's fps and
 /// inference time.
-fn entities(settings: &Settings, c: &str) -> Vec<(String, Value)> {
-    let Some(cam) = settings.camera.iter().find(|x| x.name == c) else {
-        return vec![];
-    };
+fn entities(settings: &Settings, cam: &CameraSettings) -> Vec<(String, Value)> {
+    let c = cam.name.as_str();
     let mut all = Vec::new();
     let views: Vec<Option<&str>> = match cam.regions.is_empty() {
         true => vec![None],
