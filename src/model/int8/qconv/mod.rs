@@ -56,6 +56,10 @@ pub enum Kernel {
     /// `vpdpbusd`: u8 activations x i8 weights.
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
+    /// AMX `tdpbsud`: u8 activations x i8 weights in 16 x 64-byte tiles. Convs whose
+    /// input channels are not a multiple of 64 run on the VNNI kernel.
+    #[cfg(target_arch = "x86_64")]
+    Amx,
     /// ARMv8.0 NEON (Pi 4's Cortex-A72): `smull` + `sadalp`, i8 x i8.
     #[cfg(target_arch = "aarch64")]
     Neon,
@@ -74,6 +78,9 @@ impl Kernel {
             && is_x86_feature_detected!("avx512vnni")
         {
             k.push(Kernel::Avx512Vnni);
+            if kernels::amx::permitted() {
+                k.push(Kernel::Amx);
+            }
         }
         #[cfg(target_arch = "aarch64")]
         {
@@ -92,6 +99,24 @@ impl Kernel {
     /// tract's convolutions.
     pub fn best() -> Option<Kernel> {
         Kernel::available().pop().filter(|k| *k != Kernel::Portable)
+    }
+
+    /// Output channels of one block: a register block, or AMX's two tiles of 16.
+    pub(crate) fn rows(self) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if self == Kernel::Amx {
+            return kernels::amx::ROWS;
+        }
+        MR
+    }
+
+    /// Vectors of 16 pixels one block covers at most.
+    pub(crate) fn vectors(self) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if self == Kernel::Amx {
+            return 2;
+        }
+        PX
     }
 
     /// Whether the kernel multiplies signed activations (ARM's instructions are i8 x i8;
@@ -236,6 +261,12 @@ mod tests {
             c(4, 8, (5, 5), (3, 3), (1, 1), (0, 0, 0, 0)),
             c(8, 8, (17, 23), (3, 3), (1, 1), (1, 1, 1, 1)),
             c(7, 3, (9, 11), (5, 5), (3, 3), (2, 2, 2, 2)),
+            // Input channels in whole 64s (AMX's step), output channels not in 32s (its
+            // block), pixels in odd numbers of 16-pixel vectors, strided and 1x1.
+            c(64, 40, (9, 9), (3, 3), (1, 1), (1, 1, 1, 1)),
+            c(128, 33, (11, 13), (3, 3), (2, 2), (1, 0, 1, 1)),
+            c(192, 64, (7, 7), (1, 1), (1, 1), (0, 0, 0, 0)),
+            c(64, 16, (5, 6), (1, 1), (2, 2), (0, 0, 0, 0)),
             Case {
                 signed_x: true,
                 signed_y: true,

@@ -9,9 +9,9 @@ use tract_core::internal::*;
 use crate::model::int8::par_chunks;
 #[cfg(target_arch = "aarch64")]
 use crate::model::int8::qconv::kernels::neon;
-#[cfg(target_arch = "x86_64")]
-use crate::model::int8::qconv::kernels::x86 as vnni;
 use crate::model::int8::qconv::kernels::{Epilogue, Tile, portable};
+#[cfg(target_arch = "x86_64")]
+use crate::model::int8::qconv::kernels::{amx, x86 as vnni};
 use crate::model::int8::qconv::pack::interleave;
 use crate::model::int8::qconv::{Kernel, LANES, MR, PX};
 
@@ -82,7 +82,7 @@ impl QConv {
     }
 
     fn blocks(&self) -> usize {
-        self.cout.div_ceil(MR)
+        self.cout.div_ceil(self.which.rows())
     }
 
     /// The geometry for an `h` x `w` input, checked: no size overflows, no dimension is
@@ -114,7 +114,10 @@ impl QConv {
             .checked_mul(sw)
             .and_then(|v| v.checked_mul(phase_len))
             .and_then(|v| v.checked_mul(4)))?;
-        let vout_len = ck(self.blocks().checked_mul(MR).and_then(|v| v.checked_mul(q)))?;
+        let vout_len = ck(self
+            .blocks()
+            .checked_mul(self.which.rows())
+            .and_then(|v| v.checked_mul(q)))?;
         let mut offsets = Vec::with_capacity(self.taps());
         for ky in 0..kh {
             for kx in 0..kw {
@@ -228,60 +231,75 @@ impl QConv {
     /// independent, so with a multi-threaded model (`threads` > 1) they are shared out
     /// over tract's thread pool; the packed input is read by all.
     fn compute(&self, packed: &[u8], offsets: &[usize], g: &Geo, vout: &mut [u8]) {
-        let rows = MR * g.q;
+        let rows = self.which.rows() * g.q;
         let vout = &mut vout[..self.blocks() * rows];
         par_chunks(vout, rows, |(b, out)| {
             self.compute_block(b, packed, offsets, g, out)
         });
     }
 
-    /// Output channels `b * MR ..` into `out` (MR virtual rows of g.q pixels).
+    /// Output channels `b * rows ..` into `out` (`rows` virtual rows of g.q pixels, where
+    /// `rows` is the kernel's block: MR, or AMX's 32).
     fn compute_block(&self, b: usize, packed: &[u8], offsets: &[usize], g: &Geo, out: &mut [u8]) {
-        let wblock = self.taps() * self.groups() * MR * 4;
-        let cb_stride = g.plane * 4;
-        let vecs = g.q / LANES;
-        let w = &self.weights[b * wblock..(b + 1) * wblock];
+        let rows = self.which.rows();
+        let wblock = self.taps() * self.groups() * rows * 4;
         let epi = Epilogue {
-            bias: &self.bias[b * MR..(b + 1) * MR],
-            scales: &self.scales[b * MR..(b + 1) * MR],
+            bias: &self.bias[b * rows..(b + 1) * rows],
+            scales: &self.scales[b * rows..(b + 1) * rows],
             y0: self.y0,
             lo: self.lo,
             hi: self.hi,
         };
+        let tile = |v: usize| Tile {
+            packed,
+            offsets,
+            cb_stride: g.plane * 4,
+            groups: self.groups(),
+            q0: v * LANES,
+            w: &self.weights[b * wblock..(b + 1) * wblock],
+        };
+        let vecs = g.q / LANES;
+        // SAFETY: AMX is chosen only when it is permitted (Kernel::available).
+        #[cfg(target_arch = "x86_64")]
+        let _tiles = (self.which == Kernel::Amx).then(|| unsafe { amx::Tiles::configure() });
         let mut v = 0;
         while v < vecs {
-            let n = (vecs - v).min(PX);
-            let tile = Tile {
-                packed,
-                offsets,
-                cb_stride,
-                groups: self.groups(),
-                q0: v * LANES,
-                w,
-            };
+            let n = (vecs - v).min(self.which.vectors());
+            let tile = tile(v);
             match self.which {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: chosen only when the CPU has these features (Kernel::available), and
                 // `Tile::check` bounds every read.
                 Kernel::Avx512Vnni => unsafe {
-                    tile.check(n);
+                    tile.check(n, MR);
                     match n {
                         3 => vnni::block::<3>(&tile, &epi, out, g.q),
                         2 => vnni::block::<2>(&tile, &epi, out, g.q),
                         _ => vnni::block::<1>(&tile, &epi, out, g.q),
                     }
                 },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: tiles configured above; AMX is offered only beside AVX-512
+                // (Kernel::available) and for convs whose groups are a multiple of 16
+                // (replace::qconv_for); `Tile::check` bounds every read.
+                Kernel::Amx => unsafe {
+                    tile.check(n, rows);
+                    match n {
+                        2 => amx::block::<2>(&tile, &epi, out, g.q),
+                        _ => amx::block::<1>(&tile, &epi, out, g.q),
+                    }
+                },
                 Kernel::Portable => portable::block(&tile, n, &epi, out, g.q),
                 #[cfg(target_arch = "aarch64")]
                 // SAFETY: NEON is part of aarch64; `Tile::check` bounds every read.
                 Kernel::Neon => unsafe {
-                    tile.check(n);
+                    tile.check(n, MR);
                     neon::block_mull(&tile, n, &epi, out, g.q)
                 },
                 #[cfg(target_arch = "aarch64")]
                 // SAFETY: chosen only when the CPU has dotprod (Kernel::available).
                 Kernel::NeonDot => unsafe {
-                    tile.check(n);
+                    tile.check(n, MR);
                     neon::block_dot(&tile, n, &epi, out, g.q)
                 },
             }

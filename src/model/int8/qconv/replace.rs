@@ -138,25 +138,39 @@ fn input_domain(which: Kernel, signed_x: bool, x0: i32) -> Option<(u8, i32)> {
     domain.contains(&x0).then_some((flip, x0))
 }
 
-/// The weights in the kernels' order ([co block][tap][c4 group][MR][4]), the bias with
-/// the input zero point folded in (`bias - x0 * sum(w)`), and the requantisation scales,
-/// each padded to a multiple of MR channels.
-fn fold(shape: &Shape, q: &Quant, x0: i32) -> (Vec<i8>, Vec<i32>, Vec<f32>) {
+/// Where weight (block row `m`, tap `t`, C4 group `g`, byte `j`) goes in one block of
+/// the kernel's weights: [tap][c4 group][MR][4] for the vector kernels, AMX's tiles
+/// for AMX.
+fn weight_index(which: Kernel, t: usize, g: usize, m: usize, j: usize, groups: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if which == Kernel::Amx {
+        return crate::model::int8::qconv::kernels::amx::weight_index(t, g, m, j, groups);
+    }
+    let _ = which;
+    ((t * groups + g) * MR + m) * 4 + j
+}
+
+/// The weights in the kernel's order (per block of `which.rows()` output channels: see
+/// [`weight_index`]), the bias with the input zero point folded in
+/// (`bias - x0 * sum(w)`), and the requantisation scales, each padded to whole blocks.
+fn fold(shape: &Shape, q: &Quant, x0: i32, which: Kernel) -> (Vec<i8>, Vec<i32>, Vec<f32>) {
     let (cin, cout, taps) = (shape.cin, shape.cout, shape.taps());
     let groups = cin.div_ceil(4);
-    let blocks = cout.div_ceil(MR);
-    let mut weights = vec![0i8; blocks * taps * groups * MR * 4];
-    let mut folded = vec![0i32; blocks * MR];
-    let mut scales = vec![0f32; blocks * MR];
+    let rows = which.rows();
+    let blocks = cout.div_ceil(rows);
+    let wblock = taps * groups * rows * 4;
+    let mut weights = vec![0i8; blocks * wblock];
+    let mut folded = vec![0i32; blocks * rows];
+    let mut scales = vec![0f32; blocks * rows];
     for co in 0..cout {
-        let (b, m) = (co / MR, co % MR);
+        let (b, m) = (co / rows, co % rows);
         let mut sum = 0i32;
         for ci in 0..cin {
             for t in 0..taps {
                 let v = q.kernel[(co * cin + ci) * taps + t];
                 sum += v as i32;
                 let (g, j) = (ci / 4, ci % 4);
-                weights[(((b * taps + t) * groups + g) * MR + m) * 4 + j] = v;
+                weights[b * wblock + weight_index(which, t, g, m, j, groups)] = v;
             }
         }
         let bias = q.bias[if q.bias.len() == 1 { 0 } else { co }];
@@ -206,7 +220,14 @@ pub(crate) fn qconv_for(
     } else {
         (-128, 127)
     };
-    let (weights, bias, scales) = fold(&shape, &q, x0);
+    // AMX reduces 64 input channels a step: other convs (a 3-channel stem) run on VNNI.
+    #[cfg(target_arch = "x86_64")]
+    let which = if which == Kernel::Amx && shape.cin % 64 != 0 {
+        Kernel::Avx512Vnni
+    } else {
+        which
+    };
+    let (weights, bias, scales) = fold(&shape, &q, x0, which);
     let op = QConv {
         cin: shape.cin,
         cout: shape.cout,

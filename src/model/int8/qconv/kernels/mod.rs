@@ -3,6 +3,8 @@
 //! portable kernel is the definition; each ISA's kernel lives in its own file and is
 //! tested bit for bit against it (qconv's tests).
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod amx;
 #[cfg(target_arch = "aarch64")]
 pub(crate) mod neon;
 pub(crate) mod portable;
@@ -26,10 +28,11 @@ pub(crate) struct Tile<'a> {
 }
 
 impl Tile<'_> {
-    /// Every read of a block of `n` vectors lies inside `packed` and `w`.
+    /// Every read of a block of `n` vectors and `rows` output channels lies inside
+    /// `packed` and `w`.
     /// (Checked arithmetic: a wrapped sum would pass. `QConv::geo` has already proved
     /// this for the op's geometry; the check stays as the wall in front of `unsafe`.)
-    pub(crate) fn check(&self, n: usize) {
+    pub(crate) fn check(&self, n: usize, rows: usize) {
         let last = (self.groups.saturating_sub(1))
             .checked_mul(self.cb_stride)
             .and_then(|v| v.checked_add(self.offsets.iter().max().copied().unwrap_or(0)))
@@ -40,7 +43,7 @@ impl Tile<'_> {
             self.groups > 0 && last.is_some_and(|l| l <= self.packed.len()),
             "conv tile reads past its input"
         );
-        let weights = self.offsets.len().checked_mul(self.groups * MR * 4);
+        let weights = self.offsets.len().checked_mul(self.groups * rows * 4);
         assert!(weights.is_some_and(|need| self.w.len() >= need));
     }
 }

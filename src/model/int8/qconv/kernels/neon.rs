@@ -24,7 +24,7 @@ macro_rules! sdot {
 /// 16 accumulators, two activation and two weight registers.
 ///
 /// # Safety
-/// The CPU must have the dot product extension, and `t.check(n)` must hold.
+/// The CPU must have the dot product extension, and `t.check(n, MR)` must hold.
 #[target_feature(enable = "neon,dotprod")]
 pub unsafe fn block_dot(t: &Tile, n: usize, e: &Epilogue, out: &mut [u8], stride: usize) {
     let mut sums = [[0i32; LANES * PX]; MR];
@@ -80,7 +80,7 @@ pub unsafe fn block_dot(t: &Tile, n: usize, e: &Epilogue, out: &mut [u8], stride
 /// at the end. 4 pixels at a time: 16 accumulators.
 ///
 /// # Safety
-/// `t.check(n)` must hold.
+/// `t.check(n, MR)` must hold.
 #[target_feature(enable = "neon")]
 pub unsafe fn block_mull(t: &Tile, n: usize, e: &Epilogue, out: &mut [u8], stride: usize) {
     let mut sums = [[0i32; LANES * PX]; MR];

@@ -7,7 +7,7 @@ use std::arch::x86_64::*;
 /// One block: MR output channels x P vectors of 16 pixels, every tap and group.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F, BW and VNNI, and `t.check(P)` must hold.
+/// The CPU must have AVX-512 F, BW and VNNI, and `t.check(P, MR)` must hold.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub unsafe fn block<const P: usize>(t: &Tile, e: &Epilogue, out: &mut [u8], stride: usize) {
     let mut acc = [[_mm512_setzero_si512(); P]; MR];
@@ -42,22 +42,50 @@ pub unsafe fn block<const P: usize>(t: &Tile, e: &Epilogue, out: &mut [u8], stri
             unsafe { _mm512_storeu_si512(sums[m * P + p].as_mut_ptr() as *mut _, *a) };
         }
     }
-    let lo = _mm512_set1_ps((e.lo - e.y0) as f32);
-    let hi = _mm512_set1_ps((e.hi - e.y0) as f32);
-    let zp = _mm512_set1_epi32(e.y0);
+    let rq = Requant::new(e);
     for m in 0..MR {
-        let bias = _mm512_set1_epi32(e.bias[m]);
-        let scale = _mm512_set1_ps(e.scales[m]);
         let row = &mut out[m * stride + t.q0..m * stride + t.q0 + P * LANES];
         for p in 0..P {
             // SAFETY: each row of `sums` holds 16 i32s, one 512-bit load.
             let a = unsafe { _mm512_loadu_si512(sums[m * P + p].as_ptr() as *const _) };
-            let f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a, bias)), scale);
-            let f = _mm512_min_ps(_mm512_max_ps(f, lo), hi);
-            let q = _mm512_add_epi32(_mm512_cvtps_epi32(f), zp);
-            let bytes = _mm512_cvtepi32_epi8(q);
             // SAFETY: `row` holds P * 16 bytes.
-            unsafe { _mm_storeu_si128(row.as_mut_ptr().add(p * LANES) as *mut _, bytes) };
+            unsafe { rq.store(a, m, row.as_mut_ptr().add(p * LANES)) };
         }
+    }
+}
+
+/// The epilogue's constants in registers: bias, scale, zero point, clamp. Shared by the
+/// VNNI and AMX kernels, so both requantise with the same instructions.
+pub(crate) struct Requant<'a> {
+    e: &'a Epilogue<'a>,
+    lo: __m512,
+    hi: __m512,
+    zp: __m512i,
+}
+
+impl<'a> Requant<'a> {
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn new(e: &'a Epilogue<'a>) -> Requant<'a> {
+        Requant {
+            e,
+            lo: _mm512_set1_ps((e.lo - e.y0) as f32),
+            hi: _mm512_set1_ps((e.hi - e.y0) as f32),
+            zp: _mm512_set1_epi32(e.y0),
+        }
+    }
+
+    /// Requantise 16 sums of output channel `m` of the block and store them as bytes.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F and BW; `dst` is valid for 16 bytes; `m` is inside the block.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(crate) unsafe fn store(&self, a: __m512i, m: usize, dst: *mut u8) {
+        let bias = _mm512_set1_epi32(self.e.bias[m]);
+        let scale = _mm512_set1_ps(self.e.scales[m]);
+        let f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a, bias)), scale);
+        let f = _mm512_min_ps(_mm512_max_ps(f, self.lo), self.hi);
+        let q = _mm512_add_epi32(_mm512_cvtps_epi32(f), self.zp);
+        // SAFETY: the caller's `dst` holds 16 bytes.
+        unsafe { _mm_storeu_si128(dst as *mut _, _mm512_cvtepi32_epi8(q)) };
     }
 }
