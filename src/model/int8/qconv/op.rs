@@ -160,11 +160,18 @@ impl QConv {
         let (sh, sw) = self.stride;
         let (pt, pl, _, _) = self.pad;
         let groups = self.groups();
-        let pad_row = vec![self.x0 ^ self.flip; w];
+        // Long enough for the vector loads' read-ahead (pack::interleave).
+        let pad_row = vec![self.x0 ^ self.flip; 2 * w + 32];
+        let (kh, kw) = self.kernel;
         par_chunks(&mut out[..g.packed_len], g.plane * 4, |(k, region)| {
-            region.fill(self.x0);
             let (phase, cb) = (k / groups, k % groups);
             let (py, px) = (phase / sw, phase % sw);
+            // No tap reads this phase (a 1x1 conv of stride 2 reads one of four): its
+            // bytes stay as they are, never read.
+            if py >= kh || px >= kw {
+                return;
+            }
+            region.fill(self.x0);
             // Columns x with (x + pl) % sw == px land in phase (py, px).
             let first = (px + sw - pl % sw) % sw;
             if first >= w {
@@ -189,7 +196,7 @@ impl QConv {
                     if planes[j].is_empty() {
                         &pad_row[..]
                     } else {
-                        &planes[j][y * w..(y + 1) * w]
+                        &planes[j][y * w..]
                     }
                 });
                 let base = (r * g.wq + c0) * 4;
