@@ -387,16 +387,77 @@ pub(crate) fn par_chunks<T: Send>(
     work: impl Fn((usize, &mut [T])) + Send + Sync,
 ) {
     use rayon::prelude::*;
-    use tract_core::internal::tract_linalg::multithread::{Executor, current_tract_executor};
     let chunk = chunk.max(1);
-    let pieces = out.len().div_ceil(chunk);
-    match current_tract_executor() {
-        Executor::MultiThread(pool) if pieces > 1 => {
-            pool.install(|| out.par_chunks_mut(chunk).enumerate().for_each(work))
+    on_pool(out.len().div_ceil(chunk), |parallel| {
+        if parallel {
+            out.par_chunks_mut(chunk).enumerate().for_each(&work)
+        } else {
+            out.chunks_mut(chunk).enumerate().for_each(&work)
         }
-        Executor::RayonGlobal if pieces > 1 => out.par_chunks_mut(chunk).enumerate().for_each(work),
-        _ => out.chunks_mut(chunk).enumerate().for_each(work),
+    })
+}
+
+/// [`par_chunks`] over two outputs of the same length, cut at the same elements.
+pub(crate) fn par_chunks2<T: Send, U: Send>(
+    a: &mut [T],
+    b: &mut [U],
+    chunk: usize,
+    work: impl Fn((usize, &mut [T], &mut [U])) + Send + Sync,
+) {
+    use rayon::prelude::*;
+    let chunk = chunk.max(1);
+    let each = |(i, (a, b))| work((i, a, b));
+    on_pool(a.len().div_ceil(chunk), |parallel| {
+        if parallel {
+            let pairs = a.par_chunks_mut(chunk).zip(b.par_chunks_mut(chunk));
+            pairs.enumerate().for_each(each)
+        } else {
+            let pairs = a.chunks_mut(chunk).zip(b.chunks_mut(chunk));
+            pairs.enumerate().for_each(each)
+        }
+    })
+}
+
+/// `work(true)` inside the model's thread pool (tract's current executor) when it has
+/// one and there is more than one piece, else `work(false)` on this thread.
+fn on_pool(pieces: usize, work: impl FnOnce(bool) + Send) {
+    use tract_core::internal::tract_linalg::multithread::{Executor, current_tract_executor};
+    match current_tract_executor() {
+        Executor::MultiThread(pool) if pieces > 1 => pool.install(|| work(true)),
+        Executor::RayonGlobal if pieces > 1 => work(true),
+        _ => work(false),
     }
+}
+
+/// Call `f` from a function compiled for the widest x86 vectors this CPU has (AVX-512,
+/// else AVX2), so that `f`, inlined there, is vectorised for them: the baseline x86-64
+/// build has SSE2 only. Elsewhere just `f()`.
+#[inline(always)]
+pub(crate) fn widest<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+            // SAFETY: the CPU has AVX-512 F and BW, checked above.
+            return unsafe { with_avx512(f) };
+        }
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked above.
+            return unsafe { with_avx2(f) };
+        }
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
 }
 
 impl Op for QuantizedAdd {
@@ -588,11 +649,18 @@ impl ResidualAdd {
         A: Datum + Copy + tract_core::internal::tract_num_traits::AsPrimitive<i32>,
     {
         let floor = self.floor.unwrap_or(f32::NEG_INFINITY);
-        for ((y, a), b) in y.iter_mut().zip(a).zip(b) {
-            // tract's DequantizeLinearF32, Add, Max.
-            *y = ((a.as_() - self.a_zero_point) as f32 * self.a_scale + b).max(floor);
-        }
-        self.quantize.run(y, q);
+        // Shared out over the model's pool, each piece in one pass (add, then quantise
+        // while it is in cache), vectorised for the widest vectors the CPU has.
+        par_chunks2(y, q, PAR_CHUNK, |(i, y, q)| {
+            let (a, b) = (&a[i * PAR_CHUNK..], &b[i * PAR_CHUNK..]);
+            widest(|| {
+                for ((y, a), b) in y.iter_mut().zip(a).zip(b) {
+                    // tract's DequantizeLinearF32, Add, Max.
+                    *y = ((a.as_() - self.a_zero_point) as f32 * self.a_scale + b).max(floor);
+                }
+                self.quantize.run(y, q);
+            })
+        });
     }
 }
 
@@ -749,6 +817,8 @@ impl Quantize {
     }
 
     /// `x` quantised into `o`, as bytes of the output type (i8: two's complement).
+    /// Inlined into its callers, which compile it for their vector width ([`widest`]).
+    #[inline(always)]
     fn run(&self, x: &[f32], o: &mut [u8]) {
         let zp = self.zero_point as f32;
         let (lo, hi) = if self.dt == DatumType::I8 {
@@ -786,7 +856,9 @@ impl EvalOp for Quantize {
         let mut out = unsafe { Tensor::uninitialized_dt(self.dt, inputs[0].shape())? };
         {
             let mut o = out.try_as_plain_ram_mut()?;
-            self.run(x, o.as_bytes_mut());
+            par_chunks(o.as_bytes_mut(), PAR_CHUNK, |(i, o)| {
+                widest(|| self.run(&x[i * PAR_CHUNK..], o))
+            });
         }
         Ok(tvec!(out.into_tvalue()))
     }
