@@ -8,9 +8,12 @@ with random weights (seeded) and a Keras ResNet50 (NHWC, "caffe" preprocessing; 
   fp32        the exported float model
   qlinear     QLinearConv, standard ONNX ops only, per-tensor U8S8
   qlinear_pc  QLinearConv, standard ops, per-channel weights
-  qdq_pc      onnxruntime's QDQ format, per-channel weights
+  qdq_pc      onnxruntime's QDQ format, per-channel weights (its default S8S8)
   qop         onnxruntime's QOperator default (com.microsoft QLinearAdd,
-              QLinearGlobalAveragePool, QGemm; what Model Zoo int8 ResNets use)
+              QLinearGlobalAveragePool, QGemm; what Model Zoo int8 ResNets use; S8S8)
+  qdq_u8      QDQ, per-channel, U8S8: what users quantising for x86 pick (onnxruntime's
+              fastest form there)
+  qop_u8      QOperator, per-channel, U8S8
 
 then runs onnxruntime and `edgesight bench` on the same file, the same input tensors and
 the same cores (taskset), and prints one Markdown table: median/min ms, the
@@ -19,6 +22,7 @@ largest probability difference, peak RSS, and edgesight's load+optimise time.
 
   tools/bench_models.py --models r50 --threads 1,2
   tools/bench_models.py --models r18,r34,r50,r101,r152,keras50 --runs 10
+  tools/bench_models.py --forms qdq_u8 --int8-kernel avx512vnni   # one kernel forced
 
 Needs: torch, torchvision, onnx, onnxruntime (tools/requirements.txt), a release build of
 edgesight (built if missing), util-linux's taskset.
@@ -37,7 +41,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "target" / "bench-models"
-FORMS = ("fp32", "qlinear", "qlinear_pc", "qdq_pc", "qop")
+FORMS = ("fp32", "qlinear", "qlinear_pc", "qdq_pc", "qop", "qdq_u8", "qop_u8")
 TORCHVISION = {"r18": "resnet18", "r34": "resnet34", "r50": "resnet50", "r101": "resnet101",
                "r152": "resnet152"}
 
@@ -130,6 +134,10 @@ def quantize(fp32, out, form, calib):
         quantize_static(str(pre), str(out), Reader(), per_channel=True)
     elif form == "qop":
         quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QOperator)
+    elif form in ("qdq_u8", "qop_u8"):
+        fmt = QuantFormat.QDQ if form == "qdq_u8" else QuantFormat.QOperator
+        quantize_static(str(pre), str(out), Reader(), quant_format=fmt, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     pre.unlink()
 
 
@@ -211,7 +219,7 @@ def run_ort(model, inputs, threads, runs):
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
 
-def run_edgesight(exe, model, inputs, threads, runs):
+def run_edgesight(exe, model, inputs, threads, runs, kernel="best"):
     outs = []
     timing = None
     for k, x in enumerate(inputs):
@@ -219,7 +227,8 @@ def run_edgesight(exe, model, inputs, threads, runs):
         np.load(x).astype("<f4").tofile(raw)
         cmd = ["taskset", "-c", cores(threads), str(exe), "bench", "--model", str(model),
                "--threads", str(threads), "--input", str(raw), "--outputs",
-               "--runs", str(runs if k == 0 else 1), "--warmup", "2" if k == 0 else "0"]
+               "--runs", str(runs if k == 0 else 1), "--warmup", "2" if k == 0 else "0",
+               "--int8-kernel", kernel]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
@@ -262,6 +271,7 @@ def main():
     ap.add_argument("--peak-fp32", type=float)
     ap.add_argument("--edgesight", default=str(ROOT / "target" / "release" / "edgesight"))
     ap.add_argument("--json", help="also write every measurement here")
+    ap.add_argument("--int8-kernel", default="best", help="edgesight's int8 conv kernel (bench --int8-kernel)")
     # internal: the onnxruntime child
     ap.add_argument("--ort-child")
     ap.add_argument("--inputs", nargs="*")
@@ -290,7 +300,7 @@ def main():
             for form in forms:
                 model = paths[(name, form)]
                 ort = run_ort(model, inputs, threads, args.runs)
-                es = run_edgesight(exe, model, inputs, threads, args.runs)
+                es = run_edgesight(exe, model, inputs, threads, args.runs, args.int8_kernel)
                 rec = {"model": name, "form": form, "threads": threads, "gmacs": gmacs, "ort": ort,
                        "edgesight": {k: v for k, v in es.items() if k != "outputs"}}
                 records.append(rec)

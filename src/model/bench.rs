@@ -41,7 +41,7 @@ pub struct BenchOptions {
     pub no_int8_rewrites: bool,
     /// Which int8 conv kernel runs: "best" (what the daemon uses), "tract" (tract's own
     /// convolutions), or one this CPU has (portable, the slow reference; avx512vnni, neon,
-    /// neondot).
+    /// neondot, amx).
     #[arg(long, default_value = "best")]
     pub int8_kernel: String,
 }

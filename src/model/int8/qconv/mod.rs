@@ -21,7 +21,8 @@
 //! to both (tract's: random convs of every shape class, in this file; onnxruntime's:
 //! whole models, tests/model.rs).
 //!
-//! Kernels, chosen at load from what the CPU has: AVX-512 VNNI (`vpdpbusd`, u8 x i8 ->
+//! Kernels, chosen at load from what the CPU has: AMX (`tdpbsud` on 16 x 64-byte tiles,
+//! for convs with whole 64s of input channels), AVX-512 VNNI (`vpdpbusd`, u8 x i8 ->
 //! i32, no saturation), NEON `sdot` (ARMv8.2), NEON `smull` + `sadalp` (ARMv8.0); where
 //! none applies tract keeps the conv. A portable kernel, the plain definition, is the
 //! reference all of them are tested against. All use the same packed layouts. The input
