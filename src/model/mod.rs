@@ -89,6 +89,9 @@ pub struct Int8Rewrites {
     pub fused_requant: usize,
     /// Residual adds (dequantise, add, ReLU, quantise) fused into one integer pass.
     pub fused_adds: usize,
+    /// Max pools moved before their dequantisation, onto the integers
+    /// ([`crate::model::int8::pool_quantized`]).
+    pub int_pools: usize,
     /// Float residual adds (dequantise, add to the f32 skip, ReLU; quantise for the next
     /// block) fused into one pass with two outputs.
     pub residual_adds: usize,
@@ -113,6 +116,7 @@ impl std::fmt::Display for Int8Rewrites {
             (self.scalar_zero_points, "zero points made scalar"),
             (self.fused_requant, "requantisations fused"),
             (self.fused_adds, "residual adds fused"),
+            (self.int_pools, "max pools on integers"),
             (self.residual_adds, "float residual adds fused"),
             (self.fast_quantize, "quantisers vectorised"),
             (self.folded_weights, "weight computations folded"),
@@ -252,6 +256,7 @@ fn optimize_with(
     passes::declutter(&mut typed, change_axes)?;
     let scalar_zero_points = crate::model::int8::scalar_zero_points(&mut typed)?;
     let fused_adds = crate::model::int8::fuse_quantized_adds(&mut typed, quantize_scales)?;
+    let int_pools = crate::model::int8::pool_quantized(&mut typed, quantize_scales)?;
     let residual_adds = crate::model::int8::fuse_residual_adds(&mut typed, quantize_scales)?;
     let folded_weights = passes::fold_weights(&mut typed)?;
     let mut typed = passes::into_optimized(typed, change_axes)?;
@@ -265,6 +270,7 @@ fn optimize_with(
             scalar_zero_points,
             fused_requant,
             fused_adds,
+            int_pools,
             residual_adds,
             fast_quantize,
             folded_weights,
