@@ -22,6 +22,7 @@
 
 pub mod depthwise;
 pub mod onnx_quant;
+pub mod pool;
 pub mod qconv;
 
 use tract_core::internal::*;
@@ -630,7 +631,8 @@ pub fn fuse_quantized_adds(model: &mut TypedModel, scales: &QuantizeScales) -> T
 
 /// Pool the integers instead of their dequantised floats: `Q(MaxPool(DQ(x)))`, where the
 /// quantiser has the dequantiser's scale and zero point (a quantised ResNet's stem: the
-/// quantiser treats MaxPool as data movement), becomes `MaxPool(x)`. Exact: DQ is
+/// quantiser treats MaxPool as data movement), becomes a pool of `x`: ours
+/// ([`pool::IntMaxPool`]), or tract's where ours does not apply. Exact: DQ is
 /// non-decreasing (scale > 0), so the max of the floats is the float of the max, and
 /// `Q(DQ(k)) == k` is checked for every value `k` of the type, with the division and
 /// with tract's reciprocal both. The pool then moves a quarter of the bytes, and the DQ
@@ -669,7 +671,11 @@ pub fn pool_quantized(model: &mut TypedModel, scales: &QuantizeScales) -> TractR
         }
         let mut patch = TypedModelPatch::default();
         let tap = patch.tap_model(model, x)?;
-        let out = patch.wire_node(format!("{}.int", pool.name), op.clone(), &[tap])?;
+        let name = format!("{}.int", pool.name);
+        let out = match pool::IntMaxPool::of(op, model.outlet_fact(x)?) {
+            Some(ours) => patch.wire_node(name, ours, &[tap])?,
+            None => patch.wire_node(name, op.clone(), &[tap])?,
+        };
         patch.shunt_outside(model, OutletId::new(id, 0), out[0])?;
         patch.apply(model)?;
         moved += 1;
@@ -1406,9 +1412,15 @@ mod tests {
         let d = |scale, zero_point| DequantizeLinearF32 { scale, zero_point };
         assert!(round_trips(&d(0.0213, 7), &q(0.0213, 7)));
         assert!(round_trips(&d(3.7, 250), &q(3.7, 250)));
-        assert!(!round_trips(&d(0.0213, 7), &q(0.0213, 8)), "zero points differ");
+        assert!(
+            !round_trips(&d(0.0213, 7), &q(0.0213, 8)),
+            "zero points differ"
+        );
         assert!(!round_trips(&d(0.0213, 7), &q(0.0426, 7)), "scales differ");
-        assert!(!round_trips(&d(-0.0213, 7), &q(-0.0213, 7)), "a negative scale");
+        assert!(
+            !round_trips(&d(-0.0213, 7), &q(-0.0213, 7)),
+            "a negative scale"
+        );
     }
 
     /// The add through every vector path this CPU runs, named.
