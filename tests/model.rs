@@ -138,9 +138,9 @@ fn differences(c: &Classifier, f: &Value, form: &str) -> (f32, f32) {
 /// Every conv runs on our kernel, so tract's conv lowering (and the zero-point and
 /// requantisation fixes for it) has nothing left to do. The QLinearConv forms leave the
 /// last add in float (it feeds the float pooling), so 2 of their adds are quantised.
-/// The rewrites each form must get. The QDQ forms quantise around the stem's max pool
-/// (DQ, MaxPool, Q with one scale), which moves onto the integers; the QLinearConv and
-/// QOperator forms pool their u8 map already.
+/// The rewrites each form must get. Every int8 form's stem pool runs on edgesight's
+/// integer pool: the QDQ forms' (DQ, MaxPool, Q with one scale) once it is moved onto
+/// the integers, the others' on the u8 map they pool already.
 fn expected_rewrites(
     form: &str,
     ours: bool,
@@ -148,20 +148,20 @@ fn expected_rewrites(
     if !ours {
         // tract's convs, with the zero-point and requantisation fixes on per-channel ones.
         return match form {
-            "int8_qlinear" => (0, 0, 0, 0, 0, 2, 0, 0),
+            "int8_qlinear" => (0, 0, 0, 0, 0, 2, 0, 1),
             "int8_qdq" => (9, 0, 0, 0, 0, 3, 0, 1),
             "int8_qdq_pc" => (9, 0, 0, 9, 9, 3, 0, 1),
-            "int8_qlinear_pc" => (0, 0, 0, 9, 9, 2, 0, 0),
-            "int8_qop" => (0, 5, 0, 0, 0, 3, 0, 0),
+            "int8_qlinear_pc" => (0, 0, 0, 9, 9, 2, 0, 1),
+            "int8_qop" => (0, 5, 0, 0, 0, 3, 0, 1),
             _ => (0, 0, 0, 0, 0, 0, 0, 0),
         };
     }
     match form {
-        "int8_qlinear" => (0, 0, 9, 0, 0, 2, 0, 0),
+        "int8_qlinear" => (0, 0, 9, 0, 0, 2, 0, 1),
         "int8_qdq" => (9, 0, 9, 0, 0, 3, 0, 1),
         "int8_qdq_pc" => (9, 0, 9, 0, 0, 3, 0, 1),
-        "int8_qlinear_pc" => (0, 0, 9, 0, 0, 2, 0, 0),
-        "int8_qop" => (0, 5, 9, 0, 0, 3, 0, 0),
+        "int8_qlinear_pc" => (0, 0, 9, 0, 0, 2, 0, 1),
+        "int8_qop" => (0, 5, 9, 0, 0, 3, 0, 1),
         _ => (0, 0, 0, 0, 0, 0, 0, 0),
     }
 }

@@ -295,7 +295,7 @@ def main():
             p = OUT / f"input_{'nhwc' if keras else 'nchw'}_{k}.npy"
             np.save(p, prepare(img, keras))
             inputs.append(p)
-        gmacs = macs(paths[(name, "fp32")]) / 1e9
+        gmacs = macs(OUT / f"{name}_fp32.onnx") / 1e9  # exported whatever the forms
         for threads in map(int, args.threads.split(",")):
             for form in forms:
                 model = paths[(name, form)]

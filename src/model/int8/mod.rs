@@ -636,8 +636,9 @@ pub fn fuse_quantized_adds(model: &mut TypedModel, scales: &QuantizeScales) -> T
 /// non-decreasing (scale > 0), so the max of the floats is the float of the max, and
 /// `Q(DQ(k)) == k` is checked for every value `k` of the type, with the division and
 /// with tract's reciprocal both. The pool then moves a quarter of the bytes, and the DQ
-/// and Q passes (a 64 x 112 x 112 map each) go. Run on the decluttered model, before
-/// codegen. Returns how many pools moved.
+/// and Q passes (a 64 x 112 x 112 map each) go. Pools already on 8-bit maps become ours
+/// too. Run on the decluttered model, before codegen. Returns how many pools moved or
+/// became ours.
 pub fn pool_quantized(model: &mut TypedModel, scales: &QuantizeScales) -> TractResult<usize> {
     use tract_core::ops::cnn::MaxPool;
     use tract_core::ops::quant::DequantizeLinearF32;
@@ -676,6 +677,27 @@ pub fn pool_quantized(model: &mut TypedModel, scales: &QuantizeScales) -> TractR
             Some(ours) => patch.wire_node(name, ours, &[tap])?,
             None => patch.wire_node(name, op.clone(), &[tap])?,
         };
+        patch.shunt_outside(model, OutletId::new(id, 0), out[0])?;
+        patch.apply(model)?;
+        moved += 1;
+    }
+    // Pools already on 8-bit maps (the QLinearConv and QOperator forms' stem) take ours
+    // too.
+    for id in 0..model.nodes().len() {
+        let node = model.node(id);
+        let Some(op) = node.op_as::<MaxPool>() else {
+            continue;
+        };
+        let fact = model.outlet_fact(node.inputs[0])?;
+        if !matches!(fact.datum_type.unquantized(), DatumType::U8 | DatumType::I8) {
+            continue;
+        }
+        let Some(ours) = pool::IntMaxPool::of(op, fact) else {
+            continue;
+        };
+        let mut patch = TypedModelPatch::default();
+        let tap = patch.tap_model(model, node.inputs[0])?;
+        let out = patch.wire_node(format!("{}.int", node.name), ours, &[tap])?;
         patch.shunt_outside(model, OutletId::new(id, 0), out[0])?;
         patch.apply(model)?;
         moved += 1;
