@@ -314,7 +314,8 @@ impl QuantizedAdd {
 /// One piece of a [`QuantizedAdd`]: DequantizeLinear twice, Add, Max, QuantizeLinear per
 /// element. On x86 the same code is compiled for AVX-512 and for AVX2 too and chosen at
 /// run time: the baseline x86-64 build has SSE2 only. ResNet-50's sixteen adds on a Xeon:
-/// 5.2 ms with SSE2, 3.7 with AVX2, 2.6 with AVX-512 (measured with `--profile`). The same IEEE operations in the same order (no FMA), so
+/// 5.2 ms with SSE2, 3.7 with AVX2, 2.6 with AVX-512 (measured with `--profile`). The
+/// same IEEE operations in the same order (no FMA), so
 /// the same bits on either path.
 fn add_chunk<A, B, T>(a: &[A], b: &[B], o: &mut [T], c: &AddConsts)
 where
@@ -640,6 +641,16 @@ pub fn fuse_quantized_adds(model: &mut TypedModel, scales: &QuantizeScales) -> T
 /// too. Run on the decluttered model, before codegen. Returns how many pools moved or
 /// became ours.
 pub fn pool_quantized(model: &mut TypedModel, scales: &QuantizeScales) -> TractResult<usize> {
+    let moved = move_pools(model, scales)?;
+    let own = own_pools(model)?;
+    if moved + own > 0 {
+        model.compact()?;
+    }
+    Ok(moved + own)
+}
+
+/// The first half of [`pool_quantized`]: pools between a DQ and a Q of one scale.
+fn move_pools(model: &mut TypedModel, scales: &QuantizeScales) -> TractResult<usize> {
     use tract_core::ops::cnn::MaxPool;
     use tract_core::ops::quant::DequantizeLinearF32;
     let mut moved = 0;
@@ -681,8 +692,15 @@ pub fn pool_quantized(model: &mut TypedModel, scales: &QuantizeScales) -> TractR
         patch.apply(model)?;
         moved += 1;
     }
-    // Pools already on 8-bit maps (the QLinearConv and QOperator forms' stem) take ours
-    // too.
+    Ok(moved)
+}
+
+/// The second half of [`pool_quantized`]: pools already on 8-bit maps (the QLinearConv
+/// and QOperator forms' stem, and those just moved where ours did not apply) take ours
+/// where it applies.
+fn own_pools(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_core::ops::cnn::MaxPool;
+    let mut own = 0;
     for id in 0..model.nodes().len() {
         let node = model.node(id);
         let Some(op) = node.op_as::<MaxPool>() else {
@@ -700,12 +718,9 @@ pub fn pool_quantized(model: &mut TypedModel, scales: &QuantizeScales) -> TractR
         let out = patch.wire_node(format!("{}.int", node.name), ours, &[tap])?;
         patch.shunt_outside(model, OutletId::new(id, 0), out[0])?;
         patch.apply(model)?;
-        moved += 1;
+        own += 1;
     }
-    if moved > 0 {
-        model.compact()?;
-    }
-    Ok(moved)
+    Ok(own)
 }
 
 /// Whether quantising the dequantised `k` gives `k` back for every value of the type,
