@@ -35,7 +35,10 @@ pub(crate) fn permitted() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| {
         // CPUID leaf 7: EDX bit 24 AMX-TILE, bit 25 AMX-INT8.
-        let edx = __cpuid_count(7, 0).edx;
+        // SAFETY: CPUID exists on every x86-64 CPU. (A safe function in newer Rust; the
+        // block keeps rust-version 1.91, where it was `unsafe`, building.)
+        #[allow(unused_unsafe)]
+        let edx = unsafe { __cpuid_count(7, 0) }.edx;
         if edx & (3 << 24) != 3 << 24 {
             return false;
         }
