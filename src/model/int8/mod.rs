@@ -313,10 +313,10 @@ impl QuantizedAdd {
 
 /// One piece of a [`QuantizedAdd`]: DequantizeLinear twice, Add, Max, QuantizeLinear per
 /// element. On x86 the same code is compiled for AVX-512 and for AVX2 too and chosen at
-/// run time: the baseline x86-64 build has SSE2 only. ResNet-50's sixteen adds on a Xeon:
-/// 5.2 ms with SSE2, 3.7 with AVX2, 2.6 with AVX-512 (measured with `--profile`). The
-/// same IEEE operations in the same order (no FMA), so
-/// the same bits on either path.
+/// run time ([`widest`]): the baseline x86-64 build has SSE2 only. ResNet-50's sixteen
+/// adds on a Xeon: 5.2 ms with SSE2, 3.7 with AVX2, 2.6 with AVX-512 (measured with
+/// `--profile`). The same IEEE operations in the same order (no FMA), so the same bits
+/// on either path.
 fn add_chunk<A, B, T>(a: &[A], b: &[B], o: &mut [T], c: &AddConsts)
 where
     A: Copy + tract_core::internal::tract_num_traits::AsPrimitive<i32>,
@@ -324,41 +324,7 @@ where
     T: Copy + 'static,
     i32: tract_core::internal::tract_num_traits::AsPrimitive<T>,
 {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
-        // SAFETY: the CPU has AVX-512 F and BW, checked above.
-        return unsafe { add_chunk_avx512(a, b, o, c) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2, checked above.
-        return unsafe { add_chunk_avx2(a, b, o, c) };
-    }
-    add_elements(a, b, o, c)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn add_chunk_avx2<A, B, T>(a: &[A], b: &[B], o: &mut [T], c: &AddConsts)
-where
-    A: Copy + tract_core::internal::tract_num_traits::AsPrimitive<i32>,
-    B: Copy + tract_core::internal::tract_num_traits::AsPrimitive<i32>,
-    T: Copy + 'static,
-    i32: tract_core::internal::tract_num_traits::AsPrimitive<T>,
-{
-    add_elements(a, b, o, c)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-fn add_chunk_avx512<A, B, T>(a: &[A], b: &[B], o: &mut [T], c: &AddConsts)
-where
-    A: Copy + tract_core::internal::tract_num_traits::AsPrimitive<i32>,
-    B: Copy + tract_core::internal::tract_num_traits::AsPrimitive<i32>,
-    T: Copy + 'static,
-    i32: tract_core::internal::tract_num_traits::AsPrimitive<T>,
-{
-    add_elements(a, b, o, c)
+    widest(|| add_elements(a, b, o, c))
 }
 
 #[inline(always)]
@@ -431,6 +397,25 @@ fn on_pool(pieces: usize, work: impl FnOnce(bool) + Send) {
     }
 }
 
+/// A 2-D pool spec's strides (height, width) and padding (top, left, bottom, right) for
+/// an `hw` input: what our conv and pool ops keep of tract's `PoolSpec`.
+pub(crate) fn strides_and_pads(
+    ps: &tract_core::ops::cnn::PoolSpec,
+    hw: &[usize; 2],
+) -> ((usize, usize), (usize, usize, usize, usize)) {
+    let pads = ps.computed_padding(hw);
+    let strides = ps.strides();
+    (
+        (strides[0], strides[1]),
+        (
+            pads[0].pad_before,
+            pads[1].pad_before,
+            pads[0].pad_after,
+            pads[1].pad_after,
+        ),
+    )
+}
+
 /// Call `f` from a function compiled for the widest x86 vectors this CPU has (AVX-512,
 /// else AVX2), so that `f`, inlined there, is vectorised for them: the baseline x86-64
 /// build has SSE2 only. Elsewhere just `f()`.
@@ -452,13 +437,13 @@ pub(crate) fn widest<R>(f: impl FnOnce() -> R) -> R {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
@@ -1480,11 +1465,17 @@ mod tests {
         {
             if is_x86_feature_detected!("avx2") {
                 // SAFETY: the CPU has AVX2, checked above.
-                out.push(("avx2", run(&|o| unsafe { add_chunk_avx2(a, b, o, c) })));
+                out.push((
+                    "avx2",
+                    run(&|o| unsafe { with_avx2(|| add_elements(a, b, o, c)) }),
+                ));
             }
             if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
                 // SAFETY: the CPU has AVX-512 F and BW, checked above.
-                out.push(("avx512", run(&|o| unsafe { add_chunk_avx512(a, b, o, c) })));
+                out.push((
+                    "avx512",
+                    run(&|o| unsafe { with_avx512(|| add_elements(a, b, o, c)) }),
+                ));
             }
         }
         out

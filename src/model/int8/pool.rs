@@ -45,17 +45,11 @@ impl IntMaxPool {
         {
             return None;
         }
-        let pads = ps.computed_padding(&hw);
-        let strides = ps.strides();
+        let (stride, pad) = crate::model::int8::strides_and_pads(ps, &hw);
         let ours = IntMaxPool {
             kernel: (ps.kernel_shape[0], ps.kernel_shape[1]),
-            stride: (strides[0], strides[1]),
-            pad: (
-                pads[0].pad_before,
-                pads[1].pad_before,
-                pads[0].pad_after,
-                pads[1].pad_after,
-            ),
+            stride,
+            pad,
         };
         ours.out_hw(hw[0], hw[1]).ok().map(|_| ours)
     }

@@ -204,15 +204,14 @@ pub(crate) fn qconv_for(
     if matches!(ps.padding, PaddingSpec::ExplicitOnnxPool(_, _, true)) {
         return Ok(None);
     }
-    let pads = ps.computed_padding(&shape.hw);
-    let strides = ps.strides();
+    let (stride, pad) = crate::model::int8::strides_and_pads(ps, &shape.hw);
     // Padding as wide as the kernel means output pixels that see nothing but padding:
     // legal, but no exported classifier has it; tract keeps such a conv.
     let (kh, kw) = shape.kernel;
-    if pads[0].pad_before >= kh || pads[0].pad_after >= kh {
+    if pad.0 >= kh || pad.2 >= kh {
         return Ok(None);
     }
-    if pads[1].pad_before >= kw || pads[1].pad_after >= kw {
+    if pad.1 >= kw || pad.3 >= kw {
         return Ok(None);
     }
     let (lo, hi) = if shape.out_dt == DatumType::U8 {
@@ -232,13 +231,8 @@ pub(crate) fn qconv_for(
         cin: shape.cin,
         cout: shape.cout,
         kernel: shape.kernel,
-        stride: (strides[0], strides[1]),
-        pad: (
-            pads[0].pad_before,
-            pads[1].pad_before,
-            pads[0].pad_after,
-            pads[1].pad_after,
-        ),
+        stride,
+        pad,
         flip,
         x0: x0 as u8, // the byte: i8's two's complement in the signed domain
         weights: Arc::new(weights),
