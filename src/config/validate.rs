@@ -20,6 +20,14 @@ use super::settings::{
 };
 use super::sources::Sources;
 
+/// `outbox.max_bytes` at most: 16 GiB, or what a 32-bit board (armv7) addresses, so the
+/// cast to `usize` never wraps.
+const MAX_OUTBOX_BYTES: i64 = if usize::BITS < 64 {
+    usize::MAX as i64
+} else {
+    1 << 34
+};
+
 pub(super) struct Validator<'a> {
     pub src: &'a Sources,
 }
@@ -427,7 +435,8 @@ impl Validator<'_> {
             fsync,
             max_events: self.range("outbox.max_events", o.max_events, 1, 10_000_000)? as usize,
             // At least one full-size record must fit.
-            max_bytes: self.range("outbox.max_bytes", o.max_bytes, 64 << 10, 1 << 34)? as usize,
+            max_bytes: self.range("outbox.max_bytes", o.max_bytes, 64 << 10, MAX_OUTBOX_BYTES)?
+                as usize,
             // At most rumqttc's in-flight limit (100): past it the client queues them itself.
             window: self.range("outbox.window", o.window, 1, 100)? as usize,
         })

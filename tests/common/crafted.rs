@@ -166,7 +166,10 @@ pub const CASES: &[Crafted] = &[
             n.attribute.push(AttributeProto {
                 name: "axis".into(),
                 r#type: pb::attribute_proto::AttributeType::Int as i32,
-                i: 1 << 40,
+                // Past the rank on 64- and 32-bit targets alike: tract reads the axis
+                // `as usize`, which on armv7 keeps the low 32 bits (1 << 40 alone would
+                // become axis 0 there, a legal Flatten).
+                i: (1 << 40) + 9,
                 ..Default::default()
             });
         },

@@ -23,7 +23,9 @@
 //!
 //! Kernels, chosen at load from what the CPU has: AMX (`tdpbsud` on 16 x 64-byte tiles,
 //! for convs with whole 64s of input channels), AVX-512 VNNI (`vpdpbusd`, u8 x i8 ->
-//! i32, no saturation), NEON `sdot` (ARMv8.2), NEON `smull` + `sadalp` (ARMv8.0); where
+//! i32, no saturation), AVX2 (u8 widened to i16, `vpmaddwd`: exact, unlike
+//! `vpmaddubsw`), NEON `sdot` (ARMv8.2), NEON `smull` + `sadalp` (ARMv8.0; on
+//! armv7 `vmull.s8` + `vpadal.s16` in assembly); where
 //! none applies tract keeps the conv. A portable kernel, the plain definition, is the
 //! reference all of them are tested against. All use the same packed layouts. The input
 //! zero point is folded into the bias (`bias - x0 * sum w`) and the padding holds `x0`, so
@@ -54,6 +56,9 @@ pub(crate) const PX: usize = 3;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
     Portable,
+    /// AVX2 without VNNI: u8 activations widened to i16, `vpmaddwd` by i16 weights.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
     /// `vpdpbusd`: u8 activations x i8 weights.
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
@@ -61,8 +66,10 @@ pub enum Kernel {
     /// input channels are not a multiple of 64 run on the VNNI kernel.
     #[cfg(target_arch = "x86_64")]
     Amx,
-    /// ARMv8.0 NEON (Pi 4's Cortex-A72): `smull` + `sadalp`, i8 x i8.
-    #[cfg(target_arch = "aarch64")]
+    /// NEON without the dot product, i8 x i8: on aarch64 (ARMv8.0, Pi 4's Cortex-A72)
+    /// `smull` + `sadalp`; on 32-bit ARM (armv7 Pi OS) the same in `vmull.s8` +
+    /// `vpadal.s16`.
+    #[cfg(any(target_arch = "aarch64", target_arch = "arm"))]
     Neon,
     /// ARMv8.2 dot product (Pi 5's Cortex-A76): `sdot`, i8 x i8.
     #[cfg(target_arch = "aarch64")]
@@ -71,15 +78,22 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel this CPU runs, the fastest last.
+    /// (On x86, what `x86_has` allows: `TRACT_CPU_ISA` can take kernels away.)
     pub fn available() -> Vec<Kernel> {
+        #[cfg(target_arch = "x86_64")]
+        use {crate::model::int8::x86_has, tract_linalg::isa::Isa};
         let mut k = vec![Kernel::Portable];
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx512f")
+        if x86_has(Isa::X86_64Avx2) {
+            k.push(Kernel::Avx2);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if x86_has(Isa::X86_64Avx512f)
             && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vnni")
+            && x86_has(Isa::X86_64Avx512Vnni)
         {
             k.push(Kernel::Avx512Vnni);
-            if kernels::amx::permitted() {
+            if x86_has(Isa::X86_64AmxInt8) && kernels::amx::permitted() {
                 k.push(Kernel::Amx);
             }
         }
@@ -90,14 +104,18 @@ impl Kernel {
                 k.push(Kernel::NeonDot);
             }
         }
+        #[cfg(target_arch = "arm")]
+        if kernels::armv7::has_neon() {
+            k.push(Kernel::Neon);
+        }
         k
     }
 
     /// The kernel the daemon uses: the fastest this CPU runs, if it has a vector one. The
     /// portable kernel is the reference the others are tested against, not a fallback:
-    /// it is ~17x slower than tract's own int8 convolutions (r50: 1.9 s against 115 ms
-    /// on Zen 4), so CPUs without one of ours (x86 without AVX-512 VNNI, 32-bit ARM) keep
-    /// tract's convolutions.
+    /// it is ~17x slower than tract's own int8 convolutions with VNNI (r50: 1.9 s against
+    /// 115 ms on Zen 4), so a CPU without one of ours (x86 before AVX2, 32-bit ARM
+    /// without NEON) keeps tract's convolutions.
     pub fn best() -> Option<Kernel> {
         Kernel::available().pop().filter(|k| *k != Kernel::Portable)
     }
@@ -120,11 +138,25 @@ impl Kernel {
         PX
     }
 
+    /// Bytes per weight in the kernel's order: AVX2 multiplies i16s, and stores its
+    /// weights widened so that each channel's four are one load.
+    pub(crate) fn weight_bytes(self) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if self == Kernel::Avx2 {
+            return 2;
+        }
+        1
+    }
+
     /// Whether the kernel multiplies signed activations (ARM's instructions are i8 x i8;
     /// x86's `vpdpbusd` is u8 x i8). Activations are packed in the kernel's domain.
     pub(crate) fn signed(self) -> bool {
         #[cfg(target_arch = "aarch64")]
         if matches!(self, Kernel::Neon | Kernel::NeonDot) {
+            return true;
+        }
+        #[cfg(target_arch = "arm")]
+        if self == Kernel::Neon {
             return true;
         }
         false
@@ -448,11 +480,13 @@ mod tests {
     /// the range with strides near 2^58 wrapped the tap offsets past `Tile::check`.
     #[test]
     fn crafted_geometries_are_refused() {
+        // The same fractions of the range on 32- and 64-bit targets (armv7 runs this too).
         let huge = usize::MAX / 4;
+        let (s58, s62) = (usize::MAX >> 6 | 1, usize::MAX >> 2 | 1);
         let refused = [
-            bare(3, (3, 3), (1 << 58, 1 << 58), [huge; 4]),
+            bare(3, (3, 3), (s58, s58), [huge; 4]),
             bare(3, (3, 3), (1, 1), [huge, 0, huge, 0]),
-            bare(3, (3, 3), (1 << 62, 1 << 62), [1; 4]),
+            bare(3, (3, 3), (s62, s62), [1; 4]),
             bare(3, (3, 3), (0, 1), [1; 4]),
             bare(3, (0, 3), (1, 1), [0; 4]),
             bare(0, (3, 3), (1, 1), [1; 4]),

@@ -7,11 +7,13 @@ use std::sync::Arc;
 use tract_core::internal::*;
 
 use crate::model::int8::par_chunks;
+#[cfg(target_arch = "arm")]
+use crate::model::int8::qconv::kernels::armv7;
 #[cfg(target_arch = "aarch64")]
 use crate::model::int8::qconv::kernels::neon;
 use crate::model::int8::qconv::kernels::{Epilogue, Tile, portable};
 #[cfg(target_arch = "x86_64")]
-use crate::model::int8::qconv::kernels::{amx, x86 as vnni};
+use crate::model::int8::qconv::kernels::{amx, avx2, x86 as vnni};
 use crate::model::int8::qconv::pack::interleave;
 use crate::model::int8::qconv::{Kernel, LANES, MR, PX};
 
@@ -249,7 +251,7 @@ impl QConv {
     /// `rows` is the kernel's block: MR, or AMX's 32).
     fn compute_block(&self, b: usize, packed: &[u8], offsets: &[usize], g: &Geo, out: &mut [u8]) {
         let rows = self.which.rows();
-        let wblock = self.taps() * self.groups() * rows * 4;
+        let wblock = self.taps() * self.groups() * rows * 4 * self.which.weight_bytes();
         let epi = Epilogue {
             bias: &self.bias[b * rows..(b + 1) * rows],
             scales: &self.scales[b * rows..(b + 1) * rows],
@@ -296,12 +298,26 @@ impl QConv {
                         _ => amx::block::<1>(&tile, &epi, out, g.q),
                     }
                 },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: chosen only when the CPU has AVX2 (Kernel::available);
+                // `Tile::check` bounds every read, the i16 weights counted as 2 x MR rows.
+                Kernel::Avx2 => unsafe {
+                    tile.check(n, 2 * MR);
+                    avx2::block(&tile, n, &epi, out, g.q)
+                },
                 Kernel::Portable => portable::block(&tile, n, &epi, out, g.q),
                 #[cfg(target_arch = "aarch64")]
                 // SAFETY: NEON is part of aarch64; `Tile::check` bounds every read.
                 Kernel::Neon => unsafe {
                     tile.check(n, MR);
                     neon::block_mull(&tile, n, &epi, out, g.q)
+                },
+                #[cfg(target_arch = "arm")]
+                // SAFETY: chosen only when the CPU has NEON (Kernel::available);
+                // `Tile::check` bounds every read.
+                Kernel::Neon => unsafe {
+                    tile.check(n, MR);
+                    armv7::block(&tile, n, &epi, out, g.q)
                 },
                 #[cfg(target_arch = "aarch64")]
                 // SAFETY: chosen only when the CPU has dotprod (Kernel::available).

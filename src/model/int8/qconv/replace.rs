@@ -139,8 +139,8 @@ fn input_domain(which: Kernel, signed_x: bool, x0: i32) -> Option<(u8, i32)> {
 }
 
 /// Where weight (block row `m`, tap `t`, C4 group `g`, byte `j`) goes in one block of
-/// the kernel's weights: [tap][c4 group][MR][4] for the vector kernels, AMX's tiles
-/// for AMX.
+/// the kernel's weights, in weights of `Kernel::weight_bytes`: [tap][c4 group][MR][4]
+/// for the vector kernels, AMX's tiles for AMX.
 fn weight_index(which: Kernel, t: usize, g: usize, m: usize, j: usize, groups: usize) -> usize {
     #[cfg(target_arch = "x86_64")]
     if which == Kernel::Amx {
@@ -158,7 +158,8 @@ fn fold(shape: &Shape, q: &Quant, x0: i32, which: Kernel) -> (Vec<i8>, Vec<i32>,
     let groups = cin.div_ceil(4);
     let rows = which.rows();
     let blocks = cout.div_ceil(rows);
-    let wblock = taps * groups * rows * 4;
+    let width = which.weight_bytes();
+    let wblock = taps * groups * rows * 4 * width;
     let mut weights = vec![0i8; blocks * wblock];
     let mut folded = vec![0i32; blocks * rows];
     let mut scales = vec![0f32; blocks * rows];
@@ -170,7 +171,9 @@ fn fold(shape: &Shape, q: &Quant, x0: i32, which: Kernel) -> (Vec<i8>, Vec<i32>,
                 let v = q.kernel[(co * cin + ci) * taps + t];
                 sum += v as i32;
                 let (g, j) = (ci / 4, ci % 4);
-                weights[b * wblock + weight_index(which, t, g, m, j, groups)] = v;
+                let at = b * wblock + weight_index(which, t, g, m, j, groups) * width;
+                // Widened weights are little-endian i16s: the byte, then its sign.
+                weights[at..at + width].copy_from_slice(&[v, v >> 7][..width]);
             }
         }
         let bias = q.bias[if q.bias.len() == 1 { 0 } else { co }];

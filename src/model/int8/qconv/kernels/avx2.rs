@@ -1,0 +1,120 @@
+//! The AVX2 kernel (x86-64 without AVX-512 VNNI: most Intel client CPUs, AMD before Zen
+//! 4): u8 activations widened to i16, `vpmaddwd` by i16 weights, exact.
+//!
+//! Why not `vpmaddubsw` (u8 x i8, what onnxruntime uses on AVX2): it adds two products
+//! into an i16 with saturation, and 255 x 127 x 2 does not fit, so results would differ
+//! from the other kernels (and from onnxruntime with VNNI) whenever weights are large.
+//! `vpmaddwd` adds two i16 products into an i32: nothing saturates (|255 x -128 x 2| <
+//! 2^31). The weights are stored widened ([tap][group][MR][4] i16, `Kernel::weight_bytes`)
+//! so that each channel's four are one 64-bit broadcast load.
+
+use crate::model::int8::qconv::kernels::{Epilogue, Tile};
+use crate::model::int8::qconv::{LANES, MR, PX};
+use std::arch::x86_64::*;
+
+/// Pixels per step: two registers of four pixels' four channels as i16.
+const STEP: usize = 8;
+
+/// MR channels x `n` vectors of 16 pixels: 8 pixels x 4 channels at a time (8
+/// accumulators), every tap and group each.
+///
+/// # Safety
+/// The CPU must have AVX2, and `t.check(n, 2 * MR)` must hold (the weights are i16).
+#[target_feature(enable = "avx2")]
+pub unsafe fn block(t: &Tile, n: usize, e: &Epilogue, out: &mut [u8], stride: usize) {
+    let mut sums = [[0i32; LANES * PX]; MR];
+    let base = t.packed.as_ptr();
+    let w = t.w.as_ptr() as *const i16;
+    for px0 in (0..n * LANES).step_by(STEP) {
+        for half in 0..2 {
+            let mut acc = [[_mm256_setzero_si256(); 2]; 4];
+            // SAFETY (all pointer arithmetic and loads): bounded by Tile::check, with the
+            // weights counted as 2 x MR rows of bytes.
+            let mut wp = unsafe { w.add(half * 16) };
+            for &off in t.offsets {
+                let mut xp = unsafe { base.add(off + (t.q0 + px0) * 4) };
+                for _ in 0..t.groups {
+                    let (x0, x1) = unsafe {
+                        (
+                            _mm256_cvtepu8_epi16(_mm_loadu_si128(xp as *const _)),
+                            _mm256_cvtepu8_epi16(_mm_loadu_si128(xp.add(16) as *const _)),
+                        )
+                    };
+                    for (m, acc) in acc.iter_mut().enumerate() {
+                        let k = unsafe { (wp.add(4 * m) as *const i64).read_unaligned() };
+                        let k = _mm256_set1_epi64x(k);
+                        acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(x0, k));
+                        acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(x1, k));
+                    }
+                    wp = unsafe { wp.add(MR * 4) };
+                    xp = unsafe { xp.add(t.cb_stride) };
+                }
+            }
+            for (m, acc) in acc.iter().enumerate() {
+                // acc[0] = [p0 c01, p0 c23, p1 .., p1 .. | p2 .., p3 ..], acc[1] the same
+                // for p4-p7: the horizontal add gives [p0 p1 p4 p5 | p2 p3 p6 p7], and
+                // the 64-bit permutation puts them in order.
+                let s = _mm256_permute4x64_epi64::<0xD8>(_mm256_hadd_epi32(acc[0], acc[1]));
+                let row = &mut sums[half * 4 + m][px0..px0 + STEP];
+                // SAFETY: `row` holds 8 i32s, one 256-bit store.
+                unsafe { _mm256_storeu_si256(row.as_mut_ptr() as *mut _, s) };
+            }
+        }
+    }
+    let rq = Requant::new(e);
+    for (m, sums) in sums.iter().enumerate() {
+        let row = &mut out[m * stride + t.q0..m * stride + t.q0 + n * LANES];
+        for (dst, s) in row.chunks_exact_mut(STEP).zip(sums.chunks_exact(STEP)) {
+            // SAFETY: 8 i32s in, 8 bytes out.
+            unsafe {
+                let a = _mm256_loadu_si256(s.as_ptr() as *const _);
+                rq.store(a, m, dst.as_mut_ptr());
+            }
+        }
+    }
+}
+
+/// The VNNI kernel's requantisation (`x86::Requant`) in 256-bit registers: the same
+/// operations, so the same bytes.
+struct Requant<'a> {
+    e: &'a Epilogue<'a>,
+    lo: __m256,
+    hi: __m256,
+    zp: __m256i,
+}
+
+impl<'a> Requant<'a> {
+    #[target_feature(enable = "avx2")]
+    fn new(e: &'a Epilogue<'a>) -> Requant<'a> {
+        Requant {
+            e,
+            lo: _mm256_set1_ps((e.lo - e.y0) as f32),
+            hi: _mm256_set1_ps((e.hi - e.y0) as f32),
+            zp: _mm256_set1_epi32(e.y0),
+        }
+    }
+
+    /// Requantise 8 sums of output channel `m` and store their low bytes (u8, or i8's
+    /// two's complement).
+    ///
+    /// # Safety
+    /// AVX2; `dst` valid for 8 bytes; `m` inside the block.
+    #[target_feature(enable = "avx2")]
+    unsafe fn store(&self, a: __m256i, m: usize, dst: *mut u8) {
+        let bias = _mm256_set1_epi32(self.e.bias[m]);
+        let scale = _mm256_set1_ps(self.e.scales[m]);
+        let f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a, bias)), scale);
+        let f = _mm256_min_ps(_mm256_max_ps(f, self.lo), self.hi);
+        let q = _mm256_add_epi32(_mm256_cvtps_epi32(f), self.zp);
+        // Each 32-bit lane's low byte to the bottom of its 128-bit half, then the two
+        // halves' four bytes side by side.
+        let low = _mm256_setr_epi8(
+            0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, //
+            0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+        );
+        let b = _mm256_shuffle_epi8(q, low);
+        let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0));
+        // SAFETY: the caller's `dst` holds 8 bytes.
+        unsafe { _mm_storel_epi64(dst as *mut _, _mm256_castsi256_si128(b)) };
+    }
+}
