@@ -8,16 +8,17 @@ Method, per board, model and thread count:
 1. **Count.** `edgesight bench` runs under qemu-user (`-cpu` the board's core, so the
    program takes the paths it takes there: `sdot` kernels on a Pi 5, `smull` on a Pi 4)
    with the tbcount plugin (tools/armmodel/tbcount.c), which counts every translated
-   block's executions per guest thread and keeps its machine code. Two runs, with 1 and
-   3 timed inferences after one warm-up, are subtracted: loading, optimising and the
-   warm-up cancel, leaving exactly two steady-state inferences.
+   block's executions per guest thread and keeps its machine code. Two runs, of one and
+   of two inferences, are subtracted: loading, optimising and the first inference
+   cancel, leaving exactly one steady-state inference.
 2. **Price.** The hottest blocks (99.9 % of executed instructions) are disassembled
    (llvm-mc) and each is given to llvm-mca as a code region: cycles per execution =
    total cycles / iterations of the block repeated back to back. Colder blocks get the
    hot blocks' mean cycles per instruction.
 3. **Sum.** Cycles per thread = sum of executions x cycles; the estimate for a thread
    count is the busiest thread's cycles (threads are assumed to overlap perfectly and
-   never to wait on memory) at the board's clock.
+   never to wait on memory) at the board's clock (the Pis' nominal clocks; this
+   machine's measured by a chain of dependent multiplies).
 4. **Calibrate.** The same method on this x86 machine (qemu-x86_64 -cpu max, whose
    widest vectors are AVX2, and LLVM's model of this core), against the same build run
    natively with `TRACT_CPU_ISA` taking AVX-512, VNNI and AMX away so that it runs the
@@ -56,9 +57,9 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "target" / "armmodel"
 PLUGIN = WORK / "tbcount.so"
 LLVM = "19"
-# Warm-up + these many timed inferences, two runs subtracted.
-RUNS = (1, 3)
-HOT_SHARE = 0.999
+# Inferences in the two counted runs (no warm-up), subtracted.
+RUNS = (1, 2)
+HOT_SHARE = 0.998
 MCA_ITERATIONS = 100
 # AVX-512, VNNI and AMX taken from tract and from edgesight's own dispatch: what is left
 # is what qemu-x86_64 -cpu max (7.2) has.
@@ -85,11 +86,42 @@ BOARDS = {
 }
 
 
+CLOCK_PROBE = r"""
+#include <stdio.h>
+#include <time.h>
+int main(void) {
+    struct timespec a, b;
+    long n = 100000000, x = 1;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (long i = 0; i < n; i++)
+        __asm__ volatile("imul %1, %0\n\timul %1, %0\n\timul %1, %0\n\timul %1, %0"
+                         : "+r"(x) : "r"(i | 1));
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    double s = (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) * 1e-9;
+    printf("%f %ld\n", n * 4 * 3 / s / 1e9, x);
+    return 0;
+}
+"""
+
+
+def measured_ghz():
+    """This core's clock under load, from a chain of dependent `imul`s (3 cycles each on
+    every x86 core since Nehalem). /proc/cpuinfo gives the nominal clock (2.6 GHz here)
+    while the core runs near 3.9: pricing cycles at the nominal clock would be off by
+    half again."""
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = Path(tmp) / "clock"
+        subprocess.run(["gcc", "-O2", "-x", "c", "-o", exe, "-"], input=CLOCK_PROBE,
+                       text=True, check=True)
+        return max(float(subprocess.run(["taskset", "-c", "0", exe], capture_output=True,
+                                        text=True, check=True).stdout.split()[0])
+                   for _ in range(3))
+
+
 def x86_board():
-    mhz = max(float(m) for m in re.findall(r"cpu MHz\s*:\s*([\d.]+)",
-                                           Path("/proc/cpuinfo").read_text()))
-    return Board(f"this machine (x86-64, {mhz / 1000:.2f} GHz)", "x86_64", "max",
-                 "sapphirerapids", "", mhz / 1000, ROOT / "target/release/edgesight")
+    ghz = measured_ghz()
+    return Board(f"this machine (x86-64, {ghz:.2f} GHz measured)", "x86_64", "max",
+                 "sapphirerapids", "", ghz, ROOT / "target/release/edgesight")
 
 
 # ---------------------------------------------------------------- setup
@@ -131,17 +163,28 @@ def fetch_header(dest):
 
 
 # ---------------------------------------------------------------- count
-def run_counted(board, model, threads, kernel, runs, out):
+def counted_cmd(board, model, threads, kernel, runs, out):
     qemu = f"qemu-{board.arch}"
-    cmd = [qemu, "-cpu", board.qemu_cpu, "-plugin", f"{PLUGIN},out={out}"]
+    # One thread: QEMU's own inline counters (faster; not per thread).
+    mode = ",inline=on" if threads == 1 else ""
+    cmd = [qemu, "-cpu", board.qemu_cpu, "-plugin", f"{PLUGIN},out={out}{mode}"]
     if board.arch == "aarch64":
         cmd += ["-L", "/usr/aarch64-linux-gnu"]
-    cmd += [str(board.binary), "bench", "--model", str(model), "--threads", str(threads),
-            "--runs", str(runs), "--warmup", "1", "--int8-kernel", kernel]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
-    return json.loads(res.stdout)
+    return cmd + [str(board.binary), "bench", "--model", str(model), "--threads", str(threads),
+                  "--runs", str(runs), "--warmup", "0", "--int8-kernel", kernel]
+
+
+def run_counted(cmds):
+    """Both runs at once (they are independent); their `bench` reports."""
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in cmds]
+    reports = []
+    for c, p in zip(cmds, procs):
+        out, err = p.communicate()
+        if p.returncode != 0:
+            sys.exit(f"{' '.join(c)} failed:\n{err[-2000:]}")
+        reports.append(json.loads(out))
+    return reports
 
 
 def parse_counts(path):
@@ -162,13 +205,12 @@ def count(board, model, threads, kernel="best"):
     if cache.exists():
         return json.loads(cache.read_text())
     WORK.mkdir(parents=True, exist_ok=True)
-    got = []
-    for runs in RUNS:
-        out = WORK / f"tb-{key[:16]}-{runs}.txt"
-        bench = run_counted(board, model, threads, kernel, runs, out)
-        got.append(parse_counts(out))
+    outs = [WORK / f"tb-{key[:16]}-{runs}.txt" for runs in RUNS]
+    bench = run_counted([counted_cmd(board, model, threads, kernel, runs, out)
+                         for runs, out in zip(RUNS, outs)])[-1]
+    lo, hi = (parse_counts(out) for out in outs)
+    for out in outs:
         out.unlink()
-    lo, hi = got
     per = RUNS[1] - RUNS[0]
     blocks = []
     for k, counts in hi.items():
@@ -186,16 +228,36 @@ def count(board, model, threads, kernel="best"):
 
 
 # ---------------------------------------------------------------- price
-def disassemble(board, code):
+def disassemble(board, codes):
+    """Assembly text of each block (hex machine code), `llvm-mc --disassemble`: a batch
+    in one call, split by instruction counts; one call per block if a batch does not
+    decode to exactly its blocks' instructions."""
     triple = "aarch64" if board.arch == "aarch64" else "x86_64"
-    data = " ".join(f"0x{code[i:i + 2]}" for i in range(0, len(code), 2))
     cmd = [f"llvm-mc-{LLVM}", "--disassemble", f"-triple={triple}"]
     if board.arch == "aarch64":
         # Every extension qemu may have run: the disassembler must know each encoding.
         cmd.append("-mattr=+dotprod,+fullfp16,+crc,+lse,+rcpc,+aes,+sha2")
-    res = subprocess.run(cmd, input=data, capture_output=True, text=True)
-    return [ln.strip() for ln in res.stdout.splitlines()
-            if ln.strip() and not ln.strip().startswith(".")]
+
+    def run(hexes):
+        data = "\n".join(" ".join(f"0x{h[i:i + 2]}" for i in range(0, len(h), 2))
+                         for h in hexes)
+        res = subprocess.run(cmd, input=data, capture_output=True, text=True)
+        return [ln.strip() for ln in res.stdout.splitlines()
+                if ln.strip() and not ln.strip().startswith(".")]
+
+    def batch(items):
+        lines = run([code for code, _ in items])
+        if len(lines) != sum(n for _, n in items):
+            return [run([code]) for code, _ in items]
+        out, at = [], 0
+        for _, n in items:
+            out.append(lines[at:at + n])
+            at += n
+        return out
+
+    batches = [codes[i:i + 200] for i in range(0, len(codes), 200)]
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+        return [a for b in pool.map(batch, batches) for a in b]
 
 
 def mca(board, regions):
@@ -218,6 +280,10 @@ def mca(board, regions):
     return cycles, res.stderr
 
 
+def rep_string(asm):
+    return len(asm) == 1 and asm[0].startswith("rep")
+
+
 def price(board, counted):
     blocks = counted["blocks"]
     for b in blocks:
@@ -230,17 +296,22 @@ def price(board, counted):
             break
         hot.append(b)
         acc += b["total"] * b["insns"]
-    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as pool:
-        asm = list(pool.map(lambda b: disassemble(board, b["code"]), hot))
-    regions = {f"b{i}": a for i, a in enumerate(asm) if a}
+    asm = disassemble(board, [(b["code"], b["insns"]) for b in hot])
+    regions = {f"b{i}": a for i, a in enumerate(asm) if a and not rep_string(a)}
     cycles, errors = mca(board, regions)
+    for i, a in enumerate(asm):
+        if rep_string(a):
+            # qemu runs `rep movs/stos` one element per block execution: fast strings
+            # move ~32 bytes a cycle (x86 only; ARM copies are ordinary loops).
+            cycles[f"b{i}"] = 1 / 32
     priced = [(b, cycles.get(f"b{i}")) for i, b in enumerate(hot)]
     known = [(b, c) for b, c in priced if c is not None]
     cpi = sum(c * b["total"] for b, c in known) / max(1, sum(b["insns"] * b["total"]
                                                              for b, c in known))
     threads = {}
+    index = {id(b): i for i, b in enumerate(hot)}
     for b in blocks:
-        c = cycles.get(f"b{hot.index(b)}") if b in hot else None
+        c = cycles.get(f"b{index[id(b)]}") if id(b) in index else None
         c = c if c is not None else cpi * b["insns"]
         b["cycles"] = c
         for v, n in b["counts"].items():
@@ -256,7 +327,7 @@ def price(board, counted):
         "cpi": cpi,
         "top": [{"share": round(b["total"] * b["cycles"] / sum(threads.values()), 3),
                  "cycles": round(b["cycles"], 2), "runs": b["total"],
-                 "first": (disassemble(board, b["code"]) or ["?"])[:3]} for b in top],
+                 "first": (asm[index[id(b)]] if id(b) in index else ["?"])[:3]} for b in top],
         "mca_errors": errors.strip().splitlines()[:3],
     }
 
@@ -275,10 +346,10 @@ def cmd_estimate(args):
     print(json.dumps(e, indent=1))
 
 
-def native_ms(model, threads, runs=15):
+def native_ms(board, model, threads, runs=15):
     env = dict(os.environ, TRACT_CPU_ISA=X86_AS_QEMU)
     cores = ",".join(str(i) for i in range(threads))
-    res = subprocess.run(["taskset", "-c", cores, str(x86_board().binary), "bench", "--model",
+    res = subprocess.run(["taskset", "-c", cores, str(board.binary), "bench", "--model",
                           str(model), "--threads", str(threads), "--runs", str(runs),
                           "--warmup", "2"], env=env, capture_output=True, text=True, check=True)
     d = json.loads(res.stdout)
@@ -287,12 +358,13 @@ def native_ms(model, threads, runs=15):
 
 def cmd_calibrate(args):
     board = x86_board()
+    print(f"{board.name}, LLVM model -mcpu={board.mcpu}\n")
     print(f"| model | threads | estimated ms | measured ms | estimate / measured | "
           f"kernel |\n|---|---|---|---|---|---|")
     for model in args.model:
         for threads in args.threads:
             e = estimate(board, model, threads)
-            ms, kernel = native_ms(model, threads)
+            ms, kernel = native_ms(board, model, threads)
             print(f"| {Path(model).stem} | {threads} | {e['busiest_ms']:.1f} | {ms:.1f} | "
                   f"{e['busiest_ms'] / ms:.2f} | {kernel} |", flush=True)
 
