@@ -256,6 +256,9 @@ pub struct QuantizedAdd {
     pub floor: Option<f32>,
     /// The quantiser it replaces: its output scale, zero point and type.
     pub quantize: Quantize,
+    /// Multiplying by `1 / scale` gives the division's integers for every input pair
+    /// ([`QuantizedAdd::reciprocal_is_exact`], checked when the op is built).
+    pub exact_reciprocal: bool,
 }
 
 impl Eq for QuantizedAdd {}
@@ -287,11 +290,23 @@ impl QuantizedAdd {
         // ONNX's QuantizeLinear divides by the scale; tract's reciprocal rounds
         // differently on about one value in 10^5 ([`QuantizeScales`]), and each such step
         // can grow through the layers after it. (One of the two factors is 1.)
+        // A division costs a Pi 5 a tenth of a quantised ResNet-50 (tools/arm_model.py):
+        // where the reciprocal is exact for every input, multiply.
         let (inv, s) = match self.quantize.scale {
+            Some(s) if self.exact_reciprocal => (1.0 / s, 1.0),
             Some(s) => (1.0, s),
             None => (self.quantize.inv_scale, 1.0),
         };
-        let c = AddConsts {
+        let c = self.consts(inv, s, T::min_value().as_(), T::max_value().as_());
+        par_chunks(out, PAR_CHUNK, |(i, o)| {
+            let (a, b) = (&a[i * PAR_CHUNK..], &b[i * PAR_CHUNK..]);
+            add_chunk(a, b, o, &c);
+        });
+        Ok(())
+    }
+
+    fn consts(&self, inv: f32, s: f32, lo: f32, hi: f32) -> AddConsts {
+        AddConsts {
             a_zero_point: self.a_zero_point,
             a_scale: self.a_scale,
             b_zero_point: self.b_zero_point,
@@ -300,14 +315,28 @@ impl QuantizedAdd {
             inv,
             s,
             zp: self.quantize.zero_point as f32,
-            lo: T::min_value().as_(),
-            hi: T::max_value().as_(),
+            lo,
+            hi,
+        }
+    }
+
+    /// Whether `v * (1 / scale)` rounds to the integer `v / scale` does, for the sum of
+    /// every pair of 8-bit inputs (u8 and i8 alike: -128..=255 each), before the
+    /// output's clamp (so for either output type). 147 456 pairs, once at load.
+    pub fn reciprocal_is_exact(&self) -> bool {
+        let Some(s) = self.quantize.scale else {
+            return false;
         };
-        par_chunks(out, PAR_CHUNK, |(i, o)| {
-            let (a, b) = (&a[i * PAR_CHUNK..], &b[i * PAR_CHUNK..]);
-            add_chunk(a, b, o, &c);
-        });
-        Ok(())
+        let (div, mul) = (
+            self.consts(1.0, s, -1024.0, 1024.0),
+            self.consts(1.0 / s, 1.0, -1024.0, 1024.0),
+        );
+        let a: Vec<i32> = (-128..=255).flat_map(|x| [x; 384]).collect();
+        let b: Vec<i32> = (-128..=255).cycle().take(a.len()).collect();
+        let (mut q, mut r) = (vec![0i32; a.len()], vec![0i32; a.len()]);
+        add_elements(&a, &b, &mut q, &div);
+        add_elements(&a, &b, &mut r, &mul);
+        q == r
     }
 }
 
@@ -336,10 +365,20 @@ where
     i32: tract_core::internal::tract_num_traits::AsPrimitive<T>,
 {
     use tract_core::internal::tract_num_traits::AsPrimitive;
-    for ((x, y), o) in a.iter().zip(b).zip(o) {
+    let sum = |x: &A, y: &B| {
         let fa = (x.as_() - c.a_zero_point) as f32 * c.a_scale;
         let fb = (y.as_() - c.b_zero_point) as f32 * c.b_scale;
-        *o = quantize((fa + fb).max(c.floor) * c.inv / c.s, c.zp, c.lo, c.hi).as_();
+        (fa + fb).max(c.floor) * c.inv
+    };
+    // Dividing by 1.0 changes no bit: that loop has no division (see `run`).
+    if c.s == 1.0 {
+        for ((x, y), o) in a.iter().zip(b).zip(o) {
+            *o = quantize(sum(x, y), c.zp, c.lo, c.hi).as_();
+        }
+    } else {
+        for ((x, y), o) in a.iter().zip(b).zip(o) {
+            *o = quantize(sum(x, y) / c.s, c.zp, c.lo, c.hi).as_();
+        }
     }
 }
 
@@ -604,14 +643,16 @@ pub fn fuse_quantized_adds(model: &mut TypedModel, scales: &QuantizeScales) -> T
         if fa.shape != fb.shape || fa.shape != q.outputs[0].fact.shape {
             continue;
         }
-        let op = QuantizedAdd {
+        let mut op = QuantizedAdd {
             a_scale: da.scale,
             a_zero_point: da.zero_point,
             b_scale: db.scale,
             b_zero_point: db.zero_point,
             floor,
             quantize,
+            exact_reciprocal: false,
         };
+        op.exact_reciprocal = op.reciprocal_is_exact();
         let mut patch = TypedModelPatch::default();
         let inputs = [patch.tap_model(model, a)?, patch.tap_model(model, b)?];
         let out = patch.wire_node(format!("{}.qadd", q.name), op, &inputs)?;
@@ -1395,6 +1436,45 @@ mod tests {
     /// The add's vector path (AVX2 where the CPU has it, chosen at run time) gives the
     /// bits of the plain loop on every u8 pair and each output type, with a ReLU floor
     /// and without, dividing by the scale and multiplying by a reciprocal.
+    /// The reciprocal is taken only where it changes no output: for scales where it is
+    /// judged exact, the op's bytes equal the division's on every input pair; and the
+    /// check is not vacuous: some scales fail it.
+    #[test]
+    fn the_adds_reciprocal_is_taken_only_where_exact() {
+        let a: Vec<u8> = (0..=255u8).flat_map(|x| [x; 256]).collect();
+        let b: Vec<u8> = (0..=255u8).cycle().take(65_536).collect();
+        let (mut exact, mut inexact) = (0, 0);
+        for i in 0..40 {
+            let scale = 0.0123 + i as f32 * 0.00731;
+            let mut op = QuantizedAdd {
+                a_scale: 0.0213,
+                a_zero_point: 131,
+                b_scale: 0.0477,
+                b_zero_point: 7,
+                floor: Some(0.0),
+                quantize: Quantize {
+                    inv_scale: 1.0 / scale,
+                    scale: Some(scale),
+                    zero_point: 3,
+                    dt: u8::datum_type(),
+                },
+                exact_reciprocal: false,
+            };
+            let mut divided = vec![0u8; a.len()];
+            op.run(&a, &b, &mut divided).unwrap();
+            op.exact_reciprocal = true;
+            let mut multiplied = vec![0u8; a.len()];
+            op.run(&a, &b, &mut multiplied).unwrap();
+            if op.reciprocal_is_exact() {
+                exact += 1;
+                assert!(multiplied == divided, "scale {scale}: judged exact, bytes differ");
+            } else {
+                inexact += 1;
+            }
+        }
+        assert!(exact > 0 && inexact > 0, "{exact} exact, {inexact} not");
+    }
+
     #[test]
     fn the_adds_vector_path_equals_its_plain_loop() {
         let a: Vec<u8> = (0..=255u8).flat_map(|x| [x; 256]).collect();
