@@ -22,7 +22,8 @@ Method, per board, model and thread count:
 4. **Calibrate.** The same method on this x86 machine (qemu-x86_64 -cpu max, whose
    widest vectors are AVX2, and LLVM's model of this core), against the same build run
    natively with `TRACT_CPU_ISA` taking AVX-512, VNNI and AMX away so that it runs the
-   same code qemu ran. The ratio is the method's error here.
+   same code qemu ran, priced with LLVM's model of this host's core (`llc --version`'s
+   "Host CPU": sapphirerapids or znver4). The ratio is the method's error here.
 
 Scheduling models (LLVM 19): the Pi 4's Cortex-A72 is priced with `-mcpu=cortex-a72`,
 which LLVM maps to its Cortex-A57 model (the A72's predecessor: same pipeline layout);
@@ -118,10 +119,18 @@ def measured_ghz():
                    for _ in range(3))
 
 
+def host_mcpu():
+    """LLVM's name for this machine's core (its scheduling model prices the calibration):
+    sapphirerapids on the project's Xeons, znver4 on its Zen 4s."""
+    out = subprocess.run([f"llc-{LLVM}", "--version"], capture_output=True, text=True,
+                         check=True).stdout
+    return re.search(r"Host CPU: (\S+)", out).group(1)
+
+
 def x86_board():
-    ghz = measured_ghz()
-    return Board(f"this machine (x86-64, {ghz:.2f} GHz measured)", "x86_64", "max",
-                 "sapphirerapids", "", ghz, ROOT / "target/release/edgesight")
+    ghz, mcpu = measured_ghz(), host_mcpu()
+    return Board(f"this machine (x86-64 {mcpu}, {ghz:.2f} GHz measured)", "x86_64", "max",
+                 mcpu, "", ghz, ROOT / "target/release/edgesight")
 
 
 # ---------------------------------------------------------------- setup
