@@ -334,8 +334,8 @@ impl QuantizedAdd {
         let a: Vec<i32> = (-128..=255).flat_map(|x| [x; 384]).collect();
         let b: Vec<i32> = (-128..=255).cycle().take(a.len()).collect();
         let (mut q, mut r) = (vec![0i32; a.len()], vec![0i32; a.len()]);
-        add_elements(&a, &b, &mut q, &div);
-        add_elements(&a, &b, &mut r, &mul);
+        add_elements::<_, _, _, false>(&a, &b, &mut q, &div);
+        add_elements::<_, _, _, false>(&a, &b, &mut r, &mul);
         q == r
     }
 }
@@ -353,30 +353,30 @@ where
     T: Copy + 'static,
     i32: tract_core::internal::tract_num_traits::AsPrimitive<T>,
 {
-    // One `widest` call per loop: with the choice of division inside the closure
-    // neither loop was vectorised (ResNet-50's adds took 7.8 ms instead of 2.0, Zen 4).
-    if c.s == 1.0 {
-        widest(|| add_loop::<A, B, T, false>(a, b, o, c))
-    } else {
-        widest(|| add_loop::<A, B, T, true>(a, b, o, c))
-    }
+    add_elements::<A, B, T, true>(a, b, o, c)
 }
 
-/// The adds without `widest`: the reference the vector path is tested against, and the
-/// loop `reciprocal_is_exact` runs once per op at load.
+/// The adds, through [`widest`] if `WIDE`; without it they are the reference the vector
+/// path is tested against, and the loop `reciprocal_is_exact` runs once per op at load.
+/// One `widest` call per loop: with the choice of division inside its closure neither
+/// loop was vectorised (ResNet-50's adds took 7.8 ms instead of 2.0, Zen 4).
 #[inline(always)]
-fn add_elements<A, B, T>(a: &[A], b: &[B], o: &mut [T], c: &AddConsts)
+fn add_elements<A, B, T, const WIDE: bool>(a: &[A], b: &[B], o: &mut [T], c: &AddConsts)
 where
     A: Copy + tract_core::internal::tract_num_traits::AsPrimitive<i32>,
     B: Copy + tract_core::internal::tract_num_traits::AsPrimitive<i32>,
     T: Copy + 'static,
     i32: tract_core::internal::tract_num_traits::AsPrimitive<T>,
 {
+    #[inline(always)]
+    fn wide<const WIDE: bool>(f: impl FnOnce()) {
+        if WIDE { widest(f) } else { f() }
+    }
     // Dividing by 1.0 changes no bit: that loop has no division (see `run`).
     if c.s == 1.0 {
-        add_loop::<A, B, T, false>(a, b, o, c)
+        wide::<WIDE>(|| add_loop::<A, B, T, false>(a, b, o, c))
     } else {
-        add_loop::<A, B, T, true>(a, b, o, c)
+        wide::<WIDE>(|| add_loop::<A, B, T, true>(a, b, o, c))
     }
 }
 
@@ -1514,7 +1514,7 @@ mod tests {
                 hi: 255.0,
             };
             let mut plain = vec![0u8; a.len()];
-            add_elements(&a, &b, &mut plain, &c);
+            add_elements::<_, _, _, false>(&a, &b, &mut plain, &c);
             for (path, fast) in add_paths::<u8>(&a, &b, &c) {
                 assert!(fast == plain, "u8 out, floor {floor}, {path}");
             }
@@ -1524,7 +1524,7 @@ mod tests {
                 ..c
             };
             let mut plain = vec![0i8; a.len()];
-            add_elements(&a, &b, &mut plain, &c);
+            add_elements::<_, _, _, false>(&a, &b, &mut plain, &c);
             for (path, fast) in add_paths::<i8>(&a, &b, &c) {
                 assert!(fast == plain, "i8 out, floor {floor}, {path}");
             }
@@ -1578,14 +1578,14 @@ mod tests {
                 // SAFETY: the CPU has AVX2, checked above.
                 out.push((
                     "avx2",
-                    run(&|o| unsafe { with_avx2(|| add_elements(a, b, o, c)) }),
+                    run(&|o| unsafe { with_avx2(|| add_elements::<_, _, _, false>(a, b, o, c)) }),
                 ));
             }
             if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
                 // SAFETY: the CPU has AVX-512 F and BW, checked above.
                 out.push((
                     "avx512",
-                    run(&|o| unsafe { with_avx512(|| add_elements(a, b, o, c)) }),
+                    run(&|o| unsafe { with_avx512(|| add_elements::<_, _, _, false>(a, b, o, c)) }),
                 ));
             }
         }

@@ -151,15 +151,8 @@ impl Kernel {
     /// Whether the kernel multiplies signed activations (ARM's instructions are i8 x i8;
     /// x86's `vpdpbusd` is u8 x i8). Activations are packed in the kernel's domain.
     pub(crate) fn signed(self) -> bool {
-        #[cfg(target_arch = "aarch64")]
-        if matches!(self, Kernel::Neon | Kernel::NeonDot) {
-            return true;
-        }
-        #[cfg(target_arch = "arm")]
-        if self == Kernel::Neon {
-            return true;
-        }
-        false
+        // Every ARM kernel but the portable one.
+        cfg!(any(target_arch = "aarch64", target_arch = "arm")) && self != Kernel::Portable
     }
 }
 
