@@ -63,6 +63,33 @@ pub fn client(settings: &Settings) -> (AsyncClient, EventLoop) {
     AsyncClient::new(opts, m.queue)
 }
 
+/// How long a connection, its DISCONNECT written, waits for the broker to hang up.
+pub const HANG_UP_WAIT: Duration = Duration::from_secs(2);
+
+/// After our DISCONNECT is written: read what the broker still sends until it closes the
+/// connection (or `within` passes), and only then drop ours. Dropped at once, with the
+/// broker's last PUBACKs unread, our end answers them with a TCP reset; Mosquitto, failing
+/// to send a PUBACK, then drops the connection with our last packets unread ("disconnected
+/// due to out of memory" in its log): the final classifications and the `offline` after
+/// them were lost, and the will announced `offline` instead. Returns how many publishes the
+/// broker never acknowledged.
+pub async fn hang_up(el: &mut EventLoop, within: Duration) -> usize {
+    if el.network.is_none() {
+        return 0;
+    }
+    let read_to_end = async {
+        // Another poll after the broker's close would connect again.
+        while el.poll().await.is_ok() {}
+    };
+    let _ = tokio::time::timeout(within, read_to_end).await;
+    // On its error rumqttc moved whatever was unacknowledged back into `pending`.
+    el.state.inflight() as usize
+        + el.pending
+            .iter()
+            .filter(|r| matches!(r, rumqttc::Request::Publish(_)))
+            .count()
+}
+
 const TLS_HINT: &str = "check mqtt.ca_file, mqtt.client_cert_file and mqtt.client_key_file, \
      and that mqtt.host is a name or address in the broker's certificate";
 

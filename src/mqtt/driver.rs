@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{MqttSettings, Settings};
-use crate::mqtt::client::describe;
+use crate::mqtt::client::{HANG_UP_WAIT, describe, hang_up};
 use crate::mqtt::discovery;
 use crate::mqtt::topics::{ONLINE, availability_topic, cmd_prefix};
 use crate::stats::Stats;
@@ -131,7 +131,16 @@ impl Driver {
                 state
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
-                info!("mqtt: disconnected cleanly");
+                let unacked = hang_up(&mut self.eventloop, HANG_UP_WAIT).await as u64;
+                self.stats.connected.store(false, Ordering::Relaxed);
+                if unacked > 0 {
+                    self.stats
+                        .publish_lost
+                        .fetch_add(unacked, Ordering::Relaxed);
+                    warn!("mqtt: disconnected; {unacked} message(s) never acknowledged");
+                } else {
+                    info!("mqtt: disconnected cleanly");
+                }
                 State::Stopped
             }
             Ok(_) => state,

@@ -215,6 +215,20 @@ pub struct Proxy {
     pub acked: Option<Tap>,
     /// Set by [`Proxy::freeze`]: relays stop passing bytes but keep their connections.
     frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Per relayed connection, in accept order: its MQTT client id (once its CONNECT
+    /// passed), and who hung up ("client" or "broker"), in the order they did.
+    pub hangups: Hangups,
+}
+
+pub type Hangups = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<&'static str>)>>>;
+
+/// The client id of a CONNECT packet's body.
+fn connect_client_id(body: &[u8]) -> Option<String> {
+    let proto = u16::from_be_bytes([*body.first()?, *body.get(1)?]) as usize;
+    let at = 2 + proto + 4; // protocol name, level, flags, keep-alive
+    let len = u16::from_be_bytes([*body.get(at)?, *body.get(at + 1)?]) as usize;
+    let id = body.get(at + 2..at + 2 + len)?;
+    Some(String::from_utf8_lossy(id).into_owned())
 }
 
 pub type Tap = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
@@ -276,6 +290,7 @@ impl Proxy {
             tasks: Default::default(),
             acked: None,
             frozen: Default::default(),
+            hangups: Default::default(),
         }
     }
 
@@ -306,22 +321,51 @@ impl Proxy {
         let tasks = self.tasks.clone();
         let acked = self.acked.clone();
         let frozen = self.frozen.clone();
+        let hangups = self.hangups.clone();
         let accept = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 let upstream = upstream.clone();
                 let acked = acked.clone();
                 let frozen = frozen.clone();
+                let hangups = hangups.clone();
                 let relay =
                     tokio::spawn(async move {
                         let Ok(out) = tokio::net::TcpStream::connect(upstream).await else {
                             return;
                         };
+                        let conn = {
+                            let mut h = hangups.lock().unwrap();
+                            h.push((String::new(), Vec::new()));
+                            h.len() - 1
+                        };
+                        // A relay ends when its side hangs up (or fails); dropping its
+                        // write half passes the hang-up on.
+                        let ended = |who: &'static str| {
+                            let hangups = hangups.clone();
+                            move || hangups.lock().unwrap()[conn].1.push(who)
+                        };
+                        let names = hangups.clone();
+                        let name = move |first: u8, body: &[u8]| {
+                            if first >> 4 == 1
+                                && let Some(id) = connect_client_id(body)
+                            {
+                                names.lock().unwrap()[conn].0 = id;
+                            }
+                        };
+                        let (client_gone, broker_gone) = (ended("client"), ended("broker"));
                         let (ir, iw) = inbound.into_split();
                         let (or, ow) = out.into_split();
                         let Some(acked) = acked else {
+                            let f = frozen.clone();
                             tokio::join!(
-                                relay_watching(ir, ow, frozen.clone(), |_, _| {}),
-                                relay_watching(or, iw, frozen, |_, _| {})
+                                async {
+                                    relay_watching(ir, ow, f, name).await;
+                                    client_gone();
+                                },
+                                async {
+                                    relay_watching(or, iw, frozen, |_, _| {}).await;
+                                    broker_gone();
+                                }
                             );
                             return;
                         };
@@ -331,6 +375,7 @@ impl Proxy {
                         ));
                         let s = sent.clone();
                         let up = relay_watching(ir, ow, frozen.clone(), move |first, body| {
+                            name(first, body);
                             if first >> 4 == 3 && (first >> 1) & 3 == 1 && body.len() >= 2 {
                                 let tlen = u16::from_be_bytes([body[0], body[1]]) as usize;
                                 if body.len() >= 4 + tlen {
@@ -349,7 +394,16 @@ impl Proxy {
                                 }
                             }
                         });
-                        tokio::join!(up, down);
+                        tokio::join!(
+                            async {
+                                up.await;
+                                client_gone();
+                            },
+                            async {
+                                down.await;
+                                broker_gone();
+                            }
+                        );
                     });
                 tasks.lock().unwrap().push(relay.abort_handle());
             }

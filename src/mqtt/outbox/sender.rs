@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{Fsync, Settings};
-use crate::mqtt::client::describe;
+use crate::mqtt::client::{HANG_UP_WAIT, describe, hang_up};
 use crate::mqtt::outbox::queue::Outbox;
 use crate::mqtt::outbox::store::poison;
 use crate::util::Backoff;
@@ -114,6 +114,10 @@ impl Sender {
             State::Draining(d) => (true, d),
             _ => (false, tokio::time::Instant::now()),
         };
+        // rumqttc's poll is not cancel-safe while it connects: a tick that interrupted it
+        // closed the half-made connection and opened another (every start did that once).
+        // Between attempts, `backoff` looks after the store instead.
+        let connecting = self.el.network.is_none();
         tokio::select! {
             ev = self.el.poll() => match ev {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -136,7 +140,7 @@ impl Sender {
                 Err(e) => self.on_error(&e, online, draining).await,
             },
             _ = self.outbox.wake.notified(), if online => state,
-            _ = self.sync_tick.tick() => {
+            _ = self.sync_tick.tick(), if !connecting => {
                 self.sync();
                 state
             }
@@ -223,10 +227,19 @@ impl Sender {
         if draining {
             return State::Finished;
         }
-        let delay = self.backoff.step();
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => State::Offline,
-            _ = self.stop.cancelled() => State::Finished,
+        self.backoff().await
+    }
+
+    /// Wait out the back-off before the next connect, looking after the store meanwhile
+    /// (a disk that recovers during a long outage is used again within seconds).
+    async fn backoff(&mut self) -> State {
+        let until = tokio::time::Instant::now() + self.backoff.step();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return State::Offline,
+                _ = self.stop.cancelled() => return State::Finished,
+                _ = self.sync_tick.tick() => self.sync(),
+            }
         }
     }
 
@@ -247,14 +260,19 @@ impl Sender {
         }
         if connected {
             let _ = self.client.try_disconnect();
-            let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            let written = tokio::time::timeout(Duration::from_millis(500), async {
                 while let Ok(ev) = self.el.poll().await {
                     if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
-                        break;
+                        return true;
                     }
                 }
+                false
             })
             .await;
+            // What was not acknowledged stays in the store for the next run.
+            if written == Ok(true) {
+                hang_up(&mut self.el, HANG_UP_WAIT).await;
+            }
         }
         self.sync();
     }
