@@ -89,6 +89,9 @@ pub struct Int8Rewrites {
     pub fused_requant: usize,
     /// Residual adds (dequantise, add, ReLU, quantise) fused into one integer pass.
     pub fused_adds: usize,
+    /// Of those, the ones fused further into the conv producing one of their inputs
+    /// ([`crate::model::int8::qconv::fuse_conv_adds`]).
+    pub conv_adds: usize,
     /// Max pools moved before their dequantisation, onto the integers
     /// ([`crate::model::int8::pool_quantized`]).
     pub int_pools: usize,
@@ -116,6 +119,7 @@ impl std::fmt::Display for Int8Rewrites {
             (self.scalar_zero_points, "zero points made scalar"),
             (self.fused_requant, "requantisations fused"),
             (self.fused_adds, "residual adds fused"),
+            (self.conv_adds, "of them into their convs"),
             (self.int_pools, "max pools on integers"),
             (self.residual_adds, "float residual adds fused"),
             (self.fast_quantize, "quantisers vectorised"),
@@ -256,6 +260,7 @@ fn optimize_with(
     passes::declutter(&mut typed, change_axes)?;
     let scalar_zero_points = crate::model::int8::scalar_zero_points(&mut typed)?;
     let fused_adds = crate::model::int8::fuse_quantized_adds(&mut typed, quantize_scales)?;
+    let conv_adds = crate::model::int8::qconv::fuse_conv_adds(&mut typed)?;
     let int_pools = crate::model::int8::pool_quantized(&mut typed, quantize_scales)?;
     let residual_adds = crate::model::int8::fuse_residual_adds(&mut typed, quantize_scales)?;
     let folded_weights = passes::fold_weights(&mut typed)?;
@@ -270,6 +275,7 @@ fn optimize_with(
             scalar_zero_points,
             fused_requant,
             fused_adds,
+            conv_adds,
             int_pools,
             residual_adds,
             fast_quantize,

@@ -265,7 +265,7 @@ impl Eq for QuantizedAdd {}
 
 /// What one element of a [`QuantizedAdd`] needs, in the order its arithmetic uses it.
 #[derive(Clone, Copy)]
-struct AddConsts {
+pub(crate) struct AddConsts {
     a_zero_point: i32,
     a_scale: f32,
     b_zero_point: i32,
@@ -287,6 +287,20 @@ impl QuantizedAdd {
         i32: tract_core::internal::tract_num_traits::AsPrimitive<T>,
         T: tract_core::internal::tract_num_traits::AsPrimitive<f32>,
     {
+        let c = self.consts_for::<T>();
+        par_chunks(out, PAR_CHUNK, |(i, o)| {
+            let (a, b) = (&a[i * PAR_CHUNK..], &b[i * PAR_CHUNK..]);
+            add_chunk(a, b, o, &c);
+        });
+        Ok(())
+    }
+
+    /// The constants of an add into `T`.
+    pub(crate) fn consts_for<T>(&self) -> AddConsts
+    where
+        T: tract_core::internal::tract_num_traits::Bounded
+            + tract_core::internal::tract_num_traits::AsPrimitive<f32>,
+    {
         // ONNX's QuantizeLinear divides by the scale; tract's reciprocal rounds
         // differently on about one value in 10^5 ([`QuantizeScales`]), and each such step
         // can grow through the layers after it. (One of the two factors is 1.)
@@ -297,12 +311,19 @@ impl QuantizedAdd {
             Some(s) => (1.0, s),
             None => (self.quantize.inv_scale, 1.0),
         };
-        let c = self.consts(inv, s, T::min_value().as_(), T::max_value().as_());
-        par_chunks(out, PAR_CHUNK, |(i, o)| {
-            let (a, b) = (&a[i * PAR_CHUNK..], &b[i * PAR_CHUNK..]);
-            add_chunk(a, b, o, &c);
-        });
-        Ok(())
+        self.consts(inv, s, T::min_value().as_(), T::max_value().as_())
+    }
+
+    /// The same add with its operands' roles swapped: `b + a` is `a + b` to the bit (IEEE
+    /// addition commutes), so either input can be the one a conv produces.
+    pub fn swapped(&self) -> QuantizedAdd {
+        QuantizedAdd {
+            a_scale: self.b_scale,
+            a_zero_point: self.b_zero_point,
+            b_scale: self.a_scale,
+            b_zero_point: self.a_zero_point,
+            ..self.clone()
+        }
     }
 
     fn consts(&self, inv: f32, s: f32, lo: f32, hi: f32) -> AddConsts {
@@ -346,7 +367,7 @@ impl QuantizedAdd {
 /// adds on a Xeon: 5.2 ms with SSE2, 3.7 with AVX2, 2.6 with AVX-512 (measured with
 /// `--profile`). The same IEEE operations in the same order (no FMA), so the same bits
 /// on either path.
-fn add_chunk<A, B, T>(a: &[A], b: &[B], o: &mut [T], c: &AddConsts)
+pub(crate) fn add_chunk<A, B, T>(a: &[A], b: &[B], o: &mut [T], c: &AddConsts)
 where
     A: Copy + tract_core::internal::tract_num_traits::AsPrimitive<i32>,
     B: Copy + tract_core::internal::tract_num_traits::AsPrimitive<i32>,

@@ -32,9 +32,13 @@
 //! padding adds nothing.
 
 //!
-//! Files: `op` (the tract op: geometry, packing, dispatch over channel blocks), `pack`
-//! (C4 interleaving), `kernels` (the portable reference beside one file per ISA),
-//! `replace` (which tract convs become ours).
+//! A residual add whose operand is a conv's output (ResNet's adds) is fused into that
+//! conv: the pass that moves the kernel's rows into the output tensor adds the other
+//! operand on the way (`fuse_conv_adds`), the add op's arithmetic per element.
+//!
+//! Files: `op` (the tract op: geometry, packing, dispatch over channel blocks, the fused
+//! add), `pack` (C4 interleaving), `kernels` (the portable reference beside one file per
+//! ISA), `replace` (which tract convs become ours, and which adds go into them).
 
 mod kernels;
 mod op;
@@ -43,7 +47,7 @@ mod replace;
 
 pub use op::QConv;
 pub(crate) use replace::konst;
-pub use replace::replace_convs;
+pub use replace::{fuse_conv_adds, replace_convs};
 
 /// Output channels per register block.
 pub(crate) const MR: usize = 8;
@@ -178,6 +182,7 @@ mod tests {
         }
     }
 
+    #[derive(Clone)]
     struct Case {
         cin: usize,
         cout: usize,
@@ -447,6 +452,111 @@ mod tests {
         }
     }
 
+    /// A residual add fused into the conv that produces one of its operands
+    /// (`fuse_conv_adds`) gives the bytes the conv and the add op give one after the
+    /// other: 1x1 (whole planes) and 3x3 and strided convs (row by row), the conv as
+    /// either operand, signed and unsigned operands and results, with and without ReLU and
+    /// the reciprocal, on every kernel and on two threads.
+    #[test]
+    fn a_residual_add_fused_into_its_conv_gives_the_same_bytes() {
+        use crate::model::int8::{Quantize, QuantizedAdd};
+        let mut rng = Rng(0x5eed_add0_c0de_0001);
+        let cases = [
+            (
+                Case {
+                    signed_y: false,
+                    ..cases()[2].clone()
+                },
+                false,
+                DatumType::U8,
+                DatumType::U8,
+            ),
+            (
+                Case {
+                    signed_y: true,
+                    ..cases()[3].clone()
+                },
+                true,
+                DatumType::I8,
+                DatumType::I8,
+            ),
+            (cases()[0].clone(), true, DatumType::I8, DatumType::U8),
+            (cases()[1].clone(), false, DatumType::U8, DatumType::I8),
+            (cases()[11].clone(), false, DatumType::I8, DatumType::U8),
+        ];
+        for (i, (c, conv_is_b, skip_dt, out_dt)) in cases.into_iter().enumerate() {
+            let what = format!("case {i}");
+            let mut m = conv_model(&c, &mut rng);
+            let y = m.output_outlets().unwrap()[0];
+            let shape = m.outlet_fact(y).unwrap().shape.clone();
+            let skip = m.add_source("skip", skip_dt.fact(shape.clone())).unwrap();
+            let scale = 0.031 + i as f32 * 0.0071;
+            let mut add = QuantizedAdd {
+                a_scale: 0.05,
+                a_zero_point: if c.signed_y { 5 } else { 120 },
+                b_scale: 0.0213,
+                b_zero_point: if skip_dt == DatumType::I8 { -3 } else { 131 },
+                floor: (i % 2 == 0).then_some(0.0),
+                quantize: Quantize {
+                    inv_scale: 1.0 / scale,
+                    scale: Some(scale),
+                    zero_point: if out_dt == DatumType::I8 { 0 } else { 9 },
+                    dt: out_dt,
+                },
+                exact_reciprocal: false,
+            };
+            add.exact_reciprocal = add.reciprocal_is_exact();
+            let inputs = if conv_is_b { [skip, y] } else { [y, skip] };
+            let op = if conv_is_b { add.swapped() } else { add };
+            let sum = m.wire_node("add", op, &inputs).unwrap();
+            m.select_output_outlets(&sum).unwrap();
+            let x = Tensor::from_shape(
+                &[1, c.cin, c.hw.0, c.hw.1],
+                &rng.bytes(c.cin * c.hw.0 * c.hw.1),
+            )
+            .unwrap()
+            .cast_to_dt(if c.signed_x {
+                DatumType::I8
+            } else {
+                DatumType::U8
+            })
+            .unwrap()
+            .into_owned();
+            let dims: Vec<usize> = shape.as_concrete().unwrap().to_vec();
+            let b = Tensor::from_shape(&dims, &rng.bytes(dims.iter().product()))
+                .unwrap()
+                .cast_to_dt(skip_dt)
+                .unwrap()
+                .into_owned();
+            let fastest = *kernels().last().unwrap();
+            let runs = kernels().into_iter().map(|k| (k, 1)).chain([(fastest, 2)]);
+            for (which, threads) in runs {
+                let mut apart = m.clone();
+                assert_eq!(replace_convs(&mut apart, which).unwrap(), 1, "{what}");
+                let mut fused = apart.clone();
+                assert_eq!(fuse_conv_adds(&mut fused).unwrap(), 1, "{what}");
+                let ops: Vec<String> = fused.nodes().iter().map(|n| n.op.name().into()).collect();
+                assert!(
+                    !ops.iter().any(|o| o == "EdgesightQuantizedAdd"),
+                    "{what}: {ops:?}"
+                );
+                let run = |m: TypedModel| {
+                    let plan = m.into_runnable().unwrap();
+                    let go = || plan.run(tvec!(x.clone().into(), b.clone().into())).unwrap();
+                    if threads > 1 {
+                        use tract_core::internal::tract_linalg::multithread::*;
+                        multithread_tract_scope(Executor::multithread(threads), go)
+                    } else {
+                        go()
+                    }
+                };
+                let (want, got) = (run(apart), run(fused));
+                assert_eq!(got[0].datum_type(), out_dt, "{what}");
+                assert_eq!(*got[0], *want[0], "{what} {which:?} {threads} threads");
+            }
+        }
+    }
+
     /// The op for `cin` -> 8 channels with this geometry (weights irrelevant: `geo` only).
     fn bare(cin: usize, kernel: (usize, usize), stride: (usize, usize), pad: [usize; 4]) -> QConv {
         QConv {
@@ -465,6 +575,7 @@ mod tests {
             hi: 255,
             out_dt: DatumType::U8,
             which: Kernel::Portable,
+            residual: None,
         }
     }
 

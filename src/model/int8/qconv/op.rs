@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use tract_core::internal::*;
 
-use crate::model::int8::par_chunks;
 #[cfg(target_arch = "arm")]
 use crate::model::int8::qconv::kernels::armv7;
 #[cfg(target_arch = "aarch64")]
@@ -16,6 +15,7 @@ use crate::model::int8::qconv::kernels::{Epilogue, Tile, portable};
 use crate::model::int8::qconv::kernels::{amx, avx2, x86 as vnni};
 use crate::model::int8::qconv::pack::interleave;
 use crate::model::int8::qconv::{Kernel, LANES, MR, PX};
+use crate::model::int8::{QuantizedAdd, add_chunk, par_chunks};
 
 /// A quantised 2-D convolution (NCHW, one group, no dilation) with everything but the
 /// input folded in at load time.
@@ -41,8 +41,12 @@ pub struct QConv {
     pub y0: i32,
     pub lo: i32,
     pub hi: i32,
+    /// The type of the conv's own (requantised) output.
     pub out_dt: DatumType,
     pub which: Kernel,
+    /// A residual add fused in ([`super::fuse_conv_adds`]): the conv's output is its
+    /// `a`, the op's second input its `b`, and the op outputs the sum's type.
+    pub residual: Option<Box<QuantizedAdd>>,
 }
 
 impl Eq for QConv {}
@@ -207,33 +211,92 @@ impl QConv {
         });
     }
 
-    fn run_image(
-        &self,
-        x: &[u8],
-        (h, w): (usize, usize),
-        g: &Geo,
-        out: &mut [u8],
-    ) -> TractResult<()> {
+    /// The data type the op outputs: the conv's, or its fused add's.
+    pub(crate) fn result_dt(&self) -> DatumType {
+        self.residual
+            .as_ref()
+            .map_or(self.out_dt, |r| r.quantize.dt)
+    }
+
+    /// One image: `x` in, `out` (`cout` planes) out; `skip` is the fused add's other
+    /// operand for this image (`cout` planes of `skip_dt`), when there is one.
+    fn run_image(&self, x: &[u8], (h, w): (usize, usize), g: &Geo, io: Io) -> TractResult<()> {
         SCRATCH.with(|s| -> TractResult<()> {
             let mut s = s.borrow_mut();
             let (packed, vout) = s.split(g.packed_len, g.vout_len);
             self.pack(x, h, w, g, packed);
             self.compute(packed, &g.offsets, g, vout);
-            // Keep the valid columns of each virtual output row.
-            let plane = g.hout * g.wout;
-            let vout = &*vout;
-            par_chunks(&mut out[..self.cout * plane], plane, |(co, dst)| {
-                let src = &vout[co * g.q..];
-                if g.wq == g.wout {
-                    dst.copy_from_slice(&src[..plane]);
-                } else {
-                    for (y, row) in dst.chunks_exact_mut(g.wout).enumerate() {
-                        row.copy_from_slice(&src[y * g.wq..y * g.wq + g.wout]);
-                    }
+            match (io.skip, &self.residual) {
+                (Some((skip, skip_dt)), Some(add)) => {
+                    self.add_out(add, vout, g, skip, skip_dt, io.out)
                 }
-            });
-            Ok(())
+                _ => {
+                    self.keep_valid(g, vout, io.out, |src, dst, _| dst.copy_from_slice(src));
+                    Ok(())
+                }
+            }
         })
+    }
+
+    /// `each(src, dst, at)` for every run of valid pixels, `at` being `dst`'s offset in
+    /// `out`: whole planes when the virtual rows have no extra columns, else row by row.
+    /// Channels are shared out over the pool.
+    fn keep_valid(
+        &self,
+        g: &Geo,
+        vout: &[u8],
+        out: &mut [u8],
+        each: impl Fn(&[u8], &mut [u8], usize) + Send + Sync,
+    ) {
+        let plane = g.hout * g.wout;
+        par_chunks(&mut out[..self.cout * plane], plane, |(co, dst)| {
+            let src = &vout[co * g.q..];
+            if g.wq == g.wout {
+                each(&src[..plane], dst, co * plane);
+            } else {
+                for (y, row) in dst.chunks_exact_mut(g.wout).enumerate() {
+                    let at = co * plane + y * g.wout;
+                    each(&src[y * g.wq..y * g.wq + g.wout], row, at);
+                }
+            }
+        });
+    }
+
+    /// The fused add, on the way out of the kernel's rows: `out = add(conv, skip)`.
+    fn add_out(
+        &self,
+        add: &QuantizedAdd,
+        vout: &[u8],
+        g: &Geo,
+        skip: &[u8],
+        skip_dt: DatumType,
+        out: &mut [u8],
+    ) -> TractResult<()> {
+        let plane = g.hout * g.wout;
+        ensure!(skip.len() == self.cout * plane, "int8 conv: residual size");
+        macro_rules! go {
+            ($A:ty, $B:ty, $T:ty) => {{
+                let c = add.consts_for::<$T>();
+                self.keep_valid(g, vout, out, |src, dst, at| {
+                    // The skip tensor has the output's layout.
+                    let b = &skip[at..at + dst.len()];
+                    add_chunk::<$A, $B, $T>(bytes_as(src), bytes_as(b), bytes_as_mut(dst), &c)
+                })
+            }};
+        }
+        use DatumType::{I8, U8};
+        match (self.out_dt, skip_dt, add.quantize.dt) {
+            (U8, U8, U8) => go!(u8, u8, u8),
+            (U8, U8, I8) => go!(u8, u8, i8),
+            (I8, I8, I8) => go!(i8, i8, i8),
+            (I8, I8, U8) => go!(i8, i8, u8),
+            (U8, I8, U8) => go!(u8, i8, u8),
+            (U8, I8, I8) => go!(u8, i8, i8),
+            (I8, U8, U8) => go!(i8, u8, u8),
+            (I8, U8, I8) => go!(i8, u8, i8),
+            (x, y, z) => bail!("int8 conv: residual add of {x:?} and {y:?} to {z:?}"),
+        }
+        Ok(())
     }
 
     /// Every output block: `vout[co][q]` for q < g.q. Blocks of output channels are
@@ -331,6 +394,27 @@ impl QConv {
     }
 }
 
+/// One image's output, and the fused add's other operand with its type.
+struct Io<'a> {
+    out: &'a mut [u8],
+    skip: Option<(&'a [u8], DatumType)>,
+}
+
+/// A byte slice as the 8-bit type it holds (u8, or i8's two's complement).
+trait Byte: Copy {}
+impl Byte for u8 {}
+impl Byte for i8 {}
+
+fn bytes_as<T: Byte>(x: &[u8]) -> &[T] {
+    // SAFETY: T is u8 or i8 (`Byte`): same size and alignment, every bit pattern valid.
+    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const T, x.len()) }
+}
+
+fn bytes_as_mut<T: Byte>(x: &mut [u8]) -> &mut [T] {
+    // SAFETY: as in `bytes_as`; the borrow of `x` moves into the result.
+    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut T, x.len()) }
+}
+
 /// Scratch space reused across frames (per thread): packed input and virtual output.
 #[derive(Default)]
 struct Scratch {
@@ -358,7 +442,7 @@ impl Op for QConv {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "{}->{} {}x{} stride {}x{} pad {:?}, {:?} kernel -> {:?}",
+            "{}->{} {}x{} stride {}x{} pad {:?}, {:?} kernel -> {:?}{}",
             self.cin,
             self.cout,
             self.kernel.0,
@@ -367,7 +451,11 @@ impl Op for QConv {
             self.stride.1,
             self.pad,
             self.which,
-            self.out_dt
+            self.out_dt,
+            self.residual
+                .as_ref()
+                .map(|r| format!(", + residual -> {}", r.quantize.describe()))
+                .unwrap_or_default()
         )])
     }
 
@@ -387,10 +475,22 @@ impl EvalOp for QConv {
         );
         let (n, h, w) = (shape[0], shape[2], shape[3]);
         let g = self.geo(h, w)?;
+        let oshape = [n, self.cout, g.hout, g.wout];
+        let skip = match (&self.residual, inputs.get(1)) {
+            (Some(_), Some(s)) => {
+                ensure!(
+                    s.shape() == oshape,
+                    "int8 conv: residual shape {:?}, expected {oshape:?}",
+                    s.shape()
+                );
+                Some((s.try_as_plain_ram()?, s.datum_type()))
+            }
+            (None, None) => None,
+            _ => bail!("int8 conv: {} inputs", inputs.len()),
+        };
         // SAFETY: u8/i8 plain data; run_image writes every output pixel of every channel
         // (the virtual rows are copied out in full) before the tensor is returned.
-        let mut out =
-            unsafe { Tensor::uninitialized_dt(self.out_dt, &[n, self.cout, g.hout, g.wout])? };
+        let mut out = unsafe { Tensor::uninitialized_dt(self.result_dt(), &oshape)? };
         {
             let x = input.try_as_plain_ram()?;
             let x = x.as_bytes();
@@ -398,12 +498,13 @@ impl EvalOp for QConv {
             let o = o.as_bytes_mut();
             let (isz, osz) = (self.cin * h * w, self.cout * g.hout * g.wout);
             for i in 0..n {
-                self.run_image(
-                    &x[i * isz..(i + 1) * isz],
-                    (h, w),
-                    &g,
-                    &mut o[i * osz..(i + 1) * osz],
-                )?;
+                let io = Io {
+                    out: &mut o[i * osz..(i + 1) * osz],
+                    skip: skip
+                        .as_ref()
+                        .map(|(s, dt)| (&s.as_bytes()[i * osz..(i + 1) * osz], *dt)),
+                };
+                self.run_image(&x[i * isz..(i + 1) * isz], (h, w), &g, io)?;
             }
         }
         Ok(tvec!(out.into_tvalue()))
@@ -416,7 +517,7 @@ impl TypedOp for QConv {
         ensure!(s.rank() == 4, "int8 conv: input rank {}", s.rank());
         let dim = |d: &TDim, k: usize, s: usize, p: usize| -> TDim { (d.clone() + p - k) / s + 1 };
         let (pt, pl, pb, pr) = self.pad;
-        Ok(tvec!(self.out_dt.fact(tvec![
+        Ok(tvec!(self.result_dt().fact(tvec![
             s[0].clone(),
             self.cout.to_dim(),
             dim(&s[2], self.kernel.0, self.stride.0, pt + pb),

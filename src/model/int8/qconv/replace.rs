@@ -8,6 +8,7 @@ use tract_core::internal::*;
 use tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
 use tract_core::ops::nn::DataFormat;
 
+use crate::model::int8::QuantizedAdd;
 use crate::model::int8::qconv::op::QConv;
 use crate::model::int8::qconv::{Kernel, MR};
 
@@ -246,6 +247,7 @@ pub(crate) fn qconv_for(
         hi,
         out_dt: shape.out_dt,
         which,
+        residual: None,
     };
     // Every size and read of the kernels, for the input this model has, checked now: a
     // crafted geometry fails the load naming its node, it never reaches `unsafe`.
@@ -275,4 +277,50 @@ pub fn replace_convs(model: &mut TypedModel, which: Kernel) -> TractResult<usize
         model.compact()?;
     }
     Ok(replaced)
+}
+
+/// Fuse each [`QuantizedAdd`] one of whose inputs is a [`QConv`]'s output, used by
+/// nothing else, into that conv: the conv's pass that moves its result out of the
+/// kernel's rows does the add on the way (ResNet's residual adds: the third conv of a
+/// block, or its shortcut's conv). The add's pass over memory goes: a read and a write of
+/// the conv's output, and the op. The same arithmetic per element as the add op
+/// (`QuantizedAdd`), so the same bits. Run after [`crate::model::int8::fuse_quantized_adds`].
+/// Returns how many adds went into convs.
+pub fn fuse_conv_adds(model: &mut TypedModel) -> TractResult<usize> {
+    let mut fused = 0;
+    for id in 0..model.nodes().len() {
+        let node = model.node(id);
+        let Some(add) = node.op_as::<QuantizedAdd>() else {
+            continue;
+        };
+        let conv_of = |i: usize| -> Option<(&QConv, usize)> {
+            let from = node.inputs[i];
+            let n = model.node(from.node);
+            let conv = n.op_as::<QConv>()?;
+            let only_here =
+                n.outputs[0].successors.len() == 1 && !model.outputs.iter().any(|o| o.node == n.id);
+            (conv.residual.is_none() && only_here).then_some((conv, n.id))
+        };
+        let (conv, conv_id, skip, add) = match (conv_of(0), conv_of(1)) {
+            (Some((c, n)), _) => (c, n, node.inputs[1], add.clone()),
+            (None, Some((c, n))) => (c, n, node.inputs[0], add.swapped()),
+            _ => continue,
+        };
+        let op = QConv {
+            residual: Some(Box::new(add)),
+            ..conv.clone()
+        };
+        let x = model.node(conv_id).inputs[0];
+        let name = format!("{}.add", model.node(conv_id).name);
+        let mut patch = TypedModelPatch::default();
+        let inputs = [patch.tap_model(model, x)?, patch.tap_model(model, skip)?];
+        let out = patch.wire_node(name, op, &inputs)?;
+        patch.shunt_outside(model, OutletId::new(id, 0), out[0])?;
+        patch.apply(model)?;
+        fused += 1;
+    }
+    if fused > 0 {
+        model.compact()?;
+    }
+    Ok(fused)
 }
