@@ -13,7 +13,7 @@ use crate::model::int8::qconv::kernels::neon;
 use crate::model::int8::qconv::kernels::{Epilogue, Tile, portable};
 #[cfg(target_arch = "x86_64")]
 use crate::model::int8::qconv::kernels::{amx, avx2, x86 as vnni};
-use crate::model::int8::qconv::pack::interleave;
+use crate::model::int8::qconv::pack::{four, interleave};
 use crate::model::int8::qconv::{Kernel, LANES, MR, PX};
 use crate::model::int8::{QuantizedAdd, add_chunk, par_chunks};
 
@@ -198,7 +198,7 @@ impl QConv {
                 if r >= g.rows {
                     continue;
                 }
-                let src: [&[u8]; 4] = std::array::from_fn(|j| {
+                let src: [&[u8]; 4] = four(|j| {
                     if planes[j].is_empty() {
                         &pad_row[..]
                     } else {
