@@ -20,6 +20,26 @@
 //! forms are in [`crate::model::int8::onnx_quant`]. Everything goes through tract's public
 //! model-patching API; tract itself is not modified.
 
+/// `$go!(A, B, T)` for the (a, b, output) type combination `$dts` of a quantised add
+/// (u8 or i8 each), or the error naming `$what`. One table for the add op and for the
+/// conv with an add fused in (`qconv`).
+macro_rules! for_add_types {
+    ($dts:expr, $go:ident, $what:expr) => {{
+        use DatumType::{I8, U8};
+        match $dts {
+            (U8, U8, U8) => $go!(u8, u8, u8),
+            (U8, U8, I8) => $go!(u8, u8, i8),
+            (I8, I8, I8) => $go!(i8, i8, i8),
+            (I8, I8, U8) => $go!(i8, i8, u8),
+            (U8, I8, U8) => $go!(u8, i8, u8),
+            (U8, I8, I8) => $go!(u8, i8, i8),
+            (I8, U8, U8) => $go!(i8, u8, u8),
+            (I8, U8, I8) => $go!(i8, u8, i8),
+            (x, y, z) => bail!("{} of {x:?} and {y:?} to {z:?} is not supported", $what),
+        }
+    }};
+}
+
 pub mod depthwise;
 pub mod onnx_quant;
 pub mod pool;
@@ -586,22 +606,12 @@ impl EvalOp for QuantizedAdd {
                     self.run::<$A, $B, $T>(a.as_slice()?, b.as_slice()?, o.as_slice_mut()?)?
                 };
             }
-            use DatumType::{I8, U8};
-            match (
+            let dts = (
                 inputs[0].datum_type(),
                 inputs[1].datum_type(),
                 self.quantize.dt,
-            ) {
-                (U8, U8, U8) => go!(u8, u8, u8),
-                (U8, U8, I8) => go!(u8, u8, i8),
-                (I8, I8, I8) => go!(i8, i8, i8),
-                (I8, I8, U8) => go!(i8, i8, u8),
-                (U8, I8, U8) => go!(u8, i8, u8),
-                (U8, I8, I8) => go!(u8, i8, i8),
-                (I8, U8, U8) => go!(i8, u8, u8),
-                (I8, U8, I8) => go!(i8, u8, i8),
-                (x, y, z) => bail!("quantised add of {x:?} and {y:?} to {z:?} is not supported"),
-            }
+            );
+            for_add_types!(dts, go, "quantised add")
         }
         Ok(tvec!(out.into_tvalue()))
     }

@@ -284,18 +284,8 @@ impl QConv {
                 })
             }};
         }
-        use DatumType::{I8, U8};
-        match (self.out_dt, skip_dt, add.quantize.dt) {
-            (U8, U8, U8) => go!(u8, u8, u8),
-            (U8, U8, I8) => go!(u8, u8, i8),
-            (I8, I8, I8) => go!(i8, i8, i8),
-            (I8, I8, U8) => go!(i8, i8, u8),
-            (U8, I8, U8) => go!(u8, i8, u8),
-            (U8, I8, I8) => go!(u8, i8, i8),
-            (I8, U8, U8) => go!(i8, u8, u8),
-            (I8, U8, I8) => go!(i8, u8, i8),
-            (x, y, z) => bail!("int8 conv: residual add of {x:?} and {y:?} to {z:?}"),
-        }
+        let dts = (self.out_dt, skip_dt, add.quantize.dt);
+        for_add_types!(dts, go, "int8 conv: residual add");
         Ok(())
     }
 
