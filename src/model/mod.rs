@@ -12,10 +12,12 @@
 
 pub mod bench;
 pub mod check;
+mod conv_geo;
 pub mod int8;
 mod onnx_graph;
 pub mod passes;
 pub mod proto_fixes;
+mod threads;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

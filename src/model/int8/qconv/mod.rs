@@ -51,10 +51,9 @@ pub use replace::{fuse_conv_adds, replace_convs};
 
 /// Output channels per register block.
 pub(crate) const MR: usize = 8;
-/// Output pixels per vector (i32 lanes of a 512-bit register).
-pub(crate) const LANES: usize = 16;
-/// Vectors of pixels per block: MR x PX accumulators (24 of AVX-512's 32 registers).
-pub(crate) const PX: usize = 3;
+/// Output pixels per vector (i32 lanes of a 512-bit register), and vectors of pixels per
+/// block: MR x PX accumulators (24 of AVX-512's 32 registers).
+pub(crate) use crate::model::conv_geo::{LANES, PX};
 
 /// Which inner kernel runs; chosen once when the op is built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

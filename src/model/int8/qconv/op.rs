@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tract_core::internal::*;
 
+use crate::model::conv_geo::{Conv2d, Geo};
 #[cfg(target_arch = "arm")]
 use crate::model::int8::qconv::kernels::armv7;
 #[cfg(target_arch = "aarch64")]
@@ -14,7 +15,7 @@ use crate::model::int8::qconv::kernels::{Epilogue, Tile, portable};
 #[cfg(target_arch = "x86_64")]
 use crate::model::int8::qconv::kernels::{amx, avx2, x86 as vnni};
 use crate::model::int8::qconv::pack::{four, interleave};
-use crate::model::int8::qconv::{Kernel, LANES, MR, PX};
+use crate::model::int8::qconv::{Kernel, LANES, MR};
 use crate::model::int8::{QuantizedAdd, add_chunk, par_chunks};
 
 /// A quantised 2-D convolution (NCHW, one group, no dilation) with everything but the
@@ -51,33 +52,6 @@ pub struct QConv {
 
 impl Eq for QConv {}
 
-/// The geometry of one evaluation, from the input's height and width.
-pub(crate) struct Geo {
-    hout: usize,
-    wout: usize,
-    /// Width of every phase image (and of the "virtual" output rows).
-    wq: usize,
-    /// Rows of every phase image.
-    rows: usize,
-    /// Pixels of one C4 group of one phase image (rows * wq plus read-ahead).
-    plane: usize,
-    /// Output pixels computed, a multiple of LANES (hout * wq rounded up).
-    q: usize,
-    /// Bytes of the packed input (every phase image, every C4 group).
-    packed_len: usize,
-    /// Bytes of the virtual output (every channel block, q pixels each).
-    vout_len: usize,
-    /// Where each tap reads, as a byte offset into the phase images laid end to end
-    /// (phase-major, then C4 group).
-    offsets: Vec<usize>,
-}
-
-/// Every size below comes from a model's attributes: computed with checked arithmetic,
-/// since release builds wrap and a wrapped offset would pass the bounds check.
-fn ck(v: Option<usize>) -> TractResult<usize> {
-    v.ok_or_else(|| format_err!("convolution geometry overflows"))
-}
-
 impl QConv {
     fn taps(&self) -> usize {
         self.kernel.0 * self.kernel.1
@@ -91,72 +65,20 @@ impl QConv {
         self.cout.div_ceil(self.which.rows())
     }
 
-    /// The geometry for an `h` x `w` input, checked: no size overflows, no dimension is
-    /// zero, and the furthest read of the last block of pixels lies inside the packed
-    /// input — the bound the SIMD kernels rely on (`Tile::check` asserts it again).
+    /// The geometry for an `h` x `w` input ([`Conv2d::geometry`]).
     pub(crate) fn geo(&self, h: usize, w: usize) -> TractResult<Geo> {
-        let (kh, kw) = self.kernel;
-        let (sh, sw) = self.stride;
-        let (pt, pl, pb, pr) = self.pad;
-        ensure!(
-            self.cin > 0 && self.cout > 0 && kh > 0 && kw > 0 && sh > 0 && sw > 0,
-            "convolution: zero channels, kernel side or stride"
-        );
-        ensure!(h > 0 && w > 0, "convolution: empty input {h}x{w}");
-        let hp = ck(h.checked_add(pt).and_then(|v| v.checked_add(pb)))?;
-        let wp = ck(w.checked_add(pl).and_then(|v| v.checked_add(pr)))?;
-        ensure!(
-            hp >= kh && wp >= kw,
-            "convolution: input {h}x{w} smaller than its kernel"
-        );
-        let (hout, wout) = ((hp - kh) / sh + 1, (wp - kw) / sw + 1);
-        let wq = wp.div_ceil(sw);
-        let rows = hout + (kh - 1) / sh + 1;
-        let q = ck(hout.checked_mul(wq).map(|v| v.div_ceil(LANES) * LANES))?;
-        // Reads run up to q + the largest tap offset; one extra row and a vector of slack.
-        let plane = ck(rows.checked_mul(wq).and_then(|v| v.checked_add(LANES * PX)))?;
-        let phase_len = ck(self.groups().checked_mul(plane))?;
-        let packed_len = ck(sh
-            .checked_mul(sw)
-            .and_then(|v| v.checked_mul(phase_len))
-            .and_then(|v| v.checked_mul(4)))?;
-        let vout_len = ck(self
-            .blocks()
-            .checked_mul(self.which.rows())
-            .and_then(|v| v.checked_mul(q)))?;
-        let mut offsets = Vec::with_capacity(self.taps());
-        for ky in 0..kh {
-            for kx in 0..kw {
-                let phase = (ky % sh) * sw + kx % sw;
-                let at = (ky / sh)
-                    .checked_mul(wq)
-                    .and_then(|v| v.checked_add(kx / sw))
-                    .and_then(|v| v.checked_add(phase.checked_mul(phase_len)?))
-                    .and_then(|v| v.checked_mul(4));
-                offsets.push(ck(at)?);
-            }
+        let rows = self.blocks().checked_mul(self.which.rows());
+        self.shape().geometry(self.groups(), rows, h, w)
+    }
+
+    fn shape(&self) -> Conv2d {
+        Conv2d {
+            cin: self.cin,
+            cout: self.cout,
+            kernel: self.kernel,
+            stride: self.stride,
+            pad: self.pad,
         }
-        let furthest = offsets.iter().max().copied().unwrap_or(0);
-        let last_read = (self.groups() - 1)
-            .checked_mul(plane * 4)
-            .and_then(|v| v.checked_add(furthest))
-            .and_then(|v| v.checked_add(q.checked_mul(4)?));
-        let last_read = ck(last_read)?;
-        ensure!(
-            last_read <= packed_len,
-            "convolution: reads reach byte {last_read} of a {packed_len}-byte input"
-        );
-        Ok(Geo {
-            hout,
-            wout,
-            wq,
-            rows,
-            plane,
-            q,
-            packed_len,
-            vout_len,
-            offsets,
-        })
     }
 
     /// Lay one image (`cin` planes of h x w) out as C4 phase images, padding with x0.
