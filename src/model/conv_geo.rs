@@ -131,3 +131,22 @@ impl Conv2d {
         })
     }
 }
+
+/// A 2-D pool spec's strides (height, width) and padding (top, left, bottom, right) for
+/// an `hw` input: what our conv and pool ops keep of tract's `PoolSpec`.
+pub(crate) fn strides_and_pads(
+    ps: &tract_core::ops::cnn::PoolSpec,
+    hw: &[usize; 2],
+) -> ((usize, usize), (usize, usize, usize, usize)) {
+    let pads = ps.computed_padding(hw);
+    let strides = ps.strides();
+    (
+        (strides[0], strides[1]),
+        (
+            pads[0].pad_before,
+            pads[1].pad_before,
+            pads[0].pad_after,
+            pads[1].pad_after,
+        ),
+    )
+}

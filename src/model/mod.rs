@@ -13,6 +13,7 @@
 pub mod bench;
 pub mod check;
 mod conv_geo;
+mod cpu;
 pub mod int8;
 mod onnx_graph;
 pub mod passes;

@@ -48,8 +48,9 @@ pub mod qconv;
 use tract_core::internal::*;
 use tract_core::ops::einsum::EinSum;
 
+use crate::model::cpu::widest;
 use crate::model::int8::onnx_quant::QuantizeScales;
-pub(crate) use crate::model::threads::{PAR_CHUNK, par_chunks, par_chunks2};
+use crate::model::threads::{PAR_CHUNK, par_chunks, par_chunks2};
 
 /// The names of tract's ops the rewrites look for. tract's typed ops are matched by name
 /// where their types are private or generic (binary ops are one `TypedBinOp` type); a
@@ -449,66 +450,6 @@ where
         let v = if DIV { v / c.s } else { v };
         *o = quantize(v, c.zp, c.lo, c.hi).as_();
     }
-}
-
-/// A 2-D pool spec's strides (height, width) and padding (top, left, bottom, right) for
-/// an `hw` input: what our conv and pool ops keep of tract's `PoolSpec`.
-pub(crate) fn strides_and_pads(
-    ps: &tract_core::ops::cnn::PoolSpec,
-    hw: &[usize; 2],
-) -> ((usize, usize), (usize, usize, usize, usize)) {
-    let pads = ps.computed_padding(hw);
-    let strides = ps.strides();
-    (
-        (strides[0], strides[1]),
-        (
-            pads[0].pad_before,
-            pads[1].pad_before,
-            pads[0].pad_after,
-            pads[1].pad_after,
-        ),
-    )
-}
-
-/// Call `f` from a function compiled for the widest x86 vectors this CPU has (AVX-512,
-/// else AVX2), so that `f`, inlined there, is vectorised for them: the baseline x86-64
-/// build has SSE2 only. Elsewhere just `f()`.
-#[inline(always)]
-pub(crate) fn widest<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use tract_linalg::isa::Isa;
-        if x86_has(Isa::X86_64Avx512f) && is_x86_feature_detected!("avx512bw") {
-            // SAFETY: the CPU has AVX-512 F and BW, checked above.
-            return unsafe { with_avx512(f) };
-        }
-        if x86_has(Isa::X86_64Avx2) {
-            // SAFETY: the CPU has AVX2, checked above.
-            return unsafe { with_avx2(f) };
-        }
-    }
-    f()
-}
-
-/// Whether edgesight's own code may use an x86 feature: the CPU has it and tract's
-/// `TRACT_CPU_ISA` knob (e.g. `-avx512f,-avx512vnni`) has not taken it away. One knob
-/// makes the whole process, tract's kernels and ours, act as a smaller CPU: the ARM speed
-/// model's x86 calibration (tools/arm_model.py) runs natively the code qemu runs.
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn x86_has(isa: tract_linalg::isa::Isa) -> bool {
-    tract_linalg::isa::native().has(isa)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-pub(crate) fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
-    f()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-pub(crate) fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
-    f()
 }
 
 impl Op for QuantizedAdd {

@@ -9,7 +9,8 @@
 
 use tract_core::internal::*;
 
-use crate::model::int8::{par_chunks, widest};
+use crate::model::cpu::widest;
+use crate::model::threads::par_chunks;
 
 /// A 2-D max pool of an NCHW u8 or i8 tensor; padding never wins (windows that reach
 /// past the edge take the max of what lies inside, as ONNX's padding with -inf does).
@@ -45,7 +46,7 @@ impl IntMaxPool {
         {
             return None;
         }
-        let (stride, pad) = crate::model::int8::strides_and_pads(ps, &hw);
+        let (stride, pad) = crate::model::conv_geo::strides_and_pads(ps, &hw);
         let ours = IntMaxPool {
             kernel: (ps.kernel_shape[0], ps.kernel_shape[1]),
             stride,

@@ -84,7 +84,7 @@ impl Kernel {
     /// (On x86, what `x86_has` allows: `TRACT_CPU_ISA` can take kernels away.)
     pub fn available() -> Vec<Kernel> {
         #[cfg(target_arch = "x86_64")]
-        use {crate::model::int8::x86_has, tract_linalg::isa::Isa};
+        use {crate::model::cpu::x86_has, tract_linalg::isa::Isa};
         let mut k = vec![Kernel::Portable];
         #[cfg(target_arch = "x86_64")]
         if x86_has(Isa::X86_64Avx2) {

@@ -16,7 +16,8 @@ use crate::model::int8::qconv::kernels::{Epilogue, Tile, portable};
 use crate::model::int8::qconv::kernels::{amx, avx2, x86 as vnni};
 use crate::model::int8::qconv::pack::{four, interleave};
 use crate::model::int8::qconv::{Kernel, LANES, MR};
-use crate::model::int8::{QuantizedAdd, add_chunk, par_chunks};
+use crate::model::int8::{QuantizedAdd, add_chunk};
+use crate::model::threads::par_chunks;
 
 /// A quantised 2-D convolution (NCHW, one group, no dilation) with everything but the
 /// input folded in at load time.

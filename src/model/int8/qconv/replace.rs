@@ -208,7 +208,7 @@ pub(crate) fn qconv_for(
     if matches!(ps.padding, PaddingSpec::ExplicitOnnxPool(_, _, true)) {
         return Ok(None);
     }
-    let (stride, pad) = crate::model::int8::strides_and_pads(ps, &shape.hw);
+    let (stride, pad) = crate::model::conv_geo::strides_and_pads(ps, &shape.hw);
     // Padding as wide as the kernel means output pixels that see nothing but padding:
     // legal, but no exported classifier has it; tract keeps such a conv.
     let (kh, kw) = shape.kernel;
