@@ -1502,6 +1502,7 @@ mod tests {
         let mut out = vec![("dispatch", run(&|o| add_chunk(a, b, o, c)))];
         #[cfg(target_arch = "x86_64")]
         {
+            use crate::model::cpu::{with_avx2, with_avx512};
             if is_x86_feature_detected!("avx2") {
                 // SAFETY: the CPU has AVX2, checked above.
                 out.push((
