@@ -10,8 +10,7 @@ use serde_json::{Value, json};
 use tract_onnx::prelude::*;
 
 use crate::config::ModelSettings;
-use crate::model::Classifier;
-use crate::model::int8::qconv::Kernel;
+use crate::model::{Classifier, Kernels};
 use crate::util::{peak_rss_mb, round3};
 
 /// `edgesight bench`'s options (parsed by clap in main.rs).
@@ -44,6 +43,10 @@ pub struct BenchOptions {
     /// neondot, amx).
     #[arg(long, default_value = "best")]
     pub int8_kernel: String,
+    /// Which f32 conv kernel runs (fp32 models): "best", "tract", or one this CPU has
+    /// (portable; avx512).
+    #[arg(long, default_value = "best")]
+    pub f32_kernel: String,
 }
 
 pub fn bench(opts: &BenchOptions) -> Result<Value> {
@@ -57,8 +60,8 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
         threads: opts.threads,
         ..ModelSettings::for_file(opts.model.clone())
     };
-    let kernel = kernel_named(opts)?;
-    let classifier = Classifier::load_with_kernel(&settings, !opts.no_int8_rewrites, kernel)?;
+    let kernels = kernels_named(opts)?;
+    let classifier = Classifier::load_with_kernel(&settings, !opts.no_int8_rewrites, kernels)?;
     let spec = *classifier.input_spec();
     let input = match &opts.input {
         Some(path) => input_file(path, &spec.shape())?,
@@ -89,7 +92,8 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
         "mean_ms": round3(times.iter().sum::<f64>() / times.len() as f64),
         "rss_mb": peak_rss_mb(),
         "int8_rewrites": classifier.int8_rewrites(),
-        "int8_kernel": kernel.map(|k| format!("{k:?}").to_lowercase()).unwrap_or("tract".into()),
+        "int8_kernel": kernel_name(kernels.int8),
+        "f32_kernel": kernel_name(kernels.f32),
         "top1": top1,
     });
     if opts.outputs {
@@ -110,27 +114,56 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
     Ok(v)
 }
 
-/// `--int8-kernel`: best, tract (none of ours) or one this CPU has.
-fn kernel_named(opts: &BenchOptions) -> Result<Option<Kernel>> {
-    Ok(match opts.int8_kernel.as_str() {
-        _ if opts.no_int8_rewrites => None,
-        "best" => Kernel::best(),
+/// `--int8-kernel` and `--f32-kernel`: each best, tract (none of ours) or one this CPU
+/// has.
+fn kernels_named(opts: &BenchOptions) -> Result<Kernels> {
+    if opts.no_int8_rewrites {
+        return Ok(Kernels::tract());
+    }
+    Ok(Kernels {
+        int8: named(
+            "--int8-kernel",
+            &opts.int8_kernel,
+            crate::model::int8::qconv::Kernel::available(),
+        )?,
+        f32: named(
+            "--f32-kernel",
+            &opts.f32_kernel,
+            crate::model::fconv::Kernel::available(),
+        )?,
+    })
+}
+
+/// The kernel `name` picks from `available` (the fastest last; the first is the
+/// portable reference, which "best" never picks).
+fn named<K: std::fmt::Debug + Copy>(
+    flag: &str,
+    name: &str,
+    available: Vec<K>,
+) -> Result<Option<K>> {
+    let names: Vec<String> = available
+        .iter()
+        .map(|k| format!("{k:?}").to_lowercase())
+        .collect();
+    Ok(match name {
+        "best" => available.get(1..).and_then(|v| v.last()).copied(),
         "tract" => None,
         name => {
-            let available = Kernel::available();
-            let names: Vec<String> = available
-                .iter()
-                .map(|k| format!("{k:?}").to_lowercase())
-                .collect();
             let Some(i) = names.iter().position(|n| n == name) else {
                 bail!(
-                    "--int8-kernel {name}: this CPU has best, tract, {}",
+                    "{flag} {name}: this CPU has best, tract, {}",
                     names.join(", ")
                 );
             };
             Some(available[i])
         }
     })
+}
+
+/// The name a kernel choice is reported by.
+fn kernel_name<K: std::fmt::Debug>(k: Option<K>) -> String {
+    k.map(|k| format!("{k:?}").to_lowercase())
+        .unwrap_or("tract".into())
 }
 
 /// `--input`: the model's input as raw little-endian f32 (the size must match).

@@ -14,6 +14,8 @@ pub mod bench;
 pub mod check;
 mod conv_geo;
 mod cpu;
+pub mod fconv;
+mod graph;
 pub mod int8;
 mod onnx_graph;
 pub mod passes;
@@ -68,6 +70,31 @@ pub struct Classifier {
     executor: Option<Executor>,
 }
 
+/// Which of edgesight's own conv kernels a model's convs run on (`None`: tract's own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kernels {
+    pub int8: Option<crate::model::int8::qconv::Kernel>,
+    pub f32: Option<crate::model::fconv::Kernel>,
+}
+
+impl Kernels {
+    /// The fastest this CPU has: what the daemon uses.
+    pub fn best() -> Kernels {
+        Kernels {
+            int8: crate::model::int8::qconv::Kernel::best(),
+            f32: crate::model::fconv::Kernel::best(),
+        }
+    }
+
+    /// tract's own convolutions everywhere.
+    pub fn tract() -> Kernels {
+        Kernels {
+            int8: None,
+            f32: None,
+        }
+    }
+}
+
 /// Start-up cost of a model: parsing the file, then optimising it into a plan.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct LoadTiming {
@@ -105,11 +132,15 @@ pub struct Int8Rewrites {
     pub fast_quantize: usize,
     /// Weight computations done once at load instead of every run ([`passes::fold_weights`]).
     pub folded_weights: usize,
+    /// f32 convolutions run by edgesight's own f32 kernel ([`crate::model::fconv`]).
+    pub f32_convs: usize,
+    /// Residual adds and ReLUs fused into those ([`crate::model::fconv::fuse_epilogues`]).
+    pub f32_fused: usize,
 }
 
 impl std::fmt::Display for Int8Rewrites {
-    /// What fired, for the start-up log line: "int8 rewrites: 53 QDQ convs, ..." or
-    /// "no int8 rewrites".
+    /// What fired, for the start-up log line: "rewrites: 53 QDQ convs, ..." or
+    /// "no rewrites (tract as is)".
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let parts: Vec<String> = [
             (self.proto.qdq_convs, "QDQ convs -> QLinearConv"),
@@ -127,15 +158,17 @@ impl std::fmt::Display for Int8Rewrites {
             (self.residual_adds, "float residual adds fused"),
             (self.fast_quantize, "quantisers vectorised"),
             (self.folded_weights, "weight computations folded"),
+            (self.f32_convs, "convs on edgesight's f32 kernel"),
+            (self.f32_fused, "adds and ReLUs fused into them"),
         ]
         .iter()
         .filter(|(n, _)| *n > 0)
         .map(|(n, what)| format!("{n} {what}"))
         .collect();
         if parts.is_empty() {
-            write!(f, "no int8 rewrites")
+            write!(f, "no rewrites (tract as is)")
         } else {
-            write!(f, "int8 rewrites: {}", parts.join(", "))
+            write!(f, "rewrites: {}", parts.join(", "))
         }
     }
 }
@@ -212,20 +245,20 @@ fn parse(path: &Path, rewrite: bool) -> Result<Parsed> {
 fn optimize(
     model: InferenceModel,
     rewrite: bool,
-    kernel: Option<crate::model::int8::qconv::Kernel>,
+    kernels: Kernels,
     quantize_scales: &QuantizeScales,
 ) -> TractResult<(TypedModel, Int8Rewrites, ChangeAxes)> {
     // The model's tensors are shared, so the copy kept for a retry is cheap.
     match optimize_with(
         model.clone(),
         rewrite,
-        kernel,
+        kernels,
         quantize_scales,
         ChangeAxes::Run,
     ) {
         Err(e) if passes::failed_in_change_axes(&e) => {
             let (typed, rewrites) =
-                optimize_with(model, rewrite, kernel, quantize_scales, ChangeAxes::Skip)
+                optimize_with(model, rewrite, kernels, quantize_scales, ChangeAxes::Skip)
                     .with_context(|| {
                         format!("also without tract's ChangeAxes pass, which failed: {e:#}")
                     })?;
@@ -240,7 +273,7 @@ fn optimize(
 fn optimize_with(
     model: InferenceModel,
     rewrite: bool,
-    kernel: Option<crate::model::int8::qconv::Kernel>,
+    kernels: Kernels,
     quantize_scales: &QuantizeScales,
     change_axes: ChangeAxes,
 ) -> TractResult<(TypedModel, Int8Rewrites)> {
@@ -255,8 +288,12 @@ fn optimize_with(
     // Our conv op needs its parameters as constants, and must see the convs before
     // declutter turns the 1x1 ones into einsums.
     tract_core::optim::Optimizer::prop_consts().optimize(&mut typed)?;
-    let int8_convs = match kernel {
+    let int8_convs = match kernels.int8 {
         Some(k) => crate::model::int8::qconv::replace_convs(&mut typed, k)?,
+        None => 0,
+    };
+    let f32_convs = match kernels.f32 {
+        Some(k) => crate::model::fconv::replace_convs(&mut typed, k)?,
         None => 0,
     };
     let depthwise_convs = crate::model::int8::depthwise::replace_depthwise(&mut typed)?;
@@ -264,6 +301,7 @@ fn optimize_with(
     let scalar_zero_points = crate::model::int8::scalar_zero_points(&mut typed)?;
     let fused_adds = crate::model::int8::fuse_quantized_adds(&mut typed, quantize_scales)?;
     let conv_adds = crate::model::int8::qconv::fuse_conv_adds(&mut typed)?;
+    let f32_fused = crate::model::fconv::fuse_epilogues(&mut typed)?;
     let int_pools = crate::model::int8::pool_quantized(&mut typed, quantize_scales)?;
     let residual_adds = crate::model::int8::fuse_residual_adds(&mut typed, quantize_scales)?;
     let folded_weights = passes::fold_weights(&mut typed)?;
@@ -283,6 +321,8 @@ fn optimize_with(
             residual_adds,
             fast_quantize,
             folded_weights,
+            f32_convs,
+            f32_fused,
             ..Default::default()
         },
     ))
@@ -394,13 +434,15 @@ impl Classifier {
     /// [`Classifier::load`], optionally without edgesight's int8 rewrites (tract as is:
     /// for benchmarks and the tests that compare the two).
     pub fn load_with(settings: &ModelSettings, int8_rewrites: bool) -> Result<Classifier> {
-        let kernel = int8_rewrites
-            .then(crate::model::int8::qconv::Kernel::best)
-            .flatten();
-        Classifier::load_with_kernel(settings, int8_rewrites, kernel)
+        let kernels = if int8_rewrites {
+            Kernels::best()
+        } else {
+            Kernels::tract()
+        };
+        Classifier::load_with_kernel(settings, int8_rewrites, kernels)
     }
 
-    /// [`Classifier::load_with`] with the int8 conv kernel chosen (`None`: tract's own
+    /// [`Classifier::load_with`] with the conv kernels chosen (`None`: tract's own
     /// convolutions, the other rewrites still on). For benchmarks.
     ///
     /// A panic inside tract while the file is parsed and optimised, or during one
@@ -409,11 +451,11 @@ impl Classifier {
     pub fn load_with_kernel(
         settings: &ModelSettings,
         int8_rewrites: bool,
-        kernel: Option<crate::model::int8::qconv::Kernel>,
+        kernels: Kernels,
     ) -> Result<Classifier> {
         let path = settings.path.display();
         crate::util::panics::catching("loading the model", || {
-            let c = Classifier::load_unguarded(settings, int8_rewrites, kernel)?;
+            let c = Classifier::load_unguarded(settings, int8_rewrites, kernels)?;
             c.trial_run()
                 .with_context(|| format!("model file {path}: fails on a blank image"))?;
             Ok(c)
@@ -424,7 +466,7 @@ impl Classifier {
     fn load_unguarded(
         settings: &ModelSettings,
         int8_rewrites: bool,
-        kernel: Option<crate::model::int8::qconv::Kernel>,
+        kernels: Kernels,
     ) -> Result<Classifier> {
         let started = Instant::now();
         let path = &settings.path;
@@ -444,7 +486,7 @@ impl Classifier {
         model.set_input_fact(0, f32::fact(spec.shape()).into())?;
         let loaded = Instant::now();
         let (typed, mut int8, change_axes) =
-            optimize(model, int8_rewrites, kernel, &quantize_scales)
+            optimize(model, int8_rewrites, kernels, &quantize_scales)
                 .map_err(|e| cannot_optimise(path, e))?;
         let output_shape =
             class_scores_shape(&typed).with_context(|| format!("model file {}", path.display()))?;
@@ -779,7 +821,11 @@ mod tests {
             };
             for kernel in Kernel::available().into_iter().map(Some).chain([None]) {
                 let model = tract_onnx::onnx().model_for_path(&path).unwrap();
-                let (typed, rw, _) = optimize(model, true, kernel, &Default::default()).unwrap();
+                let kernels = Kernels {
+                    int8: kernel,
+                    f32: None,
+                };
+                let (typed, rw, _) = optimize(model, true, kernels, &Default::default()).unwrap();
                 // Depthwise convs take the exact float path whatever the kernel.
                 let want_paths = match name.contains("depthwise") {
                     true => (0, 1),

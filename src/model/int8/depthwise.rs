@@ -15,8 +15,8 @@ use tract_core::internal::*;
 use tract_core::ops::cast::cast;
 use tract_core::ops::cnn::{Conv, KernelFormat};
 
+use crate::model::graph::konst;
 use crate::model::int8::Requant;
-use crate::model::int8::qconv::konst;
 
 /// 2^24: below it every integer is an f32, so integer sums in f32 are exact.
 const EXACT: i64 = 1 << 24;

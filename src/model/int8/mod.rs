@@ -49,6 +49,7 @@ use tract_core::internal::*;
 use tract_core::ops::einsum::EinSum;
 
 use crate::model::cpu::widest;
+use crate::model::graph::uniform_value;
 use crate::model::int8::onnx_quant::QuantizeScales;
 use crate::model::threads::{PAR_CHUNK, par_chunks, par_chunks2};
 
@@ -123,16 +124,6 @@ pub fn scalar_zero_points(model: &mut TypedModel) -> TractResult<usize> {
         model.compact()?;
     }
     Ok(replaced)
-}
-
-/// `t`'s single repeated value as a rank-0 tensor, if every element is the same.
-fn uniform_value(t: &Tensor) -> TractResult<Option<Tensor>> {
-    let bytes = t.try_as_plain_ram()?.as_bytes().to_vec();
-    let size = t.datum_type().size_of();
-    if size == 0 || bytes.is_empty() || bytes.chunks(size).any(|c| c != &bytes[..size]) {
-        return Ok(None);
-    }
-    Ok(Some(t.nth(0)?))
 }
 
 /// Per-channel requantisation of an i32 (or integer-valued f32) accumulator in one pass:

@@ -46,7 +46,6 @@ mod pack;
 mod replace;
 
 pub use op::QConv;
-pub(crate) use replace::konst;
 pub use replace::{fuse_conv_adds, replace_convs};
 
 /// Output channels per register block.

@@ -8,20 +8,10 @@ use tract_core::internal::*;
 use tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
 use tract_core::ops::nn::DataFormat;
 
+use crate::model::graph::konst;
 use crate::model::int8::QuantizedAdd;
 use crate::model::int8::qconv::op::QConv;
 use crate::model::int8::qconv::{Kernel, MR};
-
-/// The constant input `ix` of `node` as a flat vector of `T`.
-pub(crate) fn konst<T: Datum + Copy>(
-    model: &TypedModel,
-    node: &TypedNode,
-    ix: usize,
-) -> Option<Vec<T>> {
-    let k = model.outlet_fact(node.inputs[ix]).ok()?.konst.clone()?;
-    let k = k.cast_to::<T>().ok()?;
-    Some(k.try_as_plain_ram().ok()?.as_slice::<T>().ok()?.to_vec())
-}
 
 /// What the node's facts say about the conv: its element types and sizes.
 struct Shape {

@@ -1,0 +1,54 @@
+//! The AVX-512 kernel (x86-64): `vfmadd231ps` on 16 pixels of one channel by one weight
+//! broadcast, MR x P accumulators (24 of 32 registers).
+
+use std::arch::x86_64::*;
+
+use crate::model::conv_geo::LANES;
+use crate::model::fconv::MR;
+use crate::model::fconv::kernels::{Epilogue, Tile};
+
+/// One block: MR output channels x P vectors of 16 pixels, every tap and channel.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, and `t.check(P)` must hold; `out` holds MR rows of
+/// `stride` floats, each reaching `t.q0 + P * 16`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn block<const P: usize>(t: &Tile, e: &Epilogue, out: &mut [f32], stride: usize) {
+    let mut acc = [[_mm512_setzero_ps(); P]; MR];
+    let mut wp = t.w.as_ptr();
+    let base = t.packed.as_ptr();
+    for &off in t.offsets {
+        // SAFETY (all pointer arithmetic): bounded by Tile::check.
+        let mut xp = unsafe { base.add(off + t.q0) };
+        for _ in 0..t.channels {
+            let x: [__m512; P] =
+                std::array::from_fn(|p| unsafe { _mm512_loadu_ps(xp.add(LANES * p)) });
+            for (m, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: MR weights per channel lie inside `t.w` (Tile::check).
+                let k = _mm512_set1_ps(unsafe { wp.add(m).read() });
+                for p in 0..P {
+                    acc[p] = _mm512_fmadd_ps(x[p], k, acc[p]);
+                }
+            }
+            // SAFETY: the next channel's weights and pixels, still inside Tile::check's
+            // bounds (one past the end at most after the last, never dereferenced).
+            wp = unsafe { wp.add(MR) };
+            xp = unsafe { xp.add(t.c_stride) };
+        }
+    }
+    let (lo, hi) = e.clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+    let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+    for (m, acc) in acc.iter().enumerate() {
+        let bias = _mm512_set1_ps(e.bias[m]);
+        let row = &mut out[m * stride + t.q0..m * stride + t.q0 + P * LANES];
+        for (p, a) in acc.iter().enumerate() {
+            let mut v = _mm512_add_ps(*a, bias);
+            if e.clamp.is_some() {
+                // max(v, lo) gives lo for a NaN v, as f32::max does.
+                v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+            }
+            // SAFETY: `row` holds P * 16 floats.
+            unsafe { _mm512_storeu_ps(row.as_mut_ptr().add(p * LANES), v) };
+        }
+    }
+}

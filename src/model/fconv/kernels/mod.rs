@@ -1,0 +1,63 @@
+//! The inner kernels: one register block (MR output channels x up to PX vectors of 16
+//! pixels) over every tap and input channel, then the bias and the clamp. The portable
+//! kernel is the definition; the AVX-512 one is tested bit for bit against it (both
+//! accumulate in the same order with fused multiply-adds).
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512;
+pub(crate) mod portable;
+
+use crate::model::conv_geo::LANES;
+use crate::model::fconv::MR;
+
+/// What one register block reads.
+pub(crate) struct Tile<'a> {
+    pub(crate) packed: &'a [f32],
+    /// Float offset of each tap's first read.
+    pub(crate) offsets: &'a [usize],
+    /// Floats between input channels.
+    pub(crate) c_stride: usize,
+    pub(crate) channels: usize,
+    /// First output pixel.
+    pub(crate) q0: usize,
+    /// This block's weights: [tap][channel][MR].
+    pub(crate) w: &'a [f32],
+}
+
+impl Tile<'_> {
+    /// Every read of a block of `n` vectors lies inside `packed` and `w`.
+    /// (Checked arithmetic: a wrapped sum would pass. `FConv::geo` has already proved
+    /// this for the op's geometry; the check stays as the wall in front of `unsafe`.)
+    pub(crate) fn check(&self, n: usize) {
+        let last = (self.channels.saturating_sub(1))
+            .checked_mul(self.c_stride)
+            .and_then(|v| v.checked_add(self.offsets.iter().max().copied().unwrap_or(0)))
+            .and_then(|v| v.checked_add(self.q0.checked_add(n.checked_mul(LANES)?)?));
+        assert!(
+            self.channels > 0 && last.is_some_and(|l| l <= self.packed.len()),
+            "f32 conv tile reads past its input"
+        );
+        let weights = self.offsets.len().checked_mul(self.channels * MR);
+        assert!(weights.is_some_and(|need| self.w.len() >= need));
+    }
+}
+
+/// Per-block constants of the epilogue: `clamp(acc + bias, lo, hi)` (the clamp only
+/// when the conv has a fused activation and no residual add, which comes first).
+pub(crate) struct Epilogue<'a> {
+    pub(crate) bias: &'a [f32],
+    pub(crate) clamp: Option<(f32, f32)>,
+}
+
+impl Epilogue<'_> {
+    /// One output: the bias, then the clamp, as `f32::max` / `f32::min` (a NaN becomes
+    /// the bound, as with tract's ops and `_mm512_max_ps(v, lo)`).
+    #[inline(always)]
+    pub(crate) fn apply(&self, m: usize, acc: f32) -> f32 {
+        let v = acc + self.bias[m];
+        match self.clamp {
+            Some((lo, hi)) => v.max(lo).min(hi),
+            None => v,
+        }
+    }
+}
