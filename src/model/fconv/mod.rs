@@ -363,7 +363,7 @@ mod tests {
 
     /// ResNet's shapes, small (3x3 stride 1 and 2, 1x1 stride 1 and 2, the 7x7 stem),
     /// then odd channel counts and sizes, asymmetric and no padding, non-square kernels
-    /// and strides, and more pixels than one block.
+    /// and strides, more pixels than one block, and 1x1 convs that skip the copies.
     fn cases() -> Vec<Case> {
         vec![
             c(16, 16, (9, 9), (3, 3), (1, 1), (1, 1, 1, 1)),
@@ -376,6 +376,10 @@ mod tests {
             c(4, 8, (5, 5), (3, 3), (1, 1), (0, 0, 0, 0)),
             c(8, 8, (17, 23), (3, 3), (1, 1), (1, 1, 1, 1)),
             c(7, 3, (9, 11), (5, 5), (3, 3), (2, 2, 2, 2)),
+            // 1x1 convs whose pixels are whole vectors: read from the input and written
+            // to the output as they are (`FConv::run_image`), stride 1 and 2.
+            c(24, 16, (4, 8), (1, 1), (1, 1), (0, 0, 0, 0)),
+            c(8, 24, (8, 16), (1, 1), (2, 2), (0, 0, 0, 0)),
         ]
     }
 
@@ -530,7 +534,8 @@ mod tests {
         ];
         let mut rng = Rng(0x5eed_f32c_add0_0001);
         for (i, (wire, fuses, skip_read)) in chains.into_iter().enumerate() {
-            for c in [cases()[0], cases()[1], cases()[2]] {
+            let all = cases();
+            for c in [all[0], all[1], all[2], all[3], all[10], all[11]] {
                 let (mut m, y) = conv_model(&c, &mut rng);
                 let shape = m
                     .outlet_fact(y)

@@ -91,13 +91,36 @@ impl FConv {
 
     /// One image: `x` in, `out` (`cout` planes) out; `skip` the residual add's other
     /// operand for this image, when there is one.
-    fn run_image(&self, x: &[f32], hw: (usize, usize), g: &Geo, io: Io) {
+    ///
+    /// Two passes over memory are left out where the layout allows: a 1x1 stride-1 conv
+    /// without padding reads its input as it is (its planes are already the packed
+    /// image, and whole vectors of pixels end at the last plane's end), and a conv whose
+    /// virtual rows are its output rows (1x1 convs) writes its output in the kernel,
+    /// residual add included.
+    fn run_image(&self, x: &[f32], (h, w): (usize, usize), g: &Geo, io: Io) {
+        let c = &self.shape;
+        let plain = c.kernel == (1, 1) && c.stride == (1, 1) && c.pad == (0, 0, 0, 0);
+        let direct_in = plain && g.q == h * w;
+        let direct_out = g.wq == g.wout && g.q == g.hout * g.wout && c.cout % MR == 0;
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
-            let (packed, vout) = s.split(g.packed_len / 4, g.vout_len);
-            self.pack(x, hw, g, packed);
-            self.compute(packed, g, vout);
-            self.keep_valid(g, vout, io);
+            let packed_len = if direct_in { 0 } else { g.packed_len / 4 };
+            let (packed, vout) = s.split(packed_len, if direct_out { 0 } else { g.vout_len });
+            let input = if direct_in {
+                Input { x, c_stride: h * w }
+            } else {
+                self.pack(x, (h, w), g, packed);
+                Input {
+                    x: packed,
+                    c_stride: g.plane,
+                }
+            };
+            if direct_out {
+                self.compute(&input, g, io.out, io.skip);
+            } else {
+                self.compute(&input, g, vout, None);
+                self.keep_valid(g, vout, io);
+            }
         })
     }
 
@@ -133,35 +156,40 @@ impl FConv {
         );
     }
 
-    /// Every output block: `vout[co][q]` for q < g.q. Blocks of output channels are
-    /// independent, so they are shared out over the model's pool; the packed input is
-    /// read by all.
-    fn compute(&self, packed: &[f32], g: &Geo, vout: &mut [f32]) {
+    /// Every output block: `out[co][q]` for q < g.q (the virtual rows, or the output
+    /// itself, `skip` then being the residual add's operand laid out as `out`). Blocks of
+    /// output channels are independent, so they are shared out over the model's pool;
+    /// the input is read by all.
+    fn compute(&self, input: &Input, g: &Geo, out: &mut [f32], skip: Option<&[f32]>) {
         let offsets: Vec<usize> = g.offsets.iter().map(|o| o / 4).collect();
         let rows = MR * g.q;
-        let vout = &mut vout[..self.blocks() * rows];
-        par_chunks(vout, rows, |(b, out)| {
-            self.compute_block(b, packed, &offsets, g, out)
+        let out = &mut out[..self.blocks() * rows];
+        par_chunks(out, rows, |(b, out)| {
+            let skip = skip.map(|s| &s[b * rows..(b + 1) * rows]);
+            self.compute_block(b, input, &offsets, g, Rows { out, skip })
         });
     }
 
-    /// Output channels `b * MR ..` into `out` (MR virtual rows of g.q pixels).
-    fn compute_block(&self, b: usize, packed: &[f32], offsets: &[usize], g: &Geo, out: &mut [f32]) {
+    /// Output channels `b * MR ..` into `rows` (MR rows of g.q pixels).
+    fn compute_block(&self, b: usize, input: &Input, offsets: &[usize], g: &Geo, rows: Rows) {
         let taps = self.shape.kernel.0 * self.shape.kernel.1;
         let wblock = taps * self.shape.cin * MR;
+        let out = rows.out;
         let epi = Epilogue {
             bias: &self.bias[b * MR..(b + 1) * MR],
-            // With a residual add the clamp comes after it, in `keep_valid`.
-            clamp: self.clamp.filter(|_| !self.residual),
+            skip: rows.skip,
+            // With a residual add the clamp comes after it: here when the skip is, else
+            // in `keep_valid`.
+            clamp: self.clamp.filter(|_| !self.residual || rows.skip.is_some()),
         };
         let vecs = g.q / LANES;
         let mut v = 0;
         while v < vecs {
             let n = (vecs - v).min(PX);
             let tile = Tile {
-                packed,
+                packed: input.x,
                 offsets,
-                c_stride: g.plane,
+                c_stride: input.c_stride,
                 channels: self.shape.cin,
                 q0: v * LANES,
                 w: &self.weights[b * wblock..(b + 1) * wblock],
@@ -183,6 +211,19 @@ impl FConv {
             v += n;
         }
     }
+}
+
+/// What the kernel reads: the packed image, or the input as it is.
+struct Input<'a> {
+    x: &'a [f32],
+    /// Floats between channels.
+    c_stride: usize,
+}
+
+/// One block's output rows and the residual add's operand for them.
+struct Rows<'a> {
+    out: &'a mut [f32],
+    skip: Option<&'a [f32]>,
 }
 
 /// One image's output, and the residual add's other operand.

@@ -42,19 +42,25 @@ impl Tile<'_> {
     }
 }
 
-/// Per-block constants of the epilogue: `clamp(acc + bias, lo, hi)` (the clamp only
-/// when the conv has a fused activation and no residual add, which comes first).
+/// Per-block constants of the epilogue: `clamp(acc + bias + skip, lo, hi)`.
 pub(crate) struct Epilogue<'a> {
     pub(crate) bias: &'a [f32],
+    /// The residual add's operand for the block's rows, laid out as its output (MR rows
+    /// `stride` apart), when the kernel writes the op's output itself.
+    pub(crate) skip: Option<&'a [f32]>,
     pub(crate) clamp: Option<(f32, f32)>,
 }
 
 impl Epilogue<'_> {
-    /// One output: the bias, then the clamp, as `f32::max` / `f32::min` (a NaN becomes
-    /// the bound, as with tract's ops and `_mm512_max_ps(v, lo)`).
+    /// One output, of row `m` at `at` in the block's rows: the bias, the skip, then the
+    /// clamp as `f32::max` / `f32::min` (a NaN becomes the bound, as with tract's ops
+    /// and `_mm512_max_ps(v, lo)`).
     #[inline(always)]
-    pub(crate) fn apply(&self, m: usize, acc: f32) -> f32 {
-        let v = acc + self.bias[m];
+    pub(crate) fn apply(&self, m: usize, at: usize, acc: f32) -> f32 {
+        let mut v = acc + self.bias[m];
+        if let Some(skip) = self.skip {
+            v += skip[at];
+        }
         match self.clamp {
             Some((lo, hi)) => v.max(lo).min(hi),
             None => v,

@@ -26,9 +26,9 @@ pub(crate) fn block(t: &Tile, n: usize, e: &Epilogue, out: &mut [f32], stride: u
         }
     }
     for (m, acc) in acc.iter().enumerate() {
-        let row = &mut out[m * stride + t.q0..m * stride + t.q0 + lanes];
-        for (o, a) in row.iter_mut().zip(acc) {
-            *o = e.apply(m, *a);
+        let at = m * stride + t.q0;
+        for (l, (o, a)) in out[at..at + lanes].iter_mut().zip(acc).enumerate() {
+            *o = e.apply(m, at + l, *a);
         }
     }
 }
