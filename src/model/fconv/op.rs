@@ -101,7 +101,7 @@ impl FConv {
         let c = &self.shape;
         let plain = c.kernel == (1, 1) && c.stride == (1, 1) && c.pad == (0, 0, 0, 0);
         let direct_in = plain && g.q == h * w;
-        let direct_out = g.wq == g.wout && g.q == g.hout * g.wout && c.cout % MR == 0;
+        let direct_out = g.wq == g.wout && g.q == g.hout * g.wout && c.cout.is_multiple_of(MR);
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
             let packed_len = if direct_in { 0 } else { g.packed_len / 4 };
