@@ -182,18 +182,27 @@ impl FConv {
             // in `keep_valid`.
             clamp: self.clamp.filter(|_| !self.residual || rows.skip.is_some()),
         };
-        let vecs = g.q / LANES;
+        let tile = |v: usize| Tile {
+            packed: input.x,
+            offsets,
+            c_stride: input.c_stride,
+            channels: self.shape.cin,
+            q0: v * LANES,
+            w: &self.weights[b * wblock..(b + 1) * wblock],
+        };
+        // The virtual pixels that hold outputs end at the last row's last output; a
+        // last vector with at most 8 of them goes to the kernel's tail.
+        let needed = (g.hout - 1) * g.wq + g.wout;
+        let (vecs, tail) = match needed % LANES {
+            rem @ 1..=8 if self.which != Kernel::Portable => (needed / LANES, rem),
+            _ => (g.q / LANES, 0),
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = tail;
         let mut v = 0;
         while v < vecs {
             let n = (vecs - v).min(PX);
-            let tile = Tile {
-                packed: input.x,
-                offsets,
-                c_stride: input.c_stride,
-                channels: self.shape.cin,
-                q0: v * LANES,
-                w: &self.weights[b * wblock..(b + 1) * wblock],
-            };
+            let tile = tile(v);
             match self.which {
                 Kernel::Portable => portable::block(&tile, n, &epi, out, g.q),
                 #[cfg(target_arch = "x86_64")]
@@ -209,6 +218,26 @@ impl FConv {
                 },
             }
             v += n;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if tail > 0 {
+            let tile = tile(vecs);
+            tile.check(1);
+            // SAFETY: tails are only taken by the AVX-512 kernel (above), chosen only
+            // when the CPU has it; `Tile::check(1)` bounds the reads of up to 16 pixels,
+            // and `out` holds MR rows of g.q > vecs * 16 + tail.
+            unsafe {
+                match tail {
+                    1 => avx512::tail::<1>(&tile, &epi, out, g.q),
+                    2 => avx512::tail::<2>(&tile, &epi, out, g.q),
+                    3 => avx512::tail::<3>(&tile, &epi, out, g.q),
+                    4 => avx512::tail::<4>(&tile, &epi, out, g.q),
+                    5 => avx512::tail::<5>(&tile, &epi, out, g.q),
+                    6 => avx512::tail::<6>(&tile, &epi, out, g.q),
+                    7 => avx512::tail::<7>(&tile, &epi, out, g.q),
+                    _ => avx512::tail::<8>(&tile, &epi, out, g.q),
+                }
+            }
         }
     }
 }

@@ -71,3 +71,46 @@ pub unsafe fn block<const P: usize>(t: &Tile, e: &Epilogue, out: &mut [f32], str
         }
     }
 }
+
+/// The last `N` (1 to 8) pixels of the rows, vectorised over the block's 8 output
+/// channels instead of over pixels: a 16-pixel vector for them would be mostly waste (a
+/// 7x7 map's 49 pixels are 3 vectors and 1; a 14x14 map's 196, 12 and 4). Each sum is
+/// the same fused multiply-adds in the same order as in `block`, so the same bits.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, and `t.check(1)` must hold; `out` holds MR rows of
+/// `stride` floats, each reaching `t.q0 + N`.
+#[target_feature(enable = "avx512f,fma")]
+pub unsafe fn tail<const N: usize>(t: &Tile, e: &Epilogue, out: &mut [f32], stride: usize) {
+    const { assert!(N >= 1 && N <= 8 && MR == 8) };
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut wp = t.w.as_ptr();
+    let base = t.packed.as_ptr();
+    for &off in t.offsets {
+        // SAFETY (all pointer arithmetic): bounded by Tile::check(1), N <= 16.
+        let mut xp = unsafe { base.add(off + t.q0) };
+        for _ in 0..t.channels {
+            // SAFETY: MR = 8 weights per channel lie inside `t.w` (Tile::check).
+            let w = unsafe { _mm256_loadu_ps(wp) };
+            for (j, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: pixel q0 + j < q0 + 16, inside Tile::check(1)'s bound.
+                let x = _mm256_set1_ps(unsafe { xp.add(j).read() });
+                *acc = _mm256_fmadd_ps(x, w, *acc);
+            }
+            // SAFETY: as in `block`.
+            wp = unsafe { wp.add(MR) };
+            xp = unsafe { xp.add(t.c_stride) };
+        }
+    }
+    let mut sums = [[0f32; MR]; N];
+    for (s, a) in sums.iter_mut().zip(&acc) {
+        // SAFETY: each row of `sums` holds 8 floats.
+        unsafe { _mm256_storeu_ps(s.as_mut_ptr(), *a) };
+    }
+    for m in 0..MR {
+        for (j, s) in sums.iter().enumerate() {
+            let at = m * stride + t.q0 + j;
+            out[at] = e.apply(m, at, s[m]);
+        }
+    }
+}
