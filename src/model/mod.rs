@@ -19,6 +19,7 @@ mod graph;
 pub mod int8;
 mod onnx_graph;
 pub mod passes;
+pub mod pool;
 pub mod proto_fixes;
 mod threads;
 
@@ -136,6 +137,8 @@ pub struct Int8Rewrites {
     pub f32_convs: usize,
     /// Residual adds and ReLUs fused into those ([`crate::model::fconv::fuse_epilogues`]).
     pub f32_fused: usize,
+    /// f32 max pools run by edgesight's own pool ([`crate::model::pool::own_float_pools`]).
+    pub float_pools: usize,
 }
 
 impl std::fmt::Display for Int8Rewrites {
@@ -160,6 +163,7 @@ impl std::fmt::Display for Int8Rewrites {
             (self.folded_weights, "weight computations folded"),
             (self.f32_convs, "convs on edgesight's f32 kernel"),
             (self.f32_fused, "adds and ReLUs fused into them"),
+            (self.float_pools, "float max pools ours"),
         ]
         .iter()
         .filter(|(n, _)| *n > 0)
@@ -303,6 +307,8 @@ fn optimize_with(
     let conv_adds = crate::model::int8::qconv::fuse_conv_adds(&mut typed)?;
     let f32_fused = crate::model::fconv::fuse_epilogues(&mut typed)?;
     let int_pools = crate::model::int8::pool_quantized(&mut typed, quantize_scales)?;
+    // After the int8 forms' pools have moved onto the integers: what is left pools floats.
+    let float_pools = crate::model::pool::own_float_pools(&mut typed)?;
     let residual_adds = crate::model::int8::fuse_residual_adds(&mut typed, quantize_scales)?;
     let folded_weights = passes::fold_weights(&mut typed)?;
     let mut typed = passes::into_optimized(typed, change_axes)?;
@@ -323,6 +329,7 @@ fn optimize_with(
             folded_weights,
             f32_convs,
             f32_fused,
+            float_pools,
             ..Default::default()
         },
     ))

@@ -42,7 +42,6 @@ macro_rules! for_add_types {
 
 pub mod depthwise;
 pub mod onnx_quant;
-pub mod pool;
 pub mod qconv;
 
 use tract_core::internal::*;
@@ -606,7 +605,7 @@ pub fn fuse_quantized_adds(model: &mut TypedModel, scales: &QuantizeScales) -> T
 /// Pool the integers instead of their dequantised floats: `Q(MaxPool(DQ(x)))`, where the
 /// quantiser has the dequantiser's scale and zero point (a quantised ResNet's stem: the
 /// quantiser treats MaxPool as data movement), becomes a pool of `x`: ours
-/// ([`pool::IntMaxPool`]), or tract's where ours does not apply. Exact: DQ is
+/// ([`crate::model::pool::MaxPool2d`]), or tract's where ours does not apply. Exact: DQ is
 /// non-decreasing (scale > 0), so the max of the floats is the float of the max, and
 /// `Q(DQ(k)) == k` is checked for every value `k` of the type, with the division and
 /// with tract's reciprocal both. The pool then moves a quarter of the bytes, and the DQ
@@ -657,7 +656,7 @@ fn move_pools(model: &mut TypedModel, scales: &QuantizeScales) -> TractResult<us
         let mut patch = TypedModelPatch::default();
         let tap = patch.tap_model(model, x)?;
         let name = format!("{}.int", pool.name);
-        let out = match pool::IntMaxPool::of(op, model.outlet_fact(x)?) {
+        let out = match crate::model::pool::MaxPool2d::of(op, model.outlet_fact(x)?) {
             Some(ours) => patch.wire_node(name, ours, &[tap])?,
             None => patch.wire_node(name, op.clone(), &[tap])?,
         };
@@ -683,7 +682,7 @@ fn own_pools(model: &mut TypedModel) -> TractResult<usize> {
         if !matches!(fact.datum_type.unquantized(), DatumType::U8 | DatumType::I8) {
             continue;
         }
-        let Some(ours) = pool::IntMaxPool::of(op, fact) else {
+        let Some(ours) = crate::model::pool::MaxPool2d::of(op, fact) else {
             continue;
         };
         let mut patch = TypedModelPatch::default();
