@@ -225,10 +225,10 @@ fn describe_model(ms: &ModelSettings, model: &edgesight::model::Classifier) {
     if model.is_float() {
         println!(
             "#   note: a float model. Its int8 form, made by `python3 tools/quantize.py \
-             {} --calib FRAMES_DIR`, is usually much faster: ResNet-50 ran 6.6x faster \
-             in int8 on a Xeon with AMX (119 -> 18 ms), 4.3x with AVX-512 VNNI alone, \
-             1.7x with AVX2 alone; estimated 3.0x on a Pi 5 and 1.3x on a Pi 4 \
-             (BENCHMARKS.md)",
+             {} --calib FRAMES_DIR`, is usually much faster: ResNet-50 runs 3.4x faster \
+             in int8 on a Zen 4 (92 -> 27 ms); 6.6x on a Xeon with AMX against tract's \
+             float convolutions (119 -> 18 ms), 1.7x with AVX2 alone; estimated 3.0x on \
+             a Pi 5 and 1.3x on a Pi 4 (BENCHMARKS.md)",
             ms.path.display()
         );
     }
