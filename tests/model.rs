@@ -98,7 +98,11 @@ fn tract_matches_onnxruntime_on_every_loadable_form() {
             let f32_convs = float && path.f32.is_some();
             assert_eq!(
                 (r.f32_convs, r.f32_fused, r.float_pools),
-                (9 * f32_convs as usize, 10 * f32_convs as usize, float as usize),
+                (
+                    9 * f32_convs as usize,
+                    10 * f32_convs as usize,
+                    float as usize
+                ),
                 "{form} {path:?}: f32 convs, adds and ReLUs fused, float pools"
             );
             let (max_logit, max_p) = differences(&c, f, form);

@@ -92,6 +92,7 @@ impl Kernel {
         #[cfg(target_arch = "x86_64")]
         if x86_has(Isa::X86_64Avx512f)
             && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
             && x86_has(Isa::X86_64Avx512Vnni)
         {
             k.push(Kernel::Avx512Vnni);

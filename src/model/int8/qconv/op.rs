@@ -243,7 +243,14 @@ impl QConv {
             q0: v * LANES,
             w: &self.weights[b * wblock..(b + 1) * wblock],
         };
-        let vecs = g.q / LANES;
+        // The virtual pixels that hold outputs end at the last row's last output; on the
+        // VNNI kernel a last vector with at most 8 of them goes to its tail.
+        let needed = (g.hout - 1) * g.wq + g.wout;
+        let (vecs, tail) = match needed % LANES {
+            #[cfg(target_arch = "x86_64")]
+            rem @ 1..=8 if self.which == Kernel::Avx512Vnni => (needed / LANES, rem),
+            _ => (g.q / LANES, 0),
+        };
         // SAFETY: AMX is chosen only when it is permitted (Kernel::available).
         #[cfg(target_arch = "x86_64")]
         let _tiles = (self.which == Kernel::Amx).then(|| unsafe { amx::Tiles::configure() });
@@ -304,6 +311,28 @@ impl QConv {
             }
             v += n;
         }
+        #[cfg(target_arch = "x86_64")]
+        if tail > 0 {
+            let tile = tile(vecs);
+            tile.check(1, MR);
+            // SAFETY: tails are only taken by the VNNI kernel (above), chosen only when
+            // the CPU has AVX-512 F, BW, VL and VNNI (Kernel::available); `Tile::check`
+            // bounds the reads of up to 16 pixels, and `out` holds MR rows of g.q.
+            unsafe {
+                match tail {
+                    1 => vnni::tail::<1>(&tile, &epi, out, g.q),
+                    2 => vnni::tail::<2>(&tile, &epi, out, g.q),
+                    3 => vnni::tail::<3>(&tile, &epi, out, g.q),
+                    4 => vnni::tail::<4>(&tile, &epi, out, g.q),
+                    5 => vnni::tail::<5>(&tile, &epi, out, g.q),
+                    6 => vnni::tail::<6>(&tile, &epi, out, g.q),
+                    7 => vnni::tail::<7>(&tile, &epi, out, g.q),
+                    _ => vnni::tail::<8>(&tile, &epi, out, g.q),
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = tail;
     }
 }
 

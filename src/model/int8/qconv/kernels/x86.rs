@@ -1,7 +1,7 @@
 //! The AVX-512 VNNI kernel (x86-64): `vpdpbusd`, u8 activations x i8 weights.
 
-use crate::model::int8::qconv::kernels::{Epilogue, Tile};
-use crate::model::int8::qconv::{LANES, MR};
+use crate::model::int8::qconv::kernels::{Epilogue, Tile, epilogue};
+use crate::model::int8::qconv::{LANES, MR, PX};
 use std::arch::x86_64::*;
 
 /// One block: MR output channels x P vectors of 16 pixels, every tap and group.
@@ -88,4 +88,51 @@ impl<'a> Requant<'a> {
         // SAFETY: the caller's `dst` holds 16 bytes.
         unsafe { _mm_storeu_si128(dst as *mut _, _mm512_cvtepi32_epi8(q)) };
     }
+}
+
+/// The last `N` (1 to 8) pixels of the rows, vectorised over the block's 8 output
+/// channels instead of over pixels: one C4 group's weights for the block are one 32-byte
+/// load, each pixel's four bytes a broadcast. A 16-pixel vector for them would be mostly
+/// waste (a 7x7 map's 49 pixels are 3 vectors and 1; a 14x14 map's 196, 12 and 4). The
+/// sums are exact integers, so the same as `block`'s.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW, VL and VNNI, and `t.check(1, MR)` must hold.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn tail<const N: usize>(t: &Tile, e: &Epilogue, out: &mut [u8], stride: usize) {
+    const { assert!(N >= 1 && N <= 8 && MR == 8) };
+    let mut acc = [_mm256_setzero_si256(); N];
+    let mut wp = t.w.as_ptr();
+    let base = t.packed.as_ptr();
+    for &off in t.offsets {
+        // SAFETY (all pointer arithmetic): bounded by Tile::check(1, MR), N <= 16.
+        let mut xp = unsafe { base.add(off + t.q0 * 4) };
+        for _ in 0..t.groups {
+            // SAFETY: MR x 4 weights per group lie inside `t.w` (Tile::check).
+            let w = unsafe { _mm256_loadu_si256(wp as *const __m256i) };
+            for (j, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: pixel q0 + j < q0 + 16, inside Tile::check's bound.
+                let x =
+                    _mm256_set1_epi32(unsafe { (xp.add(4 * j) as *const i32).read_unaligned() });
+                *acc = _mm256_dpbusd_epi32(*acc, x, w);
+            }
+            // SAFETY: as in `block`.
+            wp = unsafe { wp.add(MR * 4) };
+            xp = unsafe { xp.add(t.cb_stride) };
+        }
+    }
+    let mut sums = [[0i32; MR]; N];
+    for (s, a) in sums.iter_mut().zip(&acc) {
+        // SAFETY: each row of `sums` holds 8 i32s.
+        unsafe { _mm256_storeu_si256(s.as_mut_ptr() as *mut __m256i, *a) };
+    }
+    // The portable epilogue, on the sums transposed to its [row][pixel] order: the same
+    // requantisation as the vector one (the kernels' tests hold them equal).
+    let mut rows = [[0i32; LANES * PX]; MR];
+    for (j, s) in sums.iter().enumerate() {
+        for (m, v) in s.iter().enumerate() {
+            rows[m][j] = *v;
+        }
+    }
+    epilogue(&rows, N, e, &mut out[t.q0..], stride);
 }
