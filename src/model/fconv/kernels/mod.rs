@@ -28,6 +28,9 @@ impl Tile<'_> {
     /// Every read of a block of `n` vectors lies inside `packed` and `w`.
     /// (Checked arithmetic: a wrapped sum would pass. `FConv::geo` has already proved
     /// this for the op's geometry; the check stays as the wall in front of `unsafe`.)
+    // Only the vector kernels need the check: x86's (elsewhere the portable kernel's
+    // slices are bounds-checked).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn check(&self, n: usize) {
         let last = (self.channels.saturating_sub(1))
             .checked_mul(self.c_stride)
