@@ -48,6 +48,37 @@ pub(crate) struct Geo {
     pub(crate) offsets: Vec<usize>,
 }
 
+impl Geo {
+    /// Where the virtual pixels that hold outputs end: the last row's last output. The
+    /// kernels' tails stop there instead of computing a whole last vector.
+    pub(crate) fn outputs_end(&self) -> usize {
+        (self.hout - 1) * self.wq + self.wout
+    }
+}
+
+/// Scratch space a conv reuses across frames (one per thread): the packed input and the
+/// virtual output, grown to the largest conv seen and never shrunk.
+pub(crate) struct Scratch<T> {
+    buf: Vec<T>,
+}
+
+impl<T> Default for Scratch<T> {
+    fn default() -> Self {
+        Scratch { buf: Vec::new() }
+    }
+}
+
+impl<T: Copy + Default> Scratch<T> {
+    /// Two slices of `a` and `b` elements.
+    pub(crate) fn split(&mut self, a: usize, b: usize) -> (&mut [T], &mut [T]) {
+        if self.buf.len() < a + b {
+            self.buf.resize(a + b, T::default());
+        }
+        let (x, y) = self.buf.split_at_mut(a);
+        (x, &mut y[..b])
+    }
+}
+
 /// Every size below comes from a model's attributes: computed with checked arithmetic,
 /// since release builds wrap and a wrapped offset would pass the bounds check.
 fn ck(v: Option<usize>) -> TractResult<usize> {

@@ -23,3 +23,22 @@ pub(crate) fn uniform_value(t: &Tensor) -> TractResult<Option<Tensor>> {
     }
     Ok(Some(t.nth(0)?))
 }
+
+/// Replace the value at `replaced` by the output of a new node `op` (named `name`) on
+/// `inputs`: the patch every rewrite that swaps in one of edgesight's ops makes.
+pub(crate) fn rewire<O: Into<Box<dyn TypedOp>>>(
+    model: &mut TypedModel,
+    replaced: OutletId,
+    name: impl Into<String>,
+    op: O,
+    inputs: &[OutletId],
+) -> TractResult<()> {
+    let mut patch = TypedModelPatch::default();
+    let taps = inputs
+        .iter()
+        .map(|o| patch.tap_model(model, *o))
+        .collect::<TractResult<TVec<_>>>()?;
+    let out = patch.wire_node(name, op, &taps)?;
+    patch.shunt_outside(model, replaced, out[0])?;
+    patch.apply(model)
+}

@@ -11,6 +11,7 @@
 use tract_core::internal::*;
 
 use crate::model::cpu::widest;
+use crate::model::graph::rewire;
 use crate::model::threads::par_chunks;
 
 /// The larger of two values: `Ord::max` for the integers; `f32::max` for floats (a NaN
@@ -202,6 +203,20 @@ impl MaxPool2d {
 /// tract's takes 1.1-1.6 ms for ResNet's stem on one Zen 4 core, on one thread.
 /// Returns how many pools became ours.
 pub fn own_float_pools(model: &mut TypedModel) -> TractResult<usize> {
+    let own = own_pools_of(model, |dt| dt == DatumType::F32, "ours")?;
+    if own > 0 {
+        model.compact()?;
+    }
+    Ok(own)
+}
+
+/// Replace every tract `MaxPool` ours runs whose input type `pools` accepts, the new
+/// node named after the old with `suffix`. Returns how many; the caller compacts.
+pub(crate) fn own_pools_of(
+    model: &mut TypedModel,
+    pools: impl Fn(DatumType) -> bool,
+    suffix: &str,
+) -> TractResult<usize> {
     use tract_core::ops::cnn::MaxPool;
     let mut own = 0;
     for id in 0..model.nodes().len() {
@@ -210,21 +225,15 @@ pub fn own_float_pools(model: &mut TypedModel) -> TractResult<usize> {
             continue;
         };
         let fact = model.outlet_fact(node.inputs[0])?;
-        if fact.datum_type != DatumType::F32 {
+        if !pools(fact.datum_type) {
             continue;
         }
         let Some(ours) = MaxPool2d::of(op, fact) else {
             continue;
         };
-        let mut patch = TypedModelPatch::default();
-        let tap = patch.tap_model(model, node.inputs[0])?;
-        let out = patch.wire_node(format!("{}.ours", node.name), ours, &[tap])?;
-        patch.shunt_outside(model, OutletId::new(id, 0), out[0])?;
-        patch.apply(model)?;
+        let (name, x) = (format!("{}.{suffix}", node.name), node.inputs[0]);
+        rewire(model, OutletId::new(id, 0), name, ours, &[x])?;
         own += 1;
-    }
-    if own > 0 {
-        model.compact()?;
     }
     Ok(own)
 }

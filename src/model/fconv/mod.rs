@@ -32,7 +32,7 @@ use tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
 use tract_core::ops::nn::DataFormat;
 
 use crate::model::conv_geo::{Conv2d, strides_and_pads};
-use crate::model::graph::{konst, uniform_value};
+use crate::model::graph::{konst, rewire, uniform_value};
 pub use op::FConv;
 
 /// Output channels per register block.
@@ -167,11 +167,8 @@ pub fn replace_convs(model: &mut TypedModel, which: Kernel) -> TractResult<usize
         let Some(op) = fconv_for(model, node, which)? else {
             continue;
         };
-        let mut patch = TypedModelPatch::default();
-        let x = patch.tap_model(model, node.inputs[0])?;
-        let out = patch.wire_node(format!("{}.f32", node.name), op, &[x])?;
-        patch.shunt_outside(model, OutletId::new(id, 0), out[0])?;
-        patch.apply(model)?;
+        let (name, x) = (format!("{}.f32", node.name), node.inputs[0]);
+        rewire(model, OutletId::new(id, 0), name, op, &[x])?;
         replaced += 1;
     }
     if replaced > 0 {
@@ -294,14 +291,7 @@ pub fn fuse_epilogues(model: &mut TypedModel) -> TractResult<usize> {
             model.node(conv_id).name,
             node.op.name().to_lowercase()
         );
-        let mut patch = TypedModelPatch::default();
-        let inputs = inputs
-            .iter()
-            .map(|o| patch.tap_model(model, *o))
-            .collect::<TractResult<TVec<_>>>()?;
-        let out = patch.wire_node(name, op, &inputs)?;
-        patch.shunt_outside(model, OutletId::new(id, 0), out[0])?;
-        patch.apply(model)?;
+        rewire(model, OutletId::new(id, 0), name, op, &inputs)?;
         fused += 1;
     }
     if fused > 0 {

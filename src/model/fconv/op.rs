@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tract_core::internal::*;
 
-use crate::model::conv_geo::{Conv2d, Geo, LANES, PX};
+use crate::model::conv_geo::{Conv2d, Geo, LANES, PX, Scratch};
 #[cfg(target_arch = "x86_64")]
 use crate::model::fconv::kernels::avx512;
 use crate::model::fconv::kernels::{Epilogue, Tile, portable};
@@ -161,12 +161,11 @@ impl FConv {
     /// output channels are independent, so they are shared out over the model's pool;
     /// the input is read by all.
     fn compute(&self, input: &Input, g: &Geo, out: &mut [f32], skip: Option<&[f32]>) {
-        let offsets: Vec<usize> = g.offsets.iter().map(|o| o / 4).collect();
         let rows = MR * g.q;
         let out = &mut out[..self.blocks() * rows];
         par_chunks(out, rows, |(b, out)| {
             let skip = skip.map(|s| &s[b * rows..(b + 1) * rows]);
-            self.compute_block(b, input, &offsets, g, Rows { out, skip })
+            self.compute_block(b, input, &g.offsets, g, Rows { out, skip })
         });
     }
 
@@ -192,7 +191,7 @@ impl FConv {
         };
         // The virtual pixels that hold outputs end at the last row's last output; a
         // last vector with at most 8 of them goes to the kernel's tail.
-        let needed = (g.hout - 1) * g.wq + g.wout;
+        let needed = g.outputs_end();
         let (vecs, tail) = match needed % LANES {
             rem @ 1..=8 if self.which != Kernel::Portable => (needed / LANES, rem),
             _ => (g.q / LANES, 0),
@@ -261,24 +260,9 @@ struct Io<'a> {
     skip: Option<&'a [f32]>,
 }
 
-/// Scratch space reused across frames (per thread): packed input and virtual output.
-#[derive(Default)]
-struct Scratch {
-    buf: Vec<f32>,
-}
-
-impl Scratch {
-    fn split(&mut self, a: usize, b: usize) -> (&mut [f32], &mut [f32]) {
-        if self.buf.len() < a + b {
-            self.buf.resize(a + b, 0.0);
-        }
-        let (x, y) = self.buf.split_at_mut(a);
-        (x, &mut y[..b])
-    }
-}
-
 thread_local! {
-    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    /// Per thread: packed input and virtual output, reused across frames.
+    static SCRATCH: RefCell<Scratch<f32>> = RefCell::new(Scratch::default());
 }
 
 impl Op for FConv {

@@ -671,28 +671,8 @@ fn move_pools(model: &mut TypedModel, scales: &QuantizeScales) -> TractResult<us
 /// and QOperator forms' stem, and those just moved where ours did not apply) take ours
 /// where it applies.
 fn own_pools(model: &mut TypedModel) -> TractResult<usize> {
-    use tract_core::ops::cnn::MaxPool;
-    let mut own = 0;
-    for id in 0..model.nodes().len() {
-        let node = model.node(id);
-        let Some(op) = node.op_as::<MaxPool>() else {
-            continue;
-        };
-        let fact = model.outlet_fact(node.inputs[0])?;
-        if !matches!(fact.datum_type.unquantized(), DatumType::U8 | DatumType::I8) {
-            continue;
-        }
-        let Some(ours) = crate::model::pool::MaxPool2d::of(op, fact) else {
-            continue;
-        };
-        let mut patch = TypedModelPatch::default();
-        let tap = patch.tap_model(model, node.inputs[0])?;
-        let out = patch.wire_node(format!("{}.int", node.name), ours, &[tap])?;
-        patch.shunt_outside(model, OutletId::new(id, 0), out[0])?;
-        patch.apply(model)?;
-        own += 1;
-    }
-    Ok(own)
+    let bytes = |dt: DatumType| matches!(dt.unquantized(), DatumType::U8 | DatumType::I8);
+    crate::model::pool::own_pools_of(model, bytes, "int")
 }
 
 /// Whether quantising the dequantised `k` gives `k` back for every value of the type,

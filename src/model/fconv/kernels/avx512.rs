@@ -19,7 +19,7 @@ pub unsafe fn block<const P: usize>(t: &Tile, e: &Epilogue, out: &mut [f32], str
     let base = t.packed.as_ptr();
     for &off in t.offsets {
         // SAFETY (all pointer arithmetic): bounded by Tile::check.
-        let mut xp = unsafe { base.add(off + t.q0) };
+        let mut xp = unsafe { base.add(off / 4 + t.q0) };
         for _ in 0..t.channels {
             let x: [__m512; P] =
                 std::array::from_fn(|p| unsafe { _mm512_loadu_ps(xp.add(LANES * p)) });
@@ -88,7 +88,7 @@ pub unsafe fn tail<const N: usize>(t: &Tile, e: &Epilogue, out: &mut [f32], stri
     let base = t.packed.as_ptr();
     for &off in t.offsets {
         // SAFETY (all pointer arithmetic): bounded by Tile::check(1), N <= 16.
-        let mut xp = unsafe { base.add(off + t.q0) };
+        let mut xp = unsafe { base.add(off / 4 + t.q0) };
         for _ in 0..t.channels {
             // SAFETY: MR = 8 weights per channel lie inside `t.w` (Tile::check).
             let w = unsafe { _mm256_loadu_ps(wp) };

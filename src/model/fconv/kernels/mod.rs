@@ -13,7 +13,8 @@ use crate::model::fconv::MR;
 /// What one register block reads.
 pub(crate) struct Tile<'a> {
     pub(crate) packed: &'a [f32],
-    /// Float offset of each tap's first read.
+    /// Byte offset of each tap's first read (the geometry's, shared with the int8 conv:
+    /// a multiple of 4).
     pub(crate) offsets: &'a [usize],
     /// Floats between input channels.
     pub(crate) c_stride: usize,
@@ -34,7 +35,7 @@ impl Tile<'_> {
     pub(crate) fn check(&self, n: usize) {
         let last = (self.channels.saturating_sub(1))
             .checked_mul(self.c_stride)
-            .and_then(|v| v.checked_add(self.offsets.iter().max().copied().unwrap_or(0)))
+            .and_then(|v| v.checked_add(self.offsets.iter().max().copied().unwrap_or(0) / 4))
             .and_then(|v| v.checked_add(self.q0.checked_add(n.checked_mul(LANES)?)?));
         assert!(
             self.channels > 0 && last.is_some_and(|l| l <= self.packed.len()),

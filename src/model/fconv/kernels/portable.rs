@@ -14,7 +14,7 @@ pub(crate) fn block(t: &Tile, n: usize, e: &Epilogue, out: &mut [f32], stride: u
     let mut wi = 0;
     for &off in t.offsets {
         for c in 0..t.channels {
-            let start = off + c * t.c_stride + t.q0;
+            let start = off / 4 + c * t.c_stride + t.q0;
             let x = &t.packed[start..start + lanes];
             let w = &t.w[wi..wi + MR];
             wi += MR;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tract_core::internal::*;
 
-use crate::model::conv_geo::{Conv2d, Geo};
+use crate::model::conv_geo::{Conv2d, Geo, Scratch};
 #[cfg(target_arch = "arm")]
 use crate::model::int8::qconv::kernels::armv7;
 #[cfg(target_arch = "aarch64")]
@@ -245,7 +245,7 @@ impl QConv {
         };
         // The virtual pixels that hold outputs end at the last row's last output; on the
         // VNNI kernel a last vector with at most 8 of them goes to its tail.
-        let needed = (g.hout - 1) * g.wq + g.wout;
+        let needed = g.outputs_end();
         let (vecs, tail) = match needed % LANES {
             #[cfg(target_arch = "x86_64")]
             rem @ 1..=8 if self.which == Kernel::Avx512Vnni => (needed / LANES, rem),
@@ -357,24 +357,9 @@ fn bytes_as_mut<T: Byte>(x: &mut [u8]) -> &mut [T] {
     unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut T, x.len()) }
 }
 
-/// Scratch space reused across frames (per thread): packed input and virtual output.
-#[derive(Default)]
-struct Scratch {
-    buf: Vec<u8>,
-}
-
-impl Scratch {
-    fn split(&mut self, a: usize, b: usize) -> (&mut [u8], &mut [u8]) {
-        if self.buf.len() < a + b {
-            self.buf.resize(a + b, 0);
-        }
-        let (x, y) = self.buf.split_at_mut(a);
-        (x, &mut y[..b])
-    }
-}
-
 thread_local! {
-    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    /// Per thread: packed input and virtual output, reused across frames.
+    static SCRATCH: RefCell<Scratch<u8>> = RefCell::new(Scratch::default());
 }
 
 impl Op for QConv {

@@ -8,7 +8,7 @@ use tract_core::internal::*;
 use tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
 use tract_core::ops::nn::DataFormat;
 
-use crate::model::graph::konst;
+use crate::model::graph::{konst, rewire};
 use crate::model::int8::QuantizedAdd;
 use crate::model::int8::qconv::op::QConv;
 use crate::model::int8::qconv::{Kernel, MR};
@@ -256,11 +256,8 @@ pub fn replace_convs(model: &mut TypedModel, which: Kernel) -> TractResult<usize
         let Some(op) = qconv_for(model, node, which)? else {
             continue;
         };
-        let mut patch = TypedModelPatch::default();
-        let x = patch.tap_model(model, node.inputs[0])?;
-        let out = patch.wire_node(format!("{}.int8", node.name), op, &[x])?;
-        patch.shunt_outside(model, OutletId::new(id, 0), out[0])?;
-        patch.apply(model)?;
+        let (name, x) = (format!("{}.int8", node.name), node.inputs[0]);
+        rewire(model, OutletId::new(id, 0), name, op, &[x])?;
         replaced += 1;
     }
     if replaced > 0 {
@@ -302,11 +299,7 @@ pub fn fuse_conv_adds(model: &mut TypedModel) -> TractResult<usize> {
         };
         let x = model.node(conv_id).inputs[0];
         let name = format!("{}.add", model.node(conv_id).name);
-        let mut patch = TypedModelPatch::default();
-        let inputs = [patch.tap_model(model, x)?, patch.tap_model(model, skip)?];
-        let out = patch.wire_node(name, op, &inputs)?;
-        patch.shunt_outside(model, OutletId::new(id, 0), out[0])?;
-        patch.apply(model)?;
+        rewire(model, OutletId::new(id, 0), name, op, &[x, skip])?;
         fused += 1;
     }
     if fused > 0 {
