@@ -371,6 +371,11 @@ fn normalization_keys_reproduce_a_preset_on_a_real_model() {
 ///   ChangeAxes pass fails (refused before; loaded without that pass).
 /// - fp16_gemm: converted to float16 with Casts at both ends; tract's Gemm expansion
 ///   typed its output f32 (refused before; widened to float32 first).
+/// - keras_bn_*: Keras's BatchNorm as Sub/Mul/Add by per-channel constants after each
+///   conv, fp32 and quantised op by op (ran as nine passes per conv before; now one
+///   per-channel table, exact). The QDQ form is held to onnxruntime unoptimised, which
+///   runs the graph's ops as written (optimised, it fuses groups into kernels of its own,
+///   which round apart on Keras's ResNet50; tools/gen_compat_fixtures.py).
 #[test]
 fn every_compat_pattern_matches_onnxruntime() {
     let dir = tempfile::tempdir().unwrap();
@@ -384,12 +389,15 @@ fn every_compat_pattern_matches_onnxruntime() {
         probabilities: bool,
         /// tract's ChangeAxes pass fails on it and is left out.
         skips_change_axes: bool,
+        /// Element-wise chains folded into per-channel tables.
+        tables: usize,
     }
     let case = |name, rewrites| Case {
         name,
         rewrites,
         probabilities: false,
         skips_change_axes: false,
+        tables: 0,
     };
     let cases = [
         // QLinearSigmoid, QLinearMul, QLinearLeakyRelu, QLinearConcat,
@@ -407,6 +415,17 @@ fn every_compat_pattern_matches_onnxruntime() {
         // Widened to float32 at load; onnxruntime on x86 computes its float16 convs and
         // Gemm in float32 too (1.2e-7 apart).
         case("fp16_gemm", (0, 0, 0)),
+        // Keras's BatchNorm as Sub/Mul/Add after each of 3 convs: in floats, and
+        // quantised op by op (QDQ; QOperator's QLinearMul and QLinearAdd, with QGemm).
+        case("keras_bn_fp32", (0, 0, 0)),
+        Case {
+            tables: 3,
+            ..case("keras_bn_qdq", (0, 3, 3))
+        },
+        Case {
+            tables: 3,
+            ..case("keras_bn_qop", (8, 0, 3))
+        },
     ];
     let floats = |v: &Value| -> Vec<f32> {
         let v = v.as_array().unwrap();
@@ -417,6 +436,7 @@ fn every_compat_pattern_matches_onnxruntime() {
         rewrites: (contrib, qdq, convs),
         probabilities,
         skips_change_axes,
+        tables,
     } in cases
     {
         let refs: Value = serde_json::from_str(
@@ -438,8 +458,13 @@ fn every_compat_pattern_matches_onnxruntime() {
                 .unwrap_or_else(|e| panic!("{name} {path:?}: {e:#}"));
             let r = c.int8_rewrites();
             assert_eq!(
-                (r.proto.contrib_ops, r.proto.qdq_convs, r.int8_convs),
-                (contrib, qdq, path.int8.is_some() as usize * convs),
+                (
+                    r.proto.contrib_ops,
+                    r.proto.qdq_convs,
+                    r.int8_convs,
+                    r.channel_tables
+                ),
+                (contrib, qdq, path.int8.is_some() as usize * convs, tables),
                 "{name} {path:?}: {r}"
             );
             // tract's bug is in its own f32 conv (docs/models.md): with the convs on

@@ -77,17 +77,33 @@ def prepare(img, keras):
 
 
 # ---------------------------------------------------------------- models
+def keras_resnet50(size):
+    """keras.applications.ResNet50 with random weights (seeded) on the torch backend
+    (../shared/notes/keras-resnet50.md). Its BatchNorms get statistics, scales and shifts
+    like a trained net's: left at identity, the exporter's Sub/Mul/Add are by zeros and
+    one shared scale, which no trained model has."""
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    import keras
+
+    keras.utils.set_random_seed(0)
+    m = keras.applications.ResNet50(weights=None, input_shape=(size, size, 3), classifier_activation=None)
+    rng = np.random.default_rng(0)
+    for layer in m.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.get_weights()[0].shape  # gamma, beta, moving mean, moving variance
+            layer.set_weights([rng.uniform(lo, hi, n).astype(np.float32)
+                               for lo, hi in [(0.8, 1.2), (-0.1, 0.1), (-0.1, 0.1), (0.5, 1.5)]])
+    return m
+
+
 def export(name, path):
     import torch
 
     torch.manual_seed(0)
     if name == "keras50":
-        os.environ.setdefault("KERAS_BACKEND", "torch")
         import keras
 
-        keras.utils.set_random_seed(0)
-        m = keras.applications.ResNet50(weights=None, input_shape=(224, 224, 3),
-                                        classifier_activation=None)
+        m = keras_resnet50(224)
         m.export(str(path), format="onnx", opset_version=13,
                  input_signature=[keras.InputSpec(shape=(1, 224, 224, 3), dtype="float32")])
         return

@@ -159,11 +159,9 @@ def export_keras(kind, path):
     ../shared/notes/keras-resnet50.md): NHWC input, BatchNorm as Sub/Mul/Add, each conv
     between transposes. `keras` gives it a static batch, `keras_dynbatch` Keras's default
     dynamic one."""
-    os.environ.setdefault("KERAS_BACKEND", "torch")
     import keras
 
-    keras.utils.set_random_seed(0)
-    m = keras.applications.ResNet50(weights=None, input_shape=(SIZE, SIZE, 3), classifier_activation=None)
+    m = bench_models.keras_resnet50(SIZE)
     batch = None if kind.endswith("dynbatch") else 1
     m.export(path, format="onnx", opset_version=13,
              input_signature=[keras.InputSpec(shape=(batch, SIZE, SIZE, 3), dtype="float32")])

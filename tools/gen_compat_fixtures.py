@@ -25,6 +25,11 @@ or mishandling, with onnxruntime's outputs (issue 16). Read by tests/model.rs
   and outputs kept (Casts at both ends), as users shrink models: tract's Gemm came out
   f32 from f16 operands and the load failed. Edgesight widens float16 models to float32
   first (src/model/proto_fixes.rs).
+- keras_bn_fp32, keras_bn_qdq, keras_bn_qop: a channels-last conv net with BatchNorm as
+  the Keras exporter writes it (Sub/Mul/Add by per-channel constants after each conv,
+  between Transposes), fp32 and quantised by onnxruntime in QDQ and QOperator forms. On
+  Keras's ResNet50 those BatchNorms, quantised op by op, were more than half of the int8
+  run; edgesight folds each chain into a per-channel table (src/model/int8/tables.rs).
 Needs onnx, onnxruntime, onnxconverter-common, numpy.
 """
 
@@ -109,10 +114,13 @@ def dynbatch_pad_model(path):
     onnx.save(m, path)
 
 
-def reference(dst, xs, ops):
-    sess = ort.InferenceSession(dst, providers=["CPUExecutionProvider"])
+def reference(dst, xs, ops, optimised=True):
+    opts = ort.SessionOptions()
+    if not optimised:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(dst, opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
-    return {"onnxruntime": ort.__version__, "ops": ops, "input_shape": list(xs[0].shape),
+    return {"onnxruntime": ort.__version__, "optimised": optimised, "ops": ops, "input_shape": list(xs[0].shape),
             "cases": [{"input": x.flatten().tolist(), "logits": sess.run(None, {name: x})[0][0].tolist()}
                       for x in xs]}
 
@@ -131,9 +139,9 @@ def quantise(src, dst, xs, fmt):
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
-def write_reference(name, dst, xs, ops):
+def write_reference(name, dst, xs, ops, optimised=True):
     with open(os.path.join(OUT, f"{name}.json"), "w") as f:
-        json.dump(reference(dst, xs, ops), f)
+        json.dump(reference(dst, xs, ops, optimised), f)
         f.write("\n")
 
 
@@ -230,6 +238,62 @@ def make_fp16_gemm():
     assert "Cast" in ops, ops
 
 
+def keras_bn_model(path, rng):
+    """A channels-last conv net as the Keras exporter writes ResNet50 (NHWC input, each
+    conv between Transposes, BatchNorm as Sub/Mul/Add by per-channel constants, a
+    residual add of two BatchNormed convs), with trained-looking BatchNorm values."""
+    inits, w, init = initializers(rng)
+
+    def bn(x, i, c=8):
+        m = init(f"mean{i}", numpy_helper.from_array(rng.uniform(-0.2, 0.2, c).astype(np.float32)))
+        s = init(f"scale{i}", numpy_helper.from_array(rng.uniform(0.6, 1.4, c).astype(np.float32)))
+        b = init(f"beta{i}", numpy_helper.from_array(rng.uniform(-0.2, 0.2, c).astype(np.float32)))
+        return [helper.make_node("Sub", [x, m], [f"sub{i}"]), helper.make_node("Mul", [f"sub{i}", s], [f"mul{i}"]),
+                helper.make_node("Add", [f"mul{i}", b], [f"bn{i}"])]
+
+    def conv(x, i, cin, k, pads):
+        return [helper.make_node("Conv", [x, init(f"w{i}", w(8, cin, k, k)), init(f"b{i}", w(8))], [f"c{i}"],
+                                 pads=pads),
+                helper.make_node("Transpose", [f"c{i}"], [f"h{i}"], perm=[0, 2, 3, 1])]
+
+    nodes = [helper.make_node("Transpose", ["x"], ["t0"], perm=[0, 3, 1, 2]),
+             *conv("t0", 0, 3, 3, [1, 1, 1, 1]), *bn("h0", 0),
+             helper.make_node("Relu", ["bn0"], ["r0"]),
+             helper.make_node("Transpose", ["r0"], ["t1"], perm=[0, 3, 1, 2]),
+             *conv("t1", 1, 8, 3, [1, 1, 1, 1]), *bn("h1", 1),
+             *conv("t1", 2, 8, 1, [0, 0, 0, 0]), *bn("h2", 2),
+             helper.make_node("Add", ["bn1", "bn2"], ["sum"]),
+             helper.make_node("Relu", ["sum"], ["r1"]),
+             helper.make_node("ReduceMean", ["r1"], ["g"], axes=[1, 2], keepdims=0),
+             helper.make_node("Gemm", ["g", init("fw", w(5, 8)), init("fb", w(5))], ["y"], transB=1)]
+    g = helper.make_graph(nodes, "keras_bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 16, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    onnx.save(m, path)
+
+
+def make_keras_bn():
+    """keras_bn_fp32, and quantised by onnxruntime (U8S8 per channel) as keras_bn_qdq and
+    keras_bn_qop. The QDQ form's reference is onnxruntime with its graph optimisations
+    off, which runs the ops as the graph writes them, as tract does: optimised, it fuses
+    dequantise-op-quantise groups into kernels of its own, which on Keras's ResNet50 round
+    apart from the graph's ops (probabilities 2e-2 apart; on this small net they agree)."""
+    rng = np.random.default_rng(11)
+    xs = [rng.normal(0, 1, [1, 16, 16, 3]).astype(np.float32) for _ in range(4)]
+    src = os.path.join(OUT, "keras_bn_fp32.onnx")
+    keras_bn_model(src, rng)
+    write_reference("keras_bn_fp32", src, xs, sorted({n.op_type for n in onnx.load(src).graph.node}))
+    for name, fmt, optimised in [("keras_bn_qdq", QuantFormat.QDQ, False),
+                                 ("keras_bn_qop", QuantFormat.QOperator, True)]:
+        dst = os.path.join(OUT, f"{name}.onnx")
+        quantise(src, dst, xs, fmt)
+        ops = sorted({n.op_type for n in onnx.load(dst).graph.node})
+        write_reference(name, dst, xs, ops, optimised)
+        print(f"{name}.onnx: {ops}")
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     rng = np.random.default_rng(5)
@@ -248,6 +312,7 @@ def main():
     make_softmax_end()
     make_conv_add_pooled()
     make_fp16_gemm()
+    make_keras_bn()
 
 
 if __name__ == "__main__":

@@ -129,6 +129,10 @@ pub struct Int8Rewrites {
     /// Float residual adds (dequantise, add to the f32 skip, ReLU; quantise for the next
     /// block) fused into one pass with two outputs.
     pub residual_adds: usize,
+    /// Chains of element-wise ops from an 8-bit tensor to an 8-bit tensor (a Keras
+    /// BatchNorm, quantised op by op) replaced by a per-channel table
+    /// ([`crate::model::int8::tables`]).
+    pub channel_tables: usize,
     /// f32 -> int8 quantisations replaced by a vectorised equivalent.
     pub fast_quantize: usize,
     /// Weight computations done once at load instead of every run ([`passes::fold_weights`]).
@@ -159,6 +163,7 @@ impl std::fmt::Display for Int8Rewrites {
             (self.conv_adds, "of them into their convs"),
             (self.int_pools, "max pools on integers"),
             (self.residual_adds, "float residual adds fused"),
+            (self.channel_tables, "element-wise chains made tables"),
             (self.fast_quantize, "quantisers vectorised"),
             (self.folded_weights, "weight computations folded"),
             (self.f32_convs, "convs on edgesight's f32 kernel"),
@@ -310,6 +315,8 @@ fn optimize_with(
     // After the int8 forms' pools have moved onto the integers: what is left pools floats.
     let float_pools = crate::model::pool::own_float_pools(&mut typed)?;
     let residual_adds = crate::model::int8::fuse_residual_adds(&mut typed, quantize_scales)?;
+    let channel_tables =
+        crate::model::int8::tables::fold_channel_tables(&mut typed, quantize_scales)?;
     let folded_weights = passes::fold_weights(&mut typed)?;
     let mut typed = passes::into_optimized(typed, change_axes)?;
     let fused_requant = crate::model::int8::fuse_requant(&mut typed)?;
@@ -325,6 +332,7 @@ fn optimize_with(
             conv_adds,
             int_pools,
             residual_adds,
+            channel_tables,
             fast_quantize,
             folded_weights,
             f32_convs,

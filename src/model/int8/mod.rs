@@ -43,6 +43,7 @@ macro_rules! for_add_types {
 pub mod depthwise;
 pub mod onnx_quant;
 pub mod qconv;
+pub mod tables;
 
 use tract_core::internal::*;
 use tract_core::ops::einsum::EinSum;
