@@ -876,6 +876,22 @@ impl Quantize {
         })
     }
 
+    /// The op [`fast_quantize`] puts in place of `node`, if it replaces it: a tract
+    /// quantiser of one f32 input to its own type.
+    fn replacing(
+        model: &TypedModel,
+        node: &TypedNode,
+        scales: &QuantizeScales,
+    ) -> TractResult<Option<Quantize>> {
+        let Some(op) = Quantize::of(node, scales) else {
+            return Ok(None);
+        };
+        let replaces = node.inputs.len() == 1
+            && model.outlet_fact(node.inputs[0])?.datum_type == DatumType::F32
+            && node.outputs[0].fact.datum_type == op.dt;
+        Ok(replaces.then_some(op))
+    }
+
     /// "x / s, zero point z -> U8": the op's `info`, and a part of the ops that embed it.
     fn describe(&self) -> String {
         let scale = match self.scale {
@@ -968,15 +984,9 @@ pub fn fast_quantize(model: &mut TypedModel, scales: &QuantizeScales) -> TractRe
     let mut replaced = 0;
     for id in 0..model.nodes().len() {
         let node = model.node(id);
-        let Some(op) = Quantize::of(node, scales) else {
+        let Some(op) = Quantize::replacing(model, node, scales)? else {
             continue;
         };
-        if node.inputs.len() != 1
-            || model.outlet_fact(node.inputs[0])?.datum_type != DatumType::F32
-            || node.outputs[0].fact.datum_type != op.dt
-        {
-            continue;
-        }
         let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs, op)?;
         patch.apply(model)?;
         replaced += 1;

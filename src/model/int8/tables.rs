@@ -53,8 +53,9 @@ impl ChannelTable {
             "channel table of {channels} channels on shape {shape:?} (axis {})",
             self.axis
         );
-        // Elements from one channel to the next (a plane in NCHW).
-        let inner: usize = shape.iter().skip(self.axis + 1).product();
+        // Elements from one channel to the next (a plane in NCHW); at least 1, so that an
+        // empty tensor still cuts into (empty) pieces.
+        let inner = shape.iter().skip(self.axis + 1).product::<usize>().max(1);
         let x = x.try_as_plain_ram()?;
         let x = x.as_bytes();
         // SAFETY: a plain 8-bit tensor; every byte is written below before it is read.
@@ -62,15 +63,11 @@ impl ChannelTable {
         {
             let mut o = out.try_as_plain_ram_mut()?;
             // Whole planes per piece, so that each piece walks whole channels.
-            let planes = (PAR_CHUNK / inner.max(1)).max(1);
-            par_chunks(o.as_bytes_mut(), planes * inner.max(1), |(i, o)| {
+            let planes = (PAR_CHUNK / inner).max(1);
+            par_chunks(o.as_bytes_mut(), planes * inner, |(i, o)| {
                 let first = i * planes;
                 let src = &x[first * inner..];
-                for (j, (o, x)) in o
-                    .chunks_mut(inner.max(1))
-                    .zip(src.chunks(inner.max(1)))
-                    .enumerate()
-                {
+                for (j, (o, x)) in o.chunks_mut(inner).zip(src.chunks(inner)).enumerate() {
                     let ch = if channels == 1 { 0 } else { (first + j) % c };
                     let t: &[u8; 256] = self.tables[ch * 256..][..256]
                         .try_into()
@@ -223,18 +220,22 @@ impl Chain {
         // The probe: the 256 bytes along one axis that is not the channel axis, every
         // channel, 1 on the other axes (which the constants broadcast over).
         let values_axis = if self.axis + 1 == rank { 0 } else { rank - 1 };
-        let after = values_axis >= self.axis;
         ensure!(values_axis != self.axis || self.channels == 1);
         let mut shape = vec![1; rank];
         shape[self.axis] = self.channels;
         shape[values_axis] *= 256;
         let c = self.channels;
-        let bytes: Vec<u8> = match after {
-            true => (0..c).flat_map(|_| 0..=255u8).collect(),
-            false => (0..=255u8)
-                .flat_map(|v| std::iter::repeat_n(v, c))
-                .collect(),
+        // Where byte `v` of channel `ch` sits in the probe (and its image in the output).
+        let at = |ch: usize, v: usize| match values_axis > self.axis {
+            true => ch * 256 + v,
+            false => v * c + ch,
         };
+        let mut bytes = vec![0u8; c * 256];
+        for ch in 0..c {
+            for v in 0..256 {
+                bytes[at(ch, v)] = v as u8;
+            }
+        }
         let mut probe = Tensor::from_shape(&shape, &bytes)?;
         // SAFETY: the same bytes, under the input's 8-bit type (u8 or i8).
         unsafe { probe.set_datum_type(input.datum_type) };
@@ -243,20 +244,17 @@ impl Chain {
             value = eval(model, model.node(id), value, scales)?;
         }
         let out = value.into_tensor();
-        let out_dt = out.datum_type();
-        ensure!(is_8bit(out.datum_type()) && out.len() == c * 256);
+        let dt = out.datum_type();
+        ensure!(is_8bit(dt) && out.len() == c * 256);
         let out = out.try_as_plain_ram()?;
         let out = out.as_bytes();
-        let tables = match after {
-            true => out.to_vec(),
-            false => (0..c)
-                .flat_map(|ch| (0..256).map(move |v| out[v * c + ch]))
-                .collect(),
-        };
+        let tables = (0..c)
+            .flat_map(|ch| (0..256).map(move |v| out[at(ch, v)]))
+            .collect();
         Ok(ChannelTable {
             axis: self.axis,
             tables: Arc::new(tables),
-            dt: out_dt,
+            dt,
         })
     }
 }
@@ -326,9 +324,7 @@ fn eval(
         let k = model.outlet_fact(i)?.konst.clone().context("a constant")?;
         inputs.push(k.into_tvalue());
     }
-    let fast = Quantize::of(node, scales).filter(|q| {
-        inputs[0].datum_type() == DatumType::F32 && q.dt == node.outputs[0].fact.datum_type
-    });
+    let fast = Quantize::replacing(model, node, scales)?;
     let out = match fast {
         Some(q) => q.eval_out_of_plan(inputs)?,
         None => node.op.eval_out_of_plan(inputs)?,
