@@ -213,6 +213,11 @@ pub(crate) fn qconv_for(
     } else {
         (-128, 127)
     };
+    // An output zero point the output type cannot hold is no 8-bit quantisation; the
+    // kernels' requantisers count on it being one (kernels::neon's `Requant`).
+    if !(lo..=hi).contains(&q.y0) {
+        return Ok(None);
+    }
     // AMX reduces 64 input channels a step: other convs (a 3-channel stem) run on VNNI.
     #[cfg(target_arch = "x86_64")]
     let which = if which == Kernel::Amx && shape.cin % 64 != 0 {

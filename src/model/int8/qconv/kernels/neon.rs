@@ -1,8 +1,9 @@
 //! NEON kernels (aarch64): `sdot` on ARMv8.2 (Pi 5's Cortex-A76) and `smull` + `sadalp`
 //! on ARMv8.0 (Pi 4's Cortex-A72), i8 x i8.
 
-use crate::model::int8::qconv::kernels::{Epilogue, Tile, epilogue};
-use crate::model::int8::qconv::{LANES, MR, PX};
+use crate::model::int8::neon::Requant;
+use crate::model::int8::qconv::MR;
+use crate::model::int8::qconv::kernels::{Epilogue, Tile};
 use std::arch::aarch64::*;
 use std::arch::asm;
 
@@ -20,16 +21,23 @@ macro_rules! sdot {
     };
 }
 
-/// MR channels x `n` vectors of 16 pixels, 8 pixels (two registers) at a time:
-/// 16 accumulators, two activation and two weight registers.
+/// MR channels x `pixels` pixels (up to the next 8), 8 pixels (two registers) at a
+/// time: 16 accumulators, two activation and two weight registers. The accumulators
+/// start at the bias, which saves the epilogue its add.
 ///
 /// # Safety
-/// The CPU must have the dot product extension, and `t.check(n, MR)` must hold.
+/// The CPU must have the dot product extension, and `t.check(n, MR)` must hold for
+/// `n = pixels.div_ceil(16)`.
 #[target_feature(enable = "neon,dotprod")]
-pub unsafe fn block_dot(t: &Tile, n: usize, e: &Epilogue, out: &mut [u8], stride: usize) {
-    let mut sums = [[0i32; LANES * PX]; MR];
-    for px0 in (0..n * LANES).step_by(8) {
+pub unsafe fn block_dot(t: &Tile, pixels: usize, e: &Epilogue, out: &mut [u8], stride: usize) {
+    let mut rows = Rows::new(e, out, t.q0, stride);
+    let bias = &e.bias[..MR];
+    for px0 in (0..pixels).step_by(8) {
+        // A plain loop: `array::map` here was left a call per row, and the sums spilled.
         let mut a = [[vdupq_n_s32(0); 2]; MR];
+        for (a, b) in a.iter_mut().zip(bias) {
+            *a = [vdupq_n_s32(*b); 2];
+        }
         let mut wp = t.w.as_ptr();
         for &off in t.offsets {
             // SAFETY (all pointer arithmetic): bounded by Tile::check.
@@ -64,27 +72,22 @@ pub unsafe fn block_dot(t: &Tile, n: usize, e: &Epilogue, out: &mut [u8], stride
             }
         }
         for (m, a) in a.iter().enumerate() {
-            // SAFETY: px0 + 8 <= n * LANES <= the row's LANES * PX entries.
-            unsafe {
-                vst1q_s32(sums[m][px0..].as_mut_ptr(), a[0]);
-                vst1q_s32(sums[m][px0 + 4..].as_mut_ptr(), a[1]);
-            }
+            rows.store8(m, px0, *a);
         }
     }
-    epilogue(&sums, n * LANES, e, &mut out[t.q0..], stride);
 }
 
 /// The same without the dot product (ARMv8.0): per channel, `smull` the pixels' bytes
 /// by the channel's four weights (i16 products, exact: |-128 x -128| < 2^15) and
 /// `sadalp` adjacent pairs into i32, which leaves two partial sums per pixel, added
-/// at the end. 4 pixels at a time: 16 accumulators.
+/// at the end. 4 pixels at a time (`pixels` up to the next 4): 16 accumulators.
 ///
 /// # Safety
-/// `t.check(n, MR)` must hold.
+/// `t.check(n, MR)` must hold for `n = pixels.div_ceil(16)`.
 #[target_feature(enable = "neon")]
-pub unsafe fn block_mull(t: &Tile, n: usize, e: &Epilogue, out: &mut [u8], stride: usize) {
-    let mut sums = [[0i32; LANES * PX]; MR];
-    for px0 in (0..n * LANES).step_by(4) {
+pub unsafe fn block_mull(t: &Tile, pixels: usize, e: &Epilogue, out: &mut [u8], stride: usize) {
+    let mut rows = Rows::new(e, out, t.q0, stride);
+    for px0 in (0..pixels).step_by(4) {
         let mut lo = [vdupq_n_s32(0); MR];
         let mut hi = [vdupq_n_s32(0); MR];
         let mut wp = t.w.as_ptr() as *const i32;
@@ -107,9 +110,71 @@ pub unsafe fn block_mull(t: &Tile, n: usize, e: &Epilogue, out: &mut [u8], strid
             }
         }
         for m in 0..MR {
-            // SAFETY: px0 + 4 <= n * LANES <= the row's LANES * PX entries.
-            unsafe { vst1q_s32(sums[m][px0..].as_mut_ptr(), vpaddq_s32(lo[m], hi[m])) };
+            let acc = vaddq_s32(vpaddq_s32(lo[m], hi[m]), vdupq_n_s32(e.bias[m]));
+            rows.store4(m, px0, acc);
         }
     }
-    epilogue(&sums, n * LANES, e, &mut out[t.q0..], stride);
+}
+
+/// The epilogue straight from the accumulators (the bias already in them): scale, then
+/// [`Requant`] (the portable `epilogue`'s integers), into row `m` of the block's output
+/// at pixel `px`.
+/// The bounds of every store are checked: this runs once per accumulator, not per
+/// multiply-add.
+struct Rows<'a, 'o> {
+    e: &'a Epilogue<'a>,
+    rq: Requant,
+    out: &'o mut [u8],
+    q0: usize,
+    stride: usize,
+}
+
+impl<'a, 'o> Rows<'a, 'o> {
+    fn new(e: &'a Epilogue<'a>, out: &'o mut [u8], q0: usize, stride: usize) -> Self {
+        let rq = Requant::new(e.y0 as f32, e.lo as f32, e.hi as f32)
+            .expect("an 8-bit zero point and bounds (QConv is built with them)");
+        Rows {
+            e,
+            rq,
+            out,
+            q0,
+            stride,
+        }
+    }
+
+    /// `acc as f32 * scale` per lane, as the portable epilogue computes it.
+    #[inline(always)]
+    fn scaled(&self, m: usize, acc: int32x4_t) -> float32x4_t {
+        // SAFETY: NEON is part of aarch64.
+        unsafe { vmulq_f32(vcvtq_f32_s32(acc), vdupq_n_f32(self.e.scales[m])) }
+    }
+
+    #[inline(always)]
+    fn dst(&mut self, m: usize, px: usize, len: usize) -> &mut [u8] {
+        let at = self.q0 + m * self.stride + px;
+        &mut self.out[at..at + len]
+    }
+
+    /// Eight pixels (two vectors of sums).
+    #[inline(always)]
+    fn store8(&mut self, m: usize, px: usize, acc: [int32x4_t; 2]) {
+        let b = self
+            .rq
+            .bytes8(self.scaled(m, acc[0]), self.scaled(m, acc[1]));
+        // SAFETY: `dst` is 8 bytes long.
+        unsafe { vst1_u8(self.dst(m, px, 8).as_mut_ptr(), b) };
+    }
+
+    /// Four pixels.
+    #[inline(always)]
+    fn store4(&mut self, m: usize, px: usize, acc: int32x4_t) {
+        let v = self.scaled(m, acc);
+        let b = self.rq.bytes8(v, v);
+        // SAFETY: `dst` is 4 bytes long; the lane store needs no alignment. NEON is part
+        // of aarch64.
+        unsafe {
+            let p = self.dst(m, px, 4).as_mut_ptr() as *mut u32;
+            vst1_lane_u32::<0>(p, vreinterpret_u32_u8(b))
+        };
+    }
 }
