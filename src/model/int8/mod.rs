@@ -391,6 +391,7 @@ impl QuantizedAdd {
 /// adds on a Xeon: 5.2 ms with SSE2, 3.7 with AVX2, 2.6 with AVX-512 (measured with
 /// `--profile`). The same IEEE operations in the same order (no FMA), so the same bits
 /// on either path.
+///
 /// On aarch64 the whole sixteens go to the NEON loop ([`neon::add`]), the same IEEE
 /// operations written out (the compiler's loop took 13-19 cycles per 4 on a Pi 5).
 pub(crate) fn add_chunk<A, B, T>(a: &[A], b: &[B], o: &mut [T], c: &AddConsts)
