@@ -409,8 +409,8 @@ where
     };
     #[cfg(not(target_arch = "aarch64"))]
     let done = 0;
-    let (a, b) = (&a[done.min(a.len())..], &b[done.min(b.len())..]);
-    add_elements::<A, B, T, true>(a, b, &mut o[done..], c)
+    // `done` is at most the shortest slice's length (neon::add).
+    add_elements::<A, B, T, true>(&a[done..], &b[done..], &mut o[done..], c)
 }
 
 /// The 8-bit element types: u8, and i8 as its two's complement byte.

@@ -11,8 +11,9 @@
 //! reads input pixel `q + offset(tap)`; the few outputs that wrap around a row edge are
 //! computed and thrown away), and strided convs are split into stride x stride phase
 //! images, each of which is then read like a stride-1 image. The accumulators stay in
-//! registers over every tap and channel; only then do they go out (through a small
-//! buffer: see `vnni::block`) to be requantised.
+//! registers over every tap and channel; only then are they requantised (on x86 through
+//! a small buffer: see `vnni::block`; the aarch64 kernels straight from their registers,
+//! with `int8::neon::Requant`).
 //!
 //! Arithmetic: `acc = bias + sum (x - x0) * w`, exact in i32, then
 //! `clamp(round_half_even(acc as f32 * scale[c]) + y0, lo, hi)` with
