@@ -91,6 +91,14 @@ fn tract_matches_onnxruntime_on_every_loadable_form() {
                 expected_rewrites(form, path.int8.is_some()),
                 "{form} {path:?}: rewrites (qdq convs, contrib ops, own int8 convs, scalar zero points, fused requant, fused adds, of them into convs, float residual adds, integer max pools)"
             );
+            // Each block's first conv packs its output straight into the second's input
+            // (its only reader) on our kernels: three blocks, three handoffs.
+            let int8 = form.starts_with("int8");
+            assert_eq!(
+                r.conv_handoffs,
+                3 * (int8 && path.int8.is_some()) as usize,
+                "{form} {path:?}: convs packing for the next"
+            );
             // The float forms' convs on edgesight's f32 kernel, with the 3 residual adds
             // and the 7 ReLUs that follow a conv or an add fused into them; their stem
             // pool on edgesight's pool whatever the conv path.

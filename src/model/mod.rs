@@ -123,6 +123,9 @@ pub struct Int8Rewrites {
     /// Of those, the ones fused further into the conv producing one of their inputs
     /// ([`crate::model::int8::qconv::fuse_conv_adds`]).
     pub conv_adds: usize,
+    /// Convs that pack their output straight into the next conv's input
+    /// ([`crate::model::int8::qconv::fuse_handoffs`]).
+    pub conv_handoffs: usize,
     /// Max pools moved before their dequantisation, onto the integers
     /// ([`crate::model::int8::pool_quantized`]).
     pub int_pools: usize,
@@ -161,6 +164,7 @@ impl std::fmt::Display for Int8Rewrites {
             (self.fused_requant, "requantisations fused"),
             (self.fused_adds, "residual adds fused"),
             (self.conv_adds, "of them into their convs"),
+            (self.conv_handoffs, "convs packing for the next"),
             (self.int_pools, "max pools on integers"),
             (self.residual_adds, "float residual adds fused"),
             (self.channel_tables, "element-wise chains made tables"),
@@ -321,6 +325,7 @@ fn optimize_with(
     let mut typed = passes::into_optimized(typed, change_axes)?;
     let fused_requant = crate::model::int8::fuse_requant(&mut typed)?;
     let fast_quantize = crate::model::int8::fast_quantize(&mut typed, quantize_scales)?;
+    let conv_handoffs = crate::model::int8::qconv::fuse_handoffs(&mut typed)?;
     Ok((
         typed,
         Int8Rewrites {
@@ -330,6 +335,7 @@ fn optimize_with(
             fused_requant,
             fused_adds,
             conv_adds,
+            conv_handoffs,
             int_pools,
             residual_adds,
             channel_tables,

@@ -46,8 +46,9 @@ mod op;
 mod pack;
 mod replace;
 
+pub use op::Packing;
 pub use op::QConv;
-pub use replace::{fuse_conv_adds, replace_convs};
+pub use replace::{fuse_conv_adds, fuse_handoffs, replace_convs};
 
 /// Output channels per register block.
 pub(crate) const MR: usize = 8;
@@ -198,19 +199,19 @@ mod tests {
     /// A model holding one quantised conv as tract builds it from a QLinearConv.
     fn conv_model(c: &Case, rng: &mut Rng) -> TypedModel {
         let mut m = TypedModel::default();
-        let xdt = if c.signed_x {
-            DatumType::I8
-        } else {
-            DatumType::U8
-        };
-        let ydt = if c.signed_y {
-            DatumType::I8
-        } else {
-            DatumType::U8
-        };
-        let x = m
-            .add_source("x", xdt.fact([1, c.cin, c.hw.0, c.hw.1]))
-            .unwrap();
+        let x = m.add_source("x", dt(c.signed_x).fact([1, c.cin, c.hw.0, c.hw.1]));
+        let y = wire_conv(&mut m, x.unwrap(), c, rng, "conv");
+        m.select_output_outlets(&[y]).unwrap();
+        m
+    }
+
+    fn dt(signed: bool) -> DatumType {
+        if signed { DatumType::I8 } else { DatumType::U8 }
+    }
+
+    /// One quantised conv on `x`, as tract builds it from a QLinearConv.
+    fn wire_conv(m: &mut TypedModel, x: OutletId, c: &Case, rng: &mut Rng, name: &str) -> OutletId {
+        let ydt = dt(c.signed_y);
         let kernel: Vec<i8> = rng
             .bytes(c.cout * c.cin * c.k.0 * c.k.1)
             .into_iter()
@@ -228,7 +229,7 @@ mod tests {
             .collect();
         let x0 = if c.signed_x { -7 } else { 131 };
         let y0 = if c.signed_y { 5 } else { 120 };
-        let mut konst = |name: &str, t: Tensor| m.add_const(name, t).unwrap();
+        let mut konst = |k: &str, t: Tensor| m.add_const(format!("{name}.{k}"), t).unwrap();
         let inputs = [
             x,
             konst("k", k),
@@ -261,9 +262,7 @@ mod tests {
             group: 1,
             q_params: Some(ydt),
         };
-        let y = m.wire_node("conv", op, &inputs).unwrap();
-        m.select_output_outlets(&y).unwrap();
-        m
+        m.wire_node(name, op, &inputs).unwrap()[0]
     }
 
     fn cases() -> Vec<Case> {
@@ -452,6 +451,173 @@ mod tests {
         }
     }
 
+    /// Convs handing their output straight to the next conv's packing (`fuse_handoffs`)
+    /// give the bytes the same convs give through NCHW tensors: ResNet's 1x1 -> 3x3 ->
+    /// 1x1, a 3x3 of stride 2 after a 1x1 (phase images), channels not in fours (a padded
+    /// group), odd sizes and pads, signed and unsigned between the convs, a conv whose
+    /// output two ops read (no handoff) and the last conv carrying a fused add; on every
+    /// kernel and on two threads.
+    #[test]
+    fn convs_handing_off_packed_give_the_same_bytes() {
+        use crate::model::int8::{Quantize, QuantizedAdd};
+        let mut rng = Rng(0x5eed_0ff0_c0de_0001);
+        let c = |cin, cout, k, stride, pad, signed: (bool, bool)| Case {
+            cin,
+            cout,
+            hw: (0, 0), // from the conv before
+            k,
+            stride,
+            pad,
+            signed_x: signed.0,
+            signed_y: signed.1,
+            per_channel: true,
+        };
+        let (p0, p1) = ((0, 0, 0, 0), (1, 1, 1, 1));
+        // (image, convs, a second reader of conv 0's output, an add after the last)
+        let chains: [((usize, usize), Vec<Case>, bool, bool); 5] = [
+            (
+                (9, 9),
+                vec![
+                    c(16, 8, (1, 1), (1, 1), p0, (false, false)),
+                    c(8, 8, (3, 3), (1, 1), p1, (false, false)),
+                    c(8, 32, (1, 1), (1, 1), p0, (false, false)),
+                ],
+                false,
+                false,
+            ),
+            (
+                (11, 10),
+                vec![
+                    c(12, 6, (1, 1), (1, 1), p0, (true, true)),
+                    c(6, 16, (3, 3), (2, 2), p1, (true, false)),
+                ],
+                false,
+                true,
+            ),
+            (
+                (13, 7),
+                vec![
+                    c(5, 11, (3, 3), (1, 1), (0, 1, 2, 0), (false, true)),
+                    c(11, 9, (3, 2), (2, 1), (1, 0, 0, 1), (true, false)),
+                    c(9, 3, (5, 5), (3, 3), (2, 2, 2, 2), (false, false)),
+                ],
+                false,
+                false,
+            ),
+            (
+                (7, 7),
+                vec![
+                    c(64, 64, (3, 3), (1, 1), p1, (false, false)),
+                    c(64, 40, (1, 1), (1, 1), p0, (false, true)),
+                ],
+                false,
+                true,
+            ),
+            (
+                (8, 8),
+                vec![
+                    c(8, 8, (1, 1), (1, 1), p0, (false, false)),
+                    c(8, 8, (3, 3), (1, 1), p1, (false, false)),
+                ],
+                true,
+                false,
+            ),
+        ];
+        for (i, (hw, convs, second_reader, add_after)) in chains.into_iter().enumerate() {
+            let what = format!("chain {i}");
+            let mut m = TypedModel::default();
+            let x0 = m.add_source(
+                "x",
+                dt(convs[0].signed_x).fact([1, convs[0].cin, hw.0, hw.1]),
+            );
+            let mut y = x0.unwrap();
+            let mut first = None;
+            for (j, conv) in convs.iter().enumerate() {
+                y = wire_conv(&mut m, y, conv, &mut rng, &format!("conv{j}"));
+                first.get_or_insert(y);
+            }
+            let mut outputs = vec![y];
+            if second_reader {
+                outputs.push(first.unwrap());
+            }
+            let last = convs.last().unwrap();
+            let shape = m.outlet_fact(y).unwrap().shape.clone();
+            let mut inputs = tvec![];
+            if add_after {
+                let skip = m
+                    .add_source("skip", DatumType::U8.fact(shape.clone()))
+                    .unwrap();
+                let dims: Vec<usize> = shape.as_concrete().unwrap().to_vec();
+                inputs.push(rng.bytes(dims.iter().product()));
+                let add = QuantizedAdd {
+                    a_scale: 0.05,
+                    a_zero_point: if last.signed_y { 5 } else { 120 },
+                    b_scale: 0.0213,
+                    b_zero_point: 131,
+                    floor: Some(0.0),
+                    quantize: Quantize {
+                        inv_scale: 1.0 / 0.043,
+                        scale: Some(0.043),
+                        zero_point: 9,
+                        dt: DatumType::U8,
+                    },
+                    exact_reciprocal: false,
+                };
+                outputs[0] = m.wire_node("add", add, &[y, skip]).unwrap()[0];
+            }
+            m.select_output_outlets(&outputs).unwrap();
+            let image = rng.bytes(convs[0].cin * hw.0 * hw.1);
+            let x = Tensor::from_shape(&[1, convs[0].cin, hw.0, hw.1], &image)
+                .unwrap()
+                .cast_to_dt(dt(convs[0].signed_x))
+                .unwrap()
+                .into_owned();
+            let mut values: TVec<TValue> = tvec![x.into_tvalue()];
+            for b in &inputs {
+                values.push(
+                    Tensor::from_shape(shape.as_concrete().unwrap(), b)
+                        .unwrap()
+                        .into(),
+                );
+            }
+            // Every conv reads the one before alone, but for the one with a second
+            // reader; the last one's output is the model's.
+            let expected = convs.len() - 1 - second_reader as usize;
+            let fastest = *kernels().last().unwrap();
+            let runs = kernels().into_iter().map(|k| (k, 1)).chain([(fastest, 2)]);
+            for (which, threads) in runs {
+                let mut apart = m.clone();
+                assert_eq!(
+                    replace_convs(&mut apart, which).unwrap(),
+                    convs.len(),
+                    "{what}"
+                );
+                assert_eq!(
+                    fuse_conv_adds(&mut apart).unwrap(),
+                    add_after as usize,
+                    "{what}"
+                );
+                let mut handed = apart.clone();
+                assert_eq!(fuse_handoffs(&mut handed).unwrap(), expected, "{what}");
+                let run = |m: TypedModel| {
+                    let plan = m.into_runnable().unwrap();
+                    let go = || plan.run(values.clone()).unwrap();
+                    if threads > 1 {
+                        use tract_core::internal::tract_linalg::multithread::*;
+                        multithread_tract_scope(Executor::multithread(threads), go)
+                    } else {
+                        go()
+                    }
+                };
+                let (want, got) = (run(apart), run(handed));
+                assert_eq!(got.len(), want.len(), "{what}");
+                for (g, w) in got.iter().zip(&want) {
+                    assert_eq!(**g, **w, "{what} {which:?} {threads} threads");
+                }
+            }
+        }
+    }
+
     /// A residual add fused into the conv that produces one of its operands
     /// (`fuse_conv_adds`) gives the bytes the conv and the add op give one after the
     /// other: 1x1 (whole planes) and 3x3 and strided convs (row by row), the conv as
@@ -576,6 +742,8 @@ mod tests {
             out_dt: DatumType::U8,
             which: Kernel::Portable,
             residual: None,
+            handoff: None,
+            prepacked: None,
         }
     }
 

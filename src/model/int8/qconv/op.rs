@@ -49,6 +49,133 @@ pub struct QConv {
     /// A residual add fused in ([`super::fuse_conv_adds`]): the conv's output is its
     /// `a`, the op's second input its `b`, and the op outputs the sum's type.
     pub residual: Option<Box<QuantizedAdd>>,
+    /// The output goes straight into the packed input of the one conv that reads it
+    /// ([`super::fuse_handoffs`]): a u8 tensor `[N, that conv's packed length]` in that
+    /// conv's layout, instead of NCHW planes that conv would pack again.
+    pub handoff: Option<Packing>,
+    /// The input arrives packed by the conv before (its `handoff`), for an image of this
+    /// height and width: this conv packs nothing.
+    pub prepacked: Option<(usize, usize)>,
+}
+
+/// How a conv lays its input out for its kernel: what packing needs of it. The conv's
+/// own, or the next conv's in a handoff.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packing {
+    pub cin: usize,
+    pub kernel: (usize, usize),
+    pub stride: (usize, usize),
+    /// (top, left, bottom, right).
+    pub pad: (usize, usize, usize, usize),
+    /// As [`QConv::flip`] and [`QConv::x0`].
+    pub flip: u8,
+    pub x0: u8,
+}
+
+/// The planes packing reads: an NCHW image's (`h` x `w`, one after the other), or a
+/// conv's virtual output rows (`row` pixels apart, `chan` apart per channel, the last
+/// columns of each row thrown away).
+#[derive(Clone, Copy)]
+struct Planes<'a> {
+    data: &'a [u8],
+    channels: usize,
+    h: usize,
+    w: usize,
+    chan: usize,
+    row: usize,
+}
+
+impl<'a> Planes<'a> {
+    fn nchw(data: &'a [u8], channels: usize, h: usize, w: usize) -> Self {
+        let (chan, row) = (h * w, w);
+        Planes {
+            data,
+            channels,
+            h,
+            w,
+            chan,
+            row,
+        }
+    }
+
+    /// Row `y` of channel `c` and the rest of that channel's pixels (vector loads read
+    /// ahead into them: `pack::interleave`); empty beyond the channels.
+    fn from_row(&self, c: usize, y: usize) -> &'a [u8] {
+        if c >= self.channels {
+            return &[];
+        }
+        let end = c * self.chan + (self.h - 1) * self.row + self.w;
+        &self.data[c * self.chan + y * self.row..end]
+    }
+}
+
+impl Packing {
+    fn groups(&self) -> usize {
+        self.cin.div_ceil(4)
+    }
+
+    fn shape(&self) -> Conv2d {
+        Conv2d {
+            cin: self.cin,
+            cout: 1, // the output's size plays no part in packing
+            kernel: self.kernel,
+            stride: self.stride,
+            pad: self.pad,
+        }
+    }
+
+    /// The packed input's geometry for an `h` x `w` image (its `packed_len`, `plane`,
+    /// `rows` and `wq`: [`Conv2d::geometry`]).
+    pub(crate) fn geo(&self, h: usize, w: usize) -> TractResult<Geo> {
+        self.shape().geometry(self.groups(), Some(0), h, w)
+    }
+
+    /// Lay one image out as C4 phase images, padding with x0. Each (phase, group of 4
+    /// channels) is its own region of `out`, so the regions are filled in parallel over
+    /// the model's pool. A phase no tap reads is left as it is, unless `fill_unread`
+    /// (`out` is a fresh tensor, not scratch space).
+    fn pack(&self, x: Planes, g: &Geo, out: &mut [u8], fill_unread: bool) {
+        let (sh, sw) = self.stride;
+        let (pt, pl, _, _) = self.pad;
+        let (h, w) = (x.h, x.w);
+        let groups = self.groups();
+        // Long enough for the vector loads' read-ahead (pack::interleave).
+        let pad_row = vec![self.x0 ^ self.flip; 2 * w + 32];
+        let (kh, kw) = self.kernel;
+        par_chunks(&mut out[..g.packed_len], g.plane * 4, |(k, region)| {
+            let (phase, cb) = (k / groups, k % groups);
+            let (py, px) = (phase / sw, phase % sw);
+            // No tap reads this phase (a 1x1 conv of stride 2 reads one of four): its
+            // bytes are never read.
+            if py >= kh || px >= kw {
+                if fill_unread {
+                    region.fill(self.x0);
+                }
+                return;
+            }
+            region.fill(self.x0);
+            // Columns x with (x + pl) % sw == px land in phase (py, px).
+            let first = (px + sw - pl % sw) % sw;
+            if first >= w {
+                return;
+            }
+            let (c0, n) = ((first + pl) / sw, (w - first).div_ceil(sw));
+            // Phase row r holds input row r * sh + py - pt, where that is one. (Filtering
+            // every input row by `(y + pt) % sh` was a division per row: 0.4 ms of a Pi
+            // 5's ResNet-50, tools/arm_model.py.)
+            for r in 0..g.rows {
+                let Some(y) = (r * sh + py).checked_sub(pt).filter(|y| *y < h) else {
+                    continue;
+                };
+                let src: [&[u8]; 4] = four(|j| {
+                    let row = x.from_row(cb * 4 + j, y);
+                    if row.is_empty() { &pad_row[..] } else { row }
+                });
+                let base = (r * g.wq + c0) * 4;
+                interleave(&src, first, sw, self.flip, &mut region[base..base + n * 4]);
+            }
+        });
+    }
 }
 
 impl Eq for QConv {}
@@ -82,58 +209,16 @@ impl QConv {
         }
     }
 
-    /// Lay one image (`cin` planes of h x w) out as C4 phase images, padding with x0.
-    /// Each (phase, group of 4 channels) is its own region of `out`, so the regions are
-    /// filled in parallel over the model's pool.
-    fn pack(&self, x: &[u8], h: usize, w: usize, g: &Geo, out: &mut [u8]) {
-        let (sh, sw) = self.stride;
-        let (pt, pl, _, _) = self.pad;
-        let groups = self.groups();
-        // Long enough for the vector loads' read-ahead (pack::interleave).
-        let pad_row = vec![self.x0 ^ self.flip; 2 * w + 32];
-        let (kh, kw) = self.kernel;
-        par_chunks(&mut out[..g.packed_len], g.plane * 4, |(k, region)| {
-            let (phase, cb) = (k / groups, k % groups);
-            let (py, px) = (phase / sw, phase % sw);
-            // No tap reads this phase (a 1x1 conv of stride 2 reads one of four): its
-            // bytes stay as they are, never read.
-            if py >= kh || px >= kw {
-                return;
-            }
-            region.fill(self.x0);
-            // Columns x with (x + pl) % sw == px land in phase (py, px).
-            let first = (px + sw - pl % sw) % sw;
-            if first >= w {
-                return;
-            }
-            let (c0, n) = ((first + pl) / sw, (w - first).div_ceil(sw));
-            let chan = |j: usize| -> &[u8] {
-                let c = cb * 4 + j;
-                if c < self.cin {
-                    &x[c * h * w..(c + 1) * h * w]
-                } else {
-                    &[]
-                }
-            };
-            let planes = [chan(0), chan(1), chan(2), chan(3)];
-            // Phase row r holds input row r * sh + py - pt, where that is one. (Filtering
-            // every input row by `(y + pt) % sh` was a division per row: 0.4 ms of a Pi
-            // 5's ResNet-50, tools/arm_model.py.)
-            for r in 0..g.rows {
-                let Some(y) = (r * sh + py).checked_sub(pt).filter(|y| *y < h) else {
-                    continue;
-                };
-                let src: [&[u8]; 4] = four(|j| {
-                    if planes[j].is_empty() {
-                        &pad_row[..]
-                    } else {
-                        &planes[j][y * w..]
-                    }
-                });
-                let base = (r * g.wq + c0) * 4;
-                interleave(&src, first, sw, self.flip, &mut region[base..base + n * 4]);
-            }
-        });
+    /// How this conv packs its input.
+    pub(crate) fn packing(&self) -> Packing {
+        Packing {
+            cin: self.cin,
+            kernel: self.kernel,
+            stride: self.stride,
+            pad: self.pad,
+            flip: self.flip,
+            x0: self.x0,
+        }
     }
 
     /// The data type the op outputs: the conv's, or its fused add's.
@@ -143,17 +228,44 @@ impl QConv {
             .map_or(self.out_dt, |r| r.quantize.dt)
     }
 
-    /// One image: `x` in, `out` (`cout` planes) out; `skip` is the fused add's other
-    /// operand for this image (`cout` planes of `skip_dt`), when there is one.
+    /// One image: `x` in (`cin` planes, or this conv's packed input if `prepacked`),
+    /// `io.out` out: `cout` planes, or the next conv's packed input (`io.next`). `skip`
+    /// is the fused add's other operand for this image (`cout` planes of `skip_dt`), when
+    /// there is one.
     fn run_image(&self, x: &[u8], (h, w): (usize, usize), g: &Geo, io: Io) -> TractResult<()> {
         SCRATCH.with(|s| -> TractResult<()> {
             let mut s = s.borrow_mut();
-            let (packed, vout) = s.split(g.packed_len, g.vout_len);
-            self.pack(x, h, w, g, packed);
+            let packed_len = if self.prepacked.is_some() {
+                0
+            } else {
+                g.packed_len
+            };
+            let (buf, vout) = s.split(packed_len, g.vout_len);
+            let packed: &[u8] = if self.prepacked.is_some() {
+                x
+            } else {
+                let planes = Planes::nchw(x, self.cin, h, w);
+                self.packing().pack(planes, g, buf, false);
+                buf
+            };
             self.compute(packed, &g.offsets, g, vout);
-            match (io.skip, &self.residual) {
-                (Some((skip, skip_dt)), Some(add)) => {
+            match (io.skip, &self.residual, io.next) {
+                (Some((skip, skip_dt)), Some(add), _) => {
                     self.add_out(add, vout, g, skip, skip_dt, io.out)
+                }
+                (_, _, Some((next, gn))) => {
+                    // The kernel's rows are the next conv's planes: packed straight from
+                    // them, with no NCHW tensor between the two convs.
+                    let rows = Planes {
+                        data: vout,
+                        channels: self.cout,
+                        h: g.hout,
+                        w: g.wout,
+                        chan: g.q,
+                        row: g.wq,
+                    };
+                    next.pack(rows, gn, io.out, true);
+                    Ok(())
                 }
                 _ => {
                     self.keep_valid(g, vout, io.out, |src, dst, _| dst.copy_from_slice(src));
@@ -346,6 +458,8 @@ impl QConv {
 struct Io<'a> {
     out: &'a mut [u8],
     skip: Option<(&'a [u8], DatumType)>,
+    /// The next conv's packing and geometry, in a handoff.
+    next: Option<(&'a Packing, &'a Geo)>,
 }
 
 /// A byte slice as the 8-bit type it holds (u8, or i8's two's complement).
@@ -370,22 +484,37 @@ impl Op for QConv {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!(
-            "{}->{} {}x{} stride {}x{} pad {:?}, {:?} kernel -> {:?}{}",
-            self.cin,
-            self.cout,
-            self.kernel.0,
-            self.kernel.1,
-            self.stride.0,
-            self.stride.1,
-            self.pad,
-            self.which,
-            self.out_dt,
-            self.residual
-                .as_ref()
-                .map(|r| format!(", + residual -> {}", r.quantize.describe()))
-                .unwrap_or_default()
-        )])
+        Ok(vec![
+            format!(
+                "{}->{} {}x{} stride {}x{} pad {:?}, {:?} kernel -> {:?}{}",
+                self.cin,
+                self.cout,
+                self.kernel.0,
+                self.kernel.1,
+                self.stride.0,
+                self.stride.1,
+                self.pad,
+                self.which,
+                self.out_dt,
+                self.residual
+                    .as_ref()
+                    .map(|r| format!(", + residual -> {}", r.quantize.describe()))
+                    .unwrap_or_default()
+            ),
+            format!(
+                "input {}, output {}",
+                if self.prepacked.is_some() {
+                    "packed by the conv before"
+                } else {
+                    "NCHW"
+                },
+                if self.handoff.is_some() {
+                    "packed for the next conv"
+                } else {
+                    "NCHW"
+                }
+            ),
+        ])
     }
 
     tract_core::op_as_typed_op!();
@@ -396,20 +525,24 @@ impl EvalOp for QConv {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = &inputs[0];
-        let shape = input.shape();
-        ensure!(
-            shape.len() == 4 && shape[1] == self.cin,
-            "int8 conv: input shape {shape:?}, expected [N, {}, H, W]",
-            self.cin
-        );
-        let (n, h, w) = (shape[0], shape[2], shape[3]);
+        let (n, (h, w)) = self.input_image(input.shape())?;
         let g = self.geo(h, w)?;
-        let oshape = [n, self.cout, g.hout, g.wout];
+        let isz = match self.prepacked {
+            Some(_) => g.packed_len,
+            None => self.cin * h * w,
+        };
+        ensure!(
+            input.len() == n * isz,
+            "int8 conv: {} input bytes, expected {}",
+            input.len(),
+            n * isz
+        );
+        let plane_shape = [n, self.cout, g.hout, g.wout];
         let skip = match (&self.residual, inputs.get(1)) {
             (Some(_), Some(s)) => {
                 ensure!(
-                    s.shape() == oshape,
-                    "int8 conv: residual shape {:?}, expected {oshape:?}",
+                    s.shape() == plane_shape,
+                    "int8 conv: residual shape {:?}, expected {plane_shape:?}",
                     s.shape()
                 );
                 Some((s.try_as_plain_ram()?, s.datum_type()))
@@ -417,21 +550,35 @@ impl EvalOp for QConv {
             (None, None) => None,
             _ => bail!("int8 conv: {} inputs", inputs.len()),
         };
-        // SAFETY: u8/i8 plain data; run_image writes every output pixel of every channel
-        // (the virtual rows are copied out in full) before the tensor is returned.
-        let mut out = unsafe { Tensor::uninitialized_dt(self.result_dt(), &oshape)? };
+        let next = match &self.handoff {
+            Some(p) => Some((p, p.geo(g.hout, g.wout)?)),
+            None => None,
+        };
+        let (out_dt, osz) = match &next {
+            Some((_, gn)) => (DatumType::U8, gn.packed_len),
+            None => (self.result_dt(), self.cout * g.hout * g.wout),
+        };
+        let oshape: TVec<usize> = match &next {
+            Some(_) => tvec![n, osz],
+            None => plane_shape.into(),
+        };
+        // SAFETY: u8/i8 plain data; run_image writes every output byte before the tensor is
+        // returned: every pixel of every channel (the virtual rows are copied out in
+        // full), or every byte of the next conv's packed input (`fill_unread`).
+        let mut out = unsafe { Tensor::uninitialized_dt(out_dt, &oshape)? };
         {
             let x = input.try_as_plain_ram()?;
             let x = x.as_bytes();
             let mut o = out.try_as_plain_ram_mut()?;
             let o = o.as_bytes_mut();
-            let (isz, osz) = (self.cin * h * w, self.cout * g.hout * g.wout);
+            let psz = self.cout * g.hout * g.wout;
             for i in 0..n {
                 let io = Io {
                     out: &mut o[i * osz..(i + 1) * osz],
                     skip: skip
                         .as_ref()
-                        .map(|(s, dt)| (&s.as_bytes()[i * osz..(i + 1) * osz], *dt)),
+                        .map(|(s, dt)| (&s.as_bytes()[i * psz..(i + 1) * psz], *dt)),
+                    next: next.as_ref().map(|(p, gn)| (*p, gn)),
                 };
                 self.run_image(&x[i * isz..(i + 1) * isz], (h, w), &g, io)?;
             }
@@ -440,9 +587,50 @@ impl EvalOp for QConv {
     }
 }
 
+impl QConv {
+    /// Images and their height and width from the input's shape: `[N, cin, H, W]`, or
+    /// `[N, packed length]` with the size the handoff was made for.
+    fn input_image<D: DimLike>(&self, shape: &[D]) -> TractResult<(D, (usize, usize))> {
+        match self.prepacked {
+            Some(hw) => {
+                ensure!(
+                    shape.len() == 2,
+                    "int8 conv: packed input shape {shape:?}, expected [N, bytes]"
+                );
+                Ok((shape[0].clone(), hw))
+            }
+            None => {
+                ensure!(
+                    shape.len() == 4 && shape[1].to_usize().ok() == Some(self.cin),
+                    "int8 conv: input shape {shape:?}, expected [N, {}, H, W]",
+                    self.cin
+                );
+                Ok((
+                    shape[0].clone(),
+                    (shape[2].to_usize()?, shape[3].to_usize()?),
+                ))
+            }
+        }
+    }
+}
+
 impl TypedOp for QConv {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let s = &inputs[0].shape;
+        if self.prepacked.is_some() || self.handoff.is_some() {
+            // A handoff's sizes are concrete: fuse_handoffs makes one only then.
+            let (n, (h, w)) = self.input_image(s)?;
+            let g = self.geo(h, w)?;
+            return Ok(tvec!(match &self.handoff {
+                Some(p) => DatumType::U8.fact(tvec![n, p.geo(g.hout, g.wout)?.packed_len.to_dim()]),
+                None => self.result_dt().fact(tvec![
+                    n,
+                    self.cout.to_dim(),
+                    g.hout.to_dim(),
+                    g.wout.to_dim()
+                ]),
+            }));
+        }
         ensure!(s.rank() == 4, "int8 conv: input rank {}", s.rank());
         let dim = |d: &TDim, k: usize, s: usize, p: usize| -> TDim { (d.clone() + p - k) / s + 1 };
         let (pt, pl, pb, pr) = self.pad;

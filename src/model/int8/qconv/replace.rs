@@ -243,6 +243,8 @@ pub(crate) fn qconv_for(
         out_dt: shape.out_dt,
         which,
         residual: None,
+        handoff: None,
+        prepacked: None,
     };
     // Every size and read of the kernels, for the input this model has, checked now: a
     // crafted geometry fails the load naming its node, it never reaches `unsafe`.
@@ -311,4 +313,56 @@ pub fn fuse_conv_adds(model: &mut TypedModel) -> TractResult<usize> {
         model.compact()?;
     }
     Ok(fused)
+}
+
+/// Hand each [`QConv`]'s output straight to the next conv's packing where that conv is
+/// its only reader (ResNet's first and second conv of every block): the conv packs its
+/// kernel's rows into the next conv's layout (`QConv::handoff`), and the next conv packs
+/// nothing (`QConv::prepacked`). The NCHW tensor between them, the copy into it and the
+/// next conv's pass over it go; the bytes the next conv's kernel reads are the same.
+/// Only where the sizes are known (a model's fixed input); the conv must not carry a
+/// fused add (its output then is the block's, read by more than one op). Run last:
+/// the tensor between the two convs is no longer an image any other op could read.
+/// Returns how many handoffs were made.
+pub fn fuse_handoffs(model: &mut TypedModel) -> TractResult<usize> {
+    let mut made = 0;
+    for id in 0..model.nodes().len() {
+        let node = model.node(id);
+        let Some(conv) = node.op_as::<QConv>() else {
+            continue;
+        };
+        let succ = &node.outputs[0].successors;
+        let is_output = model.outputs.iter().any(|o| o.node == id);
+        if conv.residual.is_some() || conv.handoff.is_some() || is_output || succ.len() != 1 {
+            continue;
+        }
+        let (next_id, slot) = (succ[0].node, succ[0].slot);
+        let Some(next) = model.node(next_id).op_as::<QConv>() else {
+            continue;
+        };
+        let fact = model.outlet_fact(OutletId::new(id, 0))?;
+        let (Some(shape), 0, None) = (fact.shape.as_concrete(), slot, next.prepacked) else {
+            continue;
+        };
+        let (h, w) = (shape[2], shape[3]);
+        let packing = next.packing();
+        let packed_len = packing
+            .geo(h, w)
+            .with_context(|| format!("node {:?}: packing for the next conv", node.name))?
+            .packed_len;
+        let fact = DatumType::U8.fact([shape[0], packed_len]);
+        let conv = QConv {
+            handoff: Some(packing),
+            ..conv.clone()
+        };
+        let next = QConv {
+            prepacked: Some((h, w)),
+            ..next.clone()
+        };
+        model.node_mut(id).op = Box::new(conv);
+        model.set_outlet_fact(OutletId::new(id, 0), fact)?;
+        model.node_mut(next_id).op = Box::new(next);
+        made += 1;
+    }
+    Ok(made)
 }
