@@ -5,11 +5,13 @@
 #
 #   cross/build.sh setup aarch64|armv7        install the toolchain for a target
 #   cross/build.sh build aarch64|armv7        release binary + .deb (target/cross/...)
-#   cross/build.sh test  aarch64|armv7 [CPU [all]]
+#   cross/build.sh test  aarch64|armv7 [CPU [all|kernels]]
 #                                             lib, model-parity and end-to-end tests under
 #                                             qemu-user (QEMU_CPU=CPU, e.g. cortex-a72); with
 #                                             `all` also the daemon, outbox, CLI, config
-#                                             and capture-supervisor tests
+#                                             and capture-supervisor tests; with `kernels`
+#                                             only the lib and model tests (another core's
+#                                             int8 kernels, the rest run on one core already)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cmd=${1:?setup|build|test}
@@ -99,19 +101,22 @@ case "$cmd" in
         if [ -n "${3:-}" ]; then export QEMU_CPU="$3"; fi
         binfmt
         echo "== tests for $triple under $qemu${QEMU_CPU:+ (QEMU_CPU=$QEMU_CPU)}"
-        # Dependencies at opt-level 1 without debuginfo: a cold build takes 11 min instead
-        # of 20+ here, and the fixture model stays quick enough under emulation.
+        # Without debuginfo (dependencies are at opt-level 1 in every dev build: Cargo.toml).
         # `all` adds the tests that run the daemon's binary and its outbox, supervisor and
         # CLI (one core is enough for them: they do not depend on the int8 kernels). The
         # wedge tests hold a thread with ptrace, which qemu-user does not emulate.
         tests=(--lib --test model --test hostile_models --test e2e --test prepare)
         skip=()
-        if [ "${4:-}" = all ]; then
-            tests+=(--test outbox --test daemon --test cli --test config_errors --test capture)
-            skip=(--skip wedged --skip stale)
-        fi
+        case "${4:-}" in
+            all)
+                tests+=(--test outbox --test daemon --test cli --test config_errors --test capture)
+                skip=(--skip wedged --skip stale) ;;
+            kernels) tests=(--lib --test model --test hostile_models) ;;
+            '') ;;
+            *) echo "unknown test set $4 (all or kernels)" >&2; exit 2 ;;
+        esac
         $CARGO test --locked --target "$triple" "${build_std[@]}" \
-            --config 'profile.dev.package."*".opt-level=1' --config 'profile.dev.debug=0' \
+            --config 'profile.dev.debug=0' \
             "${tests[@]}" -- --nocapture "${skip[@]}"
         ;;
     *) echo "unknown command $cmd" >&2; exit 2 ;;

@@ -37,9 +37,15 @@
 //! conv: the pass that moves the kernel's rows into the output tensor adds the other
 //! operand on the way (`fuse_conv_adds`), the add op's arithmetic per element.
 //!
+//! A conv whose only reader is the next conv (ResNet's first and second conv of every
+//! block) packs its kernel's rows straight into that conv's C4 phase layout
+//! (`fuse_handoffs`): the tensor between them is the next conv's packed input, not NCHW
+//! planes, and the next conv packs nothing.
+//!
 //! Files: `op` (the tract op: geometry, packing, dispatch over channel blocks, the fused
-//! add), `pack` (C4 interleaving), `kernels` (the portable reference beside one file per
-//! ISA), `replace` (which tract convs become ours, and which adds go into them).
+//! add, the handoff), `pack` (C4 interleaving), `kernels` (the portable reference beside
+//! one file per ISA), `replace` (which tract convs become ours, which adds go into them,
+//! which convs hand off packed).
 
 mod kernels;
 mod op;
