@@ -480,7 +480,8 @@ mod tests {
         };
         let (p0, p1) = ((0, 0, 0, 0), (1, 1, 1, 1));
         // (image, convs, a second reader of conv 0's output, an add after the last)
-        let chains: [((usize, usize), Vec<Case>, bool, bool); 5] = [
+        type Chain = ((usize, usize), Vec<Case>, bool, bool);
+        let chains: [Chain; 5] = [
             (
                 (9, 9),
                 vec![

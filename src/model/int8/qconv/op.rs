@@ -100,7 +100,7 @@ impl<'a> Planes<'a> {
 
     /// Row `y` of channel `c` and the rest of that channel's pixels (vector loads read
     /// ahead into them: `pack::interleave`); empty beyond the channels.
-    fn from_row(&self, c: usize, y: usize) -> &'a [u8] {
+    fn row_onwards(&self, c: usize, y: usize) -> &'a [u8] {
         if c >= self.channels {
             return &[];
         }
@@ -168,7 +168,7 @@ impl Packing {
                     continue;
                 };
                 let src: [&[u8]; 4] = four(|j| {
-                    let row = x.from_row(cb * 4 + j, y);
+                    let row = x.row_onwards(cb * 4 + j, y);
                     if row.is_empty() { &pad_row[..] } else { row }
                 });
                 let base = (r * g.wq + c0) * 4;
