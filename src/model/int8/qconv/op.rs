@@ -186,7 +186,7 @@ impl QConv {
     }
 
     fn groups(&self) -> usize {
-        self.cin.div_ceil(4)
+        self.packing().groups()
     }
 
     fn blocks(&self) -> usize {
@@ -201,11 +201,8 @@ impl QConv {
 
     fn shape(&self) -> Conv2d {
         Conv2d {
-            cin: self.cin,
             cout: self.cout,
-            kernel: self.kernel,
-            stride: self.stride,
-            pad: self.pad,
+            ..self.packing().shape()
         }
     }
 
@@ -235,18 +232,14 @@ impl QConv {
     fn run_image(&self, x: &[u8], (h, w): (usize, usize), g: &Geo, io: Io) -> TractResult<()> {
         SCRATCH.with(|s| -> TractResult<()> {
             let mut s = s.borrow_mut();
-            let packed_len = if self.prepacked.is_some() {
-                0
-            } else {
-                g.packed_len
-            };
-            let (buf, vout) = s.split(packed_len, g.vout_len);
-            let packed: &[u8] = if self.prepacked.is_some() {
-                x
-            } else {
-                let planes = Planes::nchw(x, self.cin, h, w);
-                self.packing().pack(planes, g, buf, false);
-                buf
+            let (packed, vout): (&[u8], _) = match self.prepacked {
+                Some(_) => (x, s.split(0, g.vout_len).1),
+                None => {
+                    let (buf, vout) = s.split(g.packed_len, g.vout_len);
+                    self.packing()
+                        .pack(Planes::nchw(x, self.cin, h, w), g, buf, false);
+                    (buf, vout)
+                }
             };
             self.compute(packed, &g.offsets, g, vout);
             match (io.skip, &self.residual, io.next) {
