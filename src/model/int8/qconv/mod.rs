@@ -66,7 +66,12 @@ pub(crate) use crate::model::conv_geo::{LANES, PX};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
     Portable,
-    /// AVX2 without VNNI: u8 activations widened to i16, `vpmaddwd` by i16 weights.
+    /// AVX2 without VNNI, u8 activations widened to i16, `vpmaddwd` by i16 weights: for
+    /// convs whose weights `Avx2` would split too often.
+    #[cfg(target_arch = "x86_64")]
+    Avx2Wide,
+    /// AVX2 without VNNI: `vpmaddubsw` (u8 x i8 in pairs), with the pairs that would
+    /// saturate split.
     #[cfg(target_arch = "x86_64")]
     Avx2,
     /// `vpdpbusd`: u8 activations x i8 weights.
@@ -95,7 +100,7 @@ impl Kernel {
         let mut k = vec![Kernel::Portable];
         #[cfg(target_arch = "x86_64")]
         if x86_has(Isa::X86_64Avx2) {
-            k.push(Kernel::Avx2);
+            k.extend([Kernel::Avx2Wide, Kernel::Avx2]);
         }
         #[cfg(target_arch = "x86_64")]
         if x86_has(Isa::X86_64Avx512f)
@@ -149,11 +154,11 @@ impl Kernel {
         PX
     }
 
-    /// Bytes per weight in the kernel's order: AVX2 multiplies i16s, and stores its
+    /// Bytes per weight in the kernel's order: `Avx2Wide` multiplies i16s, and stores its
     /// weights widened so that each channel's four are one load.
     pub(crate) fn weight_bytes(self) -> usize {
         #[cfg(target_arch = "x86_64")]
-        if self == Kernel::Avx2 {
+        if self == Kernel::Avx2Wide {
             return 2;
         }
         1
@@ -200,6 +205,10 @@ mod tests {
         signed_x: bool,
         signed_y: bool,
         per_channel: bool,
+        /// Weights as trained ones are (most small, one in 16 over 64 in magnitude), not
+        /// uniform: the AVX2 kernel's blocks then mix fours it takes whole and fours it
+        /// splits ([`kernels::Excess`]), and some take none.
+        narrow: bool,
     }
 
     /// A model holding one quantised conv as tract builds it from a QLinearConv.
@@ -221,7 +230,10 @@ mod tests {
         let kernel: Vec<i8> = rng
             .bytes(c.cout * c.cin * c.k.0 * c.k.1)
             .into_iter()
-            .map(|b| b as i8)
+            .map(|b| match c.narrow && b % 16 != 0 {
+                true => (b % 81) as i8 - 40,
+                false => b as i8,
+            })
             .collect();
         let k = tract_ndarray::Array4::from_shape_vec((c.cout, c.cin, c.k.0, c.k.1), kernel)
             .unwrap()
@@ -282,6 +294,7 @@ mod tests {
             signed_x: false,
             signed_y: false,
             per_channel: true,
+            narrow: false,
         };
         vec![
             // ResNet's shapes, small: 3x3 stride 1 and 2, 1x1 stride 1 and 2, the 7x7 stem.
@@ -320,6 +333,14 @@ mod tests {
             Case {
                 per_channel: false,
                 ..c(16, 16, (9, 9), (3, 3), (1, 1), (1, 1, 1, 1))
+            },
+            Case {
+                narrow: true,
+                ..c(64, 24, (9, 9), (3, 3), (1, 1), (1, 1, 1, 1))
+            },
+            Case {
+                narrow: true,
+                ..c(6, 16, (12, 11), (1, 1), (2, 2), (0, 0, 0, 0))
             },
         ]
     }
@@ -382,6 +403,7 @@ mod tests {
                 signed_x: f.0,
                 signed_y: f.1,
                 per_channel: f.2,
+                narrow: f.3 & 2 != 0,
             };
             check_against_tract("random geometry", &c, &mut Rng(f.3 | 1));
             Ok(())
@@ -457,6 +479,37 @@ mod tests {
         }
     }
 
+    /// The AVX2 kernel keeps trained-looking weights on `vpmaddubsw`, some of their fours
+    /// split (so `matches_tracts_conv_bit_for_bit`'s narrow cases run its excesses), and
+    /// sends uniform ones (half their pairs past 128) to the widened kernel; both give the
+    /// portable kernel's bytes there.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_splits_trained_weights_and_widens_uniform_ones() {
+        if !kernels().contains(&Kernel::Avx2) {
+            println!("no AVX2 here: nothing to check");
+            return;
+        }
+        let mut rng = Rng(0x5eed_a7c2_0000_0001);
+        let narrow = cases().into_iter().filter(|c| c.narrow).collect::<Vec<_>>();
+        assert!(!narrow.is_empty());
+        for (c, want) in narrow.iter().map(|c| (c, Kernel::Avx2)).chain([
+            (&cases()[0], Kernel::Avx2Wide),
+            (&cases()[10], Kernel::Avx2Wide),
+        ]) {
+            let mut m = conv_model(c, &mut rng);
+            assert_eq!(replace_convs(&mut m, Kernel::Avx2).unwrap(), 1);
+            let op = m.nodes().iter().find_map(|n| n.op_as::<QConv>()).unwrap();
+            assert_eq!(op.which, want, "{}->{} {:?}", c.cin, c.cout, c.k);
+            let fours = c.cout * c.k.0 * c.k.1 * c.cin.div_ceil(4);
+            if want == Kernel::Avx2 {
+                assert!(op.excess.len() > 0, "{}->{}: nothing split", c.cin, c.cout);
+                assert!(op.excess.len() as f64 <= kernels::avx2::WIDE_SHARE * fours as f64);
+            }
+            check_against_tract("avx2's choice", c, &mut rng);
+        }
+    }
+
     /// Convs handing their output straight to the next conv's packing (`fuse_handoffs`)
     /// give the bytes the same convs give through NCHW tensors: ResNet's 1x1 -> 3x3 ->
     /// 1x1, a 3x3 of stride 2 after a 1x1 (phase images), channels not in fours (a padded
@@ -477,6 +530,7 @@ mod tests {
             signed_x: signed.0,
             signed_y: signed.1,
             per_channel: true,
+            narrow: false,
         };
         let (p0, p1) = ((0, 0, 0, 0), (1, 1, 1, 1));
         // (image, convs, a second reader of conv 0's output, an add after the last)
@@ -741,6 +795,7 @@ mod tests {
             flip: 0,
             x0: 0,
             weights: std::sync::Arc::new(vec![]),
+            excess: Default::default(),
             bias: std::sync::Arc::new(vec![0; MR]),
             scales: std::sync::Arc::new(vec![0.0; MR]),
             y0: 0,

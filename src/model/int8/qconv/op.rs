@@ -11,7 +11,7 @@ use crate::model::conv_geo::{Conv2d, Geo, Scratch};
 use crate::model::int8::qconv::kernels::armv7;
 #[cfg(target_arch = "aarch64")]
 use crate::model::int8::qconv::kernels::neon;
-use crate::model::int8::qconv::kernels::{Epilogue, Tile, portable};
+use crate::model::int8::qconv::kernels::{Epilogue, Excesses, Tile, portable};
 #[cfg(target_arch = "x86_64")]
 use crate::model::int8::qconv::kernels::{amx, avx2, x86 as vnni};
 use crate::model::int8::qconv::pack::{four, interleave};
@@ -36,6 +36,9 @@ pub struct QConv {
     pub x0: u8,
     /// Weights in [co block][tap][c4 group][MR][4] order, zero beyond `cout` and `cin`.
     pub weights: Arc<Vec<i8>>,
+    /// What the AVX2 kernel adds to `weights` per block, where a pair of weights would
+    /// saturate its `vpmaddubsw` (empty for every other kernel).
+    pub excess: Arc<Excesses>,
     /// `bias - x0 * sum(w)` per output channel (padded to a multiple of MR).
     pub bias: Arc<Vec<i32>>,
     /// `(w_scale * x_scale) / y_scale` per output channel (padded).
@@ -349,6 +352,7 @@ impl QConv {
             groups: self.groups(),
             q0: v * LANES,
             w: &self.weights[b * wblock..(b + 1) * wblock],
+            excess: self.excess.block(b),
         };
         // The virtual pixels that hold outputs end at the last row's last output; on the
         // VNNI kernel a last vector with at most 8 of them goes to its tail.
@@ -394,10 +398,16 @@ impl QConv {
                 },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: chosen only when the CPU has AVX2 (Kernel::available);
-                // `Tile::check` bounds every read, the i16 weights counted as 2 x MR rows.
+                // `Tile::check` bounds every read, the excesses' too.
                 Kernel::Avx2 => unsafe {
-                    tile.check(n, 2 * MR);
+                    tile.check(n, MR);
                     avx2::block(&tile, n, &epi, out, g.q)
+                },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as Avx2's; the i16 weights counted as 2 x MR rows.
+                Kernel::Avx2Wide => unsafe {
+                    tile.check(n, 2 * MR);
+                    avx2::block_wide(&tile, n, &epi, out, g.q)
                 },
                 Kernel::Portable => portable::block(&tile, n, &epi, out, g.q),
                 #[cfg(target_arch = "aarch64")]
@@ -477,7 +487,7 @@ impl Op for QConv {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![
+        let mut info = vec![
             format!(
                 "{}->{} {}x{} stride {}x{} pad {:?}, {:?} kernel -> {:?}{}",
                 self.cin,
@@ -507,7 +517,14 @@ impl Op for QConv {
                     "NCHW"
                 }
             ),
-        ])
+        ];
+        if self.excess.len() > 0 {
+            info.push(format!(
+                "{} fours of weights split (AVX2)",
+                self.excess.len()
+            ));
+        }
+        Ok(info)
     }
 
     tract_core::op_as_typed_op!();

@@ -10,6 +10,9 @@ use tract_core::ops::nn::DataFormat;
 
 use crate::model::graph::{konst, rewire};
 use crate::model::int8::QuantizedAdd;
+#[cfg(target_arch = "x86_64")]
+use crate::model::int8::qconv::kernels::avx2;
+use crate::model::int8::qconv::kernels::{Excess, Excesses, split_for_pairs};
 use crate::model::int8::qconv::op::QConv;
 use crate::model::int8::qconv::{Kernel, MR};
 
@@ -141,38 +144,89 @@ fn weight_index(which: Kernel, t: usize, g: usize, m: usize, j: usize, groups: u
     ((t * groups + g) * MR + m) * 4 + j
 }
 
+/// A conv's constants in its kernel's terms.
+struct Folded {
+    weights: Vec<i8>,
+    bias: Vec<i32>,
+    scales: Vec<f32>,
+    excess: Excesses,
+}
+
 /// The weights in the kernel's order (per block of `which.rows()` output channels: see
-/// [`weight_index`]), the bias with the input zero point folded in
-/// (`bias - x0 * sum(w)`), and the requantisation scales, each padded to whole blocks.
-fn fold(shape: &Shape, q: &Quant, x0: i32, which: Kernel) -> (Vec<i8>, Vec<i32>, Vec<f32>) {
+/// [`weight_index`]) and, for AVX2, split where a pair would saturate ([`Excess`]); the
+/// bias with the input zero point folded in (`bias - x0 * sum(w)`), and the
+/// requantisation scales, each padded to whole blocks.
+fn fold(shape: &Shape, q: &Quant, x0: i32, which: Kernel) -> Folded {
     let (cin, cout, taps) = (shape.cin, shape.cout, shape.taps());
     let groups = cin.div_ceil(4);
     let rows = which.rows();
     let blocks = cout.div_ceil(rows);
     let width = which.weight_bytes();
     let wblock = taps * groups * rows * 4 * width;
-    let mut weights = vec![0i8; blocks * wblock];
-    let mut folded = vec![0i32; blocks * rows];
-    let mut scales = vec![0f32; blocks * rows];
+    #[cfg(target_arch = "x86_64")]
+    let pairs = which == Kernel::Avx2;
+    #[cfg(not(target_arch = "x86_64"))]
+    let pairs = false;
+    let mut f = Folded {
+        weights: vec![0i8; blocks * wblock],
+        bias: vec![0i32; blocks * rows],
+        scales: vec![0f32; blocks * rows],
+        excess: Excesses::default(),
+    };
+    let mut excess = vec![vec![]; if pairs { blocks } else { 0 }];
     for co in 0..cout {
         let (b, m) = (co / rows, co % rows);
         let mut sum = 0i32;
-        for ci in 0..cin {
-            for t in 0..taps {
-                let v = q.kernel[(co * cin + ci) * taps + t];
-                sum += v as i32;
-                let (g, j) = (ci / 4, ci % 4);
-                let at = b * wblock + weight_index(which, t, g, m, j, groups) * width;
-                // Widened weights are little-endian i16s: the byte, then its sign.
-                weights[at..at + width].copy_from_slice(&[v, v >> 7][..width]);
+        for t in 0..taps {
+            for g in 0..groups {
+                let mut w = [0i8; 4];
+                for (j, w) in w.iter_mut().enumerate().take(cin - 4 * g) {
+                    *w = q.kernel[(co * cin + 4 * g + j) * taps + t];
+                    sum += *w as i32;
+                }
+                let (w, rest) = if pairs {
+                    split_for_pairs(w)
+                } else {
+                    (w, [0; 4])
+                };
+                if rest != [0; 4] {
+                    let (tap, group) = (t as u32, g as u32);
+                    excess[b].push(Excess {
+                        tap,
+                        group,
+                        m: m as u8,
+                        w: rest,
+                    });
+                }
+                for (j, w) in w.into_iter().enumerate() {
+                    let at = b * wblock + weight_index(which, t, g, m, j, groups) * width;
+                    // Widened weights are little-endian i16s: the byte, then its sign.
+                    f.weights[at..at + width].copy_from_slice(&[w, w >> 7][..width]);
+                }
             }
         }
         let bias = q.bias[if q.bias.len() == 1 { 0 } else { co }];
-        folded[co] = bias.wrapping_sub(x0 * sum);
+        f.bias[co] = bias.wrapping_sub(x0 * sum);
         // tract's combine_scales: (k_scale * x_scale) / y_scale.
-        scales[co] = (q.ks[if q.ks.len() == 1 { 0 } else { co }] * q.xs) / q.ys;
+        f.scales[co] = (q.ks[if q.ks.len() == 1 { 0 } else { co }] * q.xs) / q.ys;
     }
-    (weights, folded, scales)
+    f.excess = Excesses::new(excess);
+    f
+}
+
+/// [`fold`] for `which`, or for the widened AVX2 kernel where `which` is AVX2 and its
+/// `vpmaddubsw` would have to split too many of the weights' fours
+/// ([`avx2::WIDE_SHARE`]).
+fn fold_for(shape: &Shape, q: &Quant, x0: i32, which: Kernel) -> (Kernel, Folded) {
+    let folded = fold(shape, q, x0, which);
+    #[cfg(target_arch = "x86_64")]
+    {
+        let fours = shape.cout * shape.taps() * shape.cin.div_ceil(4);
+        if which == Kernel::Avx2 && folded.excess.len() as f64 > avx2::WIDE_SHARE * fours as f64 {
+            return (Kernel::Avx2Wide, fold(shape, q, x0, Kernel::Avx2Wide));
+        }
+    }
+    (which, folded)
 }
 
 /// Build our op for a quantised tract `Conv` node, if it is one we run (see [`Shape::of`]
@@ -225,7 +279,13 @@ pub(crate) fn qconv_for(
     } else {
         which
     };
-    let (weights, bias, scales) = fold(&shape, &q, x0, which);
+    let (which, folded) = fold_for(&shape, &q, x0, which);
+    let Folded {
+        weights,
+        bias,
+        scales,
+        excess,
+    } = folded;
     let op = QConv {
         cin: shape.cin,
         cout: shape.cout,
@@ -235,6 +295,7 @@ pub(crate) fn qconv_for(
         flip,
         x0: x0 as u8, // the byte: i8's two's complement in the signed domain
         weights: Arc::new(weights),
+        excess: Arc::new(excess),
         bias: Arc::new(bias),
         scales: Arc::new(scales),
         y0: q.y0,

@@ -1,27 +1,136 @@
-//! The AVX2 kernel (x86-64 without AVX-512 VNNI: most Intel client CPUs, AMD before Zen
-//! 4): u8 activations widened to i16, `vpmaddwd` by i16 weights, exact.
+//! The AVX2 kernels (x86-64 without AVX-512 VNNI: most Intel client CPUs, AMD before
+//! Zen 4), both exact.
 //!
-//! Why not `vpmaddubsw` (u8 x i8, what onnxruntime uses on AVX2): it adds two products
-//! into an i16 with saturation, and 255 x 127 x 2 does not fit, so results would differ
-//! from the other kernels (and from onnxruntime with VNNI) whenever weights are large.
-//! `vpmaddwd` adds two i16 products into an i32: nothing saturates (|255 x -128 x 2| <
-//! 2^31). The weights are stored widened ([tap][group][MR][4] i16, `Kernel::weight_bytes`)
-//! so that each channel's four are one 64-bit broadcast load.
+//! `block` is onnxruntime's AVX2 loop: `vpmaddubsw` (u8 x i8, pairs summed into i16),
+//! then `vpmaddwd` by ones (the pairs summed into i32): 32 multiply-adds per two
+//! multiplying instructions. `vpmaddubsw` saturates its i16 sum, and 255 x 127 x 2 does
+//! not fit, so alone it would differ from the other kernels (and from onnxruntime with
+//! VNNI) wherever a pair of weights is large. Each pair is kept within 128 in
+//! magnitude, where nothing saturates: a pair beyond that is split in halves, and the
+//! second half is added by the block's [`Excess`] list after the main loop (ResNet-50:
+//! 6 % of its fours).
+//!
+//! `block_wide` widens u8 to i16 and multiplies by i16 weights with `vpmaddwd`: 16
+//! multiply-adds per multiplying instruction, but nothing to split. Intel's ports and
+//! Zen's both put the two multiplies of `block` on the pipes `vpmaddwd` uses, so its
+//! win is in the rest of the loop (no widening, no horizontal adds) and it costs an
+//! excess each time a four is split: convs whose weights split in more than
+//! [`WIDE_SHARE`] of their fours (Keras's ResNet50: 74 %) run on `block_wide`.
 
-use crate::model::int8::qconv::kernels::{Epilogue, Tile};
+use crate::model::int8::qconv::kernels::{Epilogue, Excess, Tile};
 use crate::model::int8::qconv::{LANES, MR, PX};
 use std::arch::x86_64::*;
 
-/// Pixels per step: two registers of four pixels' four channels as i16.
+/// Pixels per step: one register of eight pixels' four channels (`block`), or two of
+/// four pixels' widened (`block_wide`).
 const STEP: usize = 8;
 
-/// MR channels x `n` vectors of 16 pixels: 8 pixels x 4 channels at a time (8
-/// accumulators), every tap and group each.
+/// The share of a conv's fours (one output channel's, one tap's, one C4 group's) split
+/// for `block` above which the conv runs on `block_wide`: an excess costs ~3 fours of
+/// the main loop, and `block`'s main loop ~2/3 of `block_wide`'s (Zen 4, ResNet-50 and
+/// Keras's ResNet50 side by side; BENCHMARKS.md, session 35).
+pub const WIDE_SHARE: f64 = 0.125;
+
+/// MR channels x `n` vectors of 16 pixels, eight pixels at a time (one accumulator per
+/// channel, 8 registers), every tap and group each; then the block's excesses.
+///
+/// # Safety
+/// The CPU must have AVX2, and `t.check(n, MR)` must hold.
+#[target_feature(enable = "avx2")]
+pub unsafe fn block(t: &Tile, n: usize, e: &Epilogue, out: &mut [u8], stride: usize) {
+    let mut sums = [[0i32; LANES * PX]; MR];
+    let base = t.packed.as_ptr();
+    let ones = _mm256_set1_epi16(1);
+    for px0 in (0..n * LANES).step_by(STEP) {
+        let mut acc = [_mm256_setzero_si256(); MR];
+        let mut wp = t.w.as_ptr() as *const i32;
+        for &off in t.offsets {
+            // SAFETY (all pointer arithmetic and loads): bounded by Tile::check.
+            let mut xp = unsafe { base.add(off + (t.q0 + px0) * 4) };
+            for _ in 0..t.groups {
+                let x = unsafe { _mm256_loadu_si256(xp as *const _) };
+                for (m, acc) in acc.iter_mut().enumerate() {
+                    let k = _mm256_set1_epi32(unsafe { wp.add(m).read_unaligned() });
+                    let pairs = _mm256_maddubs_epi16(x, k);
+                    *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(pairs, ones));
+                }
+                wp = unsafe { wp.add(MR) };
+                xp = unsafe { xp.add(t.cb_stride) };
+            }
+        }
+        for (m, acc) in acc.iter().enumerate() {
+            let row = &mut sums[m][px0..px0 + STEP];
+            // SAFETY: `row` holds 8 i32s, one 256-bit store.
+            unsafe { _mm256_storeu_si256(row.as_mut_ptr() as *mut _, *acc) };
+        }
+    }
+    // SAFETY: Tile::check bounds each excess's tap, group and channel; n <= PX.
+    unsafe {
+        match n {
+            1 => add_excess::<2>(t, &mut sums),
+            2 => add_excess::<4>(t, &mut sums),
+            _ => add_excess::<6>(t, &mut sums),
+        }
+    }
+    let rq = Requant::new(e);
+    for (m, sums) in sums.iter().enumerate() {
+        let row = &mut out[m * stride + t.q0..m * stride + t.q0 + n * LANES];
+        for (dst, s) in row.chunks_exact_mut(STEP).zip(sums.chunks_exact(STEP)) {
+            // SAFETY: 8 i32s in, 8 bytes out.
+            unsafe {
+                let a = _mm256_loadu_si256(s.as_ptr() as *const _);
+                rq.store(a, m, dst.as_mut_ptr());
+            }
+        }
+    }
+}
+
+/// The block's excesses over its `S` steps of eight pixels, summed per output channel
+/// in registers and added to that channel's `sums` once. Each excess's weights and
+/// address are loaded once for all the steps, whose pixels lie side by side. (An
+/// excess's channel is data: indexing the main loop's registers by it would keep them
+/// in memory.)
+///
+/// # Safety
+/// AVX2; `t.check(n, MR)` holds, with `S * 8 <= n * 16`.
+#[target_feature(enable = "avx2")]
+unsafe fn add_excess<const S: usize>(t: &Tile, sums: &mut [[i32; LANES * PX]; MR]) {
+    const { assert!(S * STEP <= LANES * PX) };
+    let ones = _mm256_set1_epi16(1);
+    let base = t.packed.as_ptr();
+    for run in t.excess.chunk_by(|a, b| a.m == b.m) {
+        let mut acc = [_mm256_setzero_si256(); S];
+        for &Excess { tap, group, w, .. } in run {
+            let at = t.offsets[tap as usize] + group as usize * t.cb_stride + t.q0 * 4;
+            let k = _mm256_set1_epi32(i32::from_le_bytes(w.map(|b| b as u8)));
+            for (s, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: the same reads as the main loop's for this tap and group.
+                let x = unsafe { _mm256_loadu_si256(base.add(at + s * STEP * 4) as *const _) };
+                let add = _mm256_madd_epi16(_mm256_maddubs_epi16(x, k), ones);
+                *acc = _mm256_add_epi32(*acc, add);
+            }
+        }
+        let row = &mut sums[run[0].m as usize][..S * STEP];
+        for (s, acc) in row.chunks_exact_mut(STEP).zip(acc) {
+            // SAFETY: each chunk holds 8 i32s.
+            unsafe {
+                let v = _mm256_loadu_si256(s.as_ptr() as *const _);
+                _mm256_storeu_si256(s.as_mut_ptr() as *mut _, _mm256_add_epi32(v, acc));
+            }
+        }
+    }
+}
+
+/// The widened kernel, for convs whose weights `block` would split too often
+/// ([`WIDE_SHARE`]): MR channels x `n` vectors of 16 pixels, 8 pixels x 4 channels at a
+/// time (8 accumulators), every tap and group each. u8 widened to i16, `vpmaddwd` by
+/// weights stored widened ([tap][group][MR][4] i16, `Kernel::weight_bytes`, so that each
+/// channel's four are one 64-bit broadcast): nothing saturates, whatever the weights.
 ///
 /// # Safety
 /// The CPU must have AVX2, and `t.check(n, 2 * MR)` must hold (the weights are i16).
 #[target_feature(enable = "avx2")]
-pub unsafe fn block(t: &Tile, n: usize, e: &Epilogue, out: &mut [u8], stride: usize) {
+pub unsafe fn block_wide(t: &Tile, n: usize, e: &Epilogue, out: &mut [u8], stride: usize) {
     let mut sums = [[0i32; LANES * PX]; MR];
     let base = t.packed.as_ptr();
     let w = t.w.as_ptr() as *const i16;

@@ -29,6 +29,73 @@ pub(crate) struct Tile<'a> {
     pub(crate) q0: usize,
     /// This block's weights: [tap][group][MR][4].
     pub(crate) w: &'a [i8],
+    /// What the AVX2 kernel adds to `w` ([`Excess`]); empty for every other kernel.
+    pub(crate) excess: &'a [Excess],
+}
+
+/// Four weights (one output channel's, one C4 group's, one tap's) that the AVX2 kernel's
+/// `vpmaddubsw` cannot take whole. It adds two u8 x i8 products into an i16 with
+/// saturation, which is exact only while the pair's weights sum to at most 128 in
+/// magnitude (255 x 128 = 32640). A pair beyond that is split in halves, each within the
+/// bound: one half stays in the block's weights, the other is added by an `Excess`.
+/// Trained weights rarely need one (ResNet-50 per channel: 6 % of its fours).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Excess {
+    pub tap: u32,
+    pub group: u32,
+    /// The output channel in the block.
+    pub m: u8,
+    pub w: [i8; 4],
+}
+
+/// Split one C4 group's weights into what `vpmaddubsw` takes whole and the rest: each
+/// pair (bytes 0-1, 2-3) whose magnitudes sum past 128 gives half of each weight
+/// (rounded towards zero) to the rest. Both halves of a pair then stay within 64 each.
+pub(crate) fn split_for_pairs(w: [i8; 4]) -> ([i8; 4], [i8; 4]) {
+    let (mut whole, mut rest) = (w, [0i8; 4]);
+    for p in [0, 2] {
+        if (w[p] as i32).abs() + (w[p + 1] as i32).abs() > 128 {
+            for j in p..p + 2 {
+                whole[j] = w[j] / 2;
+                rest[j] = w[j] - w[j] / 2;
+            }
+        }
+    }
+    (whole, rest)
+}
+
+/// Every block's [`Excess`]es, in order of channel, tap and group within each block.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Excesses {
+    entries: Vec<Excess>,
+    /// Where each block's entries start, and one past the last block's.
+    starts: Vec<usize>,
+}
+
+impl Excesses {
+    /// From each block's entries.
+    pub(crate) fn new(blocks: Vec<Vec<Excess>>) -> Excesses {
+        let mut e = Excesses::default();
+        for mut b in blocks {
+            e.starts.push(e.entries.len());
+            b.sort_by_key(|x| (x.m, x.tap, x.group));
+            e.entries.extend(b);
+        }
+        e.starts.push(e.entries.len());
+        e
+    }
+
+    /// Block `b`'s entries (none if there are none at all).
+    pub(crate) fn block(&self, b: usize) -> &[Excess] {
+        match (self.starts.get(b), self.starts.get(b + 1)) {
+            (Some(&s), Some(&e)) => &self.entries[s..e],
+            _ => &[],
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
 }
 
 impl Tile<'_> {
@@ -49,6 +116,14 @@ impl Tile<'_> {
         );
         let weights = self.offsets.len().checked_mul(self.groups * rows * 4);
         assert!(weights.is_some_and(|need| self.w.len() >= need));
+        // An excess reads where the block's own weights for its tap and group do.
+        assert!(
+            self.excess
+                .iter()
+                .all(|x| (x.tap as usize) < self.offsets.len()
+                    && (x.group as usize) < self.groups
+                    && (x.m as usize) < rows)
+        );
     }
 }
 
