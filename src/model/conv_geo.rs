@@ -77,6 +77,12 @@ impl<T: Copy + Default> Scratch<T> {
         let (x, y) = self.buf.split_at_mut(a);
         (x, &mut y[..b])
     }
+
+    /// Every element set to `v` (tests: see `qconv::op::poison_scratch`).
+    #[cfg(test)]
+    pub(crate) fn fill(&mut self, v: T) {
+        self.buf.fill(v);
+    }
 }
 
 /// Every size below comes from a model's attributes: computed with checked arithmetic,

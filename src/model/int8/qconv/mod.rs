@@ -468,6 +468,7 @@ mod tests {
             let mut ours = model.clone();
             assert_eq!(replace_convs(&mut ours, which).unwrap(), 1, "{what}");
             let plan = ours.into_runnable().unwrap();
+            op::poison_scratch(0xa5);
             let run = || plan.run(tvec!(x.clone().into_tvalue())).unwrap();
             let got = if threads > 1 {
                 use tract_core::internal::tract_linalg::multithread::*;

@@ -368,9 +368,10 @@ impl QConv {
         let mut v = 0;
         while v < vecs {
             let n = (vecs - v).min(self.which.vectors());
-            // The NEON kernels step 8 or 4 pixels: they stop after the last output instead
-            // of computing the whole last vector (a 7x7 map's 1x1 convs: 56 pixels, not 64).
-            #[cfg(target_arch = "aarch64")]
+            // The NEON and AVX2 kernels step 8 or 4 pixels: they stop after the last output
+            // instead of computing the whole last vector (a 7x7 map's 1x1 convs: 56 pixels,
+            // not 64).
+            #[cfg(any(target_arch = "aarch64", target_arch = "x86_64"))]
             let pixels = (n * LANES).min(needed.saturating_sub(v * LANES));
             let tile = tile(v);
             match self.which {
@@ -401,7 +402,7 @@ impl QConv {
                 // `Tile::check` bounds every read, the excesses' too.
                 Kernel::Avx2 => unsafe {
                     tile.check(n, MR);
-                    avx2::block(&tile, n, &epi, out, g.q)
+                    avx2::block(&tile, n, pixels, &epi, out, g.q)
                 },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as Avx2's; the i16 weights counted as 2 x MR rows.
@@ -479,6 +480,14 @@ fn bytes_as_mut<T: Byte>(x: &mut [u8]) -> &mut [T] {
 thread_local! {
     /// Per thread: packed input and virtual output, reused across frames.
     static SCRATCH: RefCell<Scratch<u8>> = RefCell::new(Scratch::default());
+}
+
+/// Fill this thread's scratch with `byte`. Tests run kernels one after another on one
+/// thread: a kernel that skipped an output would otherwise pass on the byte the kernel
+/// before it left there.
+#[cfg(test)]
+pub(crate) fn poison_scratch(byte: u8) {
+    SCRATCH.with(|s| s.borrow_mut().fill(byte));
 }
 
 impl Op for QConv {

@@ -32,16 +32,25 @@ const STEP: usize = 8;
 pub const WIDE_SHARE: f64 = 0.125;
 
 /// MR channels x `n` vectors of 16 pixels, eight pixels at a time (one accumulator per
-/// channel, 8 registers), every tap and group each; then the block's excesses.
+/// channel, 8 registers), every tap and group each; then the block's excesses. Stops
+/// after the eight holding the `pixels`-th (a 7x7 map's 1x1 convs: 56 pixels, not 64).
 ///
 /// # Safety
-/// The CPU must have AVX2, and `t.check(n, MR)` must hold.
+/// The CPU must have AVX2, `t.check(n, MR)` must hold, and `pixels <= n * 16`.
 #[target_feature(enable = "avx2")]
-pub unsafe fn block(t: &Tile, n: usize, e: &Epilogue, out: &mut [u8], stride: usize) {
+pub unsafe fn block(
+    t: &Tile,
+    n: usize,
+    pixels: usize,
+    e: &Epilogue,
+    out: &mut [u8],
+    stride: usize,
+) {
     let mut sums = [[0i32; LANES * PX]; MR];
     let base = t.packed.as_ptr();
     let ones = _mm256_set1_epi16(1);
-    for px0 in (0..n * LANES).step_by(STEP) {
+    let steps = pixels.div_ceil(STEP).min(n * LANES / STEP);
+    for px0 in (0..steps * STEP).step_by(STEP) {
         let mut acc = [_mm256_setzero_si256(); MR];
         let mut wp = t.w.as_ptr() as *const i32;
         for &off in t.offsets {
@@ -64,17 +73,21 @@ pub unsafe fn block(t: &Tile, n: usize, e: &Epilogue, out: &mut [u8], stride: us
             unsafe { _mm256_storeu_si256(row.as_mut_ptr() as *mut _, *acc) };
         }
     }
-    // SAFETY: Tile::check bounds each excess's tap, group and channel; n <= PX.
+    // SAFETY: Tile::check bounds each excess's tap, group and channel; steps <= 2n.
     unsafe {
-        match n {
-            1 => add_excess::<2>(t, &mut sums),
-            2 => add_excess::<4>(t, &mut sums),
+        match steps {
+            0 => {}
+            1 => add_excess::<1>(t, &mut sums),
+            2 => add_excess::<2>(t, &mut sums),
+            3 => add_excess::<3>(t, &mut sums),
+            4 => add_excess::<4>(t, &mut sums),
+            5 => add_excess::<5>(t, &mut sums),
             _ => add_excess::<6>(t, &mut sums),
         }
     }
     let rq = Requant::new(e);
     for (m, sums) in sums.iter().enumerate() {
-        let row = &mut out[m * stride + t.q0..m * stride + t.q0 + n * LANES];
+        let row = &mut out[m * stride + t.q0..m * stride + t.q0 + steps * STEP];
         for (dst, s) in row.chunks_exact_mut(STEP).zip(sums.chunks_exact(STEP)) {
             // SAFETY: 8 i32s in, 8 bytes out.
             unsafe {
