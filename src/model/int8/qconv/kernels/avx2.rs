@@ -15,7 +15,7 @@
 //! Zen's both put the two multiplies of `block` on the pipes `vpmaddwd` uses, so its
 //! win is in the rest of the loop (no widening, no horizontal adds) and it costs an
 //! excess each time a four is split: convs whose weights split in more than
-//! [`WIDE_SHARE`] of their fours (Keras's ResNet50: 74 %) run on `block_wide`.
+//! [`WIDE_SHARE`] of their fours (Keras's ResNet50: 74 % overall) run on `block_wide`.
 
 use crate::model::int8::qconv::kernels::{Epilogue, Excess, Tile};
 use crate::model::int8::qconv::{LANES, MR, PX};
@@ -26,10 +26,12 @@ use std::arch::x86_64::*;
 const STEP: usize = 8;
 
 /// The share of a conv's fours (one output channel's, one tap's, one C4 group's) split
-/// for `block` above which the conv runs on `block_wide`: an excess costs ~3 fours of
-/// the main loop, and `block`'s main loop ~2/3 of `block_wide`'s (Zen 4, ResNet-50 and
-/// Keras's ResNet50 side by side; BENCHMARKS.md, session 35).
-pub const WIDE_SHARE: f64 = 0.125;
+/// for `block` above which the conv runs on `block_wide`. On Zen 4 ResNet-50's convs
+/// split 13-27 % of their fours run as fast on either kernel (r50 60.1 ms with 0.5, 60.9
+/// with 0.125), and Keras's ResNet50 (74 %) is 1.7x slower on `block`; llvm-mca puts
+/// `block`'s main loop at 1.7-1.9x `block_wide`'s on Intel's cores (1.3x measured on Zen
+/// 4), where the break-even share is higher (BENCHMARKS.md, session 35).
+pub const WIDE_SHARE: f64 = 0.3;
 
 /// MR channels x `n` vectors of 16 pixels, eight pixels at a time (one accumulator per
 /// channel, 8 registers), every tap and group each; then the block's excesses. Stops
