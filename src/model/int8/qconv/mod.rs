@@ -788,13 +788,15 @@ mod tests {
     /// The op for `cin` -> 8 channels with this geometry (weights irrelevant: `geo` only).
     fn bare(cin: usize, kernel: (usize, usize), stride: (usize, usize), pad: [usize; 4]) -> QConv {
         QConv {
-            cin,
+            packing: Packing {
+                cin,
+                kernel,
+                stride,
+                pad: (pad[0], pad[1], pad[2], pad[3]),
+                flip: 0,
+                x0: 0,
+            },
             cout: 8,
-            kernel,
-            stride,
-            pad: (pad[0], pad[1], pad[2], pad[3]),
-            flip: 0,
-            x0: 0,
             weights: std::sync::Arc::new(vec![]),
             excess: Default::default(),
             bias: std::sync::Arc::new(vec![0; MR]),

@@ -23,17 +23,10 @@ use crate::model::threads::par_chunks;
 /// input folded in at load time.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QConv {
-    pub cin: usize,
+    /// Input channels, kernel, strides, pads and the input's byte transform: all that
+    /// packing the input needs.
+    pub packing: Packing,
     pub cout: usize,
-    pub kernel: (usize, usize),
-    pub stride: (usize, usize),
-    /// (top, left, bottom, right).
-    pub pad: (usize, usize, usize, usize),
-    /// XOR applied to every input byte to bring it into the kernel's domain: 0x80 maps i8
-    /// onto u8 (x + 128) and u8 onto i8 (x - 128).
-    pub flip: u8,
-    /// The input zero point in the kernel's domain, as a byte: the padding value.
-    pub x0: u8,
     /// Weights in [co block][tap][c4 group][MR][4] order, zero beyond `cout` and `cin`.
     pub weights: Arc<Vec<i8>>,
     /// What the AVX2 kernel adds to `weights` per block, where a pair of weights would
@@ -70,8 +63,10 @@ pub struct Packing {
     pub stride: (usize, usize),
     /// (top, left, bottom, right).
     pub pad: (usize, usize, usize, usize),
-    /// As [`QConv::flip`] and [`QConv::x0`].
+    /// XOR applied to every input byte to bring it into the kernel's domain: 0x80 maps i8
+    /// onto u8 (x + 128) and u8 onto i8 (x - 128).
     pub flip: u8,
+    /// The input zero point in the kernel's domain, as a byte: the padding value.
     pub x0: u8,
 }
 
@@ -185,11 +180,11 @@ impl Eq for QConv {}
 
 impl QConv {
     fn taps(&self) -> usize {
-        self.kernel.0 * self.kernel.1
+        self.packing.kernel.0 * self.packing.kernel.1
     }
 
     fn groups(&self) -> usize {
-        self.packing().groups()
+        self.packing.groups()
     }
 
     fn blocks(&self) -> usize {
@@ -205,19 +200,7 @@ impl QConv {
     fn shape(&self) -> Conv2d {
         Conv2d {
             cout: self.cout,
-            ..self.packing().shape()
-        }
-    }
-
-    /// How this conv packs its input.
-    pub(crate) fn packing(&self) -> Packing {
-        Packing {
-            cin: self.cin,
-            kernel: self.kernel,
-            stride: self.stride,
-            pad: self.pad,
-            flip: self.flip,
-            x0: self.x0,
+            ..self.packing.shape()
         }
     }
 
@@ -239,8 +222,8 @@ impl QConv {
                 Some(_) => (x, s.split(0, g.vout_len).1),
                 None => {
                     let (buf, vout) = s.split(g.packed_len, g.vout_len);
-                    self.packing()
-                        .pack(Planes::nchw(x, self.cin, h, w), g, buf, false);
+                    self.packing
+                        .pack(Planes::nchw(x, self.packing.cin, h, w), g, buf, false);
                     (buf, vout)
                 }
             };
@@ -499,13 +482,13 @@ impl Op for QConv {
         let mut info = vec![
             format!(
                 "{}->{} {}x{} stride {}x{} pad {:?}, {:?} kernel -> {:?}{}",
-                self.cin,
+                self.packing.cin,
                 self.cout,
-                self.kernel.0,
-                self.kernel.1,
-                self.stride.0,
-                self.stride.1,
-                self.pad,
+                self.packing.kernel.0,
+                self.packing.kernel.1,
+                self.packing.stride.0,
+                self.packing.stride.1,
+                self.packing.pad,
                 self.which,
                 self.out_dt,
                 self.residual
@@ -548,7 +531,7 @@ impl EvalOp for QConv {
         let g = self.geo(h, w)?;
         let isz = match self.prepacked {
             Some(_) => g.packed_len,
-            None => self.cin * h * w,
+            None => self.packing.cin * h * w,
         };
         ensure!(
             input.len() == n * isz,
@@ -620,9 +603,9 @@ impl QConv {
             }
             None => {
                 ensure!(
-                    shape.len() == 4 && shape[1].to_usize().ok() == Some(self.cin),
+                    shape.len() == 4 && shape[1].to_usize().ok() == Some(self.packing.cin),
                     "int8 conv: input shape {shape:?}, expected [N, {}, H, W]",
-                    self.cin
+                    self.packing.cin
                 );
                 Ok((
                     shape[0].clone(),
@@ -652,12 +635,12 @@ impl TypedOp for QConv {
         }
         ensure!(s.rank() == 4, "int8 conv: input rank {}", s.rank());
         let dim = |d: &TDim, k: usize, s: usize, p: usize| -> TDim { (d.clone() + p - k) / s + 1 };
-        let (pt, pl, pb, pr) = self.pad;
+        let (pt, pl, pb, pr) = self.packing.pad;
         Ok(tvec!(self.result_dt().fact(tvec![
             s[0].clone(),
             self.cout.to_dim(),
-            dim(&s[2], self.kernel.0, self.stride.0, pt + pb),
-            dim(&s[3], self.kernel.1, self.stride.1, pl + pr),
+            dim(&s[2], self.packing.kernel.0, self.packing.stride.0, pt + pb),
+            dim(&s[3], self.packing.kernel.1, self.packing.stride.1, pl + pr),
         ])))
     }
 

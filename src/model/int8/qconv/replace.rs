@@ -13,7 +13,7 @@ use crate::model::int8::QuantizedAdd;
 #[cfg(target_arch = "x86_64")]
 use crate::model::int8::qconv::kernels::avx2;
 use crate::model::int8::qconv::kernels::{Excess, Excesses, split_for_pairs};
-use crate::model::int8::qconv::op::QConv;
+use crate::model::int8::qconv::op::{Packing, QConv};
 use crate::model::int8::qconv::{Kernel, MR};
 
 /// What the node's facts say about the conv: its element types and sizes.
@@ -287,13 +287,15 @@ pub(crate) fn qconv_for(
         excess,
     } = folded;
     let op = QConv {
-        cin: shape.cin,
+        packing: Packing {
+            cin: shape.cin,
+            kernel: shape.kernel,
+            stride,
+            pad,
+            flip,
+            x0: x0 as u8, // the byte: i8's two's complement in the signed domain
+        },
         cout: shape.cout,
-        kernel: shape.kernel,
-        stride,
-        pad,
-        flip,
-        x0: x0 as u8, // the byte: i8's two's complement in the signed domain
         weights: Arc::new(weights),
         excess: Arc::new(excess),
         bias: Arc::new(bias),
@@ -406,7 +408,7 @@ pub fn fuse_handoffs(model: &mut TypedModel) -> TractResult<usize> {
             continue;
         };
         let (h, w) = (shape[2], shape[3]);
-        let packing = next.packing();
+        let packing = next.packing.clone();
         let packed_len = packing
             .geo(h, w)
             .with_context(|| format!("node {:?}: packing for the next conv", node.name))?
