@@ -164,6 +164,16 @@ impl Kernel {
         1
     }
 
+    /// Whether the kernel adds its weights in saturating pairs, so that pairs too large
+    /// for it are split (`Avx2`: `kernels::Excess`).
+    pub(crate) fn splits_pairs(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self == Kernel::Avx2 {
+            return true;
+        }
+        false
+    }
+
     /// Whether the kernel multiplies signed activations (ARM's instructions are i8 x i8;
     /// x86's `vpdpbusd` is u8 x i8). Activations are packed in the kernel's domain.
     pub(crate) fn signed(self) -> bool {

@@ -163,10 +163,7 @@ fn fold(shape: &Shape, q: &Quant, x0: i32, which: Kernel) -> Folded {
     let blocks = cout.div_ceil(rows);
     let width = which.weight_bytes();
     let wblock = taps * groups * rows * 4 * width;
-    #[cfg(target_arch = "x86_64")]
-    let pairs = which == Kernel::Avx2;
-    #[cfg(not(target_arch = "x86_64"))]
-    let pairs = false;
+    let pairs = which.splits_pairs();
     let mut f = Folded {
         weights: vec![0i8; blocks * wblock],
         bias: vec![0i32; blocks * rows],
