@@ -113,7 +113,7 @@ unsafe fn add_excess<const S: usize>(t: &Tile, sums: &mut [[i32; LANES * PX]; MR
     const { assert!(S * STEP <= LANES * PX) };
     let ones = _mm256_set1_epi16(1);
     let base = t.packed.as_ptr();
-    for run in t.excess.chunk_by(|a, b| a.m == b.m) {
+    for run in t.excess.entries().chunk_by(|a, b| a.m == b.m) {
         let mut acc = [_mm256_setzero_si256(); S];
         for &Excess { tap, group, w, .. } in run {
             let at = t.offsets[tap as usize] + group as usize * t.cb_stride + t.q0 * 4;

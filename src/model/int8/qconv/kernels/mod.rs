@@ -30,7 +30,7 @@ pub(crate) struct Tile<'a> {
     /// This block's weights: [tap][group][MR][4].
     pub(crate) w: &'a [i8],
     /// What the AVX2 kernel adds to `w` ([`Excess`]); empty for every other kernel.
-    pub(crate) excess: &'a [Excess],
+    pub(crate) excess: BlockExcess<'a>,
 }
 
 /// Four weights (one output channel's, one C4 group's, one tap's) that the AVX2 kernel's
@@ -70,6 +70,23 @@ pub struct Excesses {
     entries: Vec<Excess>,
     /// Where each block's entries start, and one past the last block's.
     starts: Vec<usize>,
+    /// Per block: one past its entries' largest tap, group and channel.
+    ends: Vec<[u64; 3]>,
+}
+
+/// One block's excesses, and the bounds of their reads (computed from them when the
+/// list was built, so that `Tile::check` compares three numbers per block instead of
+/// walking the list: walking it was 3 % of ResNet-50's time on AVX2).
+#[derive(Clone, Copy, Default)]
+pub(crate) struct BlockExcess<'a> {
+    entries: &'a [Excess],
+    ends: [u64; 3],
+}
+
+impl<'a> BlockExcess<'a> {
+    pub(crate) fn entries(&self) -> &'a [Excess] {
+        self.entries
+    }
 }
 
 impl Excesses {
@@ -79,6 +96,9 @@ impl Excesses {
         for mut b in blocks {
             e.starts.push(e.entries.len());
             b.sort_by_key(|x| (x.m, x.tap, x.group));
+            let end = |f: fn(&Excess) -> u32| b.iter().map(|x| f(x) as u64 + 1).max().unwrap_or(0);
+            e.ends
+                .push([end(|x| x.tap), end(|x| x.group), end(|x| x.m as u32)]);
             e.entries.extend(b);
         }
         e.starts.push(e.entries.len());
@@ -86,10 +106,13 @@ impl Excesses {
     }
 
     /// Block `b`'s entries (none if there are none at all).
-    pub(crate) fn block(&self, b: usize) -> &[Excess] {
-        match (self.starts.get(b), self.starts.get(b + 1)) {
-            (Some(&s), Some(&e)) => &self.entries[s..e],
-            _ => &[],
+    pub(crate) fn block(&self, b: usize) -> BlockExcess<'_> {
+        match (self.starts.get(b), self.starts.get(b + 1), self.ends.get(b)) {
+            (Some(&s), Some(&e), Some(&ends)) => BlockExcess {
+                entries: &self.entries[s..e],
+                ends,
+            },
+            _ => BlockExcess::default(),
         }
     }
 
@@ -117,12 +140,10 @@ impl Tile<'_> {
         let weights = self.offsets.len().checked_mul(self.groups * rows * 4);
         assert!(weights.is_some_and(|need| self.w.len() >= need));
         // An excess reads where the block's own weights for its tap and group do.
+        let [taps, groups, rows_read] = self.excess.ends;
+        let fits = |end: u64, n: usize| end <= n as u64;
         assert!(
-            self.excess
-                .iter()
-                .all(|x| (x.tap as usize) < self.offsets.len()
-                    && (x.group as usize) < self.groups
-                    && (x.m as usize) < rows)
+            fits(taps, self.offsets.len()) && fits(groups, self.groups) && fits(rows_read, rows)
         );
     }
 }
@@ -152,5 +173,40 @@ pub(crate) fn epilogue(
             // Stored as the output type's byte: u8 0..255 or i8's two's complement.
             *o = crate::model::int8::quantize(v as f32 * e.scales[m], zp, lo, hi) as u8;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Tile::check` refuses an excess past the block's taps, groups or channels (the
+    /// bounds the AVX2 kernel's unchecked reads rely on), and passes the last of each.
+    #[test]
+    fn a_tile_refuses_excesses_past_its_taps_groups_and_channels() {
+        let (packed, offsets, w) = (vec![0u8; 4096], [0usize, 4, 8], vec![0i8; 3 * 2 * MR * 4]);
+        let checks = |x: Excess| {
+            let all = Excesses::new(vec![vec![], vec![x]]);
+            let tile = Tile {
+                packed: &packed,
+                offsets: &offsets,
+                cb_stride: 1024,
+                groups: 2,
+                q0: 0,
+                w: &w,
+                excess: all.block(1),
+            };
+            std::panic::catch_unwind(|| tile.check(1, MR)).is_ok()
+        };
+        let x = |tap, group, m| Excess {
+            tap,
+            group,
+            m,
+            w: [1; 4],
+        };
+        assert!(checks(x(2, 1, 7)));
+        assert!(!checks(x(3, 0, 0)), "tap");
+        assert!(!checks(x(0, 2, 0)), "group");
+        assert!(!checks(x(0, 0, 8)), "channel");
     }
 }
