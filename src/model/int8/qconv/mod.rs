@@ -215,8 +215,8 @@ mod tests {
         signed_x: bool,
         signed_y: bool,
         per_channel: bool,
-        /// Weights as trained ones are (most small, one in 16 over 64 in magnitude), not
-        /// uniform: the AVX2 kernel's blocks then mix fours it takes whole and fours it
+        /// Weights as trained ones are (most within 40 in magnitude, one in 16 from the
+        /// whole range), not uniform: the AVX2 kernel's blocks then mix fours it takes whole and fours it
         /// splits ([`kernels::Excess`]), and some take none.
         narrow: bool,
     }
