@@ -7,15 +7,16 @@
 //! not fit, so alone it would differ from the other kernels (and from onnxruntime with
 //! VNNI) wherever a pair of weights is large. Each pair is kept within 128 in
 //! magnitude, where nothing saturates: a pair beyond that is split in halves, and the
-//! second half is added by the block's [`Excess`] list after the main loop (ResNet-50:
-//! 6 % of its fours).
+//! second half is added by the block's [`Excess`] list after the main loop
+//! (torchvision's ResNet-50 with its random initial weights: 6 % of its fours).
 //!
 //! `block_wide` widens u8 to i16 and multiplies by i16 weights with `vpmaddwd`: 16
 //! multiply-adds per multiplying instruction, but nothing to split. Intel's ports and
 //! Zen's both put the two multiplies of `block` on the pipes `vpmaddwd` uses, so its
 //! win is in the rest of the loop (no widening, no horizontal adds) and it costs an
 //! excess each time a four is split: convs whose weights split in more than
-//! [`WIDE_SHARE`] of their fours (Keras's ResNet50: 74 % overall) run on `block_wide`.
+//! [`WIDE_SHARE`] of their fours run on `block_wide` (Keras's ResNet50 with its random,
+//! uniform initial weights: 74 % overall).
 
 use crate::model::int8::qconv::kernels::{Epilogue, Excess, Tile};
 use crate::model::int8::qconv::{LANES, MR, PX};

@@ -38,7 +38,8 @@ pub(crate) struct Tile<'a> {
 /// saturation, which is exact only while the pair's weights sum to at most 128 in
 /// magnitude (255 x 128 = 32640). A pair beyond that is split in halves, each within the
 /// bound: one half stays in the block's weights, the other is added by an `Excess`.
-/// Trained weights rarely need one (ResNet-50 per channel: 6 % of its fours).
+/// Bell-shaped weights seldom need one (torchvision's ResNet-50 with its random initial
+/// weights, per channel: 6 % of its fours); uniform ones often do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Excess {
     pub tap: u32,
