@@ -88,17 +88,7 @@ pub unsafe fn block(
             _ => add_excess::<6>(t, &mut sums),
         }
     }
-    let rq = Requant::new(e);
-    for (m, sums) in sums.iter().enumerate() {
-        let row = &mut out[m * stride + t.q0..m * stride + t.q0 + steps * STEP];
-        for (dst, s) in row.chunks_exact_mut(STEP).zip(sums.chunks_exact(STEP)) {
-            // SAFETY: 8 i32s in, 8 bytes out.
-            unsafe {
-                let a = _mm256_loadu_si256(s.as_ptr() as *const _);
-                rq.store(a, m, dst.as_mut_ptr());
-            }
-        }
-    }
+    Requant::new(e).store_rows(&sums, steps * STEP, &mut out[t.q0..], stride);
 }
 
 /// The block's excesses over its `S` steps of eight pixels, summed per output channel
@@ -186,17 +176,7 @@ pub unsafe fn block_wide(t: &Tile, n: usize, e: &Epilogue, out: &mut [u8], strid
             }
         }
     }
-    let rq = Requant::new(e);
-    for (m, sums) in sums.iter().enumerate() {
-        let row = &mut out[m * stride + t.q0..m * stride + t.q0 + n * LANES];
-        for (dst, s) in row.chunks_exact_mut(STEP).zip(sums.chunks_exact(STEP)) {
-            // SAFETY: 8 i32s in, 8 bytes out.
-            unsafe {
-                let a = _mm256_loadu_si256(s.as_ptr() as *const _);
-                rq.store(a, m, dst.as_mut_ptr());
-            }
-        }
-    }
+    Requant::new(e).store_rows(&sums, n * LANES, &mut out[t.q0..], stride);
 }
 
 /// The VNNI kernel's requantisation (`x86::Requant`) in 256-bit registers: the same
@@ -216,6 +196,28 @@ impl<'a> Requant<'a> {
             lo: _mm256_set1_ps((e.lo - e.y0) as f32),
             hi: _mm256_set1_ps((e.hi - e.y0) as f32),
             zp: _mm256_set1_epi32(e.y0),
+        }
+    }
+
+    /// Requantise the first `pixels` (whole eights) of each row of `sums` into the rows of
+    /// `out` (`stride` apart): both kernels' epilogue.
+    #[target_feature(enable = "avx2")]
+    fn store_rows(
+        &self,
+        sums: &[[i32; LANES * PX]; MR],
+        pixels: usize,
+        out: &mut [u8],
+        stride: usize,
+    ) {
+        for (m, sums) in sums.iter().enumerate() {
+            let row = &mut out[m * stride..m * stride + pixels];
+            for (dst, s) in row.chunks_exact_mut(STEP).zip(sums.chunks_exact(STEP)) {
+                // SAFETY: 8 i32s in, 8 bytes out; AVX2 is enabled here.
+                unsafe {
+                    let a = _mm256_loadu_si256(s.as_ptr() as *const _);
+                    self.store(a, m, dst.as_mut_ptr());
+                }
+            }
         }
     }
 
