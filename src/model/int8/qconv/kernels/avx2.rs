@@ -18,6 +18,7 @@
 //! [`WIDE_SHARE`] of their fours run on `block_wide` (Keras's ResNet50 with its random,
 //! uniform initial weights: 74 % overall).
 
+use crate::model::int8::qconv::kernels::x86::prefetch_ahead;
 use crate::model::int8::qconv::kernels::{Epilogue, Excess, Tile};
 use crate::model::int8::qconv::{LANES, MR, PX};
 use std::arch::x86_64::*;
@@ -60,6 +61,7 @@ pub unsafe fn block(
             // SAFETY (all pointer arithmetic and loads): bounded by Tile::check.
             let mut xp = unsafe { base.add(off + (t.q0 + px0) * 4) };
             for _ in 0..t.groups {
+                prefetch_ahead(wp);
                 let x = unsafe { _mm256_loadu_si256(xp as *const _) };
                 for (m, acc) in acc.iter_mut().enumerate() {
                     let k = _mm256_set1_epi32(unsafe { wp.add(m).read_unaligned() });
@@ -149,6 +151,7 @@ pub unsafe fn block_wide(t: &Tile, n: usize, e: &Epilogue, out: &mut [u8], strid
             for &off in t.offsets {
                 let mut xp = unsafe { base.add(off + (t.q0 + px0) * 4) };
                 for _ in 0..t.groups {
+                    prefetch_ahead(wp);
                     let (x0, x1) = unsafe {
                         (
                             _mm256_cvtepu8_epi16(_mm_loadu_si128(xp as *const _)),
