@@ -10,6 +10,8 @@
 
 use tract_core::internal::*;
 
+use crate::model::threads::par_chunks;
+
 /// Output pixels per vector (i32 or f32 lanes of a 512-bit register): the computed
 /// pixels are a multiple of it.
 pub(crate) const LANES: usize = 16;
@@ -53,6 +55,50 @@ impl Geo {
     /// kernels' tails stop there instead of computing a whole last vector.
     pub(crate) fn outputs_end(&self) -> usize {
         (self.hout - 1) * self.wq + self.wout
+    }
+
+    /// The geometry of the same conv with each tap's reads gathered into planes of their
+    /// own (im2col, `gather`): tap-major, then channel group, each plane holding the
+    /// output pixels only, row after row. The kernel reads it as a 1x1 conv with `taps`
+    /// times the groups, and computes no virtual pixel that is not an output: on a 7x7
+    /// map a 3x3 conv's virtual rows are 9 wide, 64 lanes for 49 outputs.
+    pub(crate) fn gathered(&self, groups: usize) -> TractResult<Geo> {
+        let outputs = ck(self.hout.checked_mul(self.wout))?;
+        let q = outputs.div_ceil(LANES) * LANES;
+        // Every tile of pixels ends at q at most, so no read-ahead is needed.
+        let plane = q;
+        let region = ck(plane.checked_mul(4))?;
+        let taps = self.offsets.len();
+        let packed_len = ck(taps.checked_mul(groups).and_then(|v| v.checked_mul(region)))?;
+        let vout_rows = self.vout_len / self.q;
+        let offsets = (0..taps).map(|t| t * groups * region).collect();
+        Ok(Geo {
+            hout: self.hout,
+            wout: self.wout,
+            wq: self.wout,
+            rows: self.hout,
+            plane,
+            q,
+            packed_len,
+            vout_len: ck(vout_rows.checked_mul(q))?,
+            offsets,
+        })
+    }
+
+    /// Gather `packed` (laid out by this geometry, `groups` C4 groups) into `out` as
+    /// [`Geo::gathered`] lays it out (`to`), one (tap, group) plane at a time over the
+    /// model's pool. Bytes past each plane's outputs are left as they are: they only feed
+    /// lanes whose sums are thrown away.
+    pub(crate) fn gather(&self, packed: &[u8], groups: usize, to: &Geo, out: &mut [u8]) {
+        let run = self.wout * 4;
+        par_chunks(&mut out[..to.packed_len], to.plane * 4, |(k, plane)| {
+            let (tap, group) = (k / groups, k % groups);
+            let from = self.offsets[tap] + group * self.plane * 4;
+            for (y, dst) in plane.chunks_exact_mut(run).take(self.hout).enumerate() {
+                let at = from + y * self.wq * 4;
+                dst.copy_from_slice(&packed[at..at + run]);
+            }
+        });
     }
 }
 

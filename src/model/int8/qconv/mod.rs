@@ -154,6 +154,24 @@ impl Kernel {
         PX
     }
 
+    /// The virtual pixels the kernel computes to cover the first `needed`: whole vectors
+    /// of 16, but the VNNI kernel's tail takes the last 1-8 one by one and the AVX2 and
+    /// NEON kernels step 8 or 4 pixels (`compute_block`).
+    pub(crate) fn pixels_computed(self, needed: usize) -> usize {
+        let step = match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni if (1..=8).contains(&(needed % LANES)) => 1,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => 8,
+            #[cfg(target_arch = "aarch64")]
+            Kernel::NeonDot => 8,
+            #[cfg(target_arch = "aarch64")]
+            Kernel::Neon => 4,
+            _ => LANES,
+        };
+        needed.next_multiple_of(step)
+    }
+
     /// Bytes per weight in the kernel's order: `Avx2Wide` multiplies i16s, and stores its
     /// weights widened so that each channel's four are one load.
     pub(crate) fn weight_bytes(self) -> usize {
@@ -474,9 +492,12 @@ mod tests {
         // over a 2-thread pool: the same integers as the portable one.
         let fastest = *kernels().last().unwrap();
         let runs = kernels().into_iter().map(|k| (k, 1)).chain([(fastest, 2)]);
-        for (which, threads) in runs {
+        // Each with the taps' reads gathered first and without (`QConv::gather`).
+        let runs = runs.flat_map(|r| [(r, false), (r, true)]);
+        for ((which, threads), gather) in runs {
             let mut ours = model.clone();
             assert_eq!(replace_convs(&mut ours, which).unwrap(), 1, "{what}");
+            force_gather(&mut ours, gather);
             let plan = ours.into_runnable().unwrap();
             op::poison_scratch(0xa5);
             let run = || plan.run(tvec!(x.clone().into_tvalue())).unwrap();
@@ -486,7 +507,63 @@ mod tests {
             } else {
                 run()
             };
-            assert_eq!(*got[0], *reference[0], "{what} {which:?} {threads} threads");
+            let how = format!("{which:?} {threads} threads, gathered {gather}");
+            assert_eq!(*got[0], *reference[0], "{what} {how}");
+        }
+    }
+
+    /// Every conv of `model` with its taps' reads gathered first, or not.
+    fn force_gather(model: &mut TypedModel, gather: bool) {
+        for id in 0..model.nodes().len() {
+            if let Some(op) = model.node(id).op_as::<QConv>() {
+                let op = QConv {
+                    gather,
+                    ..op.clone()
+                };
+                model.node_mut(id).op = Box::new(op);
+            }
+        }
+    }
+
+    /// Which convs gather their taps' reads at load: where that saves a tenth of the
+    /// pixels the kernel computes and the gathered input stays within 256 KB. ResNet-50's
+    /// 3x3 convs on its 7x7 map do, on a kernel that stops near the last output; those on
+    /// the 14x14 map (451 KB gathered) and every 1x1 conv do not.
+    #[test]
+    fn gathers_where_it_saves_pixels_and_fits_the_cache() {
+        let op = |cin, k, stride, which| QConv {
+            which,
+            ..bare(cin, k, stride, if k.0 == 3 { [1; 4] } else { [0; 4] })
+        };
+        for which in kernels() {
+            // The kernels that step fewer than 16 pixels: 49 outputs against 61 virtual
+            // pixels (stride 1); with stride 2, 49 against 55, where only the VNNI
+            // kernel's tail (one pixel at a time) saves a tenth.
+            let name = format!("{which:?}");
+            let s1 = match name.as_str() {
+                "Avx512Vnni" | "Avx2" | "NeonDot" => true,
+                "Neon" => !cfg!(target_arch = "arm"),
+                _ => false,
+            };
+            let s2 = name == "Avx512Vnni";
+            // (cin, kernel, stride, input side, gathers)
+            let cases = [
+                (512, (3, 3), (1, 1), 7, s1),
+                (512, (3, 3), (2, 2), 14, s2),
+                (256, (3, 3), (1, 1), 14, false),
+                (2048, (1, 1), (1, 1), 7, false),
+                (64, (3, 3), (1, 1), 56, false),
+                (3, (7, 7), (2, 2), 224, false),
+            ];
+            for (cin, k, stride, side, want) in cases {
+                let op = op(cin, k, stride, which);
+                let g = op.geo(side, side).unwrap();
+                let got = op.gather_pays(&g);
+                assert_eq!(
+                    got, want,
+                    "{which:?} {cin} {k:?} {stride:?} on {side}x{side}"
+                );
+            }
         }
     }
 
@@ -819,6 +896,7 @@ mod tests {
             residual: None,
             handoff: None,
             prepacked: None,
+            gather: false,
         }
     }
 

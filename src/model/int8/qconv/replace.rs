@@ -283,7 +283,7 @@ pub(crate) fn qconv_for(
         scales,
         excess,
     } = folded;
-    let op = QConv {
+    let mut op = QConv {
         packing: Packing {
             cin: shape.cin,
             kernel: shape.kernel,
@@ -305,11 +305,18 @@ pub(crate) fn qconv_for(
         residual: None,
         handoff: None,
         prepacked: None,
+        gather: false,
     };
     // Every size and read of the kernels, for the input this model has, checked now: a
     // crafted geometry fails the load naming its node, it never reaches `unsafe`.
-    op.geo(shape.hw[0], shape.hw[1])
+    let g = op
+        .geo(shape.hw[0], shape.hw[1])
         .with_context(|| format!("node {:?}: int8 convolution", node.name))?;
+    op.gather = op.gather_pays(&g);
+    if op.gather {
+        g.gathered(op.packing.groups())
+            .with_context(|| format!("node {:?}: int8 convolution, gathered", node.name))?;
+    }
     Ok(Some(op))
 }
 

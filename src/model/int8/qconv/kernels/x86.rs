@@ -120,16 +120,18 @@ impl<'a> Requant<'a> {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn tail<const N: usize>(t: &Tile, e: &Epilogue, out: &mut [u8], stride: usize) {
     const { assert!(N >= 1 && N <= 8 && MR == 8) };
-    let mut acc = [_mm256_setzero_si256(); N];
+    // Two sets of sums, for even and odd groups: with one pixel, one set would be a
+    // chain of dependent `vpdpbusd`s, each waiting for the one before.
+    let mut acc = [[_mm256_setzero_si256(); N]; 2];
     let mut wp = t.w.as_ptr();
     let base = t.packed.as_ptr();
     for &off in t.offsets {
         // SAFETY (all pointer arithmetic): bounded by Tile::check(1, MR), N <= 16.
         let mut xp = unsafe { base.add(off + t.q0 * 4) };
-        for _ in 0..t.groups {
+        for g in 0..t.groups {
             // SAFETY: MR x 4 weights per group lie inside `t.w` (Tile::check).
             let w = unsafe { _mm256_loadu_si256(wp as *const __m256i) };
-            for (j, acc) in acc.iter_mut().enumerate() {
+            for (j, acc) in acc[g % 2].iter_mut().enumerate() {
                 // SAFETY: pixel q0 + j < q0 + 16, inside Tile::check's bound.
                 let x =
                     _mm256_set1_epi32(unsafe { (xp.add(4 * j) as *const i32).read_unaligned() });
@@ -140,6 +142,7 @@ pub unsafe fn tail<const N: usize>(t: &Tile, e: &Epilogue, out: &mut [u8], strid
             xp = unsafe { xp.add(t.cb_stride) };
         }
     }
+    let acc: [__m256i; N] = std::array::from_fn(|j| _mm256_add_epi32(acc[0][j], acc[1][j]));
     let mut sums = [[0i32; MR]; N];
     for (s, a) in sums.iter_mut().zip(&acc) {
         // SAFETY: each row of `sums` holds 8 i32s.
