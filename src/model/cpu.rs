@@ -9,7 +9,7 @@ pub(crate) fn widest<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
         use tract_linalg::isa::Isa;
-        if x86_has(Isa::X86_64Avx512f) && is_x86_feature_detected!("avx512bw") {
+        if x86_avx512bw() {
             // SAFETY: the CPU has AVX-512 F and BW, checked above.
             return unsafe { with_avx512(f) };
         }
@@ -28,6 +28,12 @@ pub(crate) fn widest<R>(f: impl FnOnce() -> R) -> R {
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn x86_has(isa: tract_linalg::isa::Isa) -> bool {
     tract_linalg::isa::native().has(isa)
+}
+
+/// Whether edgesight's own code may use AVX-512 F and BW ([`x86_has`]).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn x86_avx512bw() -> bool {
+    x86_has(tract_linalg::isa::Isa::X86_64Avx512f) && is_x86_feature_detected!("avx512bw")
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -46,6 +46,8 @@ pub(crate) mod neon;
 pub mod onnx_quant;
 pub mod qconv;
 pub mod tables;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 use tract_core::internal::*;
 use tract_core::ops::einsum::EinSum;
@@ -407,9 +409,22 @@ where
     } else {
         neon::add::<A, B, T, true>(a, b, o, c)
     };
-    #[cfg(not(target_arch = "aarch64"))]
+    #[cfg(target_arch = "x86_64")]
+    let done = if crate::model::cpu::x86_avx512bw() {
+        // SAFETY: the CPU has AVX-512 F and BW, checked above.
+        unsafe {
+            if c.s == 1.0 {
+                x86::add::<A, B, T, false>(a, b, o, c)
+            } else {
+                x86::add::<A, B, T, true>(a, b, o, c)
+            }
+        }
+    } else {
+        0
+    };
+    #[cfg(not(any(target_arch = "aarch64", target_arch = "x86_64")))]
     let done = 0;
-    // `done` is at most the shortest slice's length (neon::add).
+    // `done` is at most the shortest slice's length (neon::add, x86::add).
     add_elements::<A, B, T, true>(&a[done..], &b[done..], &mut o[done..], c)
 }
 
