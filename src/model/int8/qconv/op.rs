@@ -231,7 +231,11 @@ impl QConv {
     /// must stay within [`GATHER_BYTES`]. Decided at load ([`QConv::gather`]).
     pub(crate) fn gather_pays(&self, g: &Geo) -> bool {
         let computed = |n| self.which.pixels_computed(n) as f64;
-        let gathered = self.taps() * self.groups() * 4 * g.hout * g.wout;
+        // Saturating: a crafted kernel's sizes must not wrap the estimate (`gathered` then
+        // checks the real sizes).
+        let gathered = [self.groups(), 4, g.hout * g.wout]
+            .into_iter()
+            .fold(self.taps(), usize::saturating_mul);
         self.taps() > 1
             && computed(g.hout * g.wout) <= (1.0 - GATHER_SAVES) * computed(g.outputs_end())
             && gathered <= GATHER_BYTES
