@@ -9,8 +9,8 @@ use std::arch::x86_64::*;
 /// reads its own at 32 bytes per C4 group, one group every ~24 cycles: too slow a stream
 /// for the hardware prefetcher to run ahead of. On the 7x7 and 14x14 maps, where a
 /// block's weights serve one or a few tiles, their first read cost 0.1-0.3 ms per conv
-/// (1.5 ms of r50 on a Zen 4; the conv run twice, the second run was that much faster).
-/// 1 KB ahead is ~800 cycles: more than a DRAM access.
+/// (run twice, the second run was that much faster). The prefetch took r50 from 27.5 to
+/// 26.9 ms on a Zen 4. 1 KB ahead is ~800 cycles: more than a DRAM access.
 pub(crate) const PREFETCH: usize = 1024;
 
 /// Ask for the cache line `PREFETCH` bytes past `at`.
