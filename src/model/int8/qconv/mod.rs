@@ -154,13 +154,24 @@ impl Kernel {
         PX
     }
 
+    /// The last pixels the kernel takes one by one instead of in a whole vector of 16,
+    /// to cover the first `needed`: the VNNI kernel's tail takes the last 1-8 (a 7x7
+    /// map's 49 outputs: 3 vectors and 1), every other kernel none.
+    pub(crate) fn tail_pixels(self, needed: usize) -> usize {
+        match needed % LANES {
+            #[cfg(target_arch = "x86_64")]
+            rem @ 1..=8 if self == Kernel::Avx512Vnni => rem,
+            _ => 0,
+        }
+    }
+
     /// The virtual pixels the kernel computes to cover the first `needed`: whole vectors
-    /// of 16, but the VNNI kernel's tail takes the last 1-8 one by one and the AVX2 and
-    /// NEON kernels step 8 or 4 pixels (`compute_block`).
+    /// of 16, but the VNNI kernel's tail takes the last 1-8 one by one
+    /// ([`Kernel::tail_pixels`]) and the AVX2 and NEON kernels step 8 or 4 pixels
+    /// (`compute_block`).
     pub(crate) fn pixels_computed(self, needed: usize) -> usize {
         let step = match self {
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni if (1..=8).contains(&(needed % LANES)) => 1,
+            _ if self.tail_pixels(needed) > 0 => 1,
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => 8,
             #[cfg(target_arch = "aarch64")]
@@ -234,8 +245,8 @@ mod tests {
         signed_y: bool,
         per_channel: bool,
         /// Weights as trained ones are (most within 40 in magnitude, one in 16 from the
-        /// whole range), not uniform: the AVX2 kernel's blocks then mix fours it takes whole and fours it
-        /// splits ([`kernels::Excess`]), and some take none.
+        /// whole range), not uniform: the AVX2 kernel's blocks then mix fours it takes
+        /// whole and fours it splits ([`kernels::Excess`]), and some take none.
         narrow: bool,
     }
 

@@ -246,10 +246,7 @@ impl QConv {
     /// is the fused add's other operand for this image (`cout` planes of `skip_dt`), when
     /// there is one.
     fn run_image(&self, x: &[u8], (h, w): (usize, usize), g: &Geo, io: Io) -> TractResult<()> {
-        let gathered = match self.gather {
-            true => Some(g.gathered(self.groups())?),
-            false => None,
-        };
+        let gathered = self.gather.then(|| g.gathered(self.groups())).transpose()?;
         // The geometry of the kernel's reads and of its virtual output rows.
         let kg = gathered.as_ref().unwrap_or(g);
         SCRATCH.with(|s| -> TractResult<()> {
@@ -392,10 +389,9 @@ impl QConv {
         // The virtual pixels that hold outputs end at the last row's last output; on the
         // VNNI kernel a last vector with at most 8 of them goes to its tail.
         let needed = g.outputs_end();
-        let (vecs, tail) = match needed % LANES {
-            #[cfg(target_arch = "x86_64")]
-            rem @ 1..=8 if self.which == Kernel::Avx512Vnni => (needed / LANES, rem),
-            _ => (g.q / LANES, 0),
+        let (vecs, tail) = match self.which.tail_pixels(needed) {
+            0 => (g.q / LANES, 0),
+            rem => (needed / LANES, rem),
         };
         // SAFETY: AMX is chosen only when it is permitted (Kernel::available).
         #[cfg(target_arch = "x86_64")]

@@ -121,28 +121,31 @@ impl<'a> Requant<'a> {
 pub unsafe fn tail<const N: usize>(t: &Tile, e: &Epilogue, out: &mut [u8], stride: usize) {
     const { assert!(N >= 1 && N <= 8 && MR == 8) };
     // Two sets of sums, for even and odd groups: with one pixel, one set would be a
-    // chain of dependent `vpdpbusd`s, each waiting for the one before.
-    let mut acc = [[_mm256_setzero_si256(); N]; 2];
+    // chain of dependent `vpdpbusd`s, each waiting for the one before. Two groups a step,
+    // each into its own named set: choosing the set by the group's parity kept both in
+    // memory, a load and a store around every `vpdpbusd`.
+    let (mut even, mut odd) = ([_mm256_setzero_si256(); N], [_mm256_setzero_si256(); N]);
     let mut wp = t.w.as_ptr();
     let base = t.packed.as_ptr();
     for &off in t.offsets {
-        // SAFETY (all pointer arithmetic): bounded by Tile::check(1, MR), N <= 16.
-        let mut xp = unsafe { base.add(off + t.q0 * 4) };
-        for g in 0..t.groups {
-            // SAFETY: MR x 4 weights per group lie inside `t.w` (Tile::check).
-            let w = unsafe { _mm256_loadu_si256(wp as *const __m256i) };
-            for (j, acc) in acc[g % 2].iter_mut().enumerate() {
-                // SAFETY: pixel q0 + j < q0 + 16, inside Tile::check's bound.
-                let x =
-                    _mm256_set1_epi32(unsafe { (xp.add(4 * j) as *const i32).read_unaligned() });
-                *acc = _mm256_dpbusd_epi32(*acc, x, w);
+        // SAFETY (all pointer arithmetic): bounded by Tile::check(1, MR), N <= 16; each
+        // group's weights and pixels are inside its bounds (one past the end at most
+        // after the last group, never dereferenced).
+        unsafe {
+            let mut xp = base.add(off + t.q0 * 4);
+            for _ in 0..t.groups / 2 {
+                tail_group(&mut even, wp, xp);
+                tail_group(&mut odd, wp.add(MR * 4), xp.add(t.cb_stride));
+                wp = wp.add(2 * MR * 4);
+                xp = xp.add(2 * t.cb_stride);
             }
-            // SAFETY: as in `block`.
-            wp = unsafe { wp.add(MR * 4) };
-            xp = unsafe { xp.add(t.cb_stride) };
+            if t.groups % 2 == 1 {
+                tail_group(&mut even, wp, xp);
+                wp = wp.add(MR * 4);
+            }
         }
     }
-    let acc: [__m256i; N] = std::array::from_fn(|j| _mm256_add_epi32(acc[0][j], acc[1][j]));
+    let acc: [__m256i; N] = std::array::from_fn(|j| _mm256_add_epi32(even[j], odd[j]));
     let mut sums = [[0i32; MR]; N];
     for (s, a) in sums.iter_mut().zip(&acc) {
         // SAFETY: each row of `sums` holds 8 i32s.
@@ -157,4 +160,22 @@ pub unsafe fn tail<const N: usize>(t: &Tile, e: &Epilogue, out: &mut [u8], strid
         }
     }
     epilogue(&rows, N, e, &mut out[t.q0..], stride);
+}
+
+/// One C4 group of [`tail`]: its MR channels' weights at `wp` (one 32-byte load) times
+/// each of the `N` pixels at `xp` (a broadcast each), into `acc`.
+///
+/// # Safety
+/// AVX-512 VL and VNNI; `wp` valid for MR x 4 bytes, `xp` for N x 4.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx512vnni")]
+unsafe fn tail_group<const N: usize>(acc: &mut [__m256i; N], wp: *const i8, xp: *const u8) {
+    // SAFETY: the caller's bounds.
+    unsafe {
+        let w = _mm256_loadu_si256(wp as *const __m256i);
+        for (j, acc) in acc.iter_mut().enumerate() {
+            let x = _mm256_set1_epi32((xp.add(4 * j) as *const i32).read_unaligned());
+            *acc = _mm256_dpbusd_epi32(*acc, x, w);
+        }
+    }
 }
