@@ -419,6 +419,15 @@ where
                 x86::add::<A, B, T, true>(a, b, o, c)
             }
         }
+    } else if crate::model::cpu::x86_has(tract_linalg::isa::Isa::X86_64Avx2) {
+        // SAFETY: the CPU has AVX2, checked above.
+        unsafe {
+            if c.s == 1.0 {
+                x86::add_avx2::<A, B, T, false>(a, b, o, c)
+            } else {
+                x86::add_avx2::<A, B, T, true>(a, b, o, c)
+            }
+        }
     } else {
         0
     };
@@ -1547,6 +1556,21 @@ mod tests {
                 out.push((
                     "avx2",
                     run(&|o| unsafe { with_avx2(|| add_elements::<_, _, _, false>(a, b, o, c)) }),
+                ));
+                // The written-out AVX2 loop, which `add_chunk` passes over where AVX-512
+                // is present; the plain loop finishes what it leaves.
+                out.push((
+                    "x86::add_avx2",
+                    run(&|o| {
+                        // SAFETY: the CPU has AVX2, checked above.
+                        let done = unsafe {
+                            match c.s == 1.0 {
+                                true => x86::add_avx2::<_, _, _, false>(a, b, o, c),
+                                false => x86::add_avx2::<_, _, _, true>(a, b, o, c),
+                            }
+                        };
+                        add_elements::<_, _, _, false>(&a[done..], &b[done..], &mut o[done..], c)
+                    }),
                 ));
             }
             if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {

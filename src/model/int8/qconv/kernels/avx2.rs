@@ -6,9 +6,9 @@
 //! multiplying instructions. `vpmaddubsw` saturates its i16 sum, and 255 x 127 x 2 does
 //! not fit, so alone it would differ from the other kernels (and from onnxruntime with
 //! VNNI) wherever a pair of weights of one sign is large. Such a pair whose sum is past
-//! 128 in magnitude is split in halves ([`split_for_pairs`](super::split_for_pairs)), and the second half is
-//! added by the block's [`Excess`] list after the main loop (torchvision's ResNet-50
-//! with its random initial weights: 3 % of its fours).
+//! 128 in magnitude is split in halves ([`split_for_pairs`](super::split_for_pairs)),
+//! and the second half is added by the block's [`Excess`] list after the main loop
+//! (torchvision's ResNet-50 with its random initial weights: 3 % of its fours).
 //!
 //! `block_wide` widens u8 to i16 and multiplies by i16 weights with `vpmaddwd`: 16
 //! multiply-adds per multiplying instruction, but nothing to split. Intel's ports and
