@@ -264,14 +264,17 @@ def softmax(v):
 
 def peak_gops(kind, threads):
     """This core's peak from its ISA and nominal clock: int8 with AVX-512 VNNI on Zen 4 is
-    two 256-bit VPDPBUSD per cycle (64 MAC = 128 op/cycle); fp32 two 256-bit FMA pipes
+    two 256-bit VPDPBUSD per cycle (64 MAC = 128 op/cycle), with AVX2 alone two 256-bit
+    VPMADDUBSW/VPMADDWD pairs (32 MAC = 64 op/cycle); fp32 two 256-bit FMA pipes
     (32 flop/cycle). Other CPUs: pass --peak-int8 / --peak-fp32 (GOP/s per core)."""
-    mhz = 0.0
+    mhz, flags = 0.0, set()
     for line in open("/proc/cpuinfo"):
-        if line.startswith("cpu MHz"):
+        if line.startswith("cpu MHz") and not mhz:
             mhz = float(line.split(":")[1])
-            break
-    per_cycle = 128 if kind == "int8" else 32
+        elif line.startswith("flags") and not flags:
+            flags = set(line.split(":")[1].split())
+    vnni = "avx512_vnni" in flags or "avx_vnni" in flags
+    per_cycle = (128 if vnni else 64) if kind == "int8" else 32
     return per_cycle * mhz / 1e3 * threads
 
 
