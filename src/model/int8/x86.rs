@@ -3,9 +3,9 @@
 //! Why by hand: the compiler vectorises `add_loop` well, but keeps Rust's NaN rules for
 //! `max` and `min` (a compare and a blend each, three times) and rounds with `quantize`'s
 //! five operations. ResNet-50's sixteen adds, fused into their convs, took ~2 ms of a
-//! 27 ms frame on a Zen 4, about 1.3 cycles an element, and 3.8 ms of 65 on a Zen 3
-//! (AVX2, 3x onnxruntime's adds). Here the clamp comes before the rounding, which is one
-//! conversion, as in the conv kernels' epilogue.
+//! 27 ms frame on a Zen 4, about 1.3 cycles an element, and 3.4 ms of 65 on a Zen 3
+//! (AVX2; onnxruntime's adds took 1.1). Here the clamp comes before the rounding, which
+//! is one conversion, as in the conv kernels' epilogue.
 //!
 //! Exactness: the same IEEE operations as `add_loop` in its order, up to the sum `v` to
 //! quantise; then `quantize(v)` as clamp-then-round, the same integers since the bounds
