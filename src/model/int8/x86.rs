@@ -116,13 +116,6 @@ pub(crate) unsafe fn add_avx2<A: Byte, B: Byte, T: Byte, const DIV: bool>(
     );
     let (lo, hi) = (set(c.lo - c.zp), set(c.hi - c.zp));
     let zp = _mm256_set1_epi32(c.zp as i32);
-    // Each i32 lane's low byte to the bottom of its 128-bit half, then the halves' four
-    // bytes side by side (as the AVX2 conv kernel's epilogue stores).
-    let low = _mm256_setr_epi8(
-        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, //
-        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-    );
-    let halves = _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0);
     for i in (0..n).step_by(8) {
         // SAFETY: 8 elements from i < n, inside every slice (n is the shortest's, rounded
         // down to a multiple of 8).
@@ -135,16 +128,28 @@ pub(crate) unsafe fn add_avx2<A: Byte, B: Byte, T: Byte, const DIV: bool>(
         // Ties to even, whatever the MXCSR says; the integer then converts exactly.
         let v = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
         let q = _mm256_add_epi32(_mm256_cvttps_epi32(v), zp);
-        let q = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(q, low), halves);
         // SAFETY: as the loads above; each lane's low byte is u8 or i8's byte.
-        unsafe {
-            _mm_storel_epi64(
-                o.as_mut_ptr().add(i) as *mut __m128i,
-                _mm256_castsi256_si128(q),
-            )
-        };
+        unsafe { _mm_storel_epi64(o.as_mut_ptr().add(i) as *mut __m128i, low_bytes(q)) };
     }
     n
+}
+
+/// The low byte of each of the eight i32 lanes of `q`, in order, in the low 8 bytes: what
+/// the AVX2 adds and the AVX2 conv kernel's epilogue store (u8, or i8's two's complement).
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(crate) fn low_bytes(q: __m256i) -> __m128i {
+    // Each lane's low byte to the bottom of its 128-bit half, then the halves' four bytes
+    // side by side.
+    let low = _mm256_setr_epi8(
+        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, //
+        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+    );
+    let halves = _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0);
+    _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(
+        _mm256_shuffle_epi8(q, low),
+        halves,
+    ))
 }
 
 /// Eight 8-bit elements at `p` as i32 lanes, by their type's sign.

@@ -21,6 +21,7 @@
 use crate::model::int8::qconv::kernels::x86::prefetch_ahead;
 use crate::model::int8::qconv::kernels::{Epilogue, Excess, Tile};
 use crate::model::int8::qconv::{LANES, MR, PX};
+use crate::model::int8::x86::low_bytes;
 use std::arch::x86_64::*;
 
 /// Pixels per step: one register of eight pixels' four channels (`block`), or two of
@@ -30,7 +31,8 @@ const STEP: usize = 8;
 /// The share of a conv's fours (one output channel's, one tap's, one C4 group's) split
 /// for `block` above which the conv runs on `block_wide`. On Zen 4 ResNet-50's convs
 /// split 13-27 % of their fours run as fast on either kernel (r50 60.1 ms with 0.5, 60.9
-/// with 0.125), and Keras's ResNet50 (74 %) is 1.7x slower on `block`; llvm-mca puts
+/// with 0.125), and Keras's ResNet50 (74 % then) is 1.7x slower on `block` (at 43 %
+/// under today's rule, 1.2x on a Zen 3: session 37); llvm-mca puts
 /// `block`'s main loop at 1.7-1.9x `block_wide`'s on Intel's cores (1.3x measured on Zen
 /// 4), where the break-even share is higher (BENCHMARKS.md, session 35).
 pub const WIDE_SHARE: f64 = 0.3;
@@ -236,15 +238,7 @@ impl<'a> Requant<'a> {
         let f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a, bias)), scale);
         let f = _mm256_min_ps(_mm256_max_ps(f, self.lo), self.hi);
         let q = _mm256_add_epi32(_mm256_cvtps_epi32(f), self.zp);
-        // Each 32-bit lane's low byte to the bottom of its 128-bit half, then the two
-        // halves' four bytes side by side.
-        let low = _mm256_setr_epi8(
-            0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, //
-            0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-        );
-        let b = _mm256_shuffle_epi8(q, low);
-        let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0));
         // SAFETY: the caller's `dst` holds 8 bytes.
-        unsafe { _mm_storel_epi64(dst as *mut _, _mm256_castsi256_si128(b)) };
+        unsafe { _mm_storel_epi64(dst as *mut _, low_bytes(q)) };
     }
 }
