@@ -106,11 +106,15 @@ case "$cmd" in
         # CLI (one core is enough for them: they do not depend on the int8 kernels). The
         # wedge tests hold a thread with ptrace, which qemu-user does not emulate.
         tests=(--lib --test model --test hostile_models --test e2e --test prepare)
-        skip=()
+        # prepare.rs's two closeness tests compare two portable Rust paths over big frames:
+        # they run natively on x86. Under qemu they held prepare.rs at 113 s on armv7
+        # (42 s without them); the frames of every format, MJPEG's decode included, are
+        # still classified here.
+        skip=(--skip stays_close_to_the_reference_path --skip prepared_like_the_cropped_frame)
         case "${4:-}" in
             all)
                 tests+=(--test outbox --test daemon --test cli --test config_errors --test capture)
-                skip=(--skip wedged --skip stale) ;;
+                skip+=(--skip wedged --skip stale) ;;
             kernels) tests=(--lib --test model --test hostile_models) ;;
             '') ;;
             *) echo "unknown test set $4 (all or kernels)" >&2; exit 2 ;;

@@ -24,8 +24,9 @@
 //!
 //! Kernels, chosen at load from what the CPU has: AMX (`tdpbsud` on 16 x 64-byte tiles,
 //! for convs with whole 64s of input channels), AVX-512 VNNI (`vpdpbusd`, u8 x i8 ->
-//! i32, no saturation), AVX2 (u8 widened to i16, `vpmaddwd`: exact, unlike
-//! `vpmaddubsw`), NEON `sdot` (ARMv8.2), NEON `smull` + `sadalp` (ARMv8.0; on
+//! i32, no saturation), AVX2 (`vpmaddubsw` with the weight pairs that could saturate it
+//! split in two, `kernels::Excess`; or u8 widened to i16 and `vpmaddwd` where too many
+//! would split), NEON `sdot` (ARMv8.2), NEON `smull` + `sadalp` (ARMv8.0; on
 //! armv7 `vmull.s8` + `vpadal.s16` in assembly); where
 //! none applies tract keeps the conv. A portable kernel, the plain definition, is the
 //! reference all of them are tested against. All use the same packed layouts. The input
