@@ -108,7 +108,7 @@ case "$cmd" in
         tests=(--lib --test model --test hostile_models --test e2e --test prepare)
         # prepare.rs's two closeness tests compare two portable Rust paths over big frames:
         # they run natively on x86. Under qemu they held prepare.rs at 113 s on armv7
-        # (42 s without them); the frames of every format, MJPEG's decode included, are
+        # (~40 s without them); the frames of every format, MJPEG's decode included, are
         # still classified here.
         skip=(--skip stays_close_to_the_reference_path --skip prepared_like_the_cropped_frame)
         case "${4:-}" in

@@ -366,9 +366,9 @@ fn a_region_is_prepared_like_the_cropped_frame() {
     ];
     let samples = recorded(64, 64);
     for &(format, (w, h), [x, y, rw, rh], (iw, ih), max_bound, mean_bound) in cases {
-        // Each sample's frame and its cropped reference, made once for both resize modes:
-        // making them (a 64x64 sample blown up to 1920x1080, encoded, decoded whole) was
-        // most of this test's time, 131 s of armv7's test run under qemu.
+        // Each sample's frame (blown up to as much as 1920x1080, encoded, decoded whole)
+        // and its cropped reference, made once for both resize modes: this test alone
+        // took 131 s on armv7 under qemu when each mode made its own.
         let frames: Vec<(RawFrame, RgbImage)> = samples
             .iter()
             .step_by(6)
