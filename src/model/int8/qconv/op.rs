@@ -110,14 +110,18 @@ impl<'a> Planes<'a> {
         }
     }
 
-    /// Row `y` of channel `c` and the rest of that channel's pixels (vector loads read
-    /// ahead into them: `pack::interleave`); empty beyond the channels.
-    fn row_onwards(&self, c: usize, y: usize) -> &'a [u8] {
-        if c >= self.channels {
-            return &[];
-        }
-        let end = c * self.chan + (self.h - 1) * self.row + self.w;
-        &self.data[c * self.chan + y * self.row..end]
+    /// Channel `c`'s pixels, from its first row's first to its last row's last (vector
+    /// loads read ahead into them: `pack::interleave`); `None` beyond the channels.
+    fn plane(&self, c: usize) -> Option<&'a [u8]> {
+        (c < self.channels).then(|| {
+            let end = c * self.chan + (self.h - 1) * self.row + self.w;
+            &self.data[c * self.chan..end]
+        })
+    }
+
+    /// Whether each channel's rows follow one another with nothing between them.
+    fn rows_contiguous(&self) -> bool {
+        self.row == self.w
     }
 }
 
@@ -165,27 +169,48 @@ impl Packing {
                 }
                 return;
             }
-            region.fill(self.x0);
             // Columns x with (x + pl) % sw == px land in phase (py, px).
             let first = (px + sw - pl % sw) % sw;
             if first >= w {
+                region.fill(self.x0);
                 return;
             }
             let (c0, n) = ((first + pl) / sw, (w - first).div_ceil(sw));
+            let planes: [Option<&[u8]>; 4] = four(|j| x.plane(cb * 4 + j));
+            // A 1x1 conv of stride 1 with no padding, from rows with nothing between them:
+            // each channel is one run of h x w pixels (ResNet's first conv of a block;
+            // row by row, a 7- or 14-pixel row cost more in the loop than in its copy).
+            if let [Some(a), Some(b), Some(c), Some(d)] = planes
+                && (sh, sw, g.wq, c0, pt, g.rows) == (1, 1, w, 0, 0, h)
+                && x.rows_contiguous()
+            {
+                interleave(&[a, b, c, d], 0, 1, self.flip, h * w, region);
+                region[h * w * 4..].fill(self.x0);
+                return;
+            }
             // Phase row r holds input row r * sh + py - pt, where that is one. (Filtering
             // every input row by `(y + pt) % sh` was a division per row: 0.4 ms of a Pi
             // 5's ResNet-50, tools/arm_model.py.)
+            // Rows go in order, each in whole runs of 16 pixels where the region has room
+            // (`interleave`): what a row's last run writes past its pixels is written
+            // again by the rows after it, or is padding, filled with x0 here before the
+            // next row and after the last. Every byte is written once or twice, instead
+            // of a fill of the whole region first.
+            let mut filled = 0;
             for r in 0..g.rows {
                 let Some(y) = (r * sh + py).checked_sub(pt).filter(|y| *y < h) else {
                     continue;
                 };
-                let src: [&[u8]; 4] = four(|j| {
-                    let row = x.row_onwards(cb * 4 + j, y);
-                    if row.is_empty() { &pad_row[..] } else { row }
+                let src: [&[u8]; 4] = four(|j| match planes[j] {
+                    Some(p) => &p[y * x.row..],
+                    None => &pad_row[..],
                 });
                 let base = (r * g.wq + c0) * 4;
-                interleave(&src, first, sw, self.flip, &mut region[base..base + n * 4]);
+                region[filled..base].fill(self.x0);
+                interleave(&src, first, sw, self.flip, n, &mut region[base..]);
+                filled = base + n * 4;
             }
+            region[filled..].fill(self.x0);
         });
     }
 }

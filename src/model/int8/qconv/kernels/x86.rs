@@ -28,7 +28,9 @@ pub(crate) fn prefetch_ahead<T>(at: *const T) {
 /// The CPU must have AVX-512 F, BW and VNNI, and `t.check(P, MR)` must hold.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub unsafe fn block<const P: usize>(t: &Tile, e: &Epilogue, out: &mut [u8], stride: usize) {
-    let mut acc = [[_mm512_setzero_si512(); P]; MR];
+    // The sums start at the bias: i32 addition wraps the same in any order, and the
+    // epilogue then has one add less per vector.
+    let mut acc: [[__m512i; P]; MR] = std::array::from_fn(|m| [_mm512_set1_epi32(e.bias[m]); P]);
     let mut wp = t.w.as_ptr() as *const i32;
     let base = t.packed.as_ptr();
     for &off in t.offsets {
@@ -51,26 +53,21 @@ pub unsafe fn block<const P: usize>(t: &Tile, e: &Epilogue, out: &mut [u8], stri
             xp = unsafe { xp.add(t.cb_stride) };
         }
     }
-    // Out of registers through a plain buffer: the stores below unroll fully, so the
-    // loop above keeps every accumulator in a register (indexing `acc` in the longer
-    // epilogue loop made the compiler keep it in memory and store all 24 per step).
-    let mut sums = [[0i32; LANES]; 3 * MR];
-    for (m, acc) in acc.iter().enumerate() {
-        for (p, a) in acc.iter().enumerate() {
-            // SAFETY: each row of `sums` holds 16 i32s, one 512-bit store.
-            unsafe { _mm512_storeu_si512(sums[m * P + p].as_mut_ptr() as *mut _, *a) };
-        }
-    }
+    // Each row written out by its own copy of the code (`rows!`): a loop over the rows
+    // indexing `acc` made the compiler keep every accumulator in memory, with a store
+    // of all 24 per step of the loop above.
     let rq = Requant::new(e);
-    for m in 0..MR {
-        let row = &mut out[m * stride + t.q0..m * stride + t.q0 + P * LANES];
-        for p in 0..P {
-            // SAFETY: each row of `sums` holds 16 i32s, one 512-bit load.
-            let a = unsafe { _mm512_loadu_si512(sums[m * P + p].as_ptr() as *const _) };
-            // SAFETY: `row` holds P * 16 bytes.
-            unsafe { rq.store(a, m, row.as_mut_ptr().add(p * LANES)) };
-        }
+    macro_rules! rows {
+        ($($m:literal)*) => {$({
+            let row = &mut out[$m * stride + t.q0..$m * stride + t.q0 + P * LANES];
+            for (p, a) in acc[$m].iter().enumerate() {
+                // SAFETY: `row` holds P * 16 bytes.
+                unsafe { rq.store_sum(*a, $m, row.as_mut_ptr().add(p * LANES)) };
+            }
+        })*};
     }
+    const { assert!(MR == 8) };
+    rows!(0 1 2 3 4 5 6 7);
 }
 
 /// The epilogue's constants in registers: bias, scale, zero point, clamp. Shared by the
@@ -99,9 +96,20 @@ impl<'a> Requant<'a> {
     /// The CPU has AVX-512 F and BW; `dst` is valid for 16 bytes; `m` is inside the block.
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(crate) unsafe fn store(&self, a: __m512i, m: usize, dst: *mut u8) {
-        let bias = _mm512_set1_epi32(self.e.bias[m]);
+        let a = _mm512_add_epi32(a, _mm512_set1_epi32(self.e.bias[m]));
+        // SAFETY: the caller's.
+        unsafe { self.store_sum(a, m, dst) }
+    }
+
+    /// [`Requant::store`] for sums that already hold the bias.
+    ///
+    /// # Safety
+    /// As [`Requant::store`]'s.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(crate) unsafe fn store_sum(&self, a: __m512i, m: usize, dst: *mut u8) {
         let scale = _mm512_set1_ps(self.e.scales[m]);
-        let f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a, bias)), scale);
+        let f = _mm512_mul_ps(_mm512_cvtepi32_ps(a), scale);
         let f = _mm512_min_ps(_mm512_max_ps(f, self.lo), self.hi);
         let q = _mm512_add_epi32(_mm512_cvtps_epi32(f), self.zp);
         // SAFETY: the caller's `dst` holds 16 bytes.
@@ -120,32 +128,14 @@ impl<'a> Requant<'a> {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn tail<const N: usize>(t: &Tile, e: &Epilogue, out: &mut [u8], stride: usize) {
     const { assert!(N >= 1 && N <= 8 && MR == 8) };
-    // Two sets of sums, for even and odd groups: with one pixel, one set would be a
-    // chain of dependent `vpdpbusd`s, each waiting for the one before. Two groups a step,
-    // each into its own named set: choosing the set by the group's parity kept both in
-    // memory, a load and a store around every `vpdpbusd`.
-    let (mut even, mut odd) = ([_mm256_setzero_si256(); N], [_mm256_setzero_si256(); N]);
-    let mut wp = t.w.as_ptr();
-    let base = t.packed.as_ptr();
-    for &off in t.offsets {
-        // SAFETY (all pointer arithmetic): bounded by Tile::check(1, MR), N <= 16; each
-        // group's weights and pixels are inside its bounds (one past the end at most
-        // after the last group, never dereferenced).
-        unsafe {
-            let mut xp = base.add(off + t.q0 * 4);
-            for _ in 0..t.groups / 2 {
-                tail_group(&mut even, wp, xp);
-                tail_group(&mut odd, wp.add(MR * 4), xp.add(t.cb_stride));
-                wp = wp.add(2 * MR * 4);
-                xp = xp.add(2 * t.cb_stride);
-            }
-            if t.groups % 2 == 1 {
-                tail_group(&mut even, wp, xp);
-                wp = wp.add(MR * 4);
-            }
+    // SAFETY: the caller's.
+    let acc: [__m256i; N] = unsafe {
+        match N {
+            1 => tail_sums::<N, 8>(t),
+            2 => tail_sums::<N, 4>(t),
+            _ => tail_sums::<N, 2>(t),
         }
-    }
-    let acc: [__m256i; N] = std::array::from_fn(|j| _mm256_add_epi32(even[j], odd[j]));
+    };
     let mut sums = [[0i32; MR]; N];
     for (s, a) in sums.iter_mut().zip(&acc) {
         // SAFETY: each row of `sums` holds 8 i32s.
@@ -160,6 +150,52 @@ pub unsafe fn tail<const N: usize>(t: &Tile, e: &Epilogue, out: &mut [u8], strid
         }
     }
     epilogue(&rows, N, e, &mut out[t.q0..], stride);
+}
+
+/// [`tail`]'s sums: its groups dealt out in turn to `S` sets of sums, added at the end.
+/// One set would be a chain of dependent `vpdpbusd`s, each waiting for the one before
+/// (~4 cycles, and two can start per cycle); with one or two pixels, two sets still
+/// left the kernel waiting on them (r50's 7x7 map: one pixel per row block). `S` x `N`
+/// sums take at most 16 of the 32 registers.
+///
+/// # Safety
+/// As [`tail`]'s.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tail_sums<const N: usize, const S: usize>(t: &Tile) -> [__m256i; N] {
+    // Each set named by a constant index: the loops over `S` unroll (choosing a set by
+    // the group's parity at run time kept them in memory, a load and a store around
+    // every `vpdpbusd`).
+    let mut sets = [[_mm256_setzero_si256(); N]; S];
+    let mut wp = t.w.as_ptr();
+    let base = t.packed.as_ptr();
+    for &off in t.offsets {
+        // SAFETY (all pointer arithmetic): bounded by Tile::check(1, MR), N <= 16; each
+        // group's weights and pixels are inside its bounds (one past the end at most
+        // after the last group, never dereferenced).
+        unsafe {
+            let mut xp = base.add(off + t.q0 * 4);
+            for _ in 0..t.groups / S {
+                for (s, set) in sets.iter_mut().enumerate() {
+                    tail_group(set, wp.add(s * MR * 4), xp.add(s * t.cb_stride));
+                }
+                wp = wp.add(S * MR * 4);
+                xp = xp.add(S * t.cb_stride);
+            }
+            for set in sets.iter_mut().take(t.groups % S) {
+                tail_group(set, wp, xp);
+                wp = wp.add(MR * 4);
+                xp = xp.add(t.cb_stride);
+            }
+        }
+    }
+    std::array::from_fn(|j| {
+        let mut sum = sets[0][j];
+        for set in &sets[1..] {
+            sum = _mm256_add_epi32(sum, set[j]);
+        }
+        sum
+    })
 }
 
 /// One C4 group of [`tail`]: its MR channels' weights at `wp` (one 32-byte load) times
