@@ -47,7 +47,7 @@ pub mod onnx_quant;
 pub mod qconv;
 pub mod tables;
 #[cfg(target_arch = "x86_64")]
-mod x86;
+pub(crate) mod x86;
 
 use tract_core::internal::*;
 use tract_core::ops::einsum::EinSum;

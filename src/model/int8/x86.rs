@@ -54,36 +54,70 @@ pub(crate) unsafe fn add<A: Byte, B: Byte, T: Byte, const DIV: bool>(
     if !ordinary(c) {
         return 0;
     }
+    let k = Add16::new(c);
     let n = o.len().min(a.len()).min(b.len()) / 16 * 16;
-    let (za, zb) = (
-        _mm512_set1_epi32(c.a_zero_point),
-        _mm512_set1_epi32(c.b_zero_point),
-    );
-    let (sa, sb) = (_mm512_set1_ps(c.a_scale), _mm512_set1_ps(c.b_scale));
-    let (floor, inv, s) = (
-        _mm512_set1_ps(c.floor),
-        _mm512_set1_ps(c.inv),
-        _mm512_set1_ps(c.s),
-    );
-    // `quantize`'s clamp to [lo, hi] after adding the zero point, moved before it.
-    let (lo, hi) = (_mm512_set1_ps(c.lo - c.zp), _mm512_set1_ps(c.hi - c.zp));
-    let zp = _mm512_set1_epi32(c.zp as i32);
     for i in (0..n).step_by(16) {
         // SAFETY: 16 elements from i < n, inside every slice (n is the shortest's,
         // rounded down to a multiple of 16).
         let (x, y) = unsafe { (widen(a.as_ptr().add(i)), widen(b.as_ptr().add(i))) };
-        let fa = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(x, za)), sa);
-        let fb = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(y, zb)), sb);
-        let v = _mm512_mul_ps(_mm512_max_ps(_mm512_add_ps(fa, fb), floor), inv);
-        let v = if DIV { _mm512_div_ps(v, s) } else { v };
-        let v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
-        // Ties to even, whatever the MXCSR says.
-        let q = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
-        let q = _mm512_cvtepi32_epi8(_mm512_add_epi32(q, zp));
+        let q = _mm512_cvtepi32_epi8(k.add::<DIV>(x, y));
         // SAFETY: as the loads above; each lane's low byte is u8 or i8's byte.
         unsafe { _mm_storeu_si128(o.as_mut_ptr().add(i) as *mut __m128i, q) };
     }
     n
+}
+
+/// A [`QuantizedAdd`](super::QuantizedAdd)'s constants in AVX-512 registers, for 16
+/// elements at a time: the loop above, and the VNNI conv kernel that adds as it
+/// requantises (`qconv::kernels::x86`).
+#[derive(Clone, Copy)]
+pub(crate) struct Add16 {
+    za: __m512i,
+    zb: __m512i,
+    sa: __m512,
+    sb: __m512,
+    floor: __m512,
+    inv: __m512,
+    s: __m512,
+    lo: __m512,
+    hi: __m512,
+    zp: __m512i,
+}
+
+impl Add16 {
+    /// The constants of an add: [`ordinary`] ones (others can meet a NaN, where x86's
+    /// `max` and Rust's part).
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn new(c: &AddConsts) -> Add16 {
+        let set = _mm512_set1_ps;
+        Add16 {
+            za: _mm512_set1_epi32(c.a_zero_point),
+            zb: _mm512_set1_epi32(c.b_zero_point),
+            sa: set(c.a_scale),
+            sb: set(c.b_scale),
+            floor: set(c.floor),
+            inv: set(c.inv),
+            s: set(c.s),
+            // `quantize`'s clamp to [lo, hi] after adding the zero point, moved before it.
+            lo: set(c.lo - c.zp),
+            hi: set(c.hi - c.zp),
+            zp: _mm512_set1_epi32(c.zp as i32),
+        }
+    }
+
+    /// The sums of 16 pairs of elements (as i32 lanes), each lane's low byte the output's.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn add<const DIV: bool>(&self, x: __m512i, y: __m512i) -> __m512i {
+        let fa = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(x, self.za)), self.sa);
+        let fb = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(y, self.zb)), self.sb);
+        let v = _mm512_mul_ps(_mm512_max_ps(_mm512_add_ps(fa, fb), self.floor), self.inv);
+        let v = if DIV { _mm512_div_ps(v, self.s) } else { v };
+        let v = _mm512_min_ps(_mm512_max_ps(v, self.lo), self.hi);
+        // Ties to even, whatever the MXCSR says.
+        let q = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+        _mm512_add_epi32(q, self.zp)
+    }
 }
 
 /// [`add`] on AVX2, eight elements a step: the same operations in 256-bit registers, so
@@ -176,8 +210,14 @@ unsafe fn widen8<T: Byte>(p: *const T) -> __m256i {
 #[target_feature(enable = "avx512f")]
 unsafe fn widen<T: Byte>(p: *const T) -> __m512i {
     // SAFETY: the caller's 16 bytes.
-    let v = unsafe { _mm_loadu_si128(p as *const __m128i) };
-    if T::SIGNED {
+    widen_bytes(unsafe { _mm_loadu_si128(p as *const __m128i) }, T::SIGNED)
+}
+
+/// Sixteen bytes as i32 lanes, as i8s if `signed`, else as u8s.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) fn widen_bytes(v: __m128i, signed: bool) -> __m512i {
+    if signed {
         _mm512_cvtepi8_epi32(v)
     } else {
         _mm512_cvtepu8_epi32(v)

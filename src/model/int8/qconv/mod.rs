@@ -810,6 +810,24 @@ mod tests {
             (cases()[0].clone(), true, DatumType::I8, DatumType::U8),
             (cases()[1].clone(), false, DatumType::U8, DatumType::I8),
             (cases()[11].clone(), false, DatumType::I8, DatumType::U8),
+            // On the VNNI kernel the add is done in its epilogue where the kernel covers
+            // a 1x1 conv's outputs exactly: 12 vectors and a tail of 4 here (a 14x14
+            // map), the conv's own output i8; but not 9 outputs (one 16-pixel vector).
+            (
+                Case {
+                    signed_y: true,
+                    ..c1x1(16, 16, (14, 14), (1, 1))
+                },
+                false,
+                DatumType::I8,
+                DatumType::U8,
+            ),
+            (
+                c1x1(24, 16, (5, 6), (2, 2)),
+                true,
+                DatumType::U8,
+                DatumType::I8,
+            ),
         ];
         for (i, (c, conv_is_b, skip_dt, out_dt)) in cases.into_iter().enumerate() {
             let what = format!("case {i}");
@@ -881,6 +899,22 @@ mod tests {
                 assert_eq!(got[0].datum_type(), out_dt, "{what}");
                 assert_eq!(*got[0], *want[0], "{what} {which:?} {threads} threads");
             }
+        }
+    }
+
+    /// A 1x1 conv without padding, u8 in and out, per-channel.
+    fn c1x1(cin: usize, cout: usize, hw: (usize, usize), stride: (usize, usize)) -> Case {
+        Case {
+            cin,
+            cout,
+            hw,
+            k: (1, 1),
+            stride,
+            pad: (0, 0, 0, 0),
+            signed_x: false,
+            signed_y: false,
+            per_channel: true,
+            narrow: false,
         }
     }
 

@@ -172,6 +172,10 @@ pub(crate) struct Epilogue<'a> {
     pub(crate) y0: i32,
     pub(crate) lo: i32,
     pub(crate) hi: i32,
+    /// A residual add done in the VNNI kernel's epilogue (`QConv::compute_direct`);
+    /// `None` for every other kernel.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) add: Option<x86::FusedAdd<'a>>,
 }
 
 /// Bias, requantisation and store for `lanes` pixels of MR accumulator rows.

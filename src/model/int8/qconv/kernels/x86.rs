@@ -1,7 +1,9 @@
 //! The AVX-512 VNNI kernel (x86-64): `vpdpbusd`, u8 activations x i8 weights.
 
+use crate::model::int8::AddConsts;
 use crate::model::int8::qconv::kernels::{Epilogue, Tile, epilogue};
 use crate::model::int8::qconv::{LANES, MR, PX};
+use crate::model::int8::x86::{Add16, widen_bytes};
 use std::arch::x86_64::*;
 
 /// How far ahead of the weights it multiplies by a kernel asks the cache for them, in
@@ -57,12 +59,23 @@ pub unsafe fn block<const P: usize>(t: &Tile, e: &Epilogue, out: &mut [u8], stri
     // indexing `acc` made the compiler keep every accumulator in memory, with a store
     // of all 24 per step of the loop above.
     let rq = Requant::new(e);
+    let add = e.add.as_ref().map(|f| (f, Add16::new(&f.consts)));
     macro_rules! rows {
         ($($m:literal)*) => {$({
-            let row = &mut out[$m * stride + t.q0..$m * stride + t.q0 + P * LANES];
+            let at = $m * stride + t.q0;
+            let row = &mut out[at..at + P * LANES];
             for (p, a) in acc[$m].iter().enumerate() {
-                // SAFETY: `row` holds P * 16 bytes.
-                unsafe { rq.store_sum(*a, $m, row.as_mut_ptr().add(p * LANES)) };
+                let mut q = rq.requant(*a, $m);
+                if let Some((f, k)) = &add {
+                    let skip = &f.skip[at + p * LANES..at + (p + 1) * LANES];
+                    // SAFETY: 16 bytes, one load.
+                    let y = unsafe { _mm_loadu_si128(skip.as_ptr() as *const __m128i) };
+                    q = f.add(k, q, widen_bytes(y, f.skip_signed));
+                }
+                // SAFETY: `row` holds P * 16 bytes; each lane's low byte is the output's.
+                unsafe {
+                    _mm_storeu_si128(row.as_mut_ptr().add(p * LANES) as *mut _, _mm512_cvtepi32_epi8(q))
+                };
             }
         })*};
     }
@@ -96,24 +109,69 @@ impl<'a> Requant<'a> {
     /// The CPU has AVX-512 F and BW; `dst` is valid for 16 bytes; `m` is inside the block.
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(crate) unsafe fn store(&self, a: __m512i, m: usize, dst: *mut u8) {
-        let a = _mm512_add_epi32(a, _mm512_set1_epi32(self.e.bias[m]));
-        // SAFETY: the caller's.
-        unsafe { self.store_sum(a, m, dst) }
+        let q = self.requant(_mm512_add_epi32(a, _mm512_set1_epi32(self.e.bias[m])), m);
+        // SAFETY: the caller's `dst` holds 16 bytes.
+        unsafe { _mm_storeu_si128(dst as *mut _, _mm512_cvtepi32_epi8(q)) };
     }
 
-    /// [`Requant::store`] for sums that already hold the bias.
-    ///
-    /// # Safety
-    /// As [`Requant::store`]'s.
+    /// 16 sums of output channel `m` (bias included) requantised: i32 lanes whose low
+    /// bytes are the output's.
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    pub(crate) unsafe fn store_sum(&self, a: __m512i, m: usize, dst: *mut u8) {
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn requant(&self, a: __m512i, m: usize) -> __m512i {
         let scale = _mm512_set1_ps(self.e.scales[m]);
         let f = _mm512_mul_ps(_mm512_cvtepi32_ps(a), scale);
         let f = _mm512_min_ps(_mm512_max_ps(f, self.lo), self.hi);
-        let q = _mm512_add_epi32(_mm512_cvtps_epi32(f), self.zp);
-        // SAFETY: the caller's `dst` holds 16 bytes.
-        unsafe { _mm_storeu_si128(dst as *mut _, _mm512_cvtepi32_epi8(q)) };
+        _mm512_add_epi32(_mm512_cvtps_epi32(f), self.zp)
+    }
+}
+
+/// A residual add the VNNI kernel does as it requantises, when it writes the op's output
+/// itself (`QConv::compute_direct`): the conv's output is the add's `a`, `skip` its `b`.
+/// The same operations on the same integers as the add's own pass (`x86::Add16`), without
+/// the conv's bytes going out to memory and back in between.
+pub(crate) struct FusedAdd<'a> {
+    /// The add's constants: `x86::ordinary` ones.
+    pub(crate) consts: AddConsts,
+    /// Whether the add divides by its scale (`add_loop`'s `DIV`).
+    pub(crate) divides: bool,
+    /// The other operand's rows for the block, laid out as the output.
+    pub(crate) skip: &'a [u8],
+    pub(crate) skip_signed: bool,
+    /// Whether the conv's own output is i8 (else u8).
+    pub(crate) conv_signed: bool,
+}
+
+impl FusedAdd<'_> {
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn add(&self, k: &Add16, x: __m512i, y: __m512i) -> __m512i {
+        match self.divides {
+            true => k.add::<true>(x, y),
+            false => k.add::<false>(x, y),
+        }
+    }
+
+    /// The add over `row`'s (at most 16) conv outputs, in place.
+    ///
+    /// Through 16-byte buffers, not masked loads and stores: with `row`'s length known at
+    /// compile time (the tail's `N`), LLVM turned the one-byte masked store after
+    /// `vpmovdb` into a 4-byte `vmovd`, which wrote three bytes of the next row (and past
+    /// the tensor's end on the last).
+    #[target_feature(enable = "avx512f")]
+    fn add_in_place(&self, k: &Add16, row: &mut [u8], skip: &[u8]) {
+        let n = row.len().min(16);
+        let (mut x, mut y, mut q) = ([0u8; 16], [0u8; 16], [0u8; 16]);
+        x[..n].copy_from_slice(&row[..n]);
+        y[..n].copy_from_slice(&skip[..n]);
+        // SAFETY: 16-byte buffers, one load or store each.
+        unsafe {
+            let x = widen_bytes(_mm_loadu_si128(x.as_ptr() as *const _), self.conv_signed);
+            let y = widen_bytes(_mm_loadu_si128(y.as_ptr() as *const _), self.skip_signed);
+            let sum = _mm512_cvtepi32_epi8(self.add(k, x, y));
+            _mm_storeu_si128(q.as_mut_ptr() as *mut _, sum);
+        }
+        row[..n].copy_from_slice(&q[..n]);
     }
 }
 
@@ -150,6 +208,13 @@ pub unsafe fn tail<const N: usize>(t: &Tile, e: &Epilogue, out: &mut [u8], strid
         }
     }
     epilogue(&rows, N, e, &mut out[t.q0..], stride);
+    if let Some(f) = &e.add {
+        let k = Add16::new(&f.consts);
+        for m in 0..MR {
+            let at = m * stride + t.q0;
+            f.add_in_place(&k, &mut out[at..at + N], &f.skip[at..at + N]);
+        }
+    }
 }
 
 /// [`tail`]'s sums: its groups dealt out in turn to `S` sets of sums, added at the end.
