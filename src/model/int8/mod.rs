@@ -962,6 +962,19 @@ impl Quantize {
         } else {
             (0.0, 255.0)
         };
+        // On AVX-512 the whole sixteens written out (`x86::quantize`), the rest below.
+        #[cfg(target_arch = "x86_64")]
+        let (x, o) = {
+            let done = match (crate::model::cpu::x86_avx512bw(), self.scale) {
+                // SAFETY: the CPU has AVX-512 F and BW, checked here.
+                (true, Some(s)) => unsafe { x86::quantize::<true>(x, o, s, (zp, lo, hi)) },
+                (true, None) => unsafe {
+                    x86::quantize::<false>(x, o, self.inv_scale, (zp, lo, hi))
+                },
+                (false, _) => 0,
+            };
+            (&x[done..], &mut o[done..])
+        };
         match self.scale {
             Some(s) => quantize_all(x, o, zp, lo, hi, |x| x / s),
             None => quantize_all(x, o, zp, lo, hi, |x| x * self.inv_scale),

@@ -120,6 +120,56 @@ impl Add16 {
     }
 }
 
+/// `quantize_all` over the first whole sixteens of `x`: `x / s` (`DIV`) or `x * s`, then
+/// `quantize` into `lo..=hi` around the zero point `zp`, as bytes. Returns how many it
+/// wrote, for the scalar loop to finish; 0 unless `zp`, `lo` and `hi` are integers in
+/// -128..=255. The clamp comes before the rounding, as in [`add`]: the same integers,
+/// NaN included (below). The compiler's
+/// loop, called through `widest`, stayed on SSE (4 lanes a step): 0.37 ms of ResNet-50's
+/// 25 on a Zen 4, for its 150 528 input values.
+///
+/// # Safety
+/// The CPU has AVX-512 F and BW.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) unsafe fn quantize<const DIV: bool>(
+    x: &[f32],
+    o: &mut [u8],
+    s: f32,
+    (zp, lo, hi): (f32, f32, f32),
+) -> usize {
+    let byte = |v: f32| v.fract() == 0.0 && (-128.0..=255.0).contains(&v);
+    if !(byte(zp) && byte(lo) && byte(hi)) {
+        return 0;
+    }
+    let n = x.len().min(o.len()) / 16 * 16;
+    let k = _mm512_set1_ps(s);
+    let (l, h) = (_mm512_set1_ps(lo - zp), _mm512_set1_ps(hi - zp));
+    let z = _mm512_set1_epi32(zp as i32);
+    for i in (0..n).step_by(16) {
+        // SAFETY: 16 elements from i < n, inside both slices.
+        let v = unsafe { _mm512_loadu_ps(x.as_ptr().add(i)) };
+        let v = if DIV {
+            _mm512_div_ps(v, k)
+        } else {
+            _mm512_mul_ps(v, k)
+        };
+        // `quantize` rounds a NaN to 2^23 with the NaN's sign (its `min` keeps the
+        // bound), which the clamp then takes to `hi` or `lo`; `_mm512_max_ps` would give
+        // `lo` for both.
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        let sign = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(i32::MIN));
+        let big = _mm512_castsi512_ps(_mm512_or_si512(sign, _mm512_set1_epi32(0x4b00_0000)));
+        let v = _mm512_mask_mov_ps(v, nan, big);
+        let v = _mm512_min_ps(_mm512_max_ps(v, l), h);
+        // Ties to even, whatever the MXCSR says.
+        let q = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+        let q = _mm512_cvtepi32_epi8(_mm512_add_epi32(q, z));
+        // SAFETY: as the load; each lane's low byte is u8 or i8's byte.
+        unsafe { _mm_storeu_si128(o.as_mut_ptr().add(i) as *mut __m128i, q) };
+    }
+    n
+}
+
 /// [`add`] on AVX2, eight elements a step: the same operations in 256-bit registers, so
 /// the same bytes.
 ///
@@ -227,6 +277,68 @@ pub(crate) fn widen_bytes(v: __m128i, signed: bool) -> __m512i {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The written-out quantiser against `quantize`, element by element: ties, both
+    /// signs, saturation, values past 2^23 and 2^31, infinities and NaN, dividing and
+    /// multiplying, into u8 and i8 around several zero points.
+    #[test]
+    fn the_written_out_quantiser_gives_quantizes_bytes() {
+        if !crate::model::cpu::x86_avx512bw() {
+            println!("no AVX-512 here: nothing to check");
+            return;
+        }
+        let mut xs = vec![
+            0.0f32,
+            -0.0,
+            0.5,
+            1.5,
+            2.5,
+            -0.5,
+            -1.5,
+            -2.5,
+            127.5,
+            128.5,
+            -128.5,
+            300.0,
+            -300.0,
+            2e9,
+            -2e9,
+            8388609.0,
+            -8388609.0,
+            0.49999997,
+            3e38,
+            -3e38,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            1e-40,
+        ];
+        xs.extend((0..500).map(|i| (i as f32 * 0.37).sin() * 200.0));
+        for (lo, hi, zps) in [
+            (0.0, 255.0, [0, 3, 128, 255]),
+            (-128.0, 127.0, [-128, -3, 0, 127]),
+        ] {
+            for zp in zps.map(|z| z as f32) {
+                for (s, div) in [(0.7f32, true), (1.0 / 0.7, false), (0.013, true)] {
+                    let mut got = vec![0u8; xs.len()];
+                    // SAFETY: AVX-512 F and BW, checked above.
+                    let done = unsafe {
+                        match div {
+                            true => quantize::<true>(&xs, &mut got, s, (zp, lo, hi)),
+                            false => quantize::<false>(&xs, &mut got, s, (zp, lo, hi)),
+                        }
+                    };
+                    assert_eq!(done, xs.len() / 16 * 16);
+                    for (i, x) in xs[..done].iter().enumerate() {
+                        let v = if div { x / s } else { x * s };
+                        let want = crate::model::int8::quantize(v, zp, lo, hi) as u8;
+                        assert_eq!(got[i], want, "{x} s {s} zp {zp} [{lo}, {hi}]");
+                    }
+                }
+            }
+        }
+    }
 
     /// The written-out loop takes only constants under which no NaN can arise (where
     /// x86's `max` and Rust's part); a model's usual ones are among them.
