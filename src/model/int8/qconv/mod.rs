@@ -36,7 +36,10 @@
 //!
 //! A residual add whose operand is a conv's output (ResNet's adds) is fused into that
 //! conv: the pass that moves the kernel's rows into the output tensor adds the other
-//! operand on the way (`fuse_conv_adds`), the add op's arithmetic per element.
+//! operand on the way (`fuse_conv_adds`), the add op's arithmetic per element. Where the
+//! kernel's rows are the output's rows (a 1x1 conv) and the VNNI kernel covers them
+//! exactly, it writes the output itself and adds as it requantises (`compute_direct`,
+//! `kernels::x86::FusedAdd`): no rows in between and no pass over them.
 //!
 //! A conv whose only reader is the next conv (ResNet's first and second conv of every
 //! block) packs its kernel's rows straight into that conv's C4 phase layout
