@@ -401,8 +401,8 @@ impl QConv {
         });
     }
 
-    /// The VNNI kernel's vectors of 16 pixels and its tail's pixels, to cover every output
-    /// of `g`'s virtual rows.
+    /// The kernel's vectors of 16 pixels, and the pixels its tail takes one by one (the
+    /// VNNI kernel's only), to cover every output of `g`'s virtual rows.
     fn vectors_and_tail(&self, g: &Geo) -> (usize, usize) {
         // The virtual pixels that hold outputs end at the last row's last output; on the
         // VNNI kernel a last vector with at most 8 of them goes to its tail.
@@ -446,7 +446,8 @@ impl QConv {
 
     /// Every output block straight into the op's output planes, `add`'s skip added in the
     /// kernel's epilogue: no virtual rows in between, and no pass over them for the add.
-    /// ResNet-50's sixteen adds (its last 1x1 conv of each block): 0.x ms of 25 on a Zen 4.
+    /// ResNet-50's sixteen adds (its last 1x1 conv of each block): about 0.2 ms of 25 on a
+    /// Zen 4 (the adds' own AVX-512 loop had already taken most of their cost).
     #[cfg(target_arch = "x86_64")]
     fn compute_direct(&self, packed: &[u8], g: &Geo, add: vnni::FusedAdd, out: &mut [u8]) {
         let plane = g.hout * g.wout;
