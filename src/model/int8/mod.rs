@@ -304,6 +304,14 @@ pub(crate) struct AddConsts {
     hi: f32,
 }
 
+impl AddConsts {
+    /// Whether the add divides by its scale: dividing by 1.0 changes no bit, so the loops
+    /// for a reciprocal (`s` = 1) have no division (`add_loop`'s `DIV`).
+    pub(crate) fn divides(&self) -> bool {
+        self.s != 1.0
+    }
+}
+
 impl QuantizedAdd {
     fn run<A, B, T>(&self, a: &[A], b: &[B], out: &mut [T]) -> TractResult<()>
     where
@@ -404,28 +412,28 @@ where
     i32: tract_core::internal::tract_num_traits::AsPrimitive<T>,
 {
     #[cfg(target_arch = "aarch64")]
-    let done = if c.s == 1.0 {
-        neon::add::<A, B, T, false>(a, b, o, c)
-    } else {
+    let done = if c.divides() {
         neon::add::<A, B, T, true>(a, b, o, c)
+    } else {
+        neon::add::<A, B, T, false>(a, b, o, c)
     };
     #[cfg(target_arch = "x86_64")]
     let done = if crate::model::cpu::x86_avx512bw() {
         // SAFETY: the CPU has AVX-512 F and BW, checked above.
         unsafe {
-            if c.s == 1.0 {
-                x86::add::<A, B, T, false>(a, b, o, c)
-            } else {
+            if c.divides() {
                 x86::add::<A, B, T, true>(a, b, o, c)
+            } else {
+                x86::add::<A, B, T, false>(a, b, o, c)
             }
         }
     } else if crate::model::cpu::x86_has(tract_linalg::isa::Isa::X86_64Avx2) {
         // SAFETY: the CPU has AVX2, checked above.
         unsafe {
-            if c.s == 1.0 {
-                x86::add_avx2::<A, B, T, false>(a, b, o, c)
-            } else {
+            if c.divides() {
                 x86::add_avx2::<A, B, T, true>(a, b, o, c)
+            } else {
+                x86::add_avx2::<A, B, T, false>(a, b, o, c)
             }
         }
     } else {
@@ -466,11 +474,11 @@ where
     fn wide<const WIDE: bool>(f: impl FnOnce()) {
         if WIDE { widest(f) } else { f() }
     }
-    // Dividing by 1.0 changes no bit: that loop has no division (see `run`).
-    if c.s == 1.0 {
-        wide::<WIDE>(|| add_loop::<A, B, T, false>(a, b, o, c))
-    } else {
+    // Dividing by 1.0 changes no bit: that loop has no division (`AddConsts::divides`).
+    if c.divides() {
         wide::<WIDE>(|| add_loop::<A, B, T, true>(a, b, o, c))
+    } else {
+        wide::<WIDE>(|| add_loop::<A, B, T, false>(a, b, o, c))
     }
 }
 

@@ -124,9 +124,8 @@ impl Add16 {
 /// `quantize` into `lo..=hi` around the zero point `zp`, as bytes. Returns how many it
 /// wrote, for the scalar loop to finish; 0 unless `zp`, `lo` and `hi` are integers in
 /// -128..=255. The clamp comes before the rounding, as in [`add`]: the same integers,
-/// NaN included (below). The compiler's
-/// loop, called through `widest`, stayed on SSE (4 lanes a step): 0.37 ms of ResNet-50's
-/// 25 on a Zen 4, for its 150 528 input values.
+/// NaN included (below). The compiler's loop, called through `widest`, stayed on SSE (4
+/// lanes a step): 0.37 ms of ResNet-50's 25 on a Zen 4, for its 150 528 input values.
 ///
 /// # Safety
 /// The CPU has AVX-512 F and BW.

@@ -437,7 +437,6 @@ impl QConv {
             .all(|t| matches!(t, DatumType::U8 | DatumType::I8));
         (fits && types && crate::model::int8::x86::ordinary(&consts)).then(|| vnni::FusedAdd {
             consts,
-            divides: consts.s != 1.0,
             skip,
             skip_signed: skip_dt == DatumType::I8,
             conv_signed: self.out_dt == DatumType::I8,

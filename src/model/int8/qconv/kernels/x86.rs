@@ -133,8 +133,6 @@ impl<'a> Requant<'a> {
 pub(crate) struct FusedAdd<'a> {
     /// The add's constants: `x86::ordinary` ones.
     pub(crate) consts: AddConsts,
-    /// Whether the add divides by its scale (`add_loop`'s `DIV`).
-    pub(crate) divides: bool,
     /// The other operand's rows for the block, laid out as the output.
     pub(crate) skip: &'a [u8],
     pub(crate) skip_signed: bool,
@@ -146,7 +144,7 @@ impl FusedAdd<'_> {
     #[inline]
     #[target_feature(enable = "avx512f")]
     fn add(&self, k: &Add16, x: __m512i, y: __m512i) -> __m512i {
-        match self.divides {
+        match self.consts.divides() {
             true => k.add::<true>(x, y),
             false => k.add::<false>(x, y),
         }
